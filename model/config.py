@@ -1,0 +1,62 @@
+"""LMConfig: transformers' LlamaConfig plus danlu's named model sizes.
+
+Subclassing LlamaConfig keeps `"model_type": "llama"` in every config.json we write, so each
+checkpoint loads in `transformers.AutoModelForCausalLM` with no conversion.
+"""
+
+from typing import Any
+
+from transformers import LlamaConfig
+
+# Special-token ids fixed by train_tokenizer.py (and MiniMind's tokenizer): 0 <|endoftext|>,
+# 1 <|im_start|>, 2 <|im_end|>.
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: a few hundred thousand parameters, most of them the embedding.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=192, max_position_embeddings=512),
+    # The demo model: learns the embedded corpus on a 2-core CPU in minutes (README: "The demo").
+    "mini": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=704, max_position_embeddings=1024),
+    # MiniMind-small: 26M parameters.
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1408, max_position_embeddings=32768),
+    # Deep and narrow, as MobileLLM argues for at this scale.
+    "base": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048, max_position_embeddings=32768),
+}
+
+DEFAULTS: dict[str, Any] = dict(
+    vocab_size=6400,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    tie_word_embeddings=True,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    initializer_range=0.02,
+)
+
+
+class LMConfig(LlamaConfig):
+    """A LlamaConfig; `LMConfig.from_preset("mini", num_hidden_layers=4)` builds a named size."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        fields = {**DEFAULTS, **PRESETS[name]}
+        rope_theta = overrides.pop("rope_theta", None)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        fields["rope_parameters"] = dict(fields["rope_parameters"])
+        if rope_theta is not None:
+            fields["rope_parameters"]["rope_theta"] = float(rope_theta)
+        return cls(**fields)
+
+
+def yarn(factor: float, original_max_position_embeddings: int, rope_theta: float = 1e6) -> dict[str, Any]:
+    """rope_parameters for YaRN context extension by `factor` beyond the trained length."""
+    return {"rope_type": "yarn", "rope_theta": rope_theta, "factor": float(factor),
+            "original_max_position_embeddings": int(original_max_position_embeddings),
+            "beta_fast": 32.0, "beta_slow": 1.0}

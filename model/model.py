@@ -1,0 +1,405 @@
+"""danlu's decoder: a LLaMA-style transformer, written out in one file.
+
+    tokens -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits
+    DecoderLayer: x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))
+
+Names follow transformers' modeling_llama.py, so a checkpoint saved here loads as a
+`LlamaForCausalLM` and vice versa. What comes from transformers is the config class, the
+save/load machinery of PreTrainedModel, and the output dataclass; the model is ours.
+"""
+
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import LMConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): rescale, no mean subtraction, no bias."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE, Su et al. 2021). Each pair of channels (i, i + d/2) of a query
+# or key is rotated by the angle position * inv_freq[i]. The dot product of a rotated query and
+# a rotated key then depends only on their distance, so attention sees relative positions.
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: LMConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation speeds, and the factor YaRN applies to cos/sin (1.0 without YaRN)."""
+    rope = config.rope_parameters
+    base, dim = rope["rope_theta"], config.head_dim
+    pair = torch.arange(0, dim, 2, dtype=torch.float) / dim
+    inv_freq = 1.0 / base**pair  # fast pairs first, slowest last
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":  # position interpolation: every pair slowed by `factor`
+        return inv_freq / rope["factor"], 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, yarn)")
+
+    # YaRN (Peng et al. 2023) extends the context `factor` times. Pairs that turn many times
+    # within the trained length (high frequency, local detail) are left alone; pairs that turn
+    # less than once are interpolated (slowed by `factor`) so long positions look familiar; a
+    # linear ramp blends the pairs in between. Logits get sharper by 0.1*ln(factor)+1.
+    factor, trained_len = rope["factor"], rope["original_max_position_embeddings"]
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def pair_index(turns: float) -> float:  # the pair that makes `turns` rotations over trained_len
+        return dim * math.log(trained_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_index(beta_fast)), 0)
+    high = min(math.ceil(pair_index(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq * (1 - ramp) + (inv_freq / factor) * ramp
+    attention_factor = rope.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape (batch or 1, seq, head_dim) for the given positions."""
+        angles = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat((angles, angles), dim=-1)  # channel i and i + d/2 share an angle
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate each channel pair (x1, x2) to (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, so decoding feeds one new token at a time.
+
+    Buffers are allocated once for `capacity` positions and grow (doubling) only if exceeded.
+    """
+
+    def __init__(self, config: LMConfig, batch_size: int, capacity: int, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.seq_len = 0  # positions already stored (advanced by LM.forward after all layers)
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.seq_len, self.seq_len + k.shape[2]
+        if end > self.keys.shape[3]:
+            self._grow(end)
+        self.keys[layer_idx, :, :, start:end] = k
+        self.values[layer_idx, :, :, start:end] = v
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def _grow(self, needed: int) -> None:
+        extra = max(needed, 2 * self.keys.shape[3]) - self.keys.shape[3]
+        pad = (0, 0, 0, extra)
+        self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): `num_key_value_heads` key/value heads are
+    each shared by num_attention_heads / num_key_value_heads query heads, shrinking the KV cache
+    by that ratio. Equal counts is plain multi-head attention."""
+
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # No mask: causal over a fresh sequence (training, prefill) or one new token seeing all past.
+        is_causal = attn_mask is None and seq > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The transformer body, `LM.model` (transformers' LlamaModel): embeddings to final norm."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, position_ids, attn_mask=None, kv_cache=None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(x, position_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, kv_cache)
+        return self.norm(x)
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, seq: int, past: int) -> torch.Tensor:
+    """Boolean (batch, 1, seq, past + seq) mask: key j is visible to query i when it is not
+    padding and not in the future. A query always sees itself, so rows of padding positions
+    are never fully masked (which would make softmax NaN); their outputs are ignored anyway."""
+    total = past + seq
+    query_pos = torch.arange(past, total, device=attention_mask.device)[:, None]
+    key_pos = torch.arange(total, device=attention_mask.device)[None, :]
+    visible = (key_pos <= query_pos)[None] & attention_mask[:, None, :total].bool()
+    visible |= key_pos == query_pos
+    return visible[:, None]
+
+
+class LM(PreTrainedModel):
+    """The causal language model: `LM(config)` or `LM.from_pretrained(dir)`."""
+
+    config_class = LMConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: LMConfig):
+        super().__init__(config)
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = default_generation_config(config)
+        self.post_init()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True  # generate() is our own; this makes save_pretrained write generation_config.json
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *args, **kwargs) -> "LM":
+        model = super().from_pretrained(path, *args, **kwargs)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 style: N(0, 0.02); projections that write into the residual stream (o_proj,
+        down_proj) scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            module.inv_freq.copy_(rope_inv_freq(self.config)[0])
+        if isinstance(module, (Attention, MLP)):
+            out = module.o_proj if isinstance(module, Attention) else module.down_proj
+            nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """As LlamaForCausalLM: `labels` are the input ids (shifted inside; -100 ignored).
+        attention_mask (batch, past + seq) marks real tokens with 1 and padding with 0."""
+        batch, seq = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(self.config, batch, seq, input_ids.device, self.dtype)
+        past = past_key_values.seq_len if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device)[None]
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            attn_mask = attention_mask_4d(attention_mask, seq, past)
+        elif past and seq > 1:  # a chunk after cached positions: causal, offset by `past`
+            attn_mask = attention_mask_4d(torch.ones(batch, past + seq, device=input_ids.device), seq, past)
+
+        hidden = self.model(input_ids, position_ids, attn_mask, past_key_values)
+        if past_key_values is not None:
+            past_key_values.seq_len += seq
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    # -----------------------------------------------------------------------------------------
+    # Generation: prefill the prompt once, then feed one token per step through the KV cache.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.LongTensor]:
+        """Yield the next token of every row, (batch,), until each row has produced an eos or
+        max_new_tokens is reached. Rows that finished early yield pad_token_id.
+        Prompts of different lengths are left-padded and passed with their attention_mask."""
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
+        batch, prompt_len = input_ids.shape
+        cache = KVCache(self.config, batch, prompt_len + max_new_tokens, input_ids.device,
+                        next(self.parameters()).dtype)
+        if attention_mask is not None:  # positions count real tokens only, as transformers does
+            attention_mask = attention_mask.long()
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(prompt_len, device=input_ids.device)[None].expand(batch, -1)
+        seen = input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        logits = self(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits.float(), seen, do_sample, temperature, top_k, top_p,
+                                      repetition_penalty, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            yield token
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                return
+            seen = torch.cat([seen, token[:, None]], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            logits = self(token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache).logits[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.LongTensor, streamer: Callable | object | None = None, **kwargs):
+        """Prompt + new tokens, (batch, prompt + new), as transformers' generate() returns.
+        Keyword arguments are those of `stream`. `streamer` is a transformers streamer (its
+        put/end are called, e.g. TextStreamer) or a callable receiving each step's tokens."""
+        if hasattr(streamer, "put"):
+            streamer.put(input_ids.cpu())
+        tokens = []
+        for token in self.stream(input_ids, **kwargs):
+            tokens.append(token)
+            if hasattr(streamer, "put"):
+                streamer.put(token.cpu())
+            elif streamer is not None:
+                streamer(token)
+        if hasattr(streamer, "end"):
+            streamer.end()
+        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1) if tokens else input_ids
+
+
+
+def default_generation_config(config: LMConfig) -> GenerationConfig:
+    """What generation_config.json says: stop at <|im_end|> or <|endoftext|>, sample gently."""
+    return GenerationConfig(eos_token_id=[config.eos_token_id, config.pad_token_id], pad_token_id=config.pad_token_id,
+                            bos_token_id=config.bos_token_id, do_sample=True, temperature=0.7, top_p=0.9,
+                            max_new_tokens=256)
+
+
+def sample_next_token(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator=None):
+    """Pick the next token per row from logits (batch, vocab), with transformers' semantics."""
+    if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): tokens already present become less likely
+        prior = logits.gather(1, seen)
+        prior = torch.where(prior > 0, prior / repetition_penalty, prior * repetition_penalty)
+        logits = logits.scatter(1, seen, prior)
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
