@@ -1,0 +1,25 @@
+# danlu: `make demo` trains every stage on the embedded demo corpus; `make test` runs the tests.
+# Both create .venv and install requirements.txt on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+demo: $(VENV)/installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/run_demo.sh
+
+test: $(VENV)/installed
+	$(PY) -m pytest
+
+lint: $(VENV)/installed
+	$(PY) -m pip install --quiet ruff && $(VENV)/bin/ruff check .
+
+clean:
+	rm -rf out dataset/demo

@@ -1,0 +1,418 @@
+"""Record formats: one normaliser per shape people bring, each turning a record into danlu's canonical form.
+
+Canonical records, by kind:
+
+- ``pretrain``: ``{"text": str}``
+- ``chat`` (SFT / LoRA / distillation): ``{"messages": [msg, ...], "tools"?: list, "meta": dict}``
+- ``dpo``: ``{"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...], "meta": dict}``
+
+where ``msg`` is ``{"role": "system"|"user"|"assistant"|"tool", "content": str, "reasoning_content"?: str,
+"tool_calls"?: list}`` and ``meta`` holds the record's other top-level keys untouched (evaluation files carry
+fields such as "task" or "answer" there). The shape is detected per record, so files may mix shapes.
+
+Every bad record raises ``DataError(path, line, reason)``; the readers can instead skip and count it.
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dataset.errors import DataError, SkipCounter
+
+KINDS = ("pretrain", "chat", "dpo")
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names -> canonical roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+}
+
+
+class _Invalid(Exception):
+    """A record is unusable; carries the reason only. Turned into DataError where path and line are known."""
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _field(record: dict, key: str, expected: type | tuple[type, ...], what: str = "") -> Any:
+    """record[key], checked to be present and of the expected type."""
+    if key not in record:
+        raise _Invalid(f"missing field '{key}'")
+    value = record[key]
+    if not isinstance(value, expected):
+        raise _Invalid(f"field '{key}' must be {what or 'a string'}, got {_type_name(value)}")
+    return value
+
+
+def _meta(record: dict, consumed: tuple[str, ...]) -> dict:
+    return {key: value for key, value in record.items() if key not in consumed}
+
+
+def _json_list(value: Any, what: str) -> list:
+    """A list, or a JSON string holding one (MiniMind stores tools and tool calls as JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _Invalid(f"{what} is a string but not valid JSON") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise _Invalid(f"{what} must be a list of objects, got {_type_name(value)}")
+    return value
+
+
+# --- messages ----------------------------------------------------------------------------------------------
+
+def _message(raw: Any, where: str) -> dict:
+    """One role/content message (MiniMind and OpenAI shapes) -> canonical message."""
+    if not isinstance(raw, dict):
+        raise _Invalid(f"{where} must be an object, got {_type_name(raw)}")
+    if "role" not in raw:
+        raise _Invalid(f"{where} has no 'role'")
+    role = raw["role"]
+    if not isinstance(role, str) or role not in ROLES:
+        raise _Invalid(f"{where} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    tool_calls = _json_list(raw["tool_calls"], f"{where} 'tool_calls'") if raw.get("tool_calls") else []
+    if "content" not in raw:
+        raise _Invalid(f"{where} has no 'content'")
+    content = raw["content"]
+    if content is None and tool_calls:  # OpenAI: an assistant turn that only calls tools has content null
+        content = ""
+    if not isinstance(content, str):
+        raise _Invalid(f"{where} 'content' must be a string, got {_type_name(content)}")
+    message = {"role": role, "content": content}
+    reasoning = raw.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise _Invalid(f"{where} 'reasoning_content' must be a string, got {_type_name(reasoning)}")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def _messages(raw: Any, key: str) -> list[dict]:
+    if not isinstance(raw, list):
+        raise _Invalid(f"field '{key}' must be a list of messages, got {_type_name(raw)}")
+    if not raw:
+        raise _Invalid(f"empty conversation in '{key}'")
+    return [_message(item, f"{key}[{i}]") for i, item in enumerate(raw)]
+
+
+def _sharegpt_messages(raw: list) -> list[dict]:
+    messages = []
+    for i, item in enumerate(raw):
+        where = f"conversations[{i}]"
+        if not isinstance(item, dict):
+            raise _Invalid(f"{where} must be an object, got {_type_name(item)}")
+        if "from" not in item or "value" not in item:
+            raise _Invalid(f"{where} needs 'from' and 'value' (ShareGPT) or 'role' and 'content'")
+        speaker, value = item["from"], item["value"]
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+            raise _Invalid(f"{where} has unknown role {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(value, str):
+            raise _Invalid(f"{where} 'value' must be a string, got {_type_name(value)}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
+
+def _require_assistant(messages: list[dict], what: str = "conversation") -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Invalid(f"{what} has no assistant turn")
+
+
+# --- pretrain ----------------------------------------------------------------------------------------------
+
+def normalise_pretrain(record: dict) -> dict:
+    """{"text"} -> {"text"}; other keys are dropped (pretraining reads text only)."""
+    if "text" not in record:
+        raise _Invalid(f"missing field 'text' (keys seen: {sorted(record)})")
+    text = _field(record, "text", str)
+    if not text.strip():
+        raise _Invalid("empty text")
+    return {"text": text}
+
+
+# --- chat --------------------------------------------------------------------------------------------------
+
+def _chat_from_conversations(record: dict) -> dict:
+    """MiniMind {"conversations": [{"role","content",...}]} or ShareGPT {"conversations": [{"from","value"}]}."""
+    raw = _field(record, "conversations", list, "a list of messages")
+    if not raw:
+        raise _Invalid("empty conversation in 'conversations'")
+    consumed = ("conversations", "tools")
+    if isinstance(raw[0], dict) and "from" in raw[0] and "role" not in raw[0]:
+        messages = _sharegpt_messages(raw)
+        system = record.get("system")  # LLaMA-Factory's ShareGPT puts the system prompt beside the turns
+        if isinstance(system, str) and system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        consumed += ("system",) if isinstance(system, str) else ()
+    else:
+        messages = _messages(raw, "conversations")
+    return _chat(messages, record, consumed)
+
+
+def _chat_from_messages(record: dict) -> dict:
+    """OpenAI {"messages": [{"role","content",...}], "tools"?}."""
+    return _chat(_messages(record["messages"], "messages"), record, ("messages", "tools"))
+
+
+def _chat_from_alpaca(record: dict) -> dict:
+    """Alpaca {"instruction","input"?,"output","system"?,"history"?: [[user, assistant], ...]}."""
+    instruction = _field(record, "instruction", str)
+    extra_input = _field(record, "input", str) if "input" in record else ""
+    output = _field(record, "output", str)
+    system = _field(record, "system", str) if record.get("system") is not None else ""
+    history = _field(record, "history", list, "a list of pairs") if record.get("history") is not None else []
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise _Invalid(f"history[{i}] must be a [user, assistant] pair of strings, got {_type_name(turn)}")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    user = f"{instruction}\n{extra_input}" if extra_input else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return _chat(messages, record, ("instruction", "input", "output", "system", "history"))
+
+
+def _chat(messages: list[dict], record: dict, consumed: tuple[str, ...]) -> dict:
+    _require_assistant(messages)
+    chat: dict = {"messages": messages}
+    tools = _json_list(record["tools"], "field 'tools'") if record.get("tools") else []
+    if tools:
+        chat["tools"] = tools
+    chat["meta"] = _meta(record, consumed)
+    return chat
+
+
+def normalise_chat(record: dict) -> dict:
+    """Any chat shape (MiniMind, OpenAI, ShareGPT, Alpaca) -> {"messages", "tools"?, "meta"}."""
+    if "conversations" in record:
+        return _chat_from_conversations(record)
+    if "messages" in record:
+        return _chat_from_messages(record)
+    if "instruction" in record:
+        return _chat_from_alpaca(record)
+    raise _Invalid(
+        f"unknown chat record shape (keys seen: {sorted(record)}); expected 'conversations' (MiniMind or "
+        "ShareGPT), 'messages' (OpenAI) or 'instruction'/'input'/'output' (Alpaca)"
+    )
+
+
+# --- DPO ---------------------------------------------------------------------------------------------------
+
+def _split_at_last_user(messages: list[dict], key: str) -> tuple[list[dict], list[dict]]:
+    """(messages up to and including the last user turn, the assistant continuation after it)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    if last_user < 0:
+        raise _Invalid(f"'{key}' has no user turn")
+    prompt, continuation = messages[: last_user + 1], messages[last_user + 1 :]
+    _require_assistant(continuation, f"'{key}' after the last user turn")
+    return prompt, continuation
+
+
+def _continuation(value: Any, key: str) -> list[dict]:
+    """A response given as a string or as a list of messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    messages = _messages(value, key)
+    _require_assistant(messages, f"'{key}'")
+    return messages
+
+
+def _dpo_from_pairs(record: dict) -> dict:
+    """MiniMind {"chosen": [msgs], "rejected": [msgs]}, both including the same prompt."""
+    chosen = _messages(_field(record, "chosen", list, "a list of messages"), "chosen")
+    rejected = _messages(_field(record, "rejected", list, "a list of messages"), "rejected")
+    prompt, chosen_reply = _split_at_last_user(chosen, "chosen")
+    rejected_prompt, rejected_reply = _split_at_last_user(rejected, "rejected")
+    if rejected_prompt != prompt:
+        raise _Invalid("'chosen' and 'rejected' have different prompts")
+    return {"prompt": prompt, "chosen": chosen_reply, "rejected": rejected_reply,
+            "meta": _meta(record, ("chosen", "rejected"))}
+
+
+def _dpo_from_prompt(record: dict) -> dict:
+    """{"prompt", "chosen", "rejected"}: each a string or a list of messages."""
+    raw_prompt = _field(record, "prompt", (str, list), "a string or a list of messages")
+    if isinstance(raw_prompt, str):
+        if not raw_prompt.strip():
+            raise _Invalid("field 'prompt' is empty")
+        prompt = [{"role": "user", "content": raw_prompt}]
+    else:
+        prompt = _messages(raw_prompt, "prompt")
+    chosen = _continuation(_field(record, "chosen", (str, list), "a string or a list of messages"), "chosen")
+    rejected = _continuation(_field(record, "rejected", (str, list), "a string or a list of messages"), "rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "meta": _meta(record, ("prompt", "chosen", "rejected"))}
+
+
+def _dpo_from_question(record: dict) -> dict:
+    """{"question", "response_chosen", "response_rejected"}, all strings."""
+    question = _field(record, "question", str)
+    if not question.strip():
+        raise _Invalid("field 'question' is empty")
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": _field(record, "response_chosen", str)}],
+        "rejected": [{"role": "assistant", "content": _field(record, "response_rejected", str)}],
+        "meta": _meta(record, ("question", "response_chosen", "response_rejected")),
+    }
+
+
+def normalise_dpo(record: dict) -> dict:
+    """Any preference-pair shape -> {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs], "meta"}."""
+    if "question" in record or "response_chosen" in record or "response_rejected" in record:
+        return _dpo_from_question(record)
+    if "prompt" in record:
+        return _dpo_from_prompt(record)
+    if "chosen" in record or "rejected" in record:
+        return _dpo_from_pairs(record)
+    raise _Invalid(
+        f"unknown DPO record shape (keys seen: {sorted(record)}); expected 'chosen'/'rejected' message lists, "
+        "'prompt'/'chosen'/'rejected' or 'question'/'response_chosen'/'response_rejected'"
+    )
+
+
+NORMALISERS: dict[str, Callable[[dict], dict]] = {
+    "pretrain": normalise_pretrain,
+    "chat": normalise_chat,
+    "dpo": normalise_dpo,
+}
+
+
+def normalise(record: Any, kind: str, path: str = "<record>", lineno: int = 0) -> dict:
+    """One decoded JSON value -> canonical record of `kind`; raises DataError(path, lineno, reason) if unusable."""
+    if kind not in NORMALISERS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+    try:
+        if not isinstance(record, dict):
+            raise _Invalid(f"record must be a JSON object, got {_type_name(record)}")
+        return NORMALISERS[kind](record)
+    except _Invalid as err:
+        raise DataError(path, lineno, str(err)) from None
+
+
+def parse_line(raw: bytes, kind: str, path: str, lineno: int) -> dict:
+    """One non-blank JSONL line (bytes) -> canonical record; DataError for bad UTF-8, bad JSON or a bad record."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, lineno, f"not valid UTF-8 (byte {err.start})") from None
+    try:
+        value = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as err:
+        raise DataError(path, lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise DataError(path, lineno, "invalid JSON: nested too deeply") from None
+    return normalise(value, kind, path, lineno)
+
+
+# --- readers -----------------------------------------------------------------------------------------------
+
+def split_paths(data_path: str) -> list[str]:
+    """A data path may be a comma-separated list of files."""
+    return [p.strip() for p in str(data_path).split(",") if p.strip()]
+
+
+def _jsonl_records(path: str, kind: str) -> Iterator[dict | DataError]:
+    """Records of a JSONL file, line by line; a bad line comes out as its DataError."""
+    seen_any = False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            seen_any = True
+            try:
+                yield parse_line(raw, kind, path, lineno)
+            except DataError as err:
+                yield err
+    if not seen_any:
+        raise DataError(path, 0, "empty file: no records")
+
+
+def _values_records(path: str, kind: str, values: Iterator[Any]) -> Iterator[dict | DataError]:
+    """Records of an in-memory sequence (JSON array, parquet rows); N = 1-based record number."""
+    seen_any = False
+    for number, value in enumerate(values, 1):
+        seen_any = True
+        try:
+            yield normalise(value, kind, path, number)
+        except DataError as err:
+            yield err
+    if not seen_any:
+        raise DataError(path, 0, "empty file: no records")
+
+
+def _json_array_values(path: str) -> Iterator[Any]:
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataError(path, 0, f"not valid UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(path, err.lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    yield from value
+
+
+def _parquet_values(path: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq  # only parquet users pay for the import
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def is_json_array(path: str) -> bool:
+    """Whether a file holds one JSON array (rather than JSON lines)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _file_records(path: str, kind: str) -> tuple[Iterator[dict | DataError], bool]:
+    """(records or DataErrors of one file, whether positions are record numbers rather than line numbers)."""
+    if not Path(path).is_file():
+        raise DataError(path, 0, "no such file")
+    if path.endswith(".parquet"):
+        return _values_records(path, kind, _parquet_values(path)), True
+    if path.endswith(".json") and is_json_array(path):
+        return _values_records(path, kind, _json_array_values(path)), True
+    return _jsonl_records(path, kind), False  # .jsonl, and .json files that are really JSONL
+
+
+def iter_records(
+    path: str, kind: str, skip_bad: bool = False, skipped: SkipCounter | None = None
+) -> Iterator[dict]:
+    """Stream canonical records of `kind` from a file (.jsonl, .json array, .parquet) or comma-separated files.
+
+    A bad record raises DataError(file, line, reason); with skip_bad it is counted in `skipped` and passed
+    over. A missing or empty file always raises. In JSON arrays and parquet files the position is the
+    1-based record number, and the raised reason says so.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+    for file in split_paths(path):
+        records, numbered = _file_records(file, kind)
+        for record in records:
+            if not isinstance(record, DataError):
+                yield record
+            elif skip_bad:
+                if skipped is not None:
+                    skipped.add(record)
+            elif numbered:
+                raise DataError(record.path, record.line, f"record {record.line}: {record.reason}")
+            else:
+                raise record
+
+
+def load_records(
+    path: str, kind: str, skip_bad: bool = False, skipped: SkipCounter | None = None
+) -> list[dict]:
+    """All canonical records of `path` in a list (see iter_records)."""
+    return list(iter_records(path, kind, skip_bad, skipped))

@@ -1,0 +1,253 @@
+"""LoRA, written by hand: attach low-rank adapters to named Linear layers, save / load them in PEFT's layout, merge.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes a weight W [out, in] and learns
+a low-rank update: y = x W^T + dropout(x) A^T B^T * (alpha / r), with A [r, in] and B [out, r]. B starts at zero, so
+the adapted model starts out exactly equal to the base model, and only r * (in + out) numbers per layer are trained.
+
+A wrapped layer keeps the base layer's `weight` (and `bias`) under their original names, so the model's own keys
+(`model.layers.0.self_attn.q_proj.weight`) are unchanged; the adapter adds `...q_proj.lora_A.weight` and
+`...q_proj.lora_B.weight`. On disk the adapter keys carry PEFT's prefix `base_model.model.`, and `adapter_config.json`
+holds PEFT's LoraConfig fields, so `peft.PeftModel.from_pretrained(LlamaForCausalLM..., adapter_dir)` loads our
+adapters and `load_lora` loads PEFT's.
+"""
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update B @ A scaled by alpha / r."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
+        # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so that the update's size does not shrink as r grows.
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # The base parameters are taken over as they are (same tensors), so their names and storage do not change.
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        # PEFT's default init: A like nn.Linear (kaiming-uniform, a=sqrt(5)), B zero, so B @ A = 0 at the start.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain Linear whose weight is W + B @ A * scaling (computed in fp32), reusing this layer's tensors."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        with torch.no_grad():
+            self.weight.add_(delta.to(self.weight.dtype))
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"dropout={self.dropout_p}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (`.module`) and torch.compile (`._orig_mod`), whose names PEFT expects."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _is_target(name: str, target_modules: str | Iterable[str]) -> bool:
+    """PEFT's matching rule: a regex must match the whole module name; a list entry must equal its last part(s)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in the model, by module path (e.g. `model.layers.0.self_attn.q_proj`)."""
+    return {name: module for name, module in _unwrap(model).named_modules() if isinstance(module, LoRALinear)}
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: str | Iterable[str] = DEFAULT_TARGETS,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Wrap each Linear named by `target_modules` in a LoRALinear, in place, and freeze every non-LoRA parameter.
+
+    `target_modules` is a list of module-name suffixes (`"q_proj"`) or one regex over the full module path, as in PEFT.
+    """
+    bare = _unwrap(model)
+    if lora_layers(bare):
+        raise ValueError("model already has LoRA layers; merge_lora() first, or load the adapter into a fresh model")
+    if not isinstance(target_modules, str):
+        target_modules = tuple(target_modules)
+    targets = [name for name, module in bare.named_modules()
+               if isinstance(module, nn.Linear) and _is_target(name, target_modules)]
+    if not targets:
+        raise ValueError(f"no Linear layer matches target_modules={target_modules!r}")
+    for param in bare.parameters():
+        param.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = bare.get_submodule(parent_name)
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout, use_rslora))
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (every lora_A / lora_B weight): what the optimizer should train."""
+    return [param for layer in lora_layers(model).values() for param in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def trainable_share(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, e.g. for `LoRA: 0.29M trainable of 7.1M (4.1%)`."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename onto path: a kill at any moment leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_path: str | None = None) -> None:
+    """Write the adapter as PEFT does: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to save; call apply_lora() first")
+    settings = {(layer.r, layer.alpha, layer.dropout_p, layer.use_rslora) for layer in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+                         "adapter_config.json can hold only one setting")
+    (r, alpha, dropout, use_rslora), = settings
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({name.rpartition(".")[2] for name in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _check_supported(config: dict, path: Path) -> None:
+    """Refuse PEFT options this LoRA does not implement, rather than load something that computes differently."""
+    unsupported = {
+        "peft_type": config.get("peft_type", "LORA") != "LORA",
+        "use_dora": bool(config.get("use_dora")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "bias": config.get("bias", "none") != "none",
+        "lora_bias": bool(config.get("lora_bias")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "layers_to_transform": config.get("layers_to_transform") is not None,
+        "exclude_modules": bool(config.get("exclude_modules")),
+        "target_parameters": bool(config.get("target_parameters")),
+        "trainable_token_indices": bool(config.get("trainable_token_indices")),
+        "layer_replication": bool(config.get("layer_replication")),
+    }
+    for field, is_set in unsupported.items():
+        if is_set:
+            raise ValueError(f"{path}: {field}={config[field]!r} is not supported by model/lora.py")
+
+
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Apply LoRA as `adapter_config.json` describes and load its weights strictly (ours or PEFT's); returns model."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    _check_supported(config, config_path)
+    apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                       target_modules=config["target_modules"], use_rslora=bool(config.get("use_rslora")))
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    saved = load_file(str(weights_path))
+    expected = {}
+    for name, layer in lora_layers(model).items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(f"{weights_path}: adapter keys do not match the model: "
+                       f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                       f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if saved[key].shape != param.shape:
+                raise ValueError(f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, "
+                                 f"the model needs {tuple(param.shape)}")
+            param.copy_(saved[key])
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold each adapter into its base weight and put plain Linear layers back; all parameters trainable again.
+
+    The merged model has exactly the base model's parameter names, so it saves as a plain Llama checkpoint.
+    """
+    bare = _unwrap(model)
+    layers = lora_layers(bare)
+    if not layers:
+        raise ValueError("model has no LoRA layers to merge")
+    for name, layer in layers.items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(bare.get_submodule(parent_name), child_name, layer.merged_linear())
+    for param in bare.parameters():
+        param.requires_grad_(True)
+    return model

@@ -1,0 +1,264 @@
+"""Tokenize a pretraining JSONL file once, in parallel, into a uint16 token file that training memory-maps.
+
+Writes `<bin_dir>/<stem>.<key>.bin` (every document's tokens followed by <|endoftext|>, exact duplicate
+documents dropped) and `<stem>.<key>.json`, an index naming the source file, its size and mtime and the
+tokenizer's hash. The key derives from the tokenizer hash and the source path, so another tokenizer gets its
+own files; a run whose index still matches the source and tokenizer reuses the bin ("cached").
+
+    python scripts/prepare_data.py --data_path pretrain.jsonl --tokenizer_dir out/tokenizer --bin_dir out/bins
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset.errors import DataError, SkipCounter
+from dataset.formats import is_json_array, parse_line
+
+EOT_TOKEN = "<|endoftext|>"
+LINES_PER_CHUNK = 2048
+DTYPE = np.uint16
+
+# Set once in each worker process by _init_worker.
+_tokenizer = None
+_source = ""
+_eot_id = 0
+
+
+def _init_worker(tokenizer_file: str, source: str, eot_id: int) -> None:
+    from tokenizers import Tokenizer
+
+    global _tokenizer, _source, _eot_id
+    _tokenizer = Tokenizer.from_file(tokenizer_file)
+    _source, _eot_id = source, eot_id
+
+
+def _tokenize_chunk(chunk: tuple[int, list[bytes], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
+    """One chunk of raw lines -> (uint16 tokens of every document each followed by end-of-text, per-document
+    token counts, per-document text hashes, [(line, reason)] for bad lines, bytes read). Bad lines come back as
+    reasons, not exceptions, so the parent decides to stop or skip and names the right line."""
+    first_lineno, lines, n_bytes = chunk
+    texts, errors = [], []
+    for lineno, raw in enumerate(lines, first_lineno):
+        if not raw.strip():
+            continue
+        try:
+            texts.append(parse_line(raw, "pretrain", _source, lineno)["text"])
+        except DataError as err:
+            errors.append((lineno, err.reason))
+    encodings = _tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+    ids = [np.asarray([*e.ids, _eot_id], dtype=DTYPE) for e in encodings]
+    tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=DTYPE)
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    hashes = np.array(
+        [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little") for t in texts],
+        dtype=np.uint64,
+    )
+    return tokens, lengths, hashes, errors, n_bytes
+
+
+def _read_chunks(path: str) -> Iterator[tuple[int, list[bytes], int]]:
+    """(first line number, raw lines, bytes) chunks of a file, read lazily."""
+    with open(path, "rb") as f:
+        lineno, lines, n_bytes = 1, [], 0
+        for raw in f:
+            lines.append(raw)
+            n_bytes += len(raw)
+            if len(lines) == LINES_PER_CHUNK:
+                yield lineno, lines, n_bytes
+                lineno, lines, n_bytes = lineno + len(lines), [], 0
+        if lines:
+            yield lineno, lines, n_bytes
+
+
+def _tokenized_chunks(chunks: Iterator, pool, window: int) -> Iterator[tuple]:
+    """Results of _tokenize_chunk in input order, at most `window` chunks in flight. (Pool.imap would read the
+    whole input into its task queue whenever the workers fall behind; a multi-GB file must not.)"""
+    if pool is None:
+        yield from map(_tokenize_chunk, chunks)
+        return
+    pending = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def tokenizer_hash(tokenizer_file: Path) -> str:
+    """First 16 hex digits of the sha256 of tokenizer.json's bytes."""
+    return hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()[:16]
+
+
+def bin_paths(data_path: str, tokenizer_digest: str, bin_dir: str) -> tuple[Path, Path]:
+    """(bin, index) paths for a source file and tokenizer."""
+    source = str(Path(data_path).resolve())
+    key = hashlib.sha256(f"{source}\0{tokenizer_digest}".encode()).hexdigest()[:12]
+    stem = Path(data_path).stem
+    return Path(bin_dir) / f"{stem}.{key}.bin", Path(bin_dir) / f"{stem}.{key}.json"
+
+
+def _cached_index(index_path: Path, bin_path: Path, source_stat: os.stat_result, digest: str) -> dict | None:
+    """The existing index if it still describes this source, this tokenizer and a complete bin."""
+    if not (index_path.is_file() and bin_path.is_file()):
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    matches = (
+        index.get("source_size") == source_stat.st_size
+        and index.get("source_mtime_ns") == source_stat.st_mtime_ns
+        and index.get("tokenizer_hash") == digest
+        and bin_path.stat().st_size == index.get("n_tokens", -1) * np.dtype(DTYPE).itemsize
+    )
+    return index if matches else None
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2))
+    os.replace(tmp, path)
+
+
+def prepare_bins(
+    data_path: str,
+    tokenizer_dir: str,
+    bin_dir: str,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Tokenize a pretraining JSONL file into a uint16 bin (or reuse a matching one); returns the index dict,
+    whose "bin_path" is what PretrainDataset reads. Bad lines raise DataError(file, line, reason) unless
+    skip_bad, in which case they are counted in "n_skipped"."""
+    say = (lambda *a: None) if quiet else print
+    source = Path(data_path)
+    if not source.is_file():
+        raise DataError(data_path, 0, "no such file")
+    if source.suffix == ".parquet" or is_json_array(data_path):
+        raise DataError(data_path, 0, "prepare_data streams JSON lines; convert this file to .jsonl first")
+    tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json here; train one with train_tokenizer.py")
+    digest = tokenizer_hash(tokenizer_file)
+    bin_path, index_path = bin_paths(data_path, digest, bin_dir)
+    source_stat = source.stat()
+    cached = _cached_index(index_path, bin_path, source_stat, digest)
+    if cached is not None:
+        say(f"{data_path}: cached -> {bin_path} ({cached['n_tokens']:,} tokens)")
+        return {**cached, "bin_path": str(bin_path)}
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    if tokenizer.get_vocab_size() > np.iinfo(DTYPE).max + 1:
+        raise ValueError(
+            f"{tokenizer_file}: vocabulary of {tokenizer.get_vocab_size()} tokens does not fit in uint16 "
+            f"(at most {np.iinfo(DTYPE).max + 1}); use a smaller tokenizer"
+        )
+    eot_id = tokenizer.token_to_id(EOT_TOKEN)
+    if eot_id is None:
+        raise ValueError(f"{tokenizer_file}: no {EOT_TOKEN} token to separate documents")
+
+    num_workers = num_workers or min(4, os.cpu_count() or 1)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
+    skipped = SkipCounter()
+    seen: set[int] = set()
+    n_docs = n_tokens = n_duplicates = n_lines_seen = 0
+    start = time.perf_counter()
+    init_args = (str(tokenizer_file), str(data_path), eot_id)
+    pool = Pool(num_workers, initializer=_init_worker, initargs=init_args) if num_workers > 1 else None
+    if pool is None:
+        _init_worker(*init_args)
+    try:
+        with open(tmp_bin, "wb") as out, tqdm(total=source_stat.st_size, unit="B", unit_scale=True,
+                                              desc=source.name, disable=quiet) as progress:
+            results = _tokenized_chunks(_read_chunks(data_path), pool, window=2 * num_workers + 2)
+            for tokens, lengths, hashes, errors, n_bytes in results:
+                progress.update(n_bytes)
+                n_lines_seen += len(lengths) + len(errors)
+                for lineno, reason in errors:
+                    err = DataError(data_path, lineno, reason)
+                    if not skip_bad:
+                        raise err
+                    skipped.add(err)
+                keep = np.ones(len(lengths), dtype=bool)
+                for i, text_hash in enumerate(hashes.tolist()):
+                    keep[i] = text_hash not in seen
+                    seen.add(text_hash)
+                if not keep.all():
+                    tokens = tokens[np.repeat(keep, lengths)]
+                out.write(tokens.tobytes())
+                n_docs += int(keep.sum())
+                n_duplicates += int((~keep).sum())
+                n_tokens += len(tokens)
+    except BaseException:
+        tmp_bin.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if n_lines_seen == 0:
+        tmp_bin.unlink(missing_ok=True)
+        raise DataError(data_path, 0, "empty file: no records")
+    if n_docs == 0:
+        tmp_bin.unlink(missing_ok=True)
+        raise DataError(data_path, 0, f"no usable documents; {skipped.summary()}")
+    os.replace(tmp_bin, bin_path)
+    seconds = time.perf_counter() - start
+    index = {
+        "source": str(source.resolve()),
+        "source_size": source_stat.st_size,
+        "source_mtime_ns": source_stat.st_mtime_ns,
+        "tokenizer_hash": digest,
+        "n_docs": n_docs,
+        "n_tokens": n_tokens,
+        "n_duplicates": n_duplicates,
+        "n_skipped": skipped.total,
+        "dtype": np.dtype(DTYPE).name,
+        "eot_id": eot_id,
+        "seconds": round(seconds, 3),
+    }
+    _write_json_atomic(index_path, index)  # written last: a bin without its index is never trusted
+    say(
+        f"{data_path} -> {bin_path}: {n_docs:,} documents, {n_tokens:,} tokens, {n_duplicates:,} duplicates "
+        f"dropped, {skipped.total:,} skipped, {source_stat.st_size / 1e6 / seconds:.1f} MB/s, "
+        f"{n_tokens / seconds:,.0f} tokens/s"
+    )
+    if skipped.total:
+        say(skipped.summary())
+    return {**index, "bin_path": str(bin_path)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Tokenize pretraining JSONL into uint16 token bins.")
+    parser.add_argument("--data_path", required=True, help="JSONL file of {\"text\": ...} records")
+    parser.add_argument("--tokenizer_dir", required=True, help="directory holding tokenizer.json")
+    parser.add_argument("--bin_dir", default="out/bins", help="where the .bin and .json index go")
+    parser.add_argument("--num_workers", type=int, default=0, help="tokenizer processes (0: min(4, CPUs))")
+    parser.add_argument("--skip_bad", action="store_true", help="skip and count malformed lines instead of stopping")
+    args = parser.parse_args()
+    try:
+        prepare_bins(args.data_path, args.tokenizer_dir, args.bin_dir, args.num_workers, args.skip_bad)
+    except DataError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

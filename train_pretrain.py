@@ -1,0 +1,94 @@
+"""Pretraining: next-token prediction on raw text, from randomly initialised weights.
+
+    python train_pretrain.py                                   # the demo: `mini` on the demo corpus
+    python train_pretrain.py --preset small --data_path pretrain_hq.jsonl --tokenizer_dir DIR
+    torchrun --nproc_per_node 4 train_pretrain.py ...          # DDP, same flags
+
+Data: JSONL of {"text": ...}, tokenized once into uint16 bins (scripts/prepare_data.py) and read
+as packed windows of max_seq_len tokens: no padding, no tokenizing in the training loop.
+"""
+
+import torch.nn.functional as F
+
+from dataset.chat import load_tokenizer
+from dataset.lm_dataset import PretrainDataset
+from model import LM, PRESETS, LMConfig
+from scripts.prepare_data import prepare_bins
+from trainer import (
+    UsageError,
+    exit_cleanly_on_bad_input,
+    format_summary,
+    make_sample_fn,
+    parse_args,
+    setup,
+    teardown,
+    train,
+)
+
+
+def add_flags(p):
+    p.add_argument("--preset", choices=list(PRESETS), default="mini", help="model size (model/config.py)")
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+    p.add_argument("--rope_theta", type=float, help="override the preset's RoPE base")
+    p.add_argument("--bin_dir", default="out/bins", help="where tokenized data is cached")
+
+
+def loss_fn(model, batch):
+    """Cross-entropy of every position's next token (labels are already the next tokens)."""
+    logits = model(batch["input_ids"]).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+
+def model_config(args, vocab_size: int) -> LMConfig:
+    shape = {name: getattr(args, name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "intermediate_size", "rope_theta")}
+    config = LMConfig.from_preset(args.preset, vocab_size=vocab_size, **shape)
+    config.max_position_embeddings = max(config.max_position_embeddings, args.max_seq_len)
+    return config
+
+
+@exit_cleanly_on_bad_input
+def main():
+    demo = dict(data_path="dataset/demo/pretrain.jsonl", val_data_path="dataset/demo/pretrain_val.jsonl")
+    args = parse_args("pretrain", dict(**demo, max_seq_len=256, batch_size=16, learning_rate=2e-3, warmup_steps=100,
+                                       eval_every=200, sample_every=200, sample_prompt="中国人民", save_every=200),
+                      add_flags)
+    run = setup(args)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+
+    def token_windows(path: str) -> PretrainDataset:
+        """Tokenize once, on rank 0 (the other ranks wait, then find the cached bin)."""
+        if run.is_main:
+            prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad)
+        run.barrier()
+        index = prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad, quiet=True)
+        return PretrainDataset(index["bin_path"], args.max_seq_len)
+
+    train_data = token_windows(args.data_path)
+    val_data = token_windows(args.val_data_path) if args.val_data_path else None
+
+    if args.init_from:
+        model = LM.from_pretrained(args.init_from)
+    else:
+        model = LM(model_config(args, len(tokenizer)))
+    if model.config.vocab_size < len(tokenizer):
+        raise UsageError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens ({args.tokenizer_dir})")
+    n_params = sum(p.numel() for p in model.parameters())
+    run.print(f"model: {n_params / 1e6:.2f}M parameters ({args.preset}: hidden {model.config.hidden_size}, "
+              f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
+              f"{model.config.num_key_value_heads} KV heads) | data: {train_data.n_tokens:,} train tokens, "
+              f"{len(train_data):,} windows of {args.max_seq_len} | {run.device} {str(run.dtype).split('.')[-1]}"
+              f" x {run.world_size} process(es)")
+
+    sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=False, max_new_tokens=args.sample_tokens,
+                               autocast=run.autocast)
+    summary = train(model, train_data, loss_fn, run, val_data=val_data, tokenizer=tokenizer, sample_fn=sample_fn)
+    run.print(format_summary(summary))
+    teardown(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Checkpoints: the exported model directory, and train_state/ for --resume.
+
+out_dir/                 a transformers Llama directory (config, weights, tokenizer) + args.json,
+                         metrics.jsonl, loss.png
+out_dir/train_state/step_00000500/   model.pt, optimizer.pt, rng.pt, state.json (written last)
+
+Every write goes to a temporary name first and is renamed into place, so a kill at any moment
+leaves the previous checkpoint readable. The two newest train states are kept; a state whose
+files do not load is skipped in favour of the one before it.
+"""
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataset.chat import save_tokenizer
+
+STATE_DIR = "train_state"
+KEEP_STATES = 2
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def export_model(model, out_dir: str | Path, tokenizer=None, export_fn=None) -> None:
+    """Write the loadable model directory: each file is written aside, then renamed over the old."""
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as tmp:
+        if export_fn is not None:
+            export_fn(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), out_dir / name)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_train_state(out_dir: str | Path, model, optimizer, scaler, progress: dict) -> Path:
+    """Everything --resume needs; `progress` holds step, epoch, position in the epoch, counters."""
+    root = Path(out_dir) / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{progress['step']:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_step_"))
+    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+               tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(progress, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-KEEP_STATES]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(out_dir: str | Path, log=print) -> dict | None:
+    """The newest train state that loads completely, as a dict of its parts; None when there is none."""
+    root = Path(out_dir) / STATE_DIR
+    for candidate in sorted(root.glob("step_*"), reverse=True):
+        try:
+            progress = json.loads((candidate / "state.json").read_text())
+            state = {
+                "progress": progress,
+                "model": torch.load(candidate / "model.pt", map_location="cpu", weights_only=True),
+                "optimizer": torch.load(candidate / "optimizer.pt", map_location="cpu", weights_only=False),
+                "rng": torch.load(candidate / "rng.pt", map_location="cpu", weights_only=False),
+                "path": str(candidate),
+            }
+            return state
+        except Exception as err:  # a truncated or corrupt file: fall back to the state before it
+            log(f"warning: checkpoint {candidate} is unreadable ({type(err).__name__}: {err}); trying an older one")
+    return None

