@@ -206,13 +206,17 @@ class Decoder(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, seq: int, past: int) -> torch.Tensor:
-    """Boolean (batch, 1, seq, past + seq) mask: key j is visible to query i when it is not
-    padding and not in the future. A query always sees itself, so rows of padding positions
-    are never fully masked (which would make softmax NaN); their outputs are ignored anyway."""
+    """Boolean (batch, 1, seq, past + seq) mask: key j is visible to query i when it is not in the
+    future and belongs to the same sequence. `attention_mask` is transformers' 0/1 padding mask, or,
+    for packed rows, a segment id per token (1, 2, 3, ... one per packed sequence; 0 = padding).
+    A query always sees itself, so rows of padding are never fully masked (softmax would give NaN);
+    their outputs are ignored anyway."""
     total = past + seq
+    segments = attention_mask[:, :total]
     query_pos = torch.arange(past, total, device=attention_mask.device)[:, None]
     key_pos = torch.arange(total, device=attention_mask.device)[None, :]
-    visible = (key_pos <= query_pos)[None] & attention_mask[:, None, :total].bool()
+    same_sequence = (segments[:, None, :] == segments[:, past:, None]) & (segments[:, None, :] > 0)
+    visible = (key_pos <= query_pos)[None] & same_sequence
     visible |= key_pos == query_pos
     return visible[:, None]
 
@@ -283,7 +287,8 @@ class LM(PreTrainedModel):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """As LlamaForCausalLM: `labels` are the input ids (shifted inside; -100 ignored).
-        attention_mask (batch, past + seq) marks real tokens with 1 and padding with 0."""
+        attention_mask (batch, past + seq) marks real tokens with 1 and padding with 0, or holds
+        segment ids for packed rows (see attention_mask_4d; pass position_ids restarting per segment)."""
         batch, seq = input_ids.shape
         if use_cache and past_key_values is None:
             past_key_values = KVCache(self.config, batch, seq, input_ids.device, self.dtype)
@@ -291,7 +296,7 @@ class LM(PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device)[None]
         attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
             attn_mask = attention_mask_4d(attention_mask, seq, past)
         elif past and seq > 1:  # a chunk after cached positions: causal, offset by `past`
             attn_mask = attention_mask_4d(torch.ones(batch, past + seq, device=input_ids.device), seq, past)

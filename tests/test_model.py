@@ -160,3 +160,16 @@ def test_presets_have_the_sizes_they_promise():
     assert 20e6 < n_params["small"] < 30e6
     with pytest.raises(ValueError, match="unknown preset"):
         LMConfig.from_preset("huge")
+
+
+def test_packed_rows_equal_separate_sequences(tmp_path):
+    """Segment ids in attention_mask + restarting position_ids: each packed sequence sees only itself."""
+    ours, _ = make_pair(tmp_path, **SHAPES["gqa2-tied"])
+    a, b = torch.randint(3, VOCAB, (1, 7)), torch.randint(3, VOCAB, (1, 5))
+    packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[1] * 7 + [2] * 5 + [0] * 3])
+    positions = torch.tensor([list(range(7)) + list(range(5)) + [0, 1, 2]])
+    with torch.no_grad():
+        out = ours(packed, attention_mask=segments, position_ids=positions).logits
+        assert torch.allclose(out[:, :7], ours(a).logits, atol=1e-5)
+        assert torch.allclose(out[:, 7:12], ours(b).logits, atol=1e-5)

@@ -35,9 +35,9 @@ def unpack(out) -> tuple[torch.Tensor, dict]:
 
 
 def count_tokens(batch: dict) -> torch.Tensor | int:
-    """Real (non-padding) tokens in a batch: the attention mask's ones, else every input id."""
+    """Real (non-padding) tokens in a batch: nonzero attention-mask entries, else every input id."""
     if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
+        return (batch["attention_mask"] != 0).sum()
     return batch["input_ids"].numel()
 
 
