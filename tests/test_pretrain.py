@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import REPO, run_script
+from tests.conftest import FIXTURES, REPO, run_script
 
 TINY = ["--preset", "tiny", "--batch_size", "4", "--max_seq_len", "64", "--log_every", "2", "--eval_every", "4",
         "--eval_batches", "2", "--sample_every", "4", "--sample_tokens", "8", "--dtype", "fp32", "--warmup_steps", "2"]
@@ -95,3 +96,15 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path, corpus):
                         "--out_dir", tmp_path / "out", check=False)
     assert result.returncode == 2
     assert "nope" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pretrain_with_minimind_tokenizer(tmp_path, corpus):
+    minimind = FIXTURES / "minimind"
+    if not minimind.is_dir():
+        pytest.skip("../shared/fixtures/minimind is absent")
+    out = tmp_path / "pretrain"
+    run_script("train_pretrain.py", *pretrain_args(corpus, minimind, out, "--max_steps", "2"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 6400
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == "<|im_end|>"

@@ -301,7 +301,8 @@ def stop_requested(stop: StopRequest, run: Runtime) -> bool:
         t = torch.tensor([float(flag)], device=run.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = bool(t.item())
-        stop.signal = stop.signal or "SIGTERM"
+        if flag:
+            stop.signal = stop.signal or "SIGTERM"  # another rank was signalled
     return flag
 
 
