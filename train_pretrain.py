@@ -18,6 +18,7 @@ from trainer import (
     UsageError,
     exit_cleanly_on_bad_input,
     format_summary,
+    load_model,
     make_sample_fn,
     parse_args,
     setup,
@@ -70,7 +71,7 @@ def main():
     val_data = token_windows(args.val_data_path) if args.val_data_path else None
 
     if args.init_from:
-        model = LM.from_pretrained(args.init_from)
+        model = load_model(args.init_from)
     else:
         model = LM(model_config(args, len(tokenizer)))
     if model.config.vocab_size < len(tokenizer):

@@ -26,8 +26,8 @@ from .optim import build_optimizer, lr_at
 from .runtime import Runtime
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UsageError):
+    """The loss became NaN or inf: reported as one line naming the step, exit code 2."""
 
 
 def unpack(out) -> tuple[torch.Tensor, dict]:
@@ -164,7 +164,10 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
 
     def log_samples(step):
         if sample_fn is not None and run.is_main:
-            text = sample_fn(raw_model)
+            try:
+                text = sample_fn(raw_model)
+            except RuntimeError as err:  # e.g. NaN weights after --skip_nonfinite: report, keep training
+                text = f"(sampling failed: {err})"
             tqdm.write(f"[step {step}] sample: {text}")
             metrics.log({"step": step, "sample": text})
 
@@ -208,12 +211,12 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
                     window["extras"][k] = window["extras"].get(k, 0.0) + v.detach() / args.accumulation_steps
             if scaler:
                 scaler.unscale_(optimizer)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            if check_every_step and not torch.isfinite(step_loss):
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+            if check_every_step and not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 if not args.skip_nonfinite:
-                    raise NonFiniteLoss(f"loss is {step_loss.item()} at step {step + 1}; the last good checkpoint "
-                                        f"is in {args.out_dir}/train_state/ (--skip_nonfinite skips such steps)")
+                    raise NonFiniteLoss(f"loss is {step_loss.item()} (gradient norm {grad_norm.item()}) at step "
+                                        f"{step + 1}; the last good checkpoint is in {args.out_dir}/train_state/ "
+                                        "(--skip_nonfinite skips such steps)")
                 skipped_nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
             else:
@@ -252,8 +255,8 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
         stop.restore()
 
     last_eval = log_eval(total_steps) or last_eval
-    log_samples(total_steps)
     save()
+    log_samples(total_steps)
     summary = {
         "stage": args.stage, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2),
         "tokens": progress["tokens"], "seconds": round(progress["elapsed"], 1),
