@@ -1,0 +1,74 @@
+"""Reasoning distillation: SFT on R1-style traces, <think>steps</think> then <answer>answer</answer>.
+
+    python train_distill_reason.py                             # the demo: out/dpo (or out/sft) -> out/distill
+    python train_distill_reason.py --data_path r1_mix_1024.jsonl --max_seq_len 1024 --tag_weight 2
+
+The data and the packing are SFT's (train_sft.py); what differs is the loss: the tag tokens `<think>`,
+`</think>`, `<answer>`, `</answer>` count --tag_weight times as much as other assistant tokens, so the model
+learns the output format early, as R1-distillation recipes (and MiniMind's train_distill_reason.py) do.
+A tokenizer without some of the tags (MiniMind's has only the think tags) weights those it has.
+"""
+
+import os
+from pathlib import Path
+
+from train_sft import add_flags as add_sft_flags
+from train_sft import packed_logits, require_checkpoint, run_chat_stage
+from trainer import exit_cleanly_on_bad_input, parse_args
+from trainer.losses import token_weights, weighted_token_loss
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def add_flags(p):
+    add_sft_flags(p)
+    p.add_argument("--tag_weight", type=float, default=2.0,
+                   help="loss weight of the <think>/</think>/<answer>/</answer> tokens (1: plain SFT)")
+
+
+def tag_token_ids(tokenizer) -> list[int]:
+    """Ids of the tags that are single tokens in this tokenizer."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[tag] for tag in TAGS if tag in vocab]
+
+
+def make_loss_fn(tag_ids: list[int], tag_weight: float):
+    """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w)."""
+    def loss_fn(model, batch):
+        labels = batch["labels"]
+        weights = token_weights(labels, tag_ids, tag_weight) if tag_ids and tag_weight != 1 else None
+        return weighted_token_loss(packed_logits(model, batch), labels, weights)
+
+    return loss_fn
+
+
+def tag_weighted_loss(tag_weight: float):
+    """make_loss_fn for run_chat_stage: looks the tags up in the stage's tokenizer and says which it weights."""
+    def make(tokenizer, run):
+        tag_ids = tag_token_ids(tokenizer)
+        missing = [tag for tag in TAGS if tag not in tokenizer.get_vocab()]
+        run.print(f"tag weight {tag_weight} on {len(tag_ids)} tag tokens"
+                  + (f" (the tokenizer has no {', '.join(missing)} token)" if missing else ""))
+        return make_loss_fn(tag_ids, tag_weight)
+
+    return make
+
+
+@exit_cleanly_on_bad_input
+def main():
+    # Start from the DPO model when there is one, else from SFT.
+    default_init = "out/dpo" if Path("out/dpo/config.json").is_file() else "out/sft"
+    demo = dict(data_path="dataset/demo/reason.jsonl", val_data_path="dataset/demo/reason_eval.jsonl")
+    args = parse_args("distill", dict(**demo, init_from=default_init, max_seq_len=384, batch_size=16,
+                                     learning_rate=2e-4, warmup_steps=30, eval_every=200, sample_every=200,
+                                     sample_prompt="小明有15个苹果，吃了3个，又买了2袋，每袋4个，现在有几个？",
+                                     sample_tokens=64, save_every=200),
+                      add_flags)
+    if args.init_from == default_init == "out/sft" and os.environ.get("RANK", "0") == "0":
+        print("no DPO checkpoint in out/dpo: starting from out/sft")
+    require_checkpoint(args.init_from, "python train_dpo.py, or python train_sft.py")
+    run_chat_stage(args, tag_weighted_loss(args.tag_weight))
+
+
+if __name__ == "__main__":
+    main()
