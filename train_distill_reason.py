@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from train_sft import add_flags as add_sft_flags
-from train_sft import packed_logits, require_checkpoint, run_chat_stage
+from train_sft import packed_logits, run_chat_stage
 from trainer import exit_cleanly_on_bad_input, parse_args
 from trainer.losses import token_weights, weighted_token_loss
 
@@ -63,10 +63,9 @@ def main():
                                      learning_rate=2e-4, warmup_steps=30, eval_every=200, sample_every=200,
                                      sample_prompt="小明有15个苹果，吃了3个，又买了2袋，每袋4个，现在有几个？",
                                      sample_tokens=64, save_every=200),
-                      add_flags)
+                      add_flags, init_from_hint="python train_dpo.py")
     if args.init_from == default_init == "out/sft" and os.environ.get("RANK", "0") == "0":
         print("no DPO checkpoint in out/dpo: starting from out/sft")
-    require_checkpoint(args.init_from, "python train_dpo.py, or python train_sft.py")
     run_chat_stage(args, tag_weighted_loss(args.tag_weight))
 
 

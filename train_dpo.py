@@ -43,6 +43,7 @@ from trainer import (
     format_summary,
     make_sample_fn,
     parse_args,
+    require_vocab_fits,
     setup,
     teardown,
     train,
@@ -149,14 +150,11 @@ def reward_report(summary: dict, out_dir: str) -> str:
 
 @exit_cleanly_on_bad_input
 def main():
-    args = parse_args("dpo", DEMO, add_flags)
+    args = parse_args("dpo", DEMO, add_flags, init_from_hint="python train_sft.py")
     if args.loss_type == "ipo" and args.label_smoothing:
         raise UsageError("--label_smoothing applies to --loss_type sigmoid and simpo, not ipo")
     if args.beta <= 0:
         raise UsageError(f"--beta must be positive, got {args.beta}")
-    if not (Path(args.init_from or "") / "config.json").is_file():
-        raise UsageError(f"--init_from {args.init_from}: no model checkpoint there; DPO starts from an SFT model "
-                         "(run train_sft.py first, or point --init_from at a checkpoint directory)")
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
     train_data = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad)
@@ -164,9 +162,7 @@ def main():
         else None
 
     policy = LM.from_pretrained(args.init_from)
-    if policy.config.vocab_size < len(tokenizer):
-        raise UsageError(f"the model's vocab_size {policy.config.vocab_size} is smaller than the tokenizer's "
-                         f"{len(tokenizer)} tokens ({args.tokenizer_dir})")
+    require_vocab_fits(policy, tokenizer, args.tokenizer_dir)
     reference = None
     if args.loss_type == "simpo":
         reference_mode = "none (SimPO is reference-free)"

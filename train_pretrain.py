@@ -15,12 +15,11 @@ from dataset.lm_dataset import PretrainDataset
 from model import LM, PRESETS, LMConfig
 from scripts.prepare_data import prepare_bins
 from trainer import (
-    UsageError,
     exit_cleanly_on_bad_input,
     format_summary,
-    load_model,
     make_sample_fn,
     parse_args,
+    require_vocab_fits,
     setup,
     teardown,
     train,
@@ -55,7 +54,7 @@ def main():
     demo = dict(data_path="dataset/demo/pretrain.jsonl", val_data_path="dataset/demo/pretrain_val.jsonl")
     args = parse_args("pretrain", dict(**demo, max_seq_len=256, batch_size=16, learning_rate=2e-3, warmup_steps=100,
                                        eval_every=200, sample_every=200, sample_prompt="中国人民", save_every=200),
-                      add_flags)
+                      add_flags, init_from_hint="python train_pretrain.py")
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
 
@@ -71,12 +70,10 @@ def main():
     val_data = token_windows(args.val_data_path) if args.val_data_path else None
 
     if args.init_from:
-        model = load_model(args.init_from)
+        model = LM.from_pretrained(args.init_from)
     else:
         model = LM(model_config(args, len(tokenizer)))
-    if model.config.vocab_size < len(tokenizer):
-        raise UsageError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
-                         f"{len(tokenizer)} tokens ({args.tokenizer_dir})")
+    require_vocab_fits(model, tokenizer, args.tokenizer_dir)
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"model: {n_params / 1e6:.2f}M parameters ({args.preset}: hidden {model.config.hidden_size}, "
               f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "

@@ -11,7 +11,6 @@ row, each attending only to itself, so padding does not eat the batch.
 """
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
@@ -21,11 +20,11 @@ from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
 from model import LM
 from trainer import (
     Runtime,
-    UsageError,
     exit_cleanly_on_bad_input,
     format_summary,
     make_sample_fn,
     parse_args,
+    require_vocab_fits,
     setup,
     teardown,
     train,
@@ -50,14 +49,6 @@ def loss_fn(model, batch):
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
 
-def require_checkpoint(path: str, how_to_make: str) -> None:
-    """Fine-tuning stages start from a trained model; say which one is missing and how to make it."""
-    if not (Path(path) / "config.json").is_file():
-        what = "does not exist" if not Path(path).exists() else "has no config.json"
-        raise UsageError(f"--init_from {path} {what}; train it first ({how_to_make}) or pass --init_from DIR "
-                         "with a checkpoint")
-
-
 def build_sft_data(args, tokenizer, run) -> tuple[SFTDataset, SFTDataset | None]:
     """The train and (optional) validation datasets; only rank 0 prints their stats."""
     def dataset(path: str, ratio: float) -> SFTDataset:
@@ -72,9 +63,7 @@ def build_sft_data(args, tokenizer, run) -> tuple[SFTDataset, SFTDataset | None]
 def load_model(args, tokenizer, run) -> LM:
     """The previous stage's model, checked against the tokenizer, with a one-line description."""
     model = LM.from_pretrained(args.init_from)
-    if model.config.vocab_size < len(tokenizer):
-        raise UsageError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
-                         f"{len(tokenizer)} tokens ({args.tokenizer_dir})")
+    require_vocab_fits(model, tokenizer, args.tokenizer_dir)
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"model: {n_params / 1e6:.2f}M parameters from {args.init_from} | {run.device} "
               f"{str(run.dtype).split('.')[-1]} x {run.world_size} process(es)")
@@ -105,8 +94,7 @@ def main():
                                   learning_rate=5e-4, warmup_steps=50, eval_every=200, sample_every=200,
                                   sample_prompt="下面这条评论是正面的还是负面的？\n房间很干净，服务员也很热情，下次还会再来。",
                                   sample_tokens=32, save_every=200),
-                      add_flags)
-    require_checkpoint(args.init_from, "python train_pretrain.py")
+                      add_flags, init_from_hint="python train_pretrain.py")
     run_chat_stage(args, lambda tokenizer, run: loss_fn)
 
 

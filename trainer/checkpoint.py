@@ -25,20 +25,6 @@ STATE_DIR = "train_state"
 KEEP_STATES = 2
 
 
-def load_model(path: str | Path, model_class=None):
-    """`LM.from_pretrained(path)`, with a one-line error when `path` is not a checkpoint directory."""
-    from model import LM
-
-    from .cli import UsageError
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "is not a checkpoint directory (no config.json)"
-        raise UsageError(f"--init_from {path} {what}; train the stage before it first, or point --init_from "
-                         "at a checkpoint directory")
-    return (model_class or LM).from_pretrained(path)
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -24,8 +24,9 @@ class UsageError(Exception):
 
 def parse_args(stage: str, defaults: dict[str, Any] | None = None,
                add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: list[str] | None = None) -> argparse.Namespace:
-    """Shared flags with this stage's defaults, plus the stage's own flags from `add_flags`."""
+               argv: list[str] | None = None, init_from_hint: str = "") -> argparse.Namespace:
+    """Shared flags with this stage's defaults, plus the stage's own flags from `add_flags`.
+    A given --init_from must be a checkpoint; `init_from_hint` says how to make the usual one."""
     d = {**SHARED_DEFAULTS, "out_dir": f"out/{stage}", **(defaults or {})}
     p = argparse.ArgumentParser(description=f"danlu: {stage}", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and checkpoints")
@@ -73,8 +74,18 @@ def parse_args(stage: str, defaults: dict[str, Any] | None = None,
         args.min_lr = args.learning_rate / 10
     if args.tokenizer_dir is None:
         args.tokenizer_dir = args.init_from or "out/tokenizer"
+    if args.init_from:
+        require_checkpoint(args.init_from, init_from_hint)
     ensure_demo_data(args)
     return args
+
+
+def require_checkpoint(path: str, hint: str = "") -> None:
+    """Stop with one line when --init_from is not a checkpoint directory, saying how to make one."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        what = "does not exist" if not os.path.exists(path) else "is not a checkpoint directory (no config.json)"
+        raise UsageError(f"--init_from {path} {what}; " + (f"make it with `{hint}` or " if hint else "")
+                         + "point --init_from at a checkpoint directory")
 
 
 def ensure_demo_data(args: argparse.Namespace) -> None:
@@ -84,6 +95,13 @@ def ensure_demo_data(args: argparse.Namespace) -> None:
         from dataset.demo import build_demo
 
         build_demo(DEMO_DIR)
+
+
+def require_vocab_fits(model, tokenizer, tokenizer_dir: str) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    if model.config.vocab_size < len(tokenizer):
+        raise UsageError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens ({tokenizer_dir}); use the tokenizer the model was trained with")
 
 
 def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
