@@ -186,7 +186,7 @@ def main():
                                autocast=run.autocast)
     summary = train(policy, train_data, make_loss_fn(args, reference), run, val_data=val_data,
                     collate_fn=functools.partial(collate_dpo, pad_id=train_data.pad_id), tokenizer=tokenizer,
-                    sample_fn=sample_fn)
+                    sample_fn=sample_fn, perplexity=False)
     run.print(format_summary(summary))
     if run.is_main:
         run.print(reward_report(summary, args.out_dir))

@@ -107,8 +107,10 @@ class StopRequest:
 
 
 def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, collate_fn=None, tokenizer=None,
-          sample_fn: Callable | None = None, export_fn: Callable | None = None, shuffle: bool = True) -> dict:
-    """Train `model` on `train_data` with `loss_fn`; write checkpoints to args.out_dir. Returns a summary."""
+          sample_fn: Callable | None = None, export_fn: Callable | None = None, shuffle: bool = True,
+          perplexity: bool = True) -> dict:
+    """Train `model` on `train_data` with `loss_fn`; write checkpoints to args.out_dir. Returns a summary.
+    `perplexity`: whether exp(val_loss) means something (a language-model loss; not DPO's)."""
     args = run.args
     raw_model = model.to(run.device)
     optimizer = build_optimizer(raw_model, args.learning_rate, args.weight_decay, run.device)
@@ -175,7 +177,8 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
         if val_data is None:
             return {}
         result = evaluate(raw_model, val_data, loss_fn, run, collate_fn, args.eval_batches)
-        result["val_ppl"] = math.exp(min(result["val_loss"], 50))
+        if perplexity:
+            result["val_ppl"] = math.exp(min(result["val_loss"], 50))
         metrics.log({"step": step, **result})
         if run.is_main:
             tqdm.write(f"[step {step}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -291,8 +294,10 @@ def format_summary(summary: dict) -> str:
              f"{summary['tokens']:,} tokens in {summary['seconds']:.0f}s = {summary['tokens_per_sec']:,} tokens/s"]
     if summary.get("final_loss") is not None:
         lines.append(f"   train loss {summary['final_loss']:.4f}")
-    if "val_loss" in summary:
+    if "val_ppl" in summary:
         lines.append(f"   val loss {summary['val_loss']:.4f}   val perplexity {summary['val_ppl']:.2f}")
+    elif "val_loss" in summary:
+        lines.append(f"   val loss {summary['val_loss']:.4f}")
     lines.append(f"   checkpoint: {summary['out_dir']}  (metrics.jsonl, loss.png, train_state/)")
     return "\n".join(lines)
 
