@@ -1,0 +1,464 @@
+"""Put the stages side by side: the same prompts through every checkpoint, and one table of held-out metrics.
+
+    python eval_model.py                                   # whichever of out/{pretrain,sft,lora,dpo,distill} exist
+    python eval_model.py --metrics --json out/eval.json    # + the metrics table, and {model: {metric: value}}
+    python eval_model.py --models sft=out/sft,dpo=out/dpo --prompts "你是谁？" "1+1等于几？"
+    python eval_model.py --lora out/lora                   # the adapter on the base its adapter_config.json names
+    python eval_model.py --lora out/lora --base out/sft    # ... or on a base you name
+
+A model is a checkpoint directory, or a LoRA adapter directory (adapter_config.json), which is applied to its base
+and merged in memory (the files on disk are not touched). A base model (one that train_pretrain.py wrote, or, in a
+directory without args.json, one whose name starts with "pretrain" or "base") continues the prompt as raw text;
+every other model gets the prompt as a ChatML user turn with the assistant turn opened. Answers are greedy, with
+--repetition_penalty.
+
+--metrics scores every model on the held-out files of --data_dir (dataset/demo: no item is in any training file),
+the first --limit items of each task, greedy decoding with no repetition penalty. Every model, the base model
+included, gets the same chat-formatted questions: a base model cannot follow the format, so its task scores sit
+near 0, which is the point of comparison. The metrics:
+
+  val_ppl        perplexity of the held-out news (pretrain_val.jsonl): each document on its own, after an
+                 <|endoftext|>, predicting every token and the closing <|endoftext|>; exp(mean token NLL)
+  sentiment_acc  share of sft_eval sentiment questions whose answer parses to the right label
+  entity_f1      sft_eval entity questions: F1 per type (person, place, org; micro over items: true positives,
+                 false positives and misses summed over items), then the mean over the three types;
+                 entity_f1_person / _place / _org are the per-type scores
+  arith_em       share of reason_eval arithmetic problems whose <answer> holds the right number
+  think_format   share of reason_eval outputs (arithmetic and entity traces) that are exactly
+                 `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (a blank line may follow </think>, as the
+                 chat template writes reasoning_content; trailing whitespace allowed)
+  lora_acc       share of lora_eval reviews answered with the right English label (positive / negative)
+  pref_acc       share of dpo_eval pairs where the model itself prefers the chosen answer: its mean per-token
+                 log-probability of the chosen answer is higher than that of the rejected one (no reference model)
+  distinct2      repetition: for each generated answer, distinct character bigrams / character bigrams, averaged
+                 over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
+"""
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dataset.chat import ENDOFTEXT, load_tokenizer, render_chat, tokenize_chat
+from dataset.demo import (
+    ENTITY_LABELS,
+    parse_arith_answer,
+    parse_english_sentiment,
+    parse_entity_answer,
+    parse_sentiment_answer,
+)
+from dataset.formats import iter_records
+from model import LM
+from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
+from trainer import UsageError, exit_cleanly_on_bad_input
+from trainer.checkpoint import atomic_write_text
+from trainer.cli import DEMO_DIR
+from trainer.losses import IGNORE_INDEX, token_logps
+from trainer.runtime import keep_freed_memory, resolve_device, resolve_dtype
+
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
+DEFAULT_PROMPTS = [
+    "下面这条评论是正面的还是负面的？\n屏幕很清楚，电池也耐用，客服回复得很及时，这个价钱买到很值。",
+    "请找出下面这句话中的人名、地名和机构名：\n王建国昨天在上海出席了中国科学院举办的学术报告会。",
+    "教室里有4排座位，每排坐6人，后来走了5人，又进来3人，现在教室里有几人？",
+    "你是谁？",
+    "新华社北京一月一日电",
+]
+# Held-out task -> new tokens allowed (greedy). An answer cut off at the limit is scored as it stands.
+GENERATION_TASKS = {"sentiment": 16, "entity": 48, "arith": 96, "entity_reason": 160, "lora": 8}
+# Held-out file -> (record kind, the eval set its records go to; None: the record's meta "task").
+EVAL_FILES = {"pretrain_val.jsonl": ("pretrain", "news"), "sft_eval.jsonl": ("chat", None),
+              "reason_eval.jsonl": ("chat", None), "lora_eval.jsonl": ("chat", "lora"),
+              "dpo_eval.jsonl": ("dpo", "pref")}
+EVAL_SETS = ("news", *GENERATION_TASKS, "pref")
+METRICS = ("val_ppl", "sentiment_acc", "entity_f1", *(f"entity_f1_{kind}" for kind in ENTITY_LABELS), "arith_em",
+           "think_format", "lora_acc", "pref_acc", "distinct2")
+THINK_FORMAT = re.compile(r"<think>\n.+\n</think>\n+<answer>\n.+\n</answer>\s*", re.DOTALL)
+
+
+@dataclass
+class ModelSpec:
+    """One column of the comparison: a checkpoint, optionally with a LoRA adapter applied on top."""
+
+    name: str
+    path: Path
+    adapter: Path | None
+    chat: bool
+
+
+@dataclass
+class Runner:
+    """Where and how models run: device, autocast precision, rows per batch."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which models
+
+
+def is_chat_model(name: str, directory: Path) -> bool:
+    """False for a base model: the trainer's args.json names the stage; without one, the name decides."""
+    args_file = directory / "args.json"
+    if args_file.is_file():
+        stage = json.loads(args_file.read_text(encoding="utf-8")).get("stage")
+        if stage:
+            return stage != "pretrain"
+    return not name.startswith(("pretrain", "base"))
+
+
+def model_spec(name: str, directory: str | Path, base: str | None = None) -> ModelSpec:
+    """A checkpoint or adapter directory as a ModelSpec; a clear error when it is neither."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"model {name}: {directory} does not exist")
+    adapter_config = directory / ADAPTER_CONFIG
+    if adapter_config.is_file():
+        base = base or json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise UsageError(f"model {name}: {adapter_config} names no base model; pass --base DIR")
+        if not (Path(base) / "config.json").is_file():
+            raise UsageError(f"model {name}: the adapter's base model {base} is not a checkpoint directory "
+                             "(no config.json); pass --base DIR")
+        return ModelSpec(name, Path(base), directory, is_chat_model(name, directory))
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"model {name}: {directory} has neither config.json nor {ADAPTER_CONFIG}; "
+                         "is it a checkpoint directory?")
+    return ModelSpec(name, directory, None, is_chat_model(name, directory))
+
+
+def parse_model_list(text: str) -> list[tuple[str, str]]:
+    """`sft=out/sft,dpo=out/dpo` (or bare directories, named after their last part) -> [(name, dir)]."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, directory = item.partition("=")
+        pairs.append((name, directory) if sep else (Path(item).name, item))
+    return pairs
+
+
+def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
+    """The --models and --lora given, else every stage directory under out/ that exists."""
+    pairs = parse_model_list(args.models or "") + parse_model_list(args.lora or "")
+    if not pairs:
+        pairs = [(stage, f"out/{stage}") for stage in STAGES
+                 if any(Path(f"out/{stage}", name).is_file() for name in ("config.json", ADAPTER_CONFIG))]
+        if not pairs:
+            raise UsageError(f"no checkpoints found (looked for out/{{{','.join(STAGES)}}}); train a stage first "
+                             "or pass --models NAME=DIR,...")
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise UsageError(f"model names must differ, got {names}; name them: --models NAME=DIR,...")
+    return [model_spec(name, directory, args.base) for name, directory in pairs]
+
+
+def load_model(spec: ModelSpec, device: torch.device):
+    """(model in eval mode, its tokenizer). An adapter is merged into its base in memory: same outputs, full speed."""
+    model = LM.from_pretrained(spec.path)
+    tokenizer_dir = spec.path
+    if spec.adapter is not None:
+        merge_lora(load_lora(model, spec.adapter))
+        if (spec.adapter / "tokenizer.json").is_file():
+            tokenizer_dir = spec.adapter
+    return model.to(device).eval(), load_tokenizer(tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a model
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat as SFT rendered it, ending with the opened assistant turn the model should complete."""
+    return tokenizer(render_chat(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def batches(lengths: list[int], max_rows: int, max_tokens: int = 8192) -> Iterable[list[int]]:
+    """Indices in batches of similar length (longest first, so little of a batch is padding), each at most
+    max_rows rows and max_tokens padded tokens (which bounds the [rows, length, vocab] logits)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == max_rows or (len(batch) + 1) * lengths[batch[0]] > max_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def generate(model: LM, tokenizer, prompts: list[list[int]], max_new_tokens: int, runner: Runner,
+             repetition_penalty: float = 1.0) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded without special tokens; batched, left-padded."""
+    keep = model.config.max_position_embeddings - max_new_tokens  # a too-long prompt keeps its end
+    pad = model.config.pad_token_id or 0
+    prompts = [prompt[-keep:] for prompt in prompts]
+    texts = [""] * len(prompts)
+    for rows in batches([len(p) for p in prompts], runner.batch_size):
+        ids = [prompts[i] for i in rows]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=runner.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=runner.device)
+        with runner.autocast():
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 repetition_penalty=repetition_penalty)
+        for i, new_tokens in zip(rows, out[:, width:].tolist()):
+            texts[i] = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return texts
+
+
+@torch.no_grad()
+def scored_logps(model: LM, sequences: list[tuple[list[int], list[int]]], runner: Runner) -> list[tuple[float, int]]:
+    """(summed log-prob, token count) of the marked tokens of each (ids, mask) sequence: token t counts when
+    mask[t] is 1, predicted from the tokens before it. Batched, right-padded (padding after a sequence's last
+    token changes nothing before it under causal attention)."""
+    limit = model.config.max_position_embeddings
+    sequences = [(ids[:limit], mask[:limit]) for ids, mask in sequences]
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    for rows in batches([len(ids) for ids, _ in sequences], runner.batch_size):
+        cut = [sequences[i] for i in rows]
+        width = max(len(ids) for ids, _ in cut)
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in cut], device=runner.device)
+        # labels[t] is the target of position t: token t + 1 where it is marked, else ignored.
+        labels = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+                               + [IGNORE_INDEX] * (width - len(ids) + 1) for ids, mask in cut], device=runner.device)
+        with runner.autocast():
+            logits = model(input_ids).logits
+        logps, scored = token_logps(logits, labels)
+        for i, total, count in zip(rows, logps.sum(-1).tolist(), scored.sum(-1).tolist()):
+            results[i] = (total, int(count))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring (pure functions of the outputs)
+
+
+def share(flags: Iterable[bool]) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def entity_f1(predicted: list[dict[str, list[str]]], gold: list[dict[str, list[str]]]) -> dict[str, float]:
+    """F1 per entity type, micro over items (tp, fp, fn summed), and `entity_f1`, their mean over the types.
+
+    A type with no gold and no predicted entity in any item scores 1.0 (nothing to find, nothing invented)."""
+    scores = {}
+    for kind in ENTITY_LABELS:
+        tp = fp = fn = 0
+        for pred, true in zip(predicted, gold):
+            pred_set, true_set = set(pred.get(kind, [])), set(true.get(kind, []))
+            tp += len(pred_set & true_set)
+            fp += len(pred_set - true_set)
+            fn += len(true_set - pred_set)
+        scores[f"entity_f1_{kind}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"entity_f1": sum(scores.values()) / len(scores), **scores}
+
+
+def think_format(outputs: list[str]) -> float:
+    """Share of outputs that are one <think> block then one <answer> block, each with content, nothing else."""
+    return share(THINK_FORMAT.fullmatch(text) is not None for text in outputs)
+
+
+def distinct2(texts: Iterable[str]) -> float:
+    """Mean over texts (with at least 2 character bigrams) of distinct bigrams / bigrams; 1.0 when none qualify."""
+    ratios = []
+    for text in texts:
+        bigrams = [text[i:i + 2] for i in range(len(text) - 1)]
+        if len(bigrams) >= 2:
+            ratios.append(len(set(bigrams)) / len(bigrams))
+    return sum(ratios) / len(ratios) if ratios else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The held-out sets and the metrics
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The conversation up to (not including) its last assistant turn: what the model must answer."""
+    messages = record["messages"]
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:last]
+
+
+def load_eval_sets(data_dir: str | Path, limit: int) -> dict[str, list[dict]]:
+    """The first `limit` held-out records of every task (0: all); a file missing from data_dir leaves its
+    tasks out. Keys: news (pretrain records), sentiment, entity, arith, entity_reason, lora, pref (dpo records)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UsageError(f"--data_dir {data_dir} does not exist (python -m dataset.demo builds dataset/demo)")
+    sets: dict[str, list[dict]] = {}
+    for file, (kind, fixed_name) in EVAL_FILES.items():
+        path = data_dir / file
+        if not path.is_file():
+            continue
+        for record in iter_records(str(path), kind):
+            name = fixed_name or record["meta"].get("task")
+            if name in EVAL_SETS and (not limit or len(sets.get(name, [])) < limit):
+                sets.setdefault(name, []).append(record)
+    return sets
+
+
+def news_perplexity(model: LM, tokenizer, records: list[dict], runner: Runner) -> float:
+    eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    texts = tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
+    sequences = [([eot, *ids, eot], [0] + [1] * (len(ids) + 1)) for ids in texts]
+    scored = scored_logps(model, sequences, runner)
+    total, count = sum(s for s, _ in scored), sum(n for _, n in scored)
+    return float(torch.tensor(-total / max(count, 1)).exp())
+
+
+def preference_accuracy(model: LM, tokenizer, pairs: list[dict], runner: Runner) -> float:
+    sequences = [tokenize_chat(tokenizer, pair["prompt"] + pair[side]) for pair in pairs
+                 for side in ("chosen", "rejected")]
+    means = [total / max(count, 1) for total, count in scored_logps(model, sequences, runner)]
+    return share(chosen > rejected for chosen, rejected in zip(means[0::2], means[1::2]))
+
+
+def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner) -> dict[str, float]:
+    """Every metric whose held-out set is present, for one model (see the module docstring)."""
+    metrics: dict[str, float] = {}
+    if sets.get("news"):
+        metrics["val_ppl"] = news_perplexity(model, tokenizer, sets["news"], runner)
+    outputs = {task: generate(model, tokenizer, [chat_prompt_ids(tokenizer, prompt_messages(r)) for r in sets[task]],
+                              max_new_tokens, runner)
+               for task, max_new_tokens in GENERATION_TASKS.items() if sets.get(task)}
+    if "sentiment" in outputs:
+        metrics["sentiment_acc"] = share(parse_sentiment_answer(text) == r["meta"]["label"]
+                                         for text, r in zip(outputs["sentiment"], sets["sentiment"]))
+    if "entity" in outputs:
+        metrics.update(entity_f1([parse_entity_answer(text) for text in outputs["entity"]],
+                                 [r["meta"]["entities"] for r in sets["entity"]]))
+    if "arith" in outputs:
+        metrics["arith_em"] = share(parse_arith_answer(text) == r["meta"]["answer"]
+                                    for text, r in zip(outputs["arith"], sets["arith"]))
+    if "arith" in outputs or "entity_reason" in outputs:
+        metrics["think_format"] = think_format(outputs.get("arith", []) + outputs.get("entity_reason", []))
+    if "lora" in outputs:
+        metrics["lora_acc"] = share(parse_english_sentiment(text) == r["meta"]["label"]
+                                    for text, r in zip(outputs["lora"], sets["lora"]))
+    if sets.get("pref"):
+        metrics["pref_acc"] = preference_accuracy(model, tokenizer, sets["pref"], runner)
+    if outputs:
+        metrics["distinct2"] = distinct2(text for texts in outputs.values() for text in texts)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Printing
+
+
+def format_answers(prompts: list[str], answers: dict[str, list[str]]) -> str:
+    """Each prompt, then every model's answer under it, labelled; continuation lines indented."""
+    width = max(map(len, answers)) + 2
+    lines = []
+    for i, prompt in enumerate(prompts):
+        lines.append(f"\n== {i + 1}. " + prompt.replace("\n", "\n   "))
+        for name, texts in answers.items():
+            body = texts[i].strip().replace("\n", "\n" + " " * width) or "(nothing)"
+            lines.append(f"{'[' + name + ']':<{width}}{body}")
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Rows = metrics, columns = models; `-` where a metric was not computed."""
+    names = list(results)
+    width = max(12, *(len(name) + 2 for name in names))
+    rows = [f"{'metric':<16}" + "".join(f"{name:>{width}}" for name in names)]
+    for metric in METRICS:
+        if not any(metric in values for values in results.values()):
+            continue
+        cells = []
+        for name in names:
+            value = results[name].get(metric)
+            cells.append("-" if value is None else f"{value:.2f}" if metric == "val_ppl" else f"{value:.3f}")
+        rows.append(f"{metric:<16}" + "".join(f"{cell:>{width}}" for cell in cells))
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", help="NAME=DIR,... checkpoint or adapter directories (default: the stages in out/)")
+    p.add_argument("--lora", help="[NAME=]DIR,... LoRA adapters, each applied to the base its "
+                                  "adapter_config.json names (or to --base)")
+    p.add_argument("--base", help="base checkpoint for every adapter, instead of the one its config names")
+    p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="prompts for the side-by-side answers")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="tokens per side-by-side answer")
+    p.add_argument("--repetition_penalty", type=float, default=1.1, help="for the side-by-side answers")
+    p.add_argument("--metrics", action="store_true", help="score every model on the held-out sets")
+    p.add_argument("--json", help="write {model: {metric: value}} to this file (implies --metrics)")
+    p.add_argument("--data_dir", default=DEMO_DIR, help="folder with the held-out *_eval.jsonl files")
+    p.add_argument("--limit", type=int, default=100, help="held-out items per task (0: all)")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default, one per core); 1 is steadier on a loaded machine")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32)")
+    args = p.parse_args(argv)
+    args.metrics = args.metrics or bool(args.json)
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@exit_cleanly_on_bad_input
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # the batches' large buffers come back every call; see trainer/runtime.py
+    runner = Runner(device, resolve_dtype(args.dtype, device), args.batch_size)
+    specs = resolve_models(args)
+    if args.metrics and args.data_dir == DEMO_DIR and not Path(DEMO_DIR).is_dir():
+        from dataset.demo import build_demo
+
+        build_demo(DEMO_DIR)
+    sets = load_eval_sets(args.data_dir, args.limit) if args.metrics else {}
+
+    answers: dict[str, list[str]] = {}
+    results: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        start = time.time()
+        model, tokenizer = load_model(spec, device)
+        prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) if spec.chat
+                   else tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompts]
+        answers[spec.name] = generate(model, tokenizer, prompts, args.max_new_tokens, runner, args.repetition_penalty)
+        if args.metrics:
+            results[spec.name] = evaluate(model, tokenizer, sets, runner)
+        source = f"{spec.adapter} on {spec.path}" if spec.adapter else str(spec.path)
+        log(f"{spec.name} ({source}, {'chat' if spec.chat else 'base'}): {time.time() - start:.1f}s")
+        del model
+
+    print(format_answers(args.prompts, answers))
+    if args.metrics:
+        print(f"\n== metrics (held-out sets in {args.data_dir}, up to {args.limit or 'all'} items per task)")
+        print(format_table(results))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+            print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
