@@ -18,12 +18,12 @@ stage() {
 }
 
 stage corpus    python -m dataset.demo
-stage tokenizer python train_tokenizer.py
-stage pretrain  python train_pretrain.py --max_steps "$(steps 600)"
-stage sft       python train_sft.py --max_steps "$(steps 400)"
-stage lora      python train_lora.py --max_steps "$(steps 120)"
-stage dpo       python train_dpo.py --max_steps "$(steps 150)"
-stage distill   python train_distill_reason.py --max_steps "$(steps 250)"
+stage tokenizer python train_tokenizer.py --max_chars 1500000
+stage pretrain  python train_pretrain.py --max_steps "$(steps 420)"
+stage sft       python train_sft.py --max_steps "$(steps 330)"
+stage lora      python train_lora.py --max_steps "$(steps 80)" --learning_rate 4e-3
+stage dpo       python train_dpo.py --max_steps "$(steps 100)" --learning_rate 1e-4
+stage distill   python train_distill_reason.py --max_steps "$(steps 110)"
 stage eval      python eval_model.py --metrics --json out/eval.json
 
 printf '\n\033[1m== demo finished in %ss\033[0m\n' "$(( $(date +%s) - start ))"
