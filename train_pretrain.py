@@ -4,13 +4,15 @@
     python train_pretrain.py --preset small --data_path pretrain_hq.jsonl --tokenizer_dir DIR
     torchrun --nproc_per_node 4 train_pretrain.py ...          # DDP, same flags
 
-Data: JSONL of {"text": ...}, tokenized once into uint16 bins (scripts/prepare_data.py) and read
-as packed windows of max_seq_len tokens: no padding, no tokenizing in the training loop.
+Data: {"text": ...} records (.jsonl, .json array or .parquet; comma-separate several files), tokenized once
+into uint16 bins (scripts/prepare_data.py) and read as packed windows of max_seq_len tokens: no padding, no
+tokenizing in the training loop.
 """
 
 import torch.nn.functional as F
 
 from dataset.chat import load_tokenizer
+from dataset.formats import split_paths
 from dataset.lm_dataset import PretrainDataset
 from model import LM, PRESETS, LMConfig
 from scripts.prepare_data import prepare_bins
@@ -58,13 +60,16 @@ def main():
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
 
-    def token_windows(path: str) -> PretrainDataset:
-        """Tokenize once, on rank 0 (the other ranks wait, then find the cached bin)."""
+    def token_windows(data_path: str) -> PretrainDataset:
+        """Tokenize each file once, on rank 0 (the other ranks wait, then find the cached bins)."""
+        files = split_paths(data_path)
         if run.is_main:
-            prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad)
+            for path in files:
+                prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad)
         run.barrier()
-        index = prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad, quiet=True)
-        return PretrainDataset(index["bin_path"], args.max_seq_len)
+        bins = [prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad, quiet=True)["bin_path"]
+                for path in files]
+        return PretrainDataset(bins, args.max_seq_len)
 
     train_data = token_windows(args.data_path)
     val_data = token_windows(args.val_data_path) if args.val_data_path else None

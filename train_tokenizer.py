@@ -8,6 +8,7 @@ first 32 ids are a fixed block of special tokens that the chat template and the 
 """
 
 import argparse
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from dataset.chat import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, save_tokenizer
-from dataset.errors import SkipCounter
+from dataset.errors import DataError, SkipCounter
 from dataset.formats import iter_records
 
 # Markup the model writes and reads as text: single tokens that BPE never splits or merges, but not
@@ -73,6 +74,8 @@ def read_texts(path: str, max_chars: int | None, skip_bad: bool) -> tuple[list[s
         chars += len(record["text"])
         if max_chars is not None and chars >= max_chars:
             break
+    if not texts:  # every line was skipped
+        raise DataError(path, 0, f"no usable text; {skipped.summary()}")
     return texts, chars, skipped.summary()
 
 
@@ -100,10 +103,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
+def train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     texts, chars, skip_report = read_texts(args.data_path, args.max_chars, args.skip_bad)
+    # Read before training, so that a bad held-out line stops the run at once, not after the training.
+    held_out = read_texts(args.val_data_path, None, args.skip_bad) if args.val_data_path else None
     tokenizer = train_bpe(texts, args.vocab_size)
     seconds = time.perf_counter() - start
 
@@ -111,8 +115,8 @@ def main() -> None:
     print(f"vocab size     {len(tokenizer)} (asked {args.vocab_size}; ids 0-{SPECIAL_BLOCK_SIZE - 1} special)")
     print(f"training text  {chars:,} chars in {len(texts):,} lines from {args.data_path} ({skip_report})")
     print(f"time           {seconds:.1f} s")
-    if args.val_data_path:
-        val_texts, val_chars, val_skip_report = read_texts(args.val_data_path, None, args.skip_bad)
+    if held_out:
+        val_texts, val_chars, val_skip_report = held_out
         failures, val_tokens = round_trip_failures(tokenizer, val_texts)
         print(f"held-out text  {val_chars:,} chars in {len(val_texts):,} lines ({val_skip_report})")
         print(f"compression    {val_chars / max(val_tokens, 1):.2f} chars/token")
@@ -123,6 +127,15 @@ def main() -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, args.out_dir)
     print(f"saved          {args.out_dir} (load with dataset.chat.load_tokenizer)")
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        train(args)
+    except (DataError, FileNotFoundError) as err:  # bad input: one line and exit 2, as the training scripts do
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,16 @@
 """Errors for bad input data: every message names the file, the line and what is wrong."""
 
+import re
 from collections import Counter
+
+# Details that differ from line to line but not from one kind of problem to another: the JSON column, the
+# offending byte, the keys a record had, the index of a message, the record number in a JSON array.
+_DETAILS = [
+    (re.compile(r"^record \d+: "), ""),
+    (re.compile(r" \((?:column|byte) \d+\)"), ""),
+    (re.compile(r" \(keys seen: [^)]*\)"), ""),
+    (re.compile(r"\[\d+\]"), "[n]"),
+]
 
 
 class DataError(ValueError):
@@ -10,17 +20,37 @@ class DataError(ValueError):
         self.path, self.line, self.reason = str(path), line, reason
         super().__init__(f"{self.path}:{line}: {reason}" if line else f"{self.path}: {reason}")
 
+    def __reduce__(self):  # pickle by fields (the default would call DataError(message))
+        return DataError, (self.path, self.line, self.reason)
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of problem a reason names, without its per-line details: what --skip_bad counts by.
+
+    "invalid JSON: Expecting ',' delimiter (column 17)" -> "invalid JSON: Expecting ',' delimiter";
+    "conversations[3] has no 'role'" -> "conversations[n] has no 'role'".
+    """
+    for pattern, replacement in _DETAILS:
+        reason = pattern.sub(replacement, reason)
+    return reason
+
 
 class SkipCounter:
-    """Counts lines skipped under --skip_bad, by reason, for the end-of-read report."""
+    """Counts lines skipped under --skip_bad, by kind of reason, for the end-of-read report."""
+
+    SHOWN = 6  # reasons spelled out in summary(); the rest are counted together
 
     def __init__(self) -> None:
         self.by_reason: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
+        self.first: DataError | None = None
 
     def add(self, err: DataError) -> None:
-        self.by_reason[err.reason] += 1
-        self.examples.setdefault(err.reason, str(err))
+        kind = reason_kind(err.reason)
+        self.by_reason[kind] += 1
+        self.examples.setdefault(kind, str(err))
+        if self.first is None:
+            self.first = err
 
     @property
     def total(self) -> int:
@@ -30,9 +60,30 @@ class SkipCounter:
         self.by_reason.update(other.by_reason)
         for reason, example in other.examples.items():
             self.examples.setdefault(reason, example)
+        if self.first is None:
+            self.first = other.first
 
     def summary(self) -> str:
+        """One line: how many lines were skipped, then each kind of reason with its count and a first example."""
         if not self.total:
             return "skipped 0 bad lines"
-        parts = [f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in self.by_reason.most_common()]
+        ranked = self.by_reason.most_common()
+        parts = [f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in ranked[: self.SHOWN]]
+        if len(ranked) > self.SHOWN:
+            rest = ranked[self.SHOWN :]
+            parts.append(f"{sum(n for _, n in rest)} x {len(rest)} other reasons")
         return f"skipped {self.total} bad lines: " + "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready copy (prepare_data keeps it in a bin's index, so a cached bin can report it again)."""
+        first = None if self.first is None else [self.first.path, self.first.line, self.first.reason]
+        return {"by_reason": dict(self.by_reason), "examples": self.examples, "first": first}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SkipCounter":
+        counter = cls()
+        counter.by_reason.update(data.get("by_reason", {}))
+        counter.examples.update(data.get("examples", {}))
+        if data.get("first"):
+            counter.first = DataError(*data["first"])
+        return counter

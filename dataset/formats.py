@@ -14,6 +14,7 @@ Every bad record raises ``DataError(path, line, reason)``; the readers can inste
 """
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -307,12 +308,27 @@ def parse_line(raw: bytes, kind: str, path: str, lineno: int) -> dict:
     except UnicodeDecodeError as err:
         raise DataError(path, lineno, f"not valid UTF-8 (byte {err.start})") from None
     try:
-        value = json.loads(text.lstrip("\ufeff"))
+        # Without the line end, a line cut short reads "Unterminated string", not "Invalid control character".
+        value = json.loads(text.lstrip("\ufeff").rstrip())
     except json.JSONDecodeError as err:
-        raise DataError(path, lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
+        hint = "; a .json file holds one JSON array of records, or one record per line" if path.endswith(".json") \
+            else ""
+        raise DataError(path, lineno, f"invalid JSON: {err.msg} (column {err.colno}){hint}") from None
     except RecursionError:
         raise DataError(path, lineno, "invalid JSON: nested too deeply") from None
     return normalise(value, kind, path, lineno)
+
+
+def parse_record(payload: Any, kind: str, path: str, line: int, where: str = "") -> dict:
+    """One payload of raw_records -> canonical record; DataError(path, line, where + reason) if unusable."""
+    try:
+        if isinstance(payload, bytes):
+            return parse_line(payload, kind, path, line)
+        return normalise(payload, kind, path, line)
+    except DataError as err:
+        if not where:
+            raise
+        raise DataError(path, line, where + err.reason) from None
 
 
 # --- readers -----------------------------------------------------------------------------------------------
@@ -322,52 +338,6 @@ def split_paths(data_path: str) -> list[str]:
     return [p.strip() for p in str(data_path).split(",") if p.strip()]
 
 
-def _jsonl_records(path: str, kind: str) -> Iterator[dict | DataError]:
-    """Records of a JSONL file, line by line; a bad line comes out as its DataError."""
-    seen_any = False
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            seen_any = True
-            try:
-                yield parse_line(raw, kind, path, lineno)
-            except DataError as err:
-                yield err
-    if not seen_any:
-        raise DataError(path, 0, "empty file: no records")
-
-
-def _values_records(path: str, kind: str, values: Iterator[Any]) -> Iterator[dict | DataError]:
-    """Records of an in-memory sequence (JSON array, parquet rows); N = 1-based record number."""
-    seen_any = False
-    for number, value in enumerate(values, 1):
-        seen_any = True
-        try:
-            yield normalise(value, kind, path, number)
-        except DataError as err:
-            yield err
-    if not seen_any:
-        raise DataError(path, 0, "empty file: no records")
-
-
-def _json_array_values(path: str) -> Iterator[Any]:
-    try:
-        value = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise DataError(path, 0, f"not valid UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
-    yield from value
-
-
-def _parquet_values(path: str) -> Iterator[dict]:
-    import pyarrow.parquet as pq  # only parquet users pay for the import
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
-
-
 def is_json_array(path: str) -> bool:
     """Whether a file holds one JSON array (rather than JSON lines)."""
     with open(path, "rb") as f:
@@ -375,15 +345,110 @@ def is_json_array(path: str) -> bool:
     return head.startswith(b"[")
 
 
-def _file_records(path: str, kind: str) -> tuple[Iterator[dict | DataError], bool]:
-    """(records or DataErrors of one file, whether positions are record numbers rather than line numbers)."""
-    if not Path(path).is_file():
-        raise DataError(path, 0, "no such file")
+def file_format(path: str) -> str:
+    """How a file is read: "parquet" (by suffix), "json" (a .json file holding one array), else "jsonl"."""
     if path.endswith(".parquet"):
-        return _values_records(path, kind, _parquet_values(path)), True
-    if path.endswith(".json") and is_json_array(path):
-        return _values_records(path, kind, _json_array_values(path)), True
-    return _jsonl_records(path, kind), False  # .jsonl, and .json files that are really JSONL
+        return "parquet"
+    return "json" if path.endswith(".json") and is_json_array(path) else "jsonl"
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, str, bytes]]:
+    """(line number, "", raw bytes) of every non-blank line, read lazily: a 10 GB file is never held in memory."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, "", raw
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_items(path: str) -> Iterator[tuple[int, str, Any]]:
+    """(line where the element starts, "record N: ", decoded element) of a JSON array file.
+
+    The file is read whole (JSON arrays cannot be streamed; use JSON lines for files larger than memory) and
+    decoded element by element, so every record is named by its line. A syntax error ends the read even with
+    --skip_bad: nothing after it can be found reliably.
+    """
+    raw = Path(path).read_bytes()
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = bom + err.start
+        raise DataError(path, raw.count(b"\n", 0, at) + 1, f"not valid UTF-8 (byte {at})") from None
+    decoder = json.JSONDecoder()
+
+    def syntax_error(reason: str, at: int) -> DataError:
+        return DataError(path, text.count("\n", 0, at) + 1, f"invalid JSON: {reason}; the array cannot be read "
+                                                              "past this point (JSON lines can skip a bad line)")
+
+    pos = _SPACE.match(text, _SPACE.match(text).end() + 1).end()  # past "[" (is_json_array checked it is there)
+    line, counted_to, number = 1, 0, 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            line += text.count("\n", counted_to, pos)
+            counted_to = pos
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise syntax_error(f"{err.msg} (column {err.colno})", err.pos) from None
+            except RecursionError:
+                raise syntax_error("nested too deeply", pos) from None
+            number += 1
+            yield line, f"record {number}: ", value
+            pos = _SPACE.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _SPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise syntax_error(f"expected ',' or ']' after record {number}", pos)
+    if _SPACE.match(text, pos).end() != len(text):
+        raise DataError(path, text.count("\n", 0, pos) + 1, "invalid JSON: extra data after the array")
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, str, dict]]:
+    """(0, "record N: ", row as a dict) of a parquet file, a batch of rows at a time."""
+    import pyarrow.parquet as pq  # only parquet users pay for the import
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield 0, f"record {number}: ", row
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid and ArrowIOError derive from these
+        raise DataError(path, 0, f"not a readable parquet file ({err})") from None
+
+
+def raw_records(path: str) -> Iterator[tuple[int, str, Any]]:
+    """Every record of one file, in order, not yet normalised: (line, where, payload).
+
+    payload is a JSONL line's raw bytes (.jsonl, and .json files that hold JSON lines) or the decoded element of
+    a JSON array or row of a parquet file; `line` is the line the record starts on (0 for parquet) and `where`
+    prefixes reasons about it ("record N: " in arrays and parquet, else ""). parse_record turns a payload into a
+    canonical record. Raises DataError for a file that is missing, unreadable, not decodable or has no records.
+    """
+    if not Path(path).is_file():
+        raise DataError(path, 0, "no such file" if not Path(path).exists() else "not a file")
+    try:
+        reader, empty = {
+            "parquet": (_parquet_rows, "no rows"),
+            "json": (_json_array_items, "empty JSON array: no records"),
+            "jsonl": (_jsonl_lines, "empty file: no records"),
+        }[file_format(path)]
+        seen_any = False
+        for record in reader(path):
+            seen_any = True
+            yield record
+    except OSError as err:  # permissions, a file vanishing mid-read
+        raise DataError(path, 0, f"cannot read: {err.strerror or err}") from None
+    if not seen_any:
+        raise DataError(path, 0, empty)
 
 
 def iter_records(
@@ -392,23 +457,22 @@ def iter_records(
     """Stream canonical records of `kind` from a file (.jsonl, .json array, .parquet) or comma-separated files.
 
     A bad record raises DataError(file, line, reason); with skip_bad it is counted in `skipped` and passed
-    over. A missing or empty file always raises. In JSON arrays and parquet files the position is the
-    1-based record number, and the raised reason says so.
+    over. A missing, unreadable or empty file always raises. In JSON arrays the line is where the record starts
+    and the reason begins "record N: "; parquet rows are named by that prefix alone.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
     for file in split_paths(path):
-        records, numbered = _file_records(file, kind)
-        for record in records:
-            if not isinstance(record, DataError):
-                yield record
-            elif skip_bad:
+        for line, where, payload in raw_records(file):
+            try:
+                record = parse_record(payload, kind, file, line, where)
+            except DataError as err:
+                if not skip_bad:
+                    raise
                 if skipped is not None:
-                    skipped.add(record)
-            elif numbered:
-                raise DataError(record.path, record.line, f"record {record.line}: {record.reason}")
-            else:
-                raise record
+                    skipped.add(err)
+                continue
+            yield record
 
 
 def load_records(

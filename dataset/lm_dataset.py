@@ -4,6 +4,7 @@ more than once."""
 import bisect
 import itertools
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,42 +17,72 @@ from dataset.formats import iter_records
 
 
 class PretrainDataset(Dataset):
-    """Packed pretraining windows over a uint16 token file written by scripts/prepare_data.py.
+    """Packed pretraining windows over uint16 token files written by scripts/prepare_data.py.
 
     Window i covers tokens [i*seq_len, i*seq_len + seq_len + 1): input_ids are its first seq_len tokens and
     labels the next token of each position (labels[t] is the target for position t; the model does not
     shift). Windows do not overlap, so one epoch sees each token as a target once; documents run into each
-    other, separated by <|endoftext|>, and nothing is padded.
+    other, separated by <|endoftext|>, and nothing is padded. Several token files (one per source file) are
+    windowed one after the other, each on its own: no window spans two files.
     """
 
-    def __init__(self, bin_path: str, seq_len: int):
+    def __init__(self, bin_paths: str | Path | Sequence[str | Path], seq_len: int):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
-        if not Path(bin_path).is_file():
-            raise FileNotFoundError(f"{bin_path}: no token file; make one with scripts/prepare_data.py")
-        self.bin_path, self.seq_len = str(bin_path), seq_len
-        # mode "r" on an empty file fails in numpy, and an empty bin has no windows anyway.
-        n_bytes = Path(bin_path).stat().st_size
-        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r") if n_bytes else np.zeros(0, dtype=np.uint16)
+        self.bin_paths = [str(bin_paths)] if isinstance(bin_paths, (str, Path)) else [str(p) for p in bin_paths]
+        self.seq_len = seq_len
+        self.parts = []
+        for path in self.bin_paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no token file; make one with scripts/prepare_data.py")
+            # mode "r" on an empty file fails in numpy, and an empty bin has no windows anyway.
+            empty = Path(path).stat().st_size == 0
+            self.parts.append(np.zeros(0, dtype=np.uint16) if empty else np.memmap(path, dtype=np.uint16, mode="r"))
+        # starts[k]: the index of file k's first window; starts[-1]: the number of windows.
+        self.starts = np.cumsum([0] + [max(0, (len(tokens) - 1) // seq_len) for tokens in self.parts]).tolist()
 
     @property
     def n_tokens(self) -> int:
-        return len(self.tokens)
+        return sum(len(tokens) for tokens in self.parts)
 
     def __len__(self) -> int:
-        return max(0, (self.n_tokens - 1) // self.seq_len)
+        return self.starts[-1]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
-        start = i * self.seq_len
-        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        part = bisect.bisect_right(self.starts, i) - 1
+        start = (i - self.starts[part]) * self.seq_len
+        window = torch.from_numpy(self.parts[part][start : start + self.seq_len + 1].astype(np.int64))
         return {"input_ids": window[:-1], "labels": window[1:]}
 
 
 # --- SFT: chat records, tokenized once, packed into rows -------------------------------------------------------
 
 IGNORE_INDEX = -100
+
+
+def clip_budget(tokenizer, max_seq_len: int) -> int:
+    """How many characters from either end of one text are enough for any window of max_seq_len + 1 tokens.
+
+    No token covers more characters than its vocabulary entry is long (byte-level entries spell one byte per
+    character, and a character is at least one byte), so this many characters hold more than a window's tokens,
+    with 64 to spare for the merges next to a cut.
+    """
+    return (max_seq_len + 1 + 64) * max(map(len, tokenizer.get_vocab()))
+
+
+def clip_long_texts(messages: list[dict], budget: int) -> list[dict]:
+    """Messages whose content or reasoning is longer than 2 * budget characters keep only their first and last
+    `budget` characters. Tokenizing a 10 MB message takes seconds and every token past the window is cut anyway;
+    with both ends kept, the tokens a window can hold are the same whether it keeps a text's start (SFT, DPO) or,
+    for a long DPO prompt, its end."""
+    def clip(text: str) -> str:
+        return text if len(text) <= 2 * budget else text[:budget] + text[-budget:]
+
+    return [{**m, **{key: clip(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
+            for m in messages]
+
 
 # For --system_prompt_ratio: a model that only ever saw chats without a system turn ignores one at inference.
 DEFAULT_SYSTEM_PROMPTS = [
@@ -108,7 +139,8 @@ class SFTDataset(Dataset):
       across conversations (model.attention_mask_4d);
     - position_ids: restarting at 0 with each conversation, as if it were alone.
 
-    Conversations longer than max_seq_len + 1 tokens are cut; those left with no assistant token are dropped.
+    Conversations longer than max_seq_len + 1 tokens are cut (a message far longer than that is clipped before it is
+    tokenized, see clip_long_texts); those left with no assistant token are dropped.
     With `system_prompt_ratio` > 0 that share of conversations without a system turn gets one drawn from
     `system_prompts` (seeded). `.stats` counts conversations, rows, tokens and the padding share.
     """
@@ -127,8 +159,9 @@ class SFTDataset(Dataset):
         self.skipped = SkipCounter()
         token_lists, mask_lists = [], []
         truncated = dropped = 0
+        budget = clip_budget(tokenizer, max_seq_len)
         for record in iter_records(path, "chat", skip_bad, self.skipped):
-            messages = record["messages"]
+            messages = clip_long_texts(record["messages"], budget)
             if system_prompt_ratio > 0 and messages[0]["role"] != "system" and rng.random() < system_prompt_ratio:
                 messages = [{"role": "system", "content": rng.choice(prompts)}, *messages]
             ids, mask = tokenize_chat(tokenizer, messages, record.get("tools"))
@@ -141,9 +174,11 @@ class SFTDataset(Dataset):
             token_lists.append(ids)
             mask_lists.append(mask)
         if self.skipped.total:
-            say(self.skipped.summary())
+            say(f"{path}: {self.skipped.summary()}")
         if not token_lists:
-            raise DataError(path, 0, f"no conversation has an assistant token within max_seq_len {max_seq_len}")
+            reason = f"no conversation has an assistant token within max_seq_len {max_seq_len}" if dropped else \
+                "no usable conversations"  # every record was skipped
+            raise DataError(path, 0, f"{reason}; {self.skipped.summary()}" if self.skipped.total else reason)
 
         lengths = [len(ids) for ids in token_lists]
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -220,27 +255,27 @@ class DPODataset(Dataset):
     """
 
     def __init__(self, path: str, tokenizer, max_seq_len: int, skip_bad: bool = False):
-        from dataset.chat import tokenize_chat
-        from dataset.errors import SkipCounter
-        from dataset.formats import iter_records
-
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
         self.max_seq_len = max_seq_len
         self.pad_id = tokenizer.pad_token_id or 0
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.n_truncated = 0
-        skipped = SkipCounter()
-        for record in iter_records(path, "dpo", skip_bad, skipped):
-            prompt_len = len(tokenize_chat(tokenizer, record["prompt"])[0])
+        self.skipped = SkipCounter()
+        budget = clip_budget(tokenizer, max_seq_len)
+        for record in iter_records(path, "dpo", skip_bad, self.skipped):
+            prompt = clip_long_texts(record["prompt"], budget)
+            prompt_len = len(tokenize_chat(tokenizer, prompt)[0])
             pair = []
             for response in (record["chosen"], record["rejected"]):
-                ids, mask = tokenize_chat(tokenizer, record["prompt"] + response)
+                ids, mask = tokenize_chat(tokenizer, prompt + clip_long_texts(response, budget))
                 mask = [0] * prompt_len + mask[prompt_len:]
                 pair += self._window(ids, mask)
             self.pairs.append(tuple(pair))
-        if skipped.total:
-            print(f"{path}: {skipped.summary()}", flush=True)
+        if self.skipped.total:
+            print(f"{path}: {self.skipped.summary()}", flush=True)
+        if not self.pairs:  # every record was skipped
+            raise DataError(path, 0, f"no usable preference pairs; {self.skipped.summary()}")
         self.ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _window(self, ids: list[int], mask: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,10 @@
-"""Tokenize a pretraining JSONL file once, in parallel, into a uint16 token file that training memory-maps.
+"""Tokenize a pretraining file once, in parallel, into a uint16 token file that training memory-maps.
 
+Reads JSON lines (streamed: a file larger than memory is fine), a JSON array or a parquet file of {"text"} records.
 Writes `<bin_dir>/<stem>.<key>.bin` (every document's tokens followed by <|endoftext|>, exact duplicate
-documents dropped) and `<stem>.<key>.json`, an index naming the source file, its size and mtime and the
-tokenizer's hash. The key derives from the tokenizer hash and the source path, so another tokenizer gets its
-own files; a run whose index still matches the source and tokenizer reuses the bin ("cached").
+documents dropped) and `<stem>.<key>.json`, an index naming the source file, its size and mtime, the tokenizer's
+hash and what --skip_bad skipped. The key derives from the tokenizer hash and the source path, so another
+tokenizer gets its own files; a run whose index still matches the source and tokenizer reuses the bin ("cached").
 
     python scripts/prepare_data.py --data_path pretrain.jsonl --tokenizer_dir out/tokenizer --bin_dir out/bins
 """
@@ -26,11 +27,16 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.errors import DataError, SkipCounter
-from dataset.formats import is_json_array, parse_line
+from dataset.formats import file_format, parse_record, raw_records
 
 EOT_TOKEN = "<|endoftext|>"
 LINES_PER_CHUNK = 2048
 DTYPE = np.uint16
+RawRecord = tuple[int, str, object]  # (line, where, payload) as dataset.formats.raw_records gives them
+# A longer document is tokenized in pieces of about this many characters: the tokenizer is several times slower
+# on one 10 MB string than on the same text in pieces, and the pieces spread over its threads.
+PIECE_CHARS = 1 << 14
+SENTENCE_MARKS = "。！？；，、：,.!?;:"
 
 # Set once in each worker process by _init_worker.
 _tokenizer = None
@@ -46,42 +52,77 @@ def _init_worker(tokenizer_file: str, source: str, eot_id: int) -> None:
     _source, _eot_id = source, eot_id
 
 
-def _tokenize_chunk(chunk: tuple[int, list[bytes], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
-    """One chunk of raw lines -> (uint16 tokens of every document each followed by end-of-text, per-document
-    token counts, per-document text hashes, [(line, reason)] for bad lines, bytes read). Bad lines come back as
-    reasons, not exceptions, so the parent decides to stop or skip and names the right line."""
-    first_lineno, lines, n_bytes = chunk
+def _cut(text: str, lo: int, hi: int) -> int:
+    """Where to end a piece that starts before `lo`: at the last space in [lo, hi) that follows a non-space, else
+    after the last sentence mark followed by a letter, else at hi. Byte-level BPE never merges across those
+    places, so the pieces' tokens are the whole text's (for other pre-tokenizers, all but a few at each cut)."""
+    at = hi
+    while (at := text.rfind(" ", lo, at)) > lo:
+        if not text[at - 1].isspace():
+            return at
+    for at in sorted((text.rfind(mark, lo, hi - 1) for mark in SENTENCE_MARKS), reverse=True):
+        if at > lo and text[at + 1].isalnum():
+            return at + 1
+    return hi
+
+
+def _pieces(text: str) -> list[str]:
+    """A document as consecutive pieces of at most PIECE_CHARS characters (see _cut); short ones stay whole."""
+    pieces, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        end = _cut(text, start + PIECE_CHARS // 2, start + PIECE_CHARS)
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _tokenize_chunk(chunk: tuple[list[RawRecord], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
+    """One chunk of raw records (see dataset.formats.raw_records) -> (uint16 tokens of every document each
+    followed by end-of-text, per-document token counts, per-document text hashes, [(line, reason)] for bad
+    records, progress made). Bad records come back as reasons, not exceptions, so the parent decides to stop or
+    skip and names the right line."""
+    records, progress = chunk
     texts, errors = [], []
-    for lineno, raw in enumerate(lines, first_lineno):
-        if not raw.strip():
-            continue
+    for line, where, payload in records:
         try:
-            texts.append(parse_line(raw, "pretrain", _source, lineno)["text"])
+            texts.append(parse_record(payload, "pretrain", _source, line, where)["text"])
         except DataError as err:
-            errors.append((lineno, err.reason))
-    encodings = _tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
-    ids = [np.asarray([*e.ids, _eot_id], dtype=DTYPE) for e in encodings]
+            errors.append((line, err.reason))
+    pieces, owner = [], []
+    for doc, text in enumerate(texts):
+        parts = _pieces(text)
+        pieces += parts
+        owner += [doc] * len(parts)
+    encodings = _tokenizer.encode_batch_fast(pieces, add_special_tokens=False) if pieces else []
+    eot = np.array([_eot_id], dtype=DTYPE)
+    ids = []
+    for i, encoding in enumerate(encodings):
+        ids.append(np.asarray(encoding.ids, dtype=DTYPE))
+        if i + 1 == len(owner) or owner[i + 1] != owner[i]:
+            ids.append(eot)  # the document's last piece
     tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=DTYPE)
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    lengths = np.ones(len(texts), dtype=np.int64)  # the end-of-text token
+    np.add.at(lengths, owner, [len(e.ids) for e in encodings])
     hashes = np.array(
         [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little") for t in texts],
         dtype=np.uint64,
     )
-    return tokens, lengths, hashes, errors, n_bytes
+    return tokens, lengths, hashes, errors, progress
 
 
-def _read_chunks(path: str) -> Iterator[tuple[int, list[bytes], int]]:
-    """(first line number, raw lines, bytes) chunks of a file, read lazily."""
-    with open(path, "rb") as f:
-        lineno, lines, n_bytes = 1, [], 0
-        for raw in f:
-            lines.append(raw)
-            n_bytes += len(raw)
-            if len(lines) == LINES_PER_CHUNK:
-                yield lineno, lines, n_bytes
-                lineno, lines, n_bytes = lineno + len(lines), [], 0
-        if lines:
-            yield lineno, lines, n_bytes
+def _read_chunks(path: str) -> Iterator[tuple[list[RawRecord], int]]:
+    """(raw records, progress) chunks of a file, read lazily; progress counts the bytes of JSON lines, else
+    records. A missing, undecodable or empty file raises DataError here, in the parent."""
+    records, progress = [], 0
+    for record in raw_records(path):
+        records.append(record)
+        progress += len(record[2]) if isinstance(record[2], bytes) else 1
+        if len(records) == LINES_PER_CHUNK:
+            yield records, progress
+            records, progress = [], 0
+    if records:
+        yield records, progress
 
 
 def _tokenized_chunks(chunks: Iterator, pool, window: int) -> Iterator[tuple]:
@@ -113,7 +154,8 @@ def bin_paths(data_path: str, tokenizer_digest: str, bin_dir: str) -> tuple[Path
 
 
 def _cached_index(index_path: Path, bin_path: Path, source_stat: os.stat_result, digest: str) -> dict | None:
-    """The existing index if it still describes this source, this tokenizer and a complete bin."""
+    """The existing index if it still describes this source, this tokenizer and a complete bin (see prepare_bins
+    for what a bin made with --skip_bad means to a run without it)."""
     if not (index_path.is_file() and bin_path.is_file()):
         return None
     try:
@@ -125,6 +167,7 @@ def _cached_index(index_path: Path, bin_path: Path, source_stat: os.stat_result,
         and index.get("source_mtime_ns") == source_stat.st_mtime_ns
         and index.get("tokenizer_hash") == digest
         and bin_path.stat().st_size == index.get("n_tokens", -1) * np.dtype(DTYPE).itemsize
+        and (not index.get("n_skipped") or "skipped" in index)
     )
     return index if matches else None
 
@@ -143,15 +186,15 @@ def prepare_bins(
     skip_bad: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Tokenize a pretraining JSONL file into a uint16 bin (or reuse a matching one); returns the index dict,
-    whose "bin_path" is what PretrainDataset reads. Bad lines raise DataError(file, line, reason) unless
-    skip_bad, in which case they are counted in "n_skipped"."""
+    """Tokenize a pretraining file (.jsonl, .json array, .parquet) into a uint16 bin (or reuse a matching one);
+    returns the index dict, whose "bin_path" is what PretrainDataset reads. Bad records raise DataError(file, line,
+    reason) unless skip_bad, in which case they are counted in "n_skipped" and, by reason, in "skipped". A cached
+    bin that was made by skipping bad records is reused only with skip_bad; without it the first bad record
+    raises, as it would have on a fresh read."""
     say = (lambda *a: None) if quiet else print
     source = Path(data_path)
     if not source.is_file():
-        raise DataError(data_path, 0, "no such file")
-    if source.suffix == ".parquet" or is_json_array(data_path):
-        raise DataError(data_path, 0, "prepare_data streams JSON lines; convert this file to .jsonl first")
+        raise DataError(data_path, 0, "no such file" if not source.exists() else "not a file")
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json here; train one with train_tokenizer.py")
@@ -160,39 +203,46 @@ def prepare_bins(
     source_stat = source.stat()
     cached = _cached_index(index_path, bin_path, source_stat, digest)
     if cached is not None:
+        skipped = SkipCounter.from_dict(cached.get("skipped", {}))
+        if skipped.total and not skip_bad:
+            raise skipped.first
         say(f"{data_path}: cached -> {bin_path} ({cached['n_tokens']:,} tokens)")
+        if skipped.total:
+            say(f"{data_path}: {skipped.summary()}")
         return {**cached, "bin_path": str(bin_path)}
 
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise DataError(str(tokenizer_file), 0, f"not a readable tokenizer ({err})") from None
     if tokenizer.get_vocab_size() > np.iinfo(DTYPE).max + 1:
-        raise ValueError(
-            f"{tokenizer_file}: vocabulary of {tokenizer.get_vocab_size()} tokens does not fit in uint16 "
-            f"(at most {np.iinfo(DTYPE).max + 1}); use a smaller tokenizer"
-        )
+        raise DataError(str(tokenizer_file), 0, f"vocabulary of {tokenizer.get_vocab_size()} tokens does not "
+                                                f"fit in uint16 (at most {np.iinfo(DTYPE).max + 1}); use a smaller "
+                                                "tokenizer")
     eot_id = tokenizer.token_to_id(EOT_TOKEN)
     if eot_id is None:
-        raise ValueError(f"{tokenizer_file}: no {EOT_TOKEN} token to separate documents")
+        raise DataError(str(tokenizer_file), 0, f"no {EOT_TOKEN} token to separate documents")
 
     num_workers = num_workers or min(4, os.cpu_count() or 1)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
     skipped = SkipCounter()
     seen: set[int] = set()
-    n_docs = n_tokens = n_duplicates = n_lines_seen = 0
+    n_docs = n_tokens = n_duplicates = 0
     start = time.perf_counter()
     init_args = (str(tokenizer_file), str(data_path), eot_id)
     pool = Pool(num_workers, initializer=_init_worker, initargs=init_args) if num_workers > 1 else None
     if pool is None:
         _init_worker(*init_args)
     try:
-        with open(tmp_bin, "wb") as out, tqdm(total=source_stat.st_size, unit="B", unit_scale=True,
-                                              desc=source.name, disable=quiet) as progress:
+        streamed = file_format(data_path) == "jsonl"  # progress in bytes, else in records
+        bar = dict(total=source_stat.st_size, unit="B", unit_scale=True) if streamed else dict(unit=" records")
+        with open(tmp_bin, "wb") as out, tqdm(desc=source.name, disable=quiet, **bar) as progress:
             results = _tokenized_chunks(_read_chunks(data_path), pool, window=2 * num_workers + 2)
-            for tokens, lengths, hashes, errors, n_bytes in results:
-                progress.update(n_bytes)
-                n_lines_seen += len(lengths) + len(errors)
+            for tokens, lengths, hashes, errors, done in results:
+                progress.update(done)
                 for lineno, reason in errors:
                     err = DataError(data_path, lineno, reason)
                     if not skip_bad:
@@ -214,9 +264,6 @@ def prepare_bins(
     finally:
         if pool is not None:
             pool.terminate()
-    if n_lines_seen == 0:
-        tmp_bin.unlink(missing_ok=True)
-        raise DataError(data_path, 0, "empty file: no records")
     if n_docs == 0:
         tmp_bin.unlink(missing_ok=True)
         raise DataError(data_path, 0, f"no usable documents; {skipped.summary()}")
@@ -231,6 +278,7 @@ def prepare_bins(
         "n_tokens": n_tokens,
         "n_duplicates": n_duplicates,
         "n_skipped": skipped.total,
+        "skipped": skipped.to_dict(),
         "dtype": np.dtype(DTYPE).name,
         "eot_id": eot_id,
         "seconds": round(seconds, 3),
@@ -242,13 +290,13 @@ def prepare_bins(
         f"{n_tokens / seconds:,.0f} tokens/s"
     )
     if skipped.total:
-        say(skipped.summary())
+        say(f"{data_path}: {skipped.summary()}")
     return {**index, "bin_path": str(bin_path)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Tokenize pretraining JSONL into uint16 token bins.")
-    parser.add_argument("--data_path", required=True, help="JSONL file of {\"text\": ...} records")
+    parser = argparse.ArgumentParser(description="Tokenize pretraining text into uint16 token bins.")
+    parser.add_argument("--data_path", required=True, help="a .jsonl, .json (array) or .parquet file of {\"text\"}")
     parser.add_argument("--tokenizer_dir", required=True, help="directory holding tokenizer.json")
     parser.add_argument("--bin_dir", default="out/bins", help="where the .bin and .json index go")
     parser.add_argument("--num_workers", type=int, default=0, help="tokenizer processes (0: min(4, CPUs))")
@@ -256,8 +304,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         prepare_bins(args.data_path, args.tokenizer_dir, args.bin_dir, args.num_workers, args.skip_bad)
-    except DataError as err:
-        sys.exit(f"error: {err}")
+    except (DataError, FileNotFoundError) as err:  # one line and exit 2, as the training scripts do
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

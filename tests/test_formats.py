@@ -228,8 +228,8 @@ def test_bom_json_array_parquet_and_comma_separated_paths(tmp_path):
     texts = [r["text"] for r in iter_records(f"{jsonl}, {array},{parquet}", "pretrain")]
     assert texts == ["one", "two", "three", "four"]
 
-    array.write_text(json.dumps([{"text": "ok"}, {"text": 5}]))
-    with pytest.raises(DataError, match=r"b.json:2: record 2: field 'text' must be a string"):
+    array.write_text(json.dumps([{"text": "ok"}, {"text": 5}], indent=2))  # record 2 starts on line 5
+    with pytest.raises(DataError, match=r"b.json:5: record 2: field 'text' must be a string"):
         load_records(str(array), "pretrain")
 
 
