@@ -21,6 +21,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import LMConfig
 
 
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in: autocast's where it is on, else `default` (the tensors' own)."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): rescale, no mean subtraction, no bias."""
 
@@ -30,10 +35,12 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        # Computed in fp32; returned in the matmul dtype, so under autocast the (fp32) residual stream is cast
+        # once here rather than once by each projection that reads it.
+        dtype = compute_dtype(x.device, x.dtype)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return (self.weight * x).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,10 +91,11 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (batch or 1, seq, head_dim) for the given positions."""
+        """cos and sin of shape (batch or 1, seq, head_dim) for the given positions, in the dtype of q and k."""
         angles = position_ids[..., None].float() * self.inv_freq.to(x.device)
         angles = torch.cat((angles, angles), dim=-1)  # channel i and i + d/2 share an angle
-        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+        dtype = compute_dtype(x.device, x.dtype)
+        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -341,9 +349,8 @@ class LM(PreTrainedModel):
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
         pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
         batch, prompt_len = input_ids.shape
-        device = input_ids.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.dtype
-        cache = KVCache(self.config, batch, prompt_len + max_new_tokens, input_ids.device, dtype)
+        cache = KVCache(self.config, batch, prompt_len + max_new_tokens, input_ids.device,
+                        compute_dtype(input_ids.device, self.dtype))
         if attention_mask is not None:  # positions count real tokens only, as transformers does
             attention_mask = attention_mask.long()
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
