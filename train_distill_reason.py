@@ -12,8 +12,9 @@ A tokenizer without some of the tags (MiniMind's has only the think tags) weight
 import os
 from pathlib import Path
 
+from dataset.lm_dataset import IGNORE_INDEX
 from train_sft import add_flags as add_sft_flags
-from train_sft import packed_logits, run_chat_stage
+from train_sft import assistant_tokens, packed_logits, run_chat_stage
 from trainer import exit_cleanly_on_bad_input, parse_args
 from trainer.losses import token_weights, weighted_token_loss
 
@@ -33,13 +34,19 @@ def tag_token_ids(tokenizer) -> list[int]:
 
 
 def make_loss_fn(tag_ids: list[int], tag_weight: float):
-    """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w)."""
-    def loss_fn(model, batch):
-        labels = batch["labels"]
-        weights = token_weights(labels, tag_ids, tag_weight) if tag_ids and tag_weight != 1 else None
-        return weighted_token_loss(packed_logits(model, batch), labels, weights)
+    """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w); and sum(w) per batch."""
+    def weights(labels):
+        return token_weights(labels, tag_ids, tag_weight) if tag_ids and tag_weight != 1 else None
 
-    return loss_fn
+    def loss_fn(model, batch):
+        return weighted_token_loss(packed_logits(model, batch), batch["labels"], weights(batch["labels"]))
+
+    def loss_items(batch):
+        labels = batch["labels"]
+        w = weights(labels)
+        return assistant_tokens(batch) if w is None else w[labels != IGNORE_INDEX].sum()
+
+    return loss_fn, loss_items
 
 
 def tag_weighted_loss(tag_weight: float):

@@ -49,6 +49,7 @@ from trainer import (
     train,
 )
 from trainer.data import move_to
+from trainer.fsdp import shard_model
 from trainer.losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps, token_counts
 
 DEMO = dict(data_path="dataset/demo/dpo.jsonl", val_data_path="dataset/demo/dpo_eval.jsonl", init_from="out/sft",
@@ -175,6 +176,9 @@ def main():
     else:
         reference = copy.deepcopy(policy).to(run.device).eval().requires_grad_(False)
         reference_mode = f"frozen copy of {args.init_from}"
+        if args.fsdp and run.distributed:
+            shard_model(reference)  # like the policy: each rank keeps 1/world_size of it
+            reference_mode += ", sharded"
     n_params = sum(p.numel() for p in policy.parameters())
     truncated = train_data.n_truncated + (val_data.n_truncated if val_data else 0)
     run.print(f"model: {n_params / 1e6:.2f}M parameters from {args.init_from} | reference: {reference_mode} | "

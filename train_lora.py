@@ -13,7 +13,7 @@ evaluates it on top of its base.
 from dataset.chat import load_tokenizer
 from model.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_share
 from train_sft import add_flags as add_sft_flags
-from train_sft import build_sft_data, load_model, loss_fn
+from train_sft import assistant_tokens, build_sft_data, load_model, loss_fn
 from trainer import (
     UsageError,
     exit_cleanly_on_bad_input,
@@ -64,7 +64,7 @@ def main():
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
     summary = train(model, train_data, loss_fn, run, val_data=val_data, tokenizer=tokenizer, sample_fn=sample_fn,
-                    export_fn=export_adapter)
+                    export_fn=export_adapter, loss_items=assistant_tokens)
     run.print(format_summary(summary))
     teardown(run)
 

@@ -49,6 +49,11 @@ def loss_fn(model, batch):
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
 
+def assistant_tokens(batch) -> int:
+    """How many tokens loss_fn averages over: the trainer weighs micro-batches and ranks by it."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
 def build_sft_data(args, tokenizer, run) -> tuple[SFTDataset, SFTDataset | None]:
     """The train and (optional) validation datasets; only rank 0 prints their stats."""
     def dataset(path: str, ratio: float) -> SFTDataset:
@@ -70,10 +75,11 @@ def load_model(args, tokenizer, run) -> LM:
     return model
 
 
-def run_chat_stage(args, make_loss_fn: Callable[[PreTrainedTokenizerFast, Runtime], Callable]) -> None:
+def run_chat_stage(args, make_loss_fn: Callable[[PreTrainedTokenizerFast, Runtime], tuple[Callable, Callable]]):
     """Everything an SFT-style stage does besides choosing its loss: load data and model, train, report.
 
-    `make_loss_fn(tokenizer, run)` gives the stage's loss_fn(model, batch), which may depend on the tokenizer.
+    `make_loss_fn(tokenizer, run)` gives the stage's loss_fn(model, batch), which may depend on the tokenizer, and
+    loss_items(batch), the total weight loss_fn's mean is taken over (see trainer.loop.loss_scales).
     """
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
@@ -81,8 +87,9 @@ def run_chat_stage(args, make_loss_fn: Callable[[PreTrainedTokenizerFast, Runtim
     model = load_model(args, tokenizer, run)
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
-    summary = train(model, train_data, make_loss_fn(tokenizer, run), run, val_data=val_data, tokenizer=tokenizer,
-                    sample_fn=sample_fn)
+    loss_fn, loss_items = make_loss_fn(tokenizer, run)
+    summary = train(model, train_data, loss_fn, run, val_data=val_data, tokenizer=tokenizer, sample_fn=sample_fn,
+                    loss_items=loss_items)
     run.print(format_summary(summary))
     teardown(run)
 
@@ -95,7 +102,7 @@ def main():
                                   sample_prompt="下面这条评论是正面的还是负面的？\n房间很干净，服务员也很热情，下次还会再来。",
                                   sample_tokens=32, save_every=200),
                       add_flags, init_from_hint="python train_pretrain.py")
-    run_chat_stage(args, lambda tokenizer, run: loss_fn)
+    run_chat_stage(args, lambda tokenizer, run: (loss_fn, assistant_tokens))
 
 
 if __name__ == "__main__":

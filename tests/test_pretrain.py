@@ -1,18 +1,13 @@
 """train_pretrain.py end to end on a small real-text corpus, resume after kill -9, bad input."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import FIXTURES, REPO, run_script
+from tests.conftest import FIXTURES, kill_after_first_checkpoint, run_script
 
 TINY = ["--preset", "tiny", "--batch_size", "4", "--max_seq_len", "64", "--log_every", "2", "--eval_every", "4",
         "--eval_batches", "2", "--sample_every", "4", "--sample_tokens", "8", "--dtype", "fp32", "--warmup_steps", "2"]
@@ -54,15 +49,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, corpus, tokenizer
     run_script("train_pretrain.py", *pretrain_args(corpus, tokenizer_dir, straight, *steps))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train_pretrain.py",
-                             *map(str, pretrain_args(corpus, tokenizer_dir, killed, *steps))],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((killed / "train_state").glob("step_*")):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = sorted(p.name for p in (killed / "train_state").glob("step_*"))
+    saved = kill_after_first_checkpoint("train_pretrain.py", *pretrain_args(corpus, tokenizer_dir, killed, *steps),
+                                        out_dir=killed)
     assert saved and saved[-1] != "step_00000030", "the run finished before it could be killed"
 
     result = run_script("train_pretrain.py", *pretrain_args(corpus, tokenizer_dir, killed, *steps, "--resume"))

@@ -3,6 +3,8 @@
 out_dir/                 a transformers Llama directory (config, weights, tokenizer) + args.json,
                          metrics.jsonl, loss.png
 out_dir/train_state/step_00000500/   model.pt, optimizer.pt, rng.pt, state.json (written last)
+                                     (under --fsdp: sharded/ from torch.distributed.checkpoint, one file per
+                                     rank, instead of model.pt and optimizer.pt; see trainer/fsdp.py)
 
 Every write goes to a temporary name first and is renamed into place, so a kill at any moment
 leaves the previous checkpoint readable. The two newest train states are kept; a state whose
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 
 from dataset.chat import save_tokenizer
+
+from .fsdp import save_sharded
 
 STATE_DIR = "train_state"
 KEEP_STATES = 2
@@ -66,11 +70,31 @@ def save_train_state(out_dir: str | Path, model, optimizer, scaler, progress: di
     """Everything --resume needs; `progress` holds step, epoch, position in the epoch, counters."""
     root = Path(out_dir) / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{progress['step']:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_step_"))
     torch.save(model.state_dict(), tmp / "model.pt")
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
                tmp / "optimizer.pt")
+    return _finish_state(tmp, root, progress)
+
+
+def save_sharded_train_state(out_dir: str | Path, model, optimizer, progress: dict, run) -> Path:
+    """Collective (--fsdp): every rank writes its shard into step_N/sharded/; rank 0 completes the state."""
+    root = Path(out_dir) / STATE_DIR
+    tmp = root / f".tmp_step_{progress['step']:08d}"
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    run.barrier()
+    save_sharded(tmp / "sharded", model, optimizer)
+    run.barrier()
+    final = _finish_state(tmp, root, progress) if run.is_main else root / f"step_{progress['step']:08d}"
+    run.barrier()
+    return final
+
+
+def _finish_state(tmp: Path, root: Path, progress: dict) -> Path:
+    """Add the RNG state and state.json (last: its presence marks a complete state), rename into place, prune."""
+    final = root / f"step_{progress['step']:08d}"
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(progress, indent=1))
     if final.exists():
@@ -81,19 +105,24 @@ def save_train_state(out_dir: str | Path, model, optimizer, scaler, progress: di
     return final
 
 
-def load_train_state(out_dir: str | Path, log=print) -> dict | None:
-    """The newest train state that loads completely, as a dict of its parts; None when there is none."""
+def load_train_state(out_dir: str | Path, log=print, load_sharded=None) -> dict | None:
+    """The newest train state that loads completely, as a dict of its parts; None when there is none.
+
+    A state written under --fsdp is loaded by `load_sharded(path)` (collective: torch.distributed.checkpoint raises
+    on every rank when any rank's read fails, so all ranks fall back to the same older state together)."""
     root = Path(out_dir) / STATE_DIR
     for candidate in sorted(root.glob("step_*"), reverse=True):
         try:
             progress = json.loads((candidate / "state.json").read_text())
-            state = {
-                "progress": progress,
-                "model": torch.load(candidate / "model.pt", map_location="cpu", weights_only=True),
-                "optimizer": torch.load(candidate / "optimizer.pt", map_location="cpu", weights_only=False),
-                "rng": torch.load(candidate / "rng.pt", map_location="cpu", weights_only=False),
-                "path": str(candidate),
-            }
+            state = {"progress": progress, "path": str(candidate),
+                     "rng": torch.load(candidate / "rng.pt", map_location="cpu", weights_only=False)}
+            if (candidate / "sharded").is_dir():  # written under --fsdp: loaded straight into the model
+                state["sharded"] = candidate / "sharded"
+                if load_sharded is not None:
+                    load_sharded(state["sharded"])
+            else:
+                state["model"] = torch.load(candidate / "model.pt", map_location="cpu", weights_only=True)
+                state["optimizer"] = torch.load(candidate / "optimizer.pt", map_location="cpu", weights_only=False)
             return state
         except Exception as err:  # a truncated or corrupt file: fall back to the state before it
             log(f"warning: checkpoint {candidate} is unreadable ({type(err).__name__}: {err}); trying an older one")

@@ -12,8 +12,8 @@ SHARED_DEFAULTS: dict[str, Any] = dict(
     data_path=None, val_data_path=None, out_dir=None, init_from=None, tokenizer_dir=None,
     epochs=1, max_steps=0, batch_size=16, accumulation_steps=1, max_seq_len=256,
     learning_rate=5e-4, min_lr=None, warmup_steps=50, weight_decay=0.1, grad_clip=1.0,
-    device="auto", dtype="auto", compile=False, seed=42, log_every=10, eval_every=200, eval_batches=50,
-    sample_every=0, sample_prompt="人民日报", sample_tokens=48, save_every=500, resume=False,
+    device="auto", dtype="auto", compile=False, fsdp=False, seed=42, log_every=10, eval_every=200,
+    eval_batches=50, sample_every=0, sample_prompt="人民日报", sample_tokens=48, save_every=500, resume=False,
     skip_bad=False, skip_nonfinite=False, wandb=False, num_workers=0,
 )
 
@@ -55,6 +55,9 @@ def parse_args(stage: str, defaults: dict[str, Any] | None = None,
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA and on CPUs with bf16 matrix units, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state across ranks (FSDP2), for "
+                        "models whose training state does not fit one device; default is DDP")
     g = p.add_argument_group("logging")
     g.add_argument("--log_every", type=int)
     g.add_argument("--eval_every", type=int, help="validation loss every N steps (0: only at the end)")

@@ -18,9 +18,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, export_model, load_train_state, save_train_state, set_rng_state
+from .checkpoint import (
+    atomic_write_text,
+    export_model,
+    load_train_state,
+    save_sharded_train_state,
+    save_train_state,
+    set_rng_state,
+)
 from .cli import UsageError
 from .data import ResumableSampler, make_loader, move_to
+from .fsdp import FullModel, is_sharded, load_sharded, local, shard_model
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .runtime import Runtime
@@ -106,13 +114,41 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def loss_scales(batches: list[dict], loss_items: Callable | None, run: Runtime) -> list[torch.Tensor | float]:
+    """What each micro-batch's mean loss is multiplied by before backward, so that a step's gradient is the one of
+    the mean over all of the step's loss items (on every rank, in every micro-batch).
+
+    Without `loss_items` every micro-batch weighs the same (1 / accumulation_steps; DDP averages over ranks). With
+    it, a micro-batch weighs by how many items its loss averages over (SFT: assistant tokens), so 2 ranks x batch b
+    and accumulation both train exactly like 1 rank x batch 2b even when rows hold different numbers of tokens.
+    """
+    if loss_items is None:
+        return [1.0 / len(batches)] * len(batches)
+    counts = torch.stack([torch.as_tensor(loss_items(b), dtype=torch.float64) for b in batches]).to(run.device)
+    total = counts.sum()
+    if run.distributed:
+        dist.all_reduce(total)
+    scales = counts * run.world_size / total.clamp(min=1)  # DDP divides gradients by world_size again
+    return list(scales.float().unbind())
+
+
 def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, collate_fn=None, tokenizer=None,
           sample_fn: Callable | None = None, export_fn: Callable | None = None, shuffle: bool = True,
-          perplexity: bool = True) -> dict:
+          perplexity: bool = True, loss_items: Callable | None = None) -> dict:
     """Train `model` on `train_data` with `loss_fn`; write checkpoints to args.out_dir. Returns a summary.
-    `perplexity`: whether exp(val_loss) means something (a language-model loss; not DPO's)."""
+    `perplexity`: whether exp(val_loss) means something (a language-model loss; not DPO's).
+    `loss_items(batch)`: how many items loss_fn's mean is over, when that varies by batch (see loss_scales)."""
     args = run.args
     raw_model = model.to(run.device)
+    full_model = None
+    fsdp = args.fsdp and run.distributed
+    if args.fsdp and not run.distributed:
+        run.print("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun)")
+    if fsdp:
+        if run.dtype == torch.float16:
+            raise UsageError("--fsdp trains in bf16 or fp32; use --dtype bf16 (fp16 needs a sharded grad scaler)")
+        full_model = FullModel(raw_model, run.is_main)
+        shard_model(raw_model)
     optimizer = build_optimizer(raw_model, args.learning_rate, args.weight_decay, run.device)
     scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
 
@@ -126,14 +162,19 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
 
     progress = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "elapsed": 0.0}
     if args.resume:
-        state = load_train_state(args.out_dir, log=run.print)
+        state = load_train_state(args.out_dir, log=run.print,
+                                 load_sharded=lambda path: load_sharded(path, raw_model, optimizer))
         if state is None:
             run.print(f"--resume: no checkpoint in {args.out_dir}/train_state/, starting from step 0")
         else:
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"]["optimizer"])
-            if scaler and state["optimizer"]["scaler"]:
-                scaler.load_state_dict(state["optimizer"]["scaler"])
+            if fsdp and "sharded" not in state:
+                raise UsageError(f"{state['path']} was written without --fsdp; resume it without --fsdp (a state "
+                                 "written with --fsdp resumes either way)")
+            if "model" in state:  # a sharded state went straight into raw_model and optimizer
+                raw_model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"]["optimizer"])
+                if scaler and state["optimizer"]["scaler"]:
+                    scaler.load_state_dict(state["optimizer"]["scaler"])
             set_rng_state(state["rng"])
             progress.update(state["progress"])
             run.print(f"resumed from {state['path']} at step {progress['step']}")
@@ -143,7 +184,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
         t0 = time.time()
         model = torch.compile(model)
         run.print(f"torch.compile: wrapped in {time.time() - t0:.1f}s (kernels compile on the first steps)")
-    if run.distributed:
+    if run.distributed and not fsdp:
         model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
     metrics = MetricsLog(args.out_dir, enabled=run.is_main, resume=args.resume and progress["step"] > 0,
@@ -157,17 +198,30 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
     stream = micro_batches(train_data, sampler, progress["epoch"], progress["position"], loader_kwargs)
     check_every_step = args.skip_nonfinite or run.device.type == "cpu"  # a host sync; cheap on CPU
 
+    def unsharded_model():
+        """The model as one module on rank 0 (None elsewhere); under --fsdp, collective: gathers the shards."""
+        if full_model is not None:
+            return full_model.refresh()
+        return raw_model if run.is_main else None
+
     def save():
+        whole = unsharded_model()
         if run.is_main:
-            export_model(raw_model, args.out_dir, tokenizer, export_fn)
-            save_train_state(args.out_dir, raw_model, optimizer, scaler, progress)
+            export_model(whole, args.out_dir, tokenizer, export_fn)
             metrics.plot(f"{args.stage}: {args.out_dir}")
+        if fsdp:
+            save_sharded_train_state(args.out_dir, raw_model, optimizer, progress, run)
+        elif run.is_main:
+            save_train_state(args.out_dir, raw_model, optimizer, scaler, progress)
         run.barrier()
 
     def log_samples(step):
-        if sample_fn is not None and run.is_main:
+        if sample_fn is None:
+            return
+        whole = unsharded_model()
+        if run.is_main:
             try:
-                text = sample_fn(raw_model)
+                text = sample_fn(whole)
             except RuntimeError as err:  # e.g. NaN weights after --skip_nonfinite: report, keep training
                 text = f"(sampling failed: {err})"
             tqdm.write(f"[step {step}] sample: {text}")
@@ -198,23 +252,23 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=run.device)
-            for micro in range(args.accumulation_steps):
-                batch, epoch, position = next(stream)
+            micro_batches_of_step = [next(stream) for _ in range(args.accumulation_steps)]
+            scales = loss_scales([b for b, _, _ in micro_batches_of_step], loss_items, run)
+            _, epoch, position = micro_batches_of_step[-1]
+            for micro, (batch, _, _) in enumerate(micro_batches_of_step):
                 batch = move_to(batch, run.device)
-                last_micro = micro == args.accumulation_steps - 1
-                no_sync = model.no_sync() if run.distributed and not last_micro else contextlib.nullcontext()
-                with no_sync:
+                with gradient_sync(model, raw_model, enabled=micro == args.accumulation_steps - 1):
                     with run.autocast():
                         loss, extras = unpack(loss_fn(model, batch))
-                    scaled = loss / args.accumulation_steps
+                    scaled = loss * scales[micro]
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss += loss.detach() / args.accumulation_steps
+                step_loss += loss.detach() * scales[micro]
                 window["tokens"] += count_tokens(batch)
                 for k, v in extras.items():
                     window["extras"][k] = window["extras"].get(k, 0.0) + v.detach() / args.accumulation_steps
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+            grad_norm = local(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf")))
             if check_every_step and not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 if not args.skip_nonfinite:
                     raise NonFiniteLoss(f"loss is {step_loss.item()} (gradient norm {grad_norm.item()}) at step "
@@ -270,6 +324,15 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
     if run.is_main:
         atomic_write_text(f"{args.out_dir}/summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
+
+
+def gradient_sync(model, raw_model, enabled: bool):
+    """Gradients are averaged across ranks only on a step's last micro-batch (accumulation needs no traffic)."""
+    if is_sharded(raw_model):
+        raw_model.set_requires_gradient_sync(enabled)
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def log_window(window: dict, step: int, lr: float, run: Runtime, args, progress: dict, start_time: float,
