@@ -1,7 +1,9 @@
-"""Staying alive: SIGTERM / Ctrl-C save a checkpoint, non-finite losses, unwritable and corrupt dirs."""
+"""Staying alive: SIGTERM / Ctrl-C save a checkpoint, non-finite losses, unwritable, full and corrupt dirs."""
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,8 +11,11 @@ import time
 
 import pytest
 
+from model import LM, LMConfig
 from tests.conftest import REPO, run_script
 from tests.test_pretrain import pretrain_args
+from trainer import UsageError, exit_cleanly_on_bad_input
+from trainer.checkpoint import check_free_space
 
 QUIET = ["--eval_every", "0", "--sample_every", "0"]
 
@@ -98,3 +103,31 @@ def test_missing_init_from_is_a_clear_error(tmp_path, corpus, tokenizer_dir):
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "run" / "train_state")
+
+
+def test_out_dir_without_room_for_the_checkpoints_fails_before_training(tmp_path, monkeypatch):
+    model = LM(LMConfig.from_preset("tiny", vocab_size=512))  # 0.13M parameters: ~6 MB of checkpoints
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2 << 20))
+    with pytest.raises(UsageError, match=r"has 2\.0 MB free; this model's checkpoints need about 6\.\d MB"):
+        check_free_space(tmp_path, model)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=7 << 20))
+    check_free_space(tmp_path, model)
+
+
+def test_disk_full_during_training_is_one_line_not_a_traceback(capsys):
+    @exit_cleanly_on_bad_input
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", "out/pretrain/metrics.jsonl")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: the disk is full writing out/pretrain/metrics.jsonl; ")
+
+    @exit_cleanly_on_bad_input
+    def other():
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError):  # other OS errors are bugs or hardware: shown in full
+        other()

@@ -29,6 +29,21 @@ STATE_DIR = "train_state"
 KEEP_STATES = 2
 
 
+def check_free_space(out_dir: str | Path, model) -> None:
+    """Fail before training when out_dir's disk cannot hold the checkpoints this run will write: the exported
+    weights (4 bytes per parameter) and KEEP_STATES + 1 train states while a new one is written (4 bytes per
+    parameter plus 8 of AdamW moments per trainable one)."""
+    from .cli import UsageError
+
+    n_all = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    needed = 4 * n_all + (KEEP_STATES + 1) * (4 * n_all + 8 * n_trainable) + (1 << 20)
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise UsageError(f"--out_dir {out_dir} has {free / 2**20:.1f} MB free; this model's checkpoints need about "
+                         f"{needed / 2**20:.1f} MB (weights + {KEEP_STATES + 1} train states while one is written)")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -1,6 +1,7 @@
 """The command-line surface every train_*.py shares (DESIGN.md), and clean exits on bad input."""
 
 import argparse
+import errno
 import functools
 import os
 import sys
@@ -117,6 +118,12 @@ def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
             return main()
         except (DataError, UsageError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: the disk is full writing {err.filename or 'a checkpoint'}; every checkpoint is written "
+                  "aside and renamed, so the last complete one is intact: free space, then --resume", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import (
     atomic_write_text,
+    check_free_space,
     export_model,
     load_train_state,
     save_sharded_train_state,
@@ -139,6 +140,8 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, *, val_data=None, 
     `perplexity`: whether exp(val_loss) means something (a language-model loss; not DPO's).
     `loss_items(batch)`: how many items loss_fn's mean is over, when that varies by batch (see loss_scales)."""
     args = run.args
+    if run.is_main:
+        check_free_space(args.out_dir, model)
     raw_model = model.to(run.device)
     full_model = None
     fsdp = args.fsdp and run.distributed
