@@ -91,11 +91,10 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (batch or 1, seq, head_dim) for the given positions, in the dtype of q and k."""
+        """cos and sin of shape (batch or 1, seq, head_dim) for the given positions."""
         angles = position_ids[..., None].float() * self.inv_freq.to(x.device)
         angles = torch.cat((angles, angles), dim=-1)  # channel i and i + d/2 share an angle
-        dtype = compute_dtype(x.device, x.dtype)
-        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
