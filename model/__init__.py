@@ -1,6 +1,7 @@
 """The model: `from model import LMConfig, LM`."""
 
 from .config import PRESETS, LMConfig
-from .model import LM, KVCache
+from .generation import KVCache
+from .model import LM
 
 __all__ = ["LM", "LMConfig", "KVCache", "PRESETS"]

@@ -6,6 +6,7 @@
 Names follow transformers' modeling_llama.py, so a checkpoint saved here loads as a
 `LlamaForCausalLM` and vice versa. What comes from transformers is the config class, the
 save/load machinery of PreTrainedModel, and the output dataclass; the model is ours.
+Generation (KV cache, sampling, streaming, batches) is in generation.py; `LM.generate` calls it.
 """
 
 import math
@@ -18,7 +19,9 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import generation
 from .config import LMConfig
+from .generation import KVCache
 
 
 def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
@@ -106,35 +109,6 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     """Rotate each channel pair (x1, x2) to (x1 cos - x2 sin, x2 cos + x1 sin)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-class KVCache:
-    """Keys and values of past positions, per layer, so decoding feeds one new token at a time.
-
-    Buffers are allocated once for `capacity` positions and grow (doubling) only if exceeded.
-    """
-
-    def __init__(self, config: LMConfig, batch_size: int, capacity: int, device, dtype):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.seq_len = 0  # positions already stored (advanced by LM.forward after all layers)
-
-    def get_seq_length(self) -> int:
-        return self.seq_len
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.seq_len, self.seq_len + k.shape[2]
-        if end > self.keys.shape[3]:
-            self._grow(end)
-        self.keys[layer_idx, :, :, start:end] = k
-        self.values[layer_idx, :, :, start:end] = v
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
-
-    def _grow(self, needed: int) -> None:
-        extra = max(needed, 2 * self.keys.shape[3]) - self.keys.shape[3]
-        pad = (0, 0, 0, extra)
-        self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
 
 
 class Attention(nn.Module):
@@ -241,7 +215,7 @@ class LM(PreTrainedModel):
         super().__init__(config)
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.generation_config = default_generation_config(config)
+        self.generation_config = generation.default_generation_config(config)
         self.post_init()
 
     @classmethod
@@ -254,6 +228,14 @@ class LM(PreTrainedModel):
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(path)
         return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
+        """transformers' save_pretrained, naming the architecture LlamaForCausalLM in config.json: transformers
+        writes the saving class's name ("LM"), and vLLM and llama.cpp's converter dispatch on that name."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        self.config.architectures = ["LlamaForCausalLM"]
+        if is_main_process:
+            self.config.save_pretrained(save_directory)
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 style: N(0, 0.02); projections that write into the residual stream (o_proj,
@@ -318,105 +300,13 @@ class LM(PreTrainedModel):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
-    # -----------------------------------------------------------------------------------------
-    # Generation: prefill the prompt once, then feed one token per step through the KV cache.
-    # no_grad, not inference_mode: under autocast PyTorch casts each fp32 weight to bf16 once and
-    # caches it until the autocast region ends, but not in inference mode, where every decoding
-    # step would re-cast every weight (more than half the time of CPU decoding).
-    # -----------------------------------------------------------------------------------------
+    # Generation lives in generation.py (KV cache, sampling, batches); these keep transformers' call shape.
+    def stream(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+               **kwargs) -> Iterator[torch.LongTensor]:
+        """Yield each step's next token of every row, (batch,): `generation.stream` on this model."""
+        return generation.stream(self, input_ids, attention_mask, **kwargs)
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def stream(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 128,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.LongTensor]:
-        """Yield the next token of every row, (batch,), until each row has produced an eos or
-        max_new_tokens is reached. Rows that finished early yield pad_token_id.
-        Prompts of different lengths are left-padded and passed with their attention_mask."""
-        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
-        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
-        batch, prompt_len = input_ids.shape
-        cache = KVCache(self.config, batch, prompt_len + max_new_tokens, input_ids.device,
-                        compute_dtype(input_ids.device, self.dtype))
-        if attention_mask is not None:  # positions count real tokens only, as transformers does
-            attention_mask = attention_mask.long()
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        else:
-            position_ids = torch.arange(prompt_len, device=input_ids.device)[None].expand(batch, -1)
-        seen = input_ids
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, logits_to_keep=1).logits[:, -1]
-        for step in range(max_new_tokens):
-            token = sample_next_token(logits.float(), seen, do_sample, temperature, top_k, top_p,
-                                      repetition_penalty, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            yield token
-            finished |= torch.isin(token, eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                return
-            seen = torch.cat([seen, token[:, None]], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            logits = self(token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache).logits[:, -1]
-
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor, streamer: Callable | object | None = None, **kwargs):
-        """Prompt + new tokens, (batch, prompt + new), as transformers' generate() returns.
-        Keyword arguments are those of `stream`. `streamer` is a transformers streamer (its
-        put/end are called, e.g. TextStreamer) or a callable receiving each step's tokens."""
-        if hasattr(streamer, "put"):
-            streamer.put(input_ids.cpu())
-        tokens = []
-        for token in self.stream(input_ids, **kwargs):
-            tokens.append(token)
-            if hasattr(streamer, "put"):
-                streamer.put(token.cpu())
-            elif streamer is not None:
-                streamer(token)
-        if hasattr(streamer, "end"):
-            streamer.end()
-        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1) if tokens else input_ids
-
-
-
-def default_generation_config(config: LMConfig) -> GenerationConfig:
-    """What generation_config.json says: stop at <|im_end|> or <|endoftext|>, sample gently."""
-    return GenerationConfig(eos_token_id=[config.eos_token_id, config.pad_token_id], pad_token_id=config.pad_token_id,
-                            bos_token_id=config.bos_token_id, do_sample=True, temperature=0.7, top_p=0.9,
-                            max_new_tokens=256)
-
-
-def sample_next_token(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator=None):
-    """Pick the next token per row from logits (batch, vocab), with transformers' semantics."""
-    if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): tokens already present become less likely
-        prior = logits.gather(1, seen)
-        prior = torch.where(prior > 0, prior / repetition_penalty, prior * repetition_penalty)
-        logits = logits.scatter(1, seen, prior)
-    if not do_sample or temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    def generate(self, input_ids: torch.LongTensor, streamer: Callable | object | None = None,
+                 **kwargs) -> torch.LongTensor:
+        """Prompt + new tokens, as transformers' generate() returns: `generation.generate` on this model."""
+        return generation.generate(self, input_ids, streamer, **kwargs)
