@@ -1,7 +1,13 @@
-"""Errors for bad input data: every message names the file, the line and what is wrong."""
+"""Errors for bad input and user mistakes: every message names the file, the line and what is wrong; entry points
+turn them into one `error: ...` line and exit status 2 (exit_cleanly_on_bad_input)."""
 
+import errno
+import functools
 import re
+import sys
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 # Details that differ from line to line but not from one kind of problem to another: the JSON column, the
 # offending byte, the keys a record had, the index of a message, the record number in a JSON array.
@@ -11,6 +17,10 @@ _DETAILS = [
     (re.compile(r" \(keys seen: [^)]*\)"), ""),
     (re.compile(r"\[\d+\]"), "[n]"),
 ]
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (a missing directory, a bad flag value): printed as one line."""
 
 
 class DataError(ValueError):
@@ -75,7 +85,7 @@ class SkipCounter:
         return f"skipped {self.total} bad lines: " + "; ".join(parts)
 
     def to_dict(self) -> dict:
-        """A JSON-ready copy (prepare_data keeps it in a bin's index, so a cached bin can report it again)."""
+        """A JSON-ready copy (dataset.bins keeps it in a bin's index, so a cached bin can report it again)."""
         first = None if self.first is None else [self.first.path, self.first.line, self.first.reason]
         return {"by_reason": dict(self.by_reason), "examples": self.examples, "first": first}
 
@@ -87,3 +97,24 @@ class SkipCounter:
         if data.get("first"):
             counter.first = DataError(*data["first"])
         return counter
+
+
+def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
+    """Run an entry point's main(); a bad record or user mistake prints `error: ...` and exits 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper():
+        try:
+            return main()
+        except (DataError, UsageError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: the disk is full writing {err.filename or 'a file'}; every file is written aside and "
+                  "renamed, so the last complete one is intact: free space, then run again (training: --resume)",
+                  file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
