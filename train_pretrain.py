@@ -5,17 +5,17 @@
     torchrun --nproc_per_node 4 train_pretrain.py ...          # DDP, same flags
 
 Data: {"text": ...} records (.jsonl, .json array or .parquet; comma-separate several files), tokenized once
-into uint16 bins (scripts/prepare_data.py) and read as packed windows of max_seq_len tokens: no padding, no
+into uint16 bins (dataset/bins.py) and read as packed windows of max_seq_len tokens: no padding, no
 tokenizing in the training loop.
 """
 
 import torch.nn.functional as F
 
+from dataset.bins import prepare_bins
 from dataset.chat import load_tokenizer
 from dataset.formats import split_paths
 from dataset.lm_dataset import PretrainDataset
 from model import LM, PRESETS, LMConfig
-from scripts.prepare_data import prepare_bins
 from trainer import (
     exit_cleanly_on_bad_input,
     format_summary,
