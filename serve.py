@@ -1,0 +1,57 @@
+"""An OpenAI-compatible server for a danlu checkpoint, with a web chat page at /.
+
+    python serve.py --model out/sft [--lora out/lora] [--host 127.0.0.1] [--port 8000] [--api_key KEY]
+
+Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming with "stream": true),
+GET /health, and the chat page at http://HOST:PORT/. Requests that arrive while others are decoding join the
+running batch (continuous batching, serving/engine.py).
+"""
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from serving.api import Server, create_app
+from serving.engine import Engine
+from serving.loading import LoadError, load
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--lora", help="LoRA adapter directory, merged into --model in memory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--served_model_name", help="the model id clients send (default: the directory name)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max_batch", type=int, default=32, help="most sequences decoded together")
+    p.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
+                   help="chat model or base model (auto: from args.json's stage, as eval_model.py decides)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        loaded = load(args.model, args.lora, args.device, None if args.chat == "auto" else args.chat == "yes")
+    except (LoadError, FileNotFoundError) as exc:
+        print(f"serve.py: {exc}", file=sys.stderr)
+        return 2
+    engine = Engine(loaded.model, max_batch=args.max_batch, max_context=loaded.context_length).start()
+    server = Server(loaded, engine, args.api_key, args.served_model_name)
+    kind = "chat" if loaded.is_chat else "base"
+    print(f"serving {server.model_id} ({kind} model, context {loaded.context_length}) on "
+          f"http://{args.host}:{args.port}/  (OpenAI API at http://{args.host}:{args.port}/v1)", flush=True)
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""The OpenAI-compatible HTTP API on FastAPI: /v1/models, /v1/chat/completions, /v1/completions (streaming or
+not), /health, and the web chat page at /.
+
+Every request is checked by hand so that anything wrong gets OpenAI's error object
+`{"error": {"message", "type", "param", "code"}}` with 400, 401 or 404, never a 500. Generation runs on the
+engine's thread; the event loop only waits on an asyncio queue fed from there, so it never blocks.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dataset.chat import render_chat
+from serving.chat_format import EMPTY_THINK, AnswerStream
+from serving.engine import Engine, SamplingParams
+from serving.loading import Loaded
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class APIError(Exception):
+    """An OpenAI error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# -- reading a request ------------------------------------------------------------------------------------------------
+
+_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+          dict: "an object"}
+
+
+def _get(body: dict, name: str, kind: type | tuple, default: Any = None, low: float | None = None,
+         high: float | None = None) -> Any:
+    """body[name] checked for type and range; `default` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise APIError(400, f"'{name}' must be {' or '.join(_TYPES[k] for k in kinds)}, got {json.dumps(value)}",
+                       name, "invalid_type")
+    if low is not None and value < low or high is not None and value > high:
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise APIError(400, f"'{name}' must be {bounds}, got {value}", name, "invalid_value")
+    return value
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI content parts of type text (joined)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.content: only text parts are supported", where, "invalid_content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"{where}.content must be a string or an array of text parts", where, "invalid_type")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty array of messages", "messages", "invalid_type")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise APIError(400, f"{where} must be an object", where, "invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {json.dumps(role)}",
+                           f"{where}.role", "invalid_value")
+        clean = {"role": "system" if role == "developer" else role,
+                 "content": _content_text(message.get("content"), where)}
+        if role == "assistant":
+            if isinstance(message.get("reasoning_content"), str):
+                clean["reasoning_content"] = message["reasoning_content"]
+            calls = message.get("tool_calls")
+            if calls is not None:
+                if not isinstance(calls, list) or not all(
+                        isinstance(c, dict) and isinstance(c.get("function"), dict)
+                        and isinstance(c["function"].get("name"), str) for c in calls):
+                    raise APIError(400, f"{where}.tool_calls must be an array of {{function: {{name, arguments}}}}",
+                                   f"{where}.tool_calls", "invalid_type")
+                clean["tool_calls"] = calls
+        out.append(clean)
+    return out
+
+
+def _tools(body: dict) -> list[dict] | None:
+    tools = _get(body, "tools", list)
+    if not tools or body.get("tool_choice") == "none":
+        return None
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) \
+                or not isinstance(tool["function"].get("name"), str):
+            raise APIError(400, f"tools[{i}] must be {{type: function, function: {{name, ...}}}}", f"tools[{i}]",
+                           "invalid_type")
+    return tools
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        return stop
+    raise APIError(400, "'stop' must be a string or an array of at most 4 strings", "stop", "invalid_type")
+
+
+class Server:
+    """The state the routes share: the loaded model, its engine, and the options."""
+
+    def __init__(self, loaded: Loaded, engine: Engine, api_key: str | None = None, model_id: str | None = None):
+        self.loaded, self.engine, self.api_key = loaded, engine, api_key
+        self.model_id = model_id or loaded.name
+        self.created = int(time.time())
+        defaults = loaded.model.generation_config
+        self.default_temperature = float(defaults.temperature or 1.0) if defaults.do_sample else 0.0
+        self.default_top_p = float(defaults.top_p or 1.0)
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            raise APIError(400, "'model' is required", "model", "missing_required_parameter")
+        if not isinstance(model, str):
+            raise APIError(400, "'model' must be a string", "model", "invalid_type")
+        if model != self.model_id:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_id}`",
+                           "model", "model_not_found")
+
+    def sampling(self, body: dict, prompt_tokens: int) -> tuple[SamplingParams, int]:
+        """The request's sampling parameters, and n."""
+        room = self.loaded.context_length - prompt_tokens
+        if room <= 0:
+            raise APIError(400, f"This model's maximum context length is {self.loaded.context_length} tokens; "
+                           f"the prompt has {prompt_tokens}", "messages", "context_length_exceeded")
+        max_tokens = _get(body, "max_completion_tokens", int, None, 1)
+        max_tokens = _get(body, "max_tokens", int, max_tokens, 1)
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {self.loaded.context_length} tokens: "
+                           f"the prompt ({prompt_tokens}) plus max_tokens ({max_tokens}) exceed it",
+                           "max_tokens", "context_length_exceeded")
+        params = SamplingParams(
+            max_new_tokens=max_tokens or room,
+            temperature=_get(body, "temperature", float, self.default_temperature, 0, 2),
+            top_p=_get(body, "top_p", float, self.default_top_p, 0, 1),
+            top_k=_get(body, "top_k", int, 0, -1),
+            repetition_penalty=_get(body, "repetition_penalty", float, 1.0, 0.01, 10),
+            frequency_penalty=_get(body, "frequency_penalty", float, 0.0, -2, 2),
+            presence_penalty=_get(body, "presence_penalty", float, 0.0, -2, 2),
+            seed=_get(body, "seed", int),
+            stop_token_ids=tuple(self.loaded.stop_token_ids),
+        )
+        if params.top_p == 0:
+            params.temperature = 0.0
+        n = _get(body, "n", int, 1, 1, 16)
+        return params, n
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _error_event(exc: APIError) -> str:
+    """An error after the stream began (the status line is sent already): an error event, as OpenAI sends."""
+    return "data: " + json.dumps({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
+                                            "code": exc.code}}) + "\n\n"
+
+
+def _chunk(kind: str, rid: str, created: int, model: str, choices: list[dict], usage: Any = ...) -> str:
+    body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage is not ...:
+        body["usage"] = usage
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _run(server: Server, request: Request, prompt: list[int], params: SamplingParams, n: int,
+               answers: list[AnswerStream]) -> AsyncIterator[tuple[int, list[dict], str | None]]:
+    """Submit n sequences and yield (choice, deltas, finish_reason or None) as tokens arrive; every sequence is
+    cancelled when the consumer stops early (the client went away, or a stop string was found)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def listener(index: int):
+        def on_event(token: int | None, reason: str | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (index, token, reason))
+        return on_event
+
+    sequences = []
+    for i in range(n):
+        seed = None if params.seed is None else params.seed + i
+        sequences.append(server.engine.submit(prompt, SamplingParams(**{**params.__dict__, "seed": seed}),
+                                              listener(i)))
+    open_choices = set(range(n))
+    checked = time.monotonic()
+    try:
+        while open_choices:
+            if time.monotonic() - checked > 0.25:  # a client that went away stops its generation
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
+            try:
+                index, token, reason = await asyncio.wait_for(events.get(), timeout=0.25)
+            except TimeoutError:
+                continue
+            if index not in open_choices:
+                continue
+            answer = answers[index]
+            if reason is None:
+                deltas = answer.feed(token)
+                if answer.stopped:
+                    sequences[index].cancel()
+                    more, finish = answer.finish("stop")
+                    open_choices.discard(index)
+                    yield index, deltas + more, finish
+                elif deltas:
+                    yield index, deltas, None
+            else:
+                if reason == "error":
+                    raise APIError(500, "generation failed on the server; see its log", None, "engine_error",
+                                   "server_error")
+                deltas, finish = answer.finish(reason)
+                open_choices.discard(index)
+                yield index, deltas, finish
+    finally:
+        for seq in sequences:
+            seq.cancel()
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return APIError(400, str(exc), None, "invalid_request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), None, code).response()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if server.api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {server.api_key}":
+                return APIError(401, "Incorrect API key provided" if header else
+                                "Missing API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key").response()
+        return await call_next(request)
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {exc}", None, "invalid_json") from exc
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object", None, "invalid_json")
+        return body
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        engine = server.engine
+        return {"status": "ok", "model": server.model_id, "active": engine.active, "decode_steps": engine.steps,
+                "max_batch_seen": engine.max_rows_seen, "tokens_generated": engine.tokens_generated,
+                "finished": dict(engine.finished)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": server.model_id, "object": "model", "created": server.created, "owned_by": "danlu",
+            "max_model_len": server.loaded.context_length, "chat": server.loaded.is_chat}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        server.check_model(body)
+        messages = _messages(body)
+        tools = _tools(body)
+        template_options = _get(body, "chat_template_kwargs", dict, {})
+        thinking = template_options.get("enable_thinking", True) is not False
+        text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
+        prompt = server.tokenize(text)
+        params, n = server.sampling(body, len(prompt))
+        stop = _stop(body)
+        stream = _get(body, "stream", bool, False)
+        include_usage = bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        answers = [AnswerStream(server.loaded.tokenizer, stop, params.stop_token_ids, tools=bool(tools))
+                   for _ in range(n)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage() -> dict:
+            completion = sum(a.completion_tokens for a in answers)
+            return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                    "total_tokens": len(prompt) + completion}
+
+        if not stream:
+            finish: dict[int, str] = {}
+            async for index, _, reason in _run(server, request, prompt, params, n, answers):
+                if reason:
+                    finish[index] = reason
+            choices = []
+            for i, answer in enumerate(answers):
+                message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+                if answer.reasoning:
+                    message["reasoning_content"] = answer.reasoning
+                if answer.tool_calls:
+                    message["tool_calls"] = answer.tool_calls
+                    message["content"] = answer.content or None
+                choices.append({"index": i, "message": message, "logprobs": None,
+                                "finish_reason": finish.get(i, "stop")})
+            return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
+                    "choices": choices, "usage": usage()}
+
+        extra = {"usage": None} if include_usage else {}
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(choices: list[dict]) -> str:
+                return _chunk("chat.completion.chunk", rid, created, server.model_id, choices, **extra)
+            for i in range(n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            try:
+                async for index, deltas, reason in _run(server, request, prompt, params, n, answers):
+                    for delta in deltas:
+                        yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    if reason:
+                        yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            except APIError as exc:  # headers are gone: report in the stream, as OpenAI does
+                yield _error_event(exc)
+            if include_usage:
+                yield _chunk("chat.completion.chunk", rid, created, server.model_id, [], usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        server.check_model(body)
+        prompt_value = body.get("prompt")
+        if prompt_value is None:
+            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+        if isinstance(prompt_value, list) and len(prompt_value) == 1 and isinstance(prompt_value[0], str):
+            prompt_value = prompt_value[0]
+        if isinstance(prompt_value, str):
+            prompt = server.tokenize(prompt_value)
+        elif isinstance(prompt_value, list) and prompt_value and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(server.loaded.tokenizer)
+                for t in prompt_value):
+            prompt = list(prompt_value)
+        else:
+            raise APIError(400, "'prompt' must be a string (or one string in an array, or an array of token ids)",
+                           "prompt", "invalid_type")
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
+        params, n = server.sampling(body, len(prompt))
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
+        stop = _stop(body)
+        stream = _get(body, "stream", bool, False)
+        include_usage = bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        answers = [AnswerStream(server.loaded.tokenizer, stop, params.stop_token_ids, split_think=False)
+                   for _ in range(n)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage() -> dict:
+            completion = sum(a.completion_tokens for a in answers)
+            return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                    "total_tokens": len(prompt) + completion}
+
+        if not stream:
+            finish: dict[int, str] = {}
+            async for index, _, reason in _run(server, request, prompt, params, n, answers):
+                if reason:
+                    finish[index] = reason
+            return {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
+                    "choices": [{"index": i, "text": a.content, "logprobs": None,
+                                 "finish_reason": finish.get(i, "stop")} for i, a in enumerate(answers)],
+                    "usage": usage()}
+
+        extra = {"usage": None} if include_usage else {}
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for index, deltas, reason in _run(server, request, prompt, params, n, answers):
+                    text = "".join(d.get("content", "") for d in deltas)
+                    if text or reason:
+                        yield _chunk("text_completion", rid, created, server.model_id,
+                                     [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
+                                     **extra)
+            except APIError as exc:
+                yield _error_event(exc)
+            if include_usage:
+                yield _chunk("text_completion", rid, created, server.model_id, [], usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

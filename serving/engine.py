@@ -1,0 +1,321 @@
+"""The continuous-batching engine: one background thread owns the model and advances every active sequence by
+one token per step; a request that arrives while others decode is prefilled and joins the running batch.
+
+The batch shares one KV cache whose rows are right-aligned: every row's tokens end at the last column, a row
+that joined with a shorter history has padding (masked out) on its left. Joining copies the cache once (a row
+whose prompt is longer than the batch's history pads every other row on the left); a finished row is dropped
+and the columns no row needs any more are trimmed away, so the cache is never longer than the longest live
+sequence. Each row has its own position ids, sampling parameters, random generator, stop tokens and budget.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from model import LM, KVCache
+
+log = logging.getLogger("danlu.engine")
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is decoded. temperature 0 is greedy; penalties as transformers (repetition, over the
+    prompt and the output) and OpenAI (frequency and presence, over the output) define them."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+Event = tuple[int | None, str | None]  # (token, None) for each new token, then (None, finish_reason)
+
+
+class Sequence:
+    """One request in the engine. Iterate it for its events, or pass `on_event` to `Engine.submit`.
+
+    finish_reason: "stop" (a stop token, which is the last token), "length" (max_new_tokens or the context
+    window), "cancelled" (`cancel()`), "error" (the engine failed on this batch; the server lives on).
+    """
+
+    _ids = count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[int | None, str | None], None]
+                 | None):
+        self.id = next(self._ids)
+        self.prompt, self.params = list(prompt), params
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self._events: queue.Queue[Event] | None = None
+        if on_event is None:
+            self._events = queue.Queue()
+            on_event = lambda token, reason: self._events.put((token, reason))  # noqa: E731
+        self._on_event = on_event
+        self.generator: torch.Generator | None = None
+        # decoding state, owned by the engine thread
+        self.kv_len = 0
+        self.next_token = 0
+        self.counts: torch.Tensor | None = None  # output token counts (vocab,)
+        self.seen: torch.Tensor | None = None  # prompt or output token present (vocab,)
+
+    def cancel(self) -> None:
+        """Stop generating: the engine drops the sequence at its next step (thread-safe)."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[int]:
+        """The new tokens as they come; afterwards `finish_reason` is set."""
+        assert self._events is not None, "iterate a sequence submitted without on_event"
+        while True:
+            token, reason = self._events.get()
+            if reason is not None:
+                return
+            yield token
+
+
+class Engine:
+    """`Engine(model).start()`; `submit(prompt_ids, params)` from any thread; `close()` at the end."""
+
+    def __init__(self, model: LM, max_batch: int = 32, max_context: int | None = None):
+        self.model, self.config = model, model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_batch = max_batch
+        self.max_context = max_context or int(self.config.max_position_embeddings)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self._queue: queue.Queue[Sequence] = queue.Queue()
+        self._active: list[Sequence] = []
+        self._cache: KVCache | None = None
+        self._mask: torch.Tensor | None = None  # (rows, columns) 1 = a real position of that row
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.steps = 0  # decode steps taken (for tests and benchmarks)
+        self.max_rows_seen = 0  # the largest batch decoded in one step
+        self.finished: Counter[str] = Counter()  # sequences by finish reason
+        self.tokens_generated = 0
+
+    # -- public ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="danlu-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, prompt: list[int], params: SamplingParams,
+               on_event: Callable[[int | None, str | None], None] | None = None) -> Sequence:
+        """Queue a sequence; its events are passed to `on_event` on the engine thread (keep it quick), or, without
+        one, are read by iterating the returned Sequence."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_context:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}")
+        seq = Sequence(prompt, params, on_event)
+        self._queue.put(seq)
+        return seq
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # -- the engine thread ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while not self._closing:
+                try:
+                    self._admit()
+                    self._drop_finished()
+                    if self._active:
+                        self._decode_step()
+                        self._drop_finished()
+                except Exception:  # a failed step must not kill the server: fail the batch, keep serving
+                    log.exception("engine step failed; finishing the %d active sequences with 'error'",
+                                  len(self._active))
+                    for seq in self._active:
+                        self._finish(seq, "error")
+                    self._active, self._cache, self._mask = [], None, None
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences and join them to the batch (block briefly when there is nothing to do)."""
+        while len(self._active) < self.max_batch:
+            try:
+                seq = self._queue.get(timeout=0.05) if not self._active else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            try:
+                self._prefill(seq)
+            except Exception:
+                log.exception("prefill failed")
+                self._finish(seq, "error")
+
+    def _prefill(self, seq: Sequence) -> None:
+        length = len(seq.prompt)
+        cache = KVCache(self.config, 1, length, self.device, self.dtype)
+        ids = torch.tensor([seq.prompt], device=self.device)
+        logits = self.model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        seq.kv_len = length
+        seq.counts = torch.zeros(self.vocab, device=self.device)
+        seq.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        seq.seen[ids[0]] = True
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        token = self._sample(logits, [seq])[0]
+        if not self._emit(seq, token):
+            self._join(seq, cache)
+
+    def _join(self, seq: Sequence, cache: KVCache) -> None:
+        """Put a prefilled sequence's keys and values into the batch cache, right-aligned."""
+        length = cache.seq_len
+        if not self._active:
+            self._cache, self._mask = cache, torch.ones(1, length, dtype=torch.long, device=self.device)
+            self._active = [seq]
+            return
+        old, rows, width = self._cache, len(self._active), self._cache.seq_len
+        new_width = max(width, length)
+        merged = KVCache(self.config, rows + 1, new_width + 64, self.device, self.dtype)
+        for new, (a, b) in ((merged.keys, (old.keys, cache.keys)), (merged.values, (old.values, cache.values))):
+            new[:, :rows, :, new_width - width:new_width] = a[:, :, :, :width]
+            new[:, rows, :, new_width - length:new_width] = b[:, 0, :, :length]
+        merged.seq_len = new_width
+        mask = torch.zeros(rows + 1, new_width, dtype=torch.long, device=self.device)
+        mask[:rows, new_width - width:] = self._mask
+        mask[rows, new_width - length:] = 1
+        self._cache, self._mask = merged, mask
+        self._active.append(seq)
+
+    def _decode_step(self) -> None:
+        rows = self._active
+        tokens = torch.tensor([[s.next_token] for s in rows], device=self.device)
+        positions = torch.tensor([[s.kv_len] for s in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        logits = self.model(tokens, attention_mask=self._mask, position_ids=positions,
+                            past_key_values=self._cache).logits[:, -1]
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        for seq, token in zip(rows, self._sample(logits, rows)):
+            seq.kv_len += 1
+            self._emit(seq, token)
+
+    def _emit(self, seq: Sequence, token: int) -> bool:
+        """Hand a new token to its sequence; True when the sequence is finished."""
+        seq.tokens.append(token)
+        self.tokens_generated += 1
+        seq.next_token = token
+        seq.counts[token] += 1
+        seq.seen[token] = True
+        self._notify(seq, token, None)
+        if token in seq.params.stop_token_ids:
+            self._finish(seq, "stop")
+        elif len(seq.tokens) >= seq.params.max_new_tokens or seq.kv_len + 1 >= self.max_context:
+            self._finish(seq, "length")
+        return seq.finish_reason is not None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+            self.finished[reason] += 1
+            self._notify(seq, None, reason)
+
+    @staticmethod
+    def _notify(seq: Sequence, token: int | None, reason: str | None) -> None:
+        """Call the sequence's listener; one that fails (its client is gone) cancels that sequence only."""
+        try:
+            seq._on_event(token, reason)
+        except Exception:
+            log.exception("event listener of sequence %d failed; cancelling it", seq.id)
+            seq.cancelled = True
+
+    def _drop_finished(self) -> None:
+        """Remove finished and cancelled rows from the batch, and the cache columns no live row needs."""
+        for seq in self._active:
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+        keep = [i for i, s in enumerate(self._active) if s.finish_reason is None]
+        if len(keep) == len(self._active):
+            return
+        self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        first = int(self._mask.shape[1] - max(s.kv_len for s in self._active))
+        cache = self._cache
+        cache.keys = cache.keys.index_select(1, index)[:, :, :, first:]
+        cache.values = cache.values.index_select(1, index)[:, :, :, first:]
+        cache.seq_len -= first
+        self._mask = self._mask.index_select(0, index)[:, first:]
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
+        """One token per row from logits (rows, vocab), each row with its own parameters."""
+        logits = logits.float()
+        params = [s.params for s in rows]
+        col = lambda values: torch.tensor(values, device=logits.device, dtype=torch.float32)[:, None]  # noqa: E731
+        seen = torch.stack([s.seen for s in rows])
+        counts = torch.stack([s.counts for s in rows])
+        penalty = col([p.repetition_penalty for p in params])
+        # CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        logits = logits - col([p.frequency_penalty for p in params]) * counts \
+            - col([p.presence_penalty for p in params]) * (counts > 0)
+        greedy = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        if not sampled:
+            return greedy
+        index = torch.tensor(sampled, device=logits.device)
+        chosen = logits.index_select(0, index) / col([params[i].temperature for i in sampled])
+        ordered, order = chosen.sort(dim=-1, descending=True)
+        top_k = [params[i].top_k if 0 < params[i].top_k < chosen.shape[1] else chosen.shape[1] for i in sampled]
+        kth = ordered.gather(1, torch.tensor(top_k, device=logits.device)[:, None] - 1)
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        probs = ordered.softmax(-1)
+        # nucleus (Holtzman et al. 2019): keep the smallest head of the ranking whose mass reaches top_p
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= col([params[i].top_p for i in sampled]), 0.0)
+        for row, i in enumerate(sampled):
+            pick = torch.multinomial(probs[row], 1, generator=rows[i].generator)
+            greedy[i] = int(order[row, pick])
+        return greedy
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
+    """True once the engine has no active or queued sequence (tests and benchmarks)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not engine.active and engine._queue.empty():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+
+
+def complete(engine: Engine, prompt: list[int], params: SamplingParams) -> Completion:
+    """Submit and wait: the whole completion (blocking; not for the event loop)."""
+    seq = engine.submit(prompt, params)
+    tokens = list(seq)
+    return Completion(tokens, seq.finish_reason or "error", len(prompt))

@@ -1,0 +1,83 @@
+"""Load a checkpoint directory for inference: the model (a LoRA adapter merged in memory), its tokenizer,
+and whether it is a chat model or a base model that continues raw text."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from dataset.chat import load_tokenizer
+from model import LM
+from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
+
+
+class LoadError(ValueError):
+    """A model or adapter directory that cannot be used, with what to do about it."""
+
+
+@dataclass
+class Loaded:
+    model: LM
+    tokenizer: PreTrainedTokenizerFast
+    is_chat: bool
+    name: str  # what /v1/models calls it: the directory name, or base+adapter
+    context_length: int
+    stop_token_ids: list[int]
+
+
+def is_chat_model(directory: Path) -> bool:
+    """False for a base model: the trainer's args.json names the stage (as eval_model.py decides); without
+    one, a directory named pretrain*/base* is a base model and anything else with a chat template is a chat model."""
+    args_file = directory / "args.json"
+    if args_file.is_file():
+        stage = json.loads(args_file.read_text(encoding="utf-8")).get("stage")
+        if stage:
+            return stage != "pretrain"
+    return not directory.name.startswith(("pretrain", "base"))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(model_dir: str | Path, lora_dir: str | Path | None = None, device: str = "auto",
+         chat: bool | None = None) -> Loaded:
+    """Load `model_dir` (a danlu/transformers Llama directory) for inference, `lora_dir`'s adapter merged in.
+
+    Weights stay fp32 on a CPU and become bf16 on a GPU that supports it. `chat` overrides the chat/base decision.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        hint = " (that is a LoRA adapter: pass it as --lora and its base as --model)" \
+            if (model_dir / ADAPTER_CONFIG).is_file() else ""
+        raise LoadError(f"{model_dir} is not a checkpoint directory: no config.json{hint}")
+    dev = pick_device(device)
+    model = LM.from_pretrained(model_dir)
+    tokenizer_dir = model_dir
+    name = model_dir.resolve().name
+    if lora_dir is not None:
+        lora_dir = Path(lora_dir)
+        if not (lora_dir / ADAPTER_CONFIG).is_file():
+            raise LoadError(f"{lora_dir} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
+        merge_lora(load_lora(model, lora_dir))
+        if (lora_dir / "tokenizer.json").is_file():
+            tokenizer_dir = lora_dir
+        name = f"{name}+{lora_dir.resolve().name}"
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        model = model.to(torch.bfloat16)
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = model.config
+    stops = model.generation_config.eos_token_id
+    stops = [stops] if isinstance(stops, int) else list(stops or [config.eos_token_id])
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in stops:
+            stops.append(token_id)
+    return Loaded(model, tokenizer, is_chat_model(model_dir) if chat is None else chat, name,
+                  int(config.max_position_embeddings), stops)

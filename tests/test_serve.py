@@ -1,0 +1,447 @@
+"""serve.py: the OpenAI-compatible server, driven by the official `openai` client against a live server process
+on a tiny random model (a test of the protocol, not of the answers); the engine's continuous batching against
+plain generation; the answer stream (stop strings, think block, tool calls) on its own."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from dataset.chat import load_tokenizer, render_chat
+from model import LM
+from serving.chat_format import AnswerStream, StopMatcher, ThinkSplitter, parse_tool_calls
+from serving.engine import Engine, SamplingParams, complete
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_dir: Path, *args: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """serve.py on 127.0.0.1 and a free port; (process, base url) once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(model_dir), "--port", str(port), *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve.py exited {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("serve.py did not answer /health in time")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def serve_model(chat_checkpoint, tmp_path_factory) -> Path:
+    """The tiny chat model with a 2048-token context (room for the tool prompt, which this tokenizer spells
+    mostly byte by byte)."""
+    out = tmp_path_factory.mktemp("serve") / "model"
+    out.mkdir()
+    for f in Path(chat_checkpoint["model"]).iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(serve_model):
+    proc, url = start_server(serve_model, "--api_key", KEY)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def health(url: str) -> dict:
+    return requests.get(f"{url}/health").json()
+
+
+def greedy_text(model_dir: Path, messages: list[dict], max_new_tokens: int) -> tuple[list[int], str]:
+    """What plain greedy generation of our model gives for a chat (the reference for the server's answers)."""
+    tokenizer = load_tokenizer(model_dir)
+    model = LM.from_pretrained(model_dir).eval()
+    prompt = tokenizer(render_chat(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+    tokens = out[0, len(prompt):].tolist()
+    stops = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    kept = []
+    for token in tokens:
+        if token in stops:
+            break
+        kept.append(token)
+    return tokens, tokenizer.decode(kept, clean_up_tokenization_spaces=False)
+
+
+MESSAGES = [{"role": "system", "content": "你是一个助手。"},
+            {"role": "user", "content": "这条评论是好评还是差评？质量很好"}]
+
+
+# -- the protocol -----------------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client, serve_model):
+    models = client.models.list().data
+    assert [m.id for m in models] == [serve_model.name]
+    assert health(server)["status"] == "ok"
+
+
+def test_chat_completion_equals_greedy_generation_with_usage(client, model_id, serve_model):
+    tokens, text = greedy_text(serve_model, MESSAGES, 12)
+    answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=12, temperature=0)
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == text
+    stopped = len(tokens) < 12 or tokens[-1] in (0, 2)
+    assert choice.finish_reason == ("stop" if stopped else "length")
+    assert answer.usage.completion_tokens == len(tokens)
+    assert answer.usage.prompt_tokens > 10
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
+
+
+def test_max_tokens_gives_finish_reason_length(client, model_id):
+    answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_completion_tokens=3,
+                                            temperature=0, stop=None)
+    if answer.usage.completion_tokens == 3:
+        assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens <= 3
+
+
+def test_stream_chunks_role_content_finish_done(server, model_id, serve_model):
+    _, text = greedy_text(serve_model, MESSAGES, 20)
+    body = {"model": model_id, "messages": MESSAGES, "max_tokens": 20, "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == model_id for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and all(isinstance(c["created"], int) for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["choices"][0]["index"] == 0 for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
+
+
+def test_stream_with_openai_client_and_usage(client, model_id):
+    stream = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=8, temperature=0.7,
+                                            seed=1, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 8 or chunks[-2].choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    again = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=8, temperature=0.7, seed=1)
+    assert again.choices[0].message.content == streamed  # the same seed, the same sample
+
+
+def test_seed_and_sampling_parameters(client, model_id):
+    def ask(**kw):
+        return client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=16, **kw) \
+            .choices[0].message.content
+    sampled = dict(temperature=1.0, top_p=0.95, seed=123, frequency_penalty=0.5, presence_penalty=0.3)
+    assert ask(**sampled) == ask(**sampled)
+    texts = {ask(temperature=1.0, seed=s) for s in range(4)}
+    assert len(texts) > 1
+    assert ask(temperature=0, extra_body={"repetition_penalty": 1.3, "top_k": 5}) is not None
+
+
+def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
+    sampled = dict(model=model_id, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
+    deltas = [c.choices[0].delta.content for c in client.chat.completions.create(**sampled, stream=True)
+              if c.choices and c.choices[0].delta.content]
+    text = "".join(deltas)
+    # a stop string that spans a token boundary: the last character of one delta and the first of the next
+    k = next(i for i in range(1, len(deltas) - 1) if deltas[i][-1] + deltas[i + 1][0] not in
+             "".join(deltas[:i]) + deltas[i][:-1])
+    stop = deltas[k][-1] + deltas[k + 1][0]
+    expected = text[:text.index(stop)]
+    answer = client.chat.completions.create(**sampled, stop=[stop, "never-appears"])
+    assert answer.choices[0].message.content == expected
+    assert answer.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**sampled, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_choices(client, model_id):
+    answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=6, n=3, temperature=1.0,
+                                            seed=7)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert 3 <= answer.usage.completion_tokens <= 18
+    stream = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=6, n=2, stream=True)
+    finished = {c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_completions_endpoint(client, model_id):
+    answer = client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0)
+    assert answer.object == "text_completion" and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.completion_tokens <= 5
+    stream = client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == answer.choices[0].text
+
+
+def test_tools_are_rendered(client, model_id):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}}}}]
+    answer = client.chat.completions.create(model=model_id, messages=MESSAGES, tools=tools, max_tokens=4)
+    assert answer.usage.prompt_tokens > client.chat.completions.create(
+        model=model_id, messages=MESSAGES, max_tokens=1).usage.prompt_tokens + 20
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "晴"}]
+    assert client.chat.completions.create(model=model_id, messages=history, tools=tools, max_tokens=2).choices
+
+
+# -- bad requests: OpenAI's error object, never a 500, the server lives on --------------------------------------------
+
+
+BAD = [
+    ("malformed JSON", b'{"model": "x", "messages": [', 400, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, "invalid_json"),
+    ("missing messages", {"model": "MODEL"}, 400, "missing_required_parameter"),
+    ("messages not a list", {"model": "MODEL", "messages": "hi"}, 400, "invalid_type"),
+    ("bad role", {"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+    ("content of wrong type", {"model": "MODEL", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
+    ("image part", {"model": "MODEL", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "invalid_content"),
+    ("temperature as string", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                               "temperature": "hot"}, 400, "invalid_type"),
+    ("temperature too high", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                              "temperature": 9}, 400, "invalid_value"),
+    ("max_tokens zero", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400,
+     "invalid_value"),
+    ("stop of wrong type", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400,
+     "invalid_type"),
+    ("n too large", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400,
+     "invalid_value"),
+    ("stream not a boolean", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+     400, "invalid_type"),
+    ("tools malformed", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]},
+     400, "invalid_type"),
+    ("missing model", {"messages": [{"role": "user", "content": "hi"}]}, 400, "missing_required_parameter"),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ("prompt longer than the context", {"model": "MODEL", "messages": [{"role": "user", "content": "好评" * 5000}]},
+     400, "context_length_exceeded"),
+    ("max_tokens past the context", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                     "max_tokens": 100000}, 400, "context_length_exceeded"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_chat_requests_get_openai_errors(server, model_id, name, body, status, code):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if isinstance(body, dict):
+        body = json.dumps(body).replace('"MODEL"', json.dumps(model_id)).encode()
+    response = requests.post(f"{server}/v1/chat/completions", data=body, headers=headers, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
+    assert health(server)["status"] == "ok"
+
+
+def test_bad_completion_requests_and_api_key(server, client, model_id):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body in ({"model": model_id}, {"model": model_id, "prompt": 5}, {"model": model_id, "prompt": [10 ** 9]},
+                 {"model": model_id, "prompt": ""}):
+        response = requests.post(f"{server}/v1/completions", json=body, headers=headers)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    for bad in ({}, {"Authorization": "Bearer wrong"}):
+        response = requests.get(f"{server}/v1/models", headers=bad)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    response = requests.get(f"{server}/v1/nothing-here", headers=headers)
+    assert response.status_code == 404 and "error" in response.json()
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0).models.list()
+    assert client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2).choices
+
+
+def test_client_disconnect_stops_generation(server, client, model_id):
+    # a greedy answer that runs to max_tokens, so only the disconnect can end it early
+    messages = [{"role": "user", "content": "好"}]
+    budget = 400
+    full = client.chat.completions.create(model=model_id, messages=messages, max_tokens=budget, temperature=0)
+    if full.choices[0].finish_reason != "length":
+        pytest.skip("this random model stops by itself before the budget")
+    before = health(server)
+    body = {"model": model_id, "messages": messages, "max_tokens": budget, "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=60) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i == 3:
+                break
+    deadline = time.time() + 10
+    while time.time() < deadline and health(server)["active"]:
+        time.sleep(0.05)
+    after = health(server)
+    assert after["active"] == 0
+    assert after["finished"].get("cancelled", 0) == before["finished"].get("cancelled", 0) + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < budget
+
+
+def test_concurrent_requests_join_the_running_batch(server, client, model_id):
+    prompts = [[{"role": "user", "content": f"这条评论是好评还是差评？{'很好' * i}"}] for i in range(6)]
+    sampled = dict(model=model_id, max_tokens=40, temperature=1.0, seed=11)  # seeded: a fixed sample per prompt
+    alone = [client.chat.completions.create(messages=m, **sampled).choices[0].message.content for m in prompts]
+    results = [None] * len(prompts)
+
+    def ask(i):
+        time.sleep(0.02 * i)  # staggered: later requests arrive while earlier ones decode
+        stream = client.chat.completions.create(messages=prompts[i], stream=True, **sampled)
+        results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone  # batching does not change the answers
+    assert health(server)["max_batch_seen"] > 1
+
+
+def test_web_page_is_served(server):
+    page = requests.get(f"{server}/")
+    assert page.status_code == 200 and "<html" in page.text.lower() and "/v1/chat/completions" in page.text
+
+
+def test_base_model_served(tmp_path, chat_checkpoint):
+    """A base model: /v1/models says so, /v1/completions continues raw text."""
+    base = tmp_path / "pretrain"
+    base.mkdir()
+    for f in Path(chat_checkpoint["model"]).iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    (base / "args.json").write_text(json.dumps({"stage": "pretrain"}))
+    proc, url = start_server(base)
+    try:
+        models = requests.get(f"{url}/v1/models").json()["data"]
+        assert models[0]["id"] == "pretrain" and models[0]["chat"] is False
+        body = {"model": "pretrain", "prompt": "质量很好", "max_tokens": 4, "temperature": 0}
+        assert requests.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"] <= 4
+    finally:
+        stop_server(proc)
+
+
+# -- the engine and the answer stream, in process ---------------------------------------------------------------------
+
+
+def test_engine_batches_equal_single_generation(chat_checkpoint):
+    model = LM.from_pretrained(chat_checkpoint["model"]).eval()
+    engine = Engine(model).start()
+    try:
+        prompts = [[1, 5, 9, 33, 2, 7], [1, 100], list(range(3, 60)), [1, 300, 301, 302]]
+        refs = [model.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=[])[0, len(p):]
+                .tolist() for p in prompts]
+        results = [None] * len(prompts)
+
+        def go(i):
+            time.sleep(0.005 * i)
+            results[i] = complete(engine, prompts[i], SamplingParams(max_new_tokens=30, temperature=0)).tokens
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == refs
+        assert engine.max_rows_seen > 1
+        a = complete(engine, [1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, top_k=20))
+        b = complete(engine, [1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, top_k=20))
+        assert a.tokens == b.tokens and a.finish_reason == "length"
+        stop = complete(engine, prompts[0], SamplingParams(max_new_tokens=30, temperature=0,
+                                                           stop_token_ids=(refs[0][3],)))
+        assert stop.tokens == refs[0][:refs[0].index(refs[0][3]) + 1] and stop.finish_reason == "stop"
+    finally:
+        engine.close()
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    matcher = StopMatcher(["END"])
+    out = [matcher.feed(d) for d in ["ab", "cE", "N", "x", "yE", "ND", "more"]]
+    assert "".join(out) == "abcENxy" and matcher.stopped
+
+
+def test_think_split_streaming():
+    text = "<think>\n先看评论。\n</think>\n\n好评"
+    for size in (1, 2, 3, 7, 100):
+        splitter = ThinkSplitter()
+        reasoning = content = ""
+        for i in range(0, len(text), size):
+            r, c = splitter.feed(text[i:i + size])
+            reasoning, content = reasoning + r, content + c
+        r, c = splitter.flush()
+        assert (reasoning + r, content + c) == ("先看评论。", "好评"), size
+    assert ThinkSplitter().feed("好评")[1] == "好评"
+    splitter = ThinkSplitter(thinking=True)
+    assert splitter.feed("\n想")[0] == "想"
+
+
+def test_answer_stream_tokens(chat_checkpoint):
+    tokenizer = load_tokenizer(chat_checkpoint["model"])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    cases = [
+        ("<think>\n看看。\n</think>\n\n好评", dict(), ("看看。", "好评", None, "stop")),
+        ("先查一下。\n" + call, dict(tools=True), ("", "先查一下。", "get_weather", "tool_calls")),
+        ("好评。很好STOP多余", dict(stop=["STOP"]), ("", "好评。很好", None, "stop")),
+    ]
+    for text, options, (reasoning, content, tool, finish) in cases:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [im_end]
+        answer = AnswerStream(tokenizer, stop_token_ids=[im_end], **options)
+        deltas = [d for token in ids for d in answer.feed(token)]
+        more, reason = answer.finish("stop")
+        deltas += more
+        assert answer.reasoning == reasoning and answer.content == content and reason == finish, text
+        assert "".join(d.get("content", "") for d in deltas) == content
+        if tool:
+            assert answer.tool_calls[0]["function"]["name"] == tool
+            assert json.loads(answer.tool_calls[0]["function"]["arguments"]) == {"city": "北京"}
+
+
+def test_parse_tool_calls_leaves_bad_json_as_text():
+    content, calls = parse_tool_calls("<tool_call>\nnot json\n</tool_call>")
+    assert calls == [] and "not json" in content
