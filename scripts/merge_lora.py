@@ -1,19 +1,14 @@
 """Fold a LoRA adapter into its base model and write a plain checkpoint that any Llama reader loads.
 
-    python scripts/merge_lora.py --init_from out/sft --lora out/lora --out_dir out/lora_merged
+    python -m scripts.merge_lora --init_from out/sft --lora out/lora --out_dir out/lora_merged
 """
 
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from model.lora import load_lora, merge_lora  # noqa: E402
+from model.lora import load_lora, merge_lora
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 

@@ -1,4 +1,4 @@
-"""scripts/bench.py --quick runs end to end, prints its table and writes every number it promises."""
+"""`python -m scripts.bench --quick` runs end to end, prints its table and writes every number it promises."""
 
 import json
 import math
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_benchmark_writes_positive_numbers_and_prints_the_table(tmp_path):
     out = tmp_path / "bench.json"
     # One thread: this 2-core machine is shared with other test runs, and two threads under load are 10x slower.
-    result = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--threads", "1", "--json", str(out)],
+    result = subprocess.run([sys.executable, "-m", "scripts.bench", "--quick", "--threads", "1", "--json", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for text in ("train tokens/s", "generate tokens/s, batch 1", "generate tokens/s, batch 8", "prepare_data MB/s",
