@@ -7,8 +7,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from dataset.chat import CHAT_TEMPLATE, render_chat, tokenize_chat
-from dataset.tokenizer import load_tokenizer, train_bpe
-from tests.test_tokenizer import make_corpus
+from dataset.tokenizer import load_tokenizer
 
 MINIMIND_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind"
 
@@ -101,8 +100,9 @@ EXTRA = [
 
 
 @pytest.fixture(scope="module")
-def ours() -> PreTrainedTokenizerFast:
-    return train_bpe(make_corpus(), vocab_size=500)
+def ours(tokenizer_dir) -> PreTrainedTokenizerFast:
+    """The tokenizer train_tokenizer.py trains on the test corpus (conftest), loaded as the stages load it."""
+    return load_tokenizer(tokenizer_dir)
 
 
 def tokenizers(ours: PreTrainedTokenizerFast) -> list[PreTrainedTokenizerFast]:
