@@ -15,7 +15,7 @@ every other model gets the prompt as a ChatML user turn with the assistant turn 
 --metrics scores every model on the held-out files of --data_dir (dataset/demo: no item is in any training file),
 the first --limit items of each task, greedy decoding with no repetition penalty. Every model, the base model
 included, gets the same chat-formatted questions: a base model cannot follow the format, so its task scores sit
-near 0, which is the point of comparison. The metrics:
+near 0, which is the point of comparison. The metrics (each task's module in evals/ says more):
 
   val_ppl        perplexity of the held-out news (pretrain_val.jsonl): each document on its own, after an
                  <|endoftext|>, predicting every token and the closing <|endoftext|>; exp(mean token NLL)
@@ -36,8 +36,8 @@ near 0, which is the point of comparison. The metrics:
 
 import argparse
 import contextlib
+import itertools
 import json
-import re
 import sys
 import time
 from collections.abc import Iterable
@@ -46,21 +46,17 @@ from pathlib import Path
 
 import torch
 
-from dataset.chat import ENDOFTEXT, load_tokenizer, render_chat, tokenize_chat
-from dataset.demo import (
-    ENTITY_LABELS,
-    parse_arith_answer,
-    parse_english_sentiment,
-    parse_entity_answer,
-    parse_sentiment_answer,
-)
+from dataset.chat import IGNORE_INDEX, render_chat
+from dataset.errors import UsageError, exit_cleanly_on_bad_input
 from dataset.formats import iter_records
+from dataset.io import atomic_write_text
+from dataset.tokenizer import load_tokenizer
+from evals import GENERATION_TASKS, LIKELIHOOD_TASKS, METRICS, OUTPUT_CHECKS
+from evals.base import GenerationTask, LikelihoodTask
 from model import LM
 from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
-from trainer import UsageError, exit_cleanly_on_bad_input
-from trainer.checkpoint import atomic_write_text
 from trainer.cli import DEMO_DIR
-from trainer.losses import IGNORE_INDEX, token_logps
+from trainer.losses import token_logps
 from trainer.runtime import keep_freed_memory, resolve_device, resolve_dtype
 
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
@@ -71,16 +67,6 @@ DEFAULT_PROMPTS = [
     "你是谁？",
     "新华社北京一月一日电",
 ]
-# Held-out task -> new tokens allowed (greedy). An answer cut off at the limit is scored as it stands.
-GENERATION_TASKS = {"sentiment": 16, "entity": 48, "arith": 96, "entity_reason": 160, "lora": 8}
-# Held-out file -> (record kind, the eval set its records go to; None: the record's meta "task").
-EVAL_FILES = {"pretrain_val.jsonl": ("pretrain", "news"), "sft_eval.jsonl": ("chat", None),
-              "reason_eval.jsonl": ("chat", None), "lora_eval.jsonl": ("chat", "lora"),
-              "dpo_eval.jsonl": ("dpo", "pref")}
-EVAL_SETS = ("news", *GENERATION_TASKS, "pref")
-METRICS = ("val_ppl", "sentiment_acc", "entity_f1", *(f"entity_f1_{kind}" for kind in ENTITY_LABELS), "arith_em",
-           "think_format", "lora_acc", "pref_acc", "distinct2")
-THINK_FORMAT = re.compile(r"<think>\n.+\n</think>\n+<answer>\n.+\n</answer>\s*", re.DOTALL)
 
 
 @dataclass
@@ -244,117 +230,52 @@ def scored_logps(model: LM, sequences: list[tuple[list[int], list[int]]], runner
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scoring (pure functions of the outputs)
-
-
-def share(flags: Iterable[bool]) -> float:
-    flags = list(flags)
-    return sum(flags) / len(flags) if flags else 0.0
-
-
-def entity_f1(predicted: list[dict[str, list[str]]], gold: list[dict[str, list[str]]]) -> dict[str, float]:
-    """F1 per entity type, micro over items (tp, fp, fn summed), and `entity_f1`, their mean over the types.
-
-    A type with no gold and no predicted entity in any item scores 1.0 (nothing to find, nothing invented)."""
-    scores = {}
-    for kind in ENTITY_LABELS:
-        tp = fp = fn = 0
-        for pred, true in zip(predicted, gold):
-            pred_set, true_set = set(pred.get(kind, [])), set(true.get(kind, []))
-            tp += len(pred_set & true_set)
-            fp += len(pred_set - true_set)
-            fn += len(true_set - pred_set)
-        scores[f"entity_f1_{kind}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    return {"entity_f1": sum(scores.values()) / len(scores), **scores}
-
-
-def think_format(outputs: list[str]) -> float:
-    """Share of outputs that are one <think> block then one <answer> block, each with content, nothing else."""
-    return share(THINK_FORMAT.fullmatch(text) is not None for text in outputs)
-
-
-def distinct2(texts: Iterable[str]) -> float:
-    """Mean over texts (with at least 2 character bigrams) of distinct bigrams / bigrams; 1.0 when none qualify."""
-    ratios = []
-    for text in texts:
-        bigrams = [text[i:i + 2] for i in range(len(text) - 1)]
-        if len(bigrams) >= 2:
-            ratios.append(len(set(bigrams)) / len(bigrams))
-    return sum(ratios) / len(ratios) if ratios else 1.0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The held-out sets and the metrics
-
-
-def prompt_messages(record: dict) -> list[dict]:
-    """The conversation up to (not including) its last assistant turn: what the model must answer."""
-    messages = record["messages"]
-    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-    return messages[:last]
+# The held-out sets and the metrics (the tasks are in evals/)
 
 
 def load_eval_sets(data_dir: str | Path, limit: int) -> dict[str, list[dict]]:
-    """The first `limit` held-out records of every task (0: all); a file missing from data_dir leaves its
-    tasks out. Keys: news (pretrain records), sentiment, entity, arith, entity_reason, lora, pref (dpo records)."""
+    """The first `limit` held-out records of every task in evals.TASKS (0: all), by task name; a file missing
+    from data_dir leaves its tasks out."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UsageError(f"--data_dir {data_dir} does not exist (python -m dataset.demo builds dataset/demo)")
     sets: dict[str, list[dict]] = {}
-    for file, (kind, fixed_name) in EVAL_FILES.items():
-        path = data_dir / file
-        if not path.is_file():
-            continue
-        for record in iter_records(str(path), kind):
-            name = fixed_name or record["meta"].get("task")
-            if name in EVAL_SETS and (not limit or len(sets.get(name, [])) < limit):
-                sets.setdefault(name, []).append(record)
+    for task in (*GENERATION_TASKS, *LIKELIHOOD_TASKS):
+        path = data_dir / task.eval_file
+        if path.is_file():
+            records = filter(task.selects, iter_records(str(path), task.record_kind))
+            sets[task.name] = list(itertools.islice(records, limit or None))
     return sets
 
 
-def news_perplexity(model: LM, tokenizer, records: list[dict], runner: Runner) -> float:
-    eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    texts = tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
-    sequences = [([eot, *ids, eot], [0] + [1] * (len(ids) + 1)) for ids in texts]
-    scored = scored_logps(model, sequences, runner)
-    total, count = sum(s for s, _ in scored), sum(n for _, n in scored)
-    return float(torch.tensor(-total / max(count, 1)).exp())
+def generate_answers(model: LM, tokenizer, task: GenerationTask, records: list[dict], runner: Runner) -> list[str]:
+    """The model's greedy answers to a task's records, within the task's token budget."""
+    prompts = [chat_prompt_ids(tokenizer, task.prompt_messages(record)) for record in records]
+    return generate(model, tokenizer, prompts, task.max_new_tokens, runner)
 
 
-def preference_accuracy(model: LM, tokenizer, pairs: list[dict], runner: Runner) -> float:
-    sequences = [tokenize_chat(tokenizer, pair["prompt"] + pair[side]) for pair in pairs
-                 for side in ("chosen", "rejected")]
-    means = [total / max(count, 1) for total, count in scored_logps(model, sequences, runner)]
-    return share(chosen > rejected for chosen, rejected in zip(means[0::2], means[1::2]))
+def likelihood_metrics(model: LM, tokenizer, task: LikelihoodTask, records: list[dict],
+                       runner: Runner) -> dict[str, float]:
+    """A likelihood task's metrics: the log-probs of its sequences, scored by the task."""
+    return task.score(scored_logps(model, task.sequences(tokenizer, records), runner), records)
 
 
 def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner) -> dict[str, float]:
-    """Every metric whose held-out set is present, for one model (see the module docstring)."""
+    """Every metric whose held-out set is present, for one model, in METRICS order (see the module docstring)."""
     metrics: dict[str, float] = {}
-    if sets.get("news"):
-        metrics["val_ppl"] = news_perplexity(model, tokenizer, sets["news"], runner)
-    outputs = {task: generate(model, tokenizer, [chat_prompt_ids(tokenizer, prompt_messages(r)) for r in sets[task]],
-                              max_new_tokens, runner)
-               for task, max_new_tokens in GENERATION_TASKS.items() if sets.get(task)}
-    if "sentiment" in outputs:
-        metrics["sentiment_acc"] = share(parse_sentiment_answer(text) == r["meta"]["label"]
-                                         for text, r in zip(outputs["sentiment"], sets["sentiment"]))
-    if "entity" in outputs:
-        metrics.update(entity_f1([parse_entity_answer(text) for text in outputs["entity"]],
-                                 [r["meta"]["entities"] for r in sets["entity"]]))
-    if "arith" in outputs:
-        metrics["arith_em"] = share(parse_arith_answer(text) == r["meta"]["answer"]
-                                    for text, r in zip(outputs["arith"], sets["arith"]))
-    if "arith" in outputs or "entity_reason" in outputs:
-        metrics["think_format"] = think_format(outputs.get("arith", []) + outputs.get("entity_reason", []))
-    if "lora" in outputs:
-        metrics["lora_acc"] = share(parse_english_sentiment(text) == r["meta"]["label"]
-                                    for text, r in zip(outputs["lora"], sets["lora"]))
-    if sets.get("pref"):
-        metrics["pref_acc"] = preference_accuracy(model, tokenizer, sets["pref"], runner)
-    if outputs:
-        metrics["distinct2"] = distinct2(text for texts in outputs.values() for text in texts)
-    return metrics
+    for task in LIKELIHOOD_TASKS:
+        if sets.get(task.name):
+            metrics.update(likelihood_metrics(model, tokenizer, task, sets[task.name], runner))
+    outputs = {task.name: generate_answers(model, tokenizer, task, sets[task.name], runner)
+               for task in GENERATION_TASKS if sets.get(task.name)}
+    for task in GENERATION_TASKS:
+        if task.name in outputs:
+            metrics.update(task.score(outputs[task.name], sets[task.name]))
+    for check in OUTPUT_CHECKS:
+        names = [name for name in outputs if check.tasks is None or name in check.tasks]
+        if names:
+            metrics.update(check.score([text for name in names for text in outputs[name]]))
+    return {metric: metrics[metric] for metric in METRICS if metric in metrics}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

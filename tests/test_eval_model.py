@@ -1,5 +1,6 @@
-"""eval_model.py: the metric functions on hand-made outputs, batched generation and scoring against one-by-one
-runs, and the CLI end to end on tiny models and a tiny demo-shaped eval folder."""
+"""eval_model.py: which models and held-out records it takes, batched generation and scoring against one-by-one
+runs, and the CLI end to end on tiny models and a tiny demo-shaped eval folder (the tasks' own parsers and scores
+are tested in test_evals.py)."""
 
 import json
 import math
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 import eval_model
-from dataset.chat import load_tokenizer, save_tokenizer
+from dataset.errors import UsageError
+from dataset.tokenizer import load_tokenizer, save_tokenizer
+from evals import TASKS
 from model import LM, LMConfig
 from model.lora import apply_lora, lora_layers, save_lora
 from tests.conftest import run_script, write_jsonl
-from trainer import UsageError
 
 CPU = eval_model.Runner(torch.device("cpu"), torch.float32, batch_size=4)
 
@@ -77,41 +79,7 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scoring functions
-
-
-def test_entity_f1_counts_misses_and_inventions_per_type():
-    gold = [{"person": ["钱其琛", "李鹏"], "place": ["伦敦"], "org": []},
-            {"person": [], "place": [], "org": ["国务院"]}]
-    predicted = [{"person": ["钱其琛"], "place": ["伦敦", "巴黎"], "org": []}, {"person": [], "place": [], "org": []}]
-    scores = eval_model.entity_f1(predicted, gold)
-    assert scores["entity_f1_person"] == pytest.approx(2 / 3)  # tp 1, missed 1: 2 / (2 + 0 + 1)
-    assert scores["entity_f1_place"] == pytest.approx(2 / 3)  # tp 1, invented 1
-    assert scores["entity_f1_org"] == 0.0  # the only org missed
-    assert scores["entity_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
-    assert eval_model.entity_f1(gold, gold)["entity_f1"] == 1.0
-
-
-def test_think_format_accepts_only_one_think_then_one_answer():
-    good = "<think>\n3×5=15。\n</think>\n<answer>\n有15人。\n</answer>"
-    assert eval_model.think_format([good, good + "\n", good.replace("</think>\n", "</think>\n\n")]) == 1.0
-    broken = [
-        "有15人。",  # no tags
-        "<think>\n3×5=15。\n</think>\n有15人。",  # no answer block
-        "<think>\n3×5=15。\n</think>\n<answer>\n有15人。",  # cut off before </answer>
-        "<think>\n\n</think>\n<answer>\n15\n</answer>",  # empty thinking
-        "好的。<think>\n3×5=15。\n</think>\n<answer>\n15\n</answer>",  # text before <think>
-        good + "还有别的话",  # text after </answer>
-    ]
-    assert eval_model.think_format(broken) == 0.0
-    assert eval_model.think_format([good, broken[0]]) == 0.5
-
-
-def test_distinct2_is_low_for_repetition():
-    assert eval_model.distinct2(["这条评论是正面的。"]) == 1.0
-    assert eval_model.distinct2(["的的的的的"]) == pytest.approx(1 / 4)  # 4 bigrams, all "的的"
-    assert eval_model.distinct2(["新闻新闻新闻"]) == pytest.approx(2 / 5)  # 新闻, 闻新
-    assert eval_model.distinct2(["的的的的的", "好", ""]) == pytest.approx(1 / 4)  # too short to count: skipped
+# Which models, which records
 
 
 def test_model_list_and_base_or_chat(tmp_path, checkpoints):
@@ -123,6 +91,15 @@ def test_model_list_and_base_or_chat(tmp_path, checkpoints):
     assert (spec.path, spec.adapter, spec.chat) == (checkpoints["sft"], checkpoints["lora"], True)
     (tmp_path / "args.json").write_text(json.dumps({"stage": "pretrain"}))
     assert not eval_model.is_chat_model("anything", tmp_path)  # args.json outranks the name
+
+
+def test_eval_sets_are_each_tasks_records(checkpoints):
+    sets = eval_model.load_eval_sets(checkpoints["data"], limit=0)
+    assert {name: len(records) for name, records in sets.items()} == {
+        "sentiment": 2, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 2, "pref": 1}
+    assert sets["arith"][0]["meta"] == {"task": "arith", "answer": 15}
+    assert {name: len(records) for name, records in eval_model.load_eval_sets(checkpoints["data"], 1).items()} == {
+        "sentiment": 1, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 1, "pref": 1}
 
 
 def test_table_has_a_column_per_model_and_dashes_for_missing():
@@ -152,7 +129,7 @@ def test_left_padded_batches_generate_what_single_prompts_do(checkpoints):
 def test_perplexity_and_preference_match_direct_computation(checkpoints):
     model, tokenizer = eval_model.load_model(eval_model.model_spec("sft", checkpoints["sft"]), torch.device("cpu"))
     texts = ["新华社北京一月一日电，国务院召开会议。", "好"]
-    ppl = eval_model.news_perplexity(model, tokenizer, [{"text": t} for t in texts], CPU)
+    ppl = eval_model.likelihood_metrics(model, tokenizer, TASKS["news"], [{"text": t} for t in texts], CPU)["val_ppl"]
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     total_nll, count = 0.0, 0
     for text in texts:
@@ -166,7 +143,7 @@ def test_perplexity_and_preference_match_direct_computation(checkpoints):
     pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "正面"}],
             "rejected": [{"role": "assistant", "content": "这条评论是负面的，属于差评。"}]}
     swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
-    assert eval_model.preference_accuracy(model, tokenizer, [pair, swapped], CPU) == 0.5
+    assert eval_model.likelihood_metrics(model, tokenizer, TASKS["pref"], [pair, swapped], CPU) == {"pref_acc": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,7 +159,7 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     results = json.loads(out.read_text())
     assert list(results) == ["pretrain", "sft", "lora"]
     for name, metrics in results.items():
-        assert set(metrics) == set(eval_model.METRICS), name
+        assert list(metrics) == list(eval_model.METRICS), name
         assert metrics["val_ppl"] > 1
         assert all(0 <= value <= 1 for metric, value in metrics.items() if metric != "val_ppl"), metrics
     assert results["lora"]["val_ppl"] != results["sft"]["val_ppl"]  # the adapter was applied

@@ -1,0 +1,36 @@
+"""The tasks: one module each, owning its records, prompts, token budget, answer parser, score and reward.
+
+    sentiment.py     review sentiment (正面 / 负面): sentiment_acc
+    entities.py      persons, places, organisations of a news sentence: entity_f1; and their think traces
+    arithmetic.py    2-3 step word problems with think traces: arith_em
+    lora_style.py    the LoRA task, the sentiment as one English word: lora_acc
+    preference.py    chosen / rejected pairs scored by the model's log-probs: pref_acc
+    perplexity.py    held-out news: val_ppl
+    think_format.py  the <think>/<answer> format of traces: think_format
+    repetition.py    distinct character bigrams of any answer: distinct2
+
+dataset/demo.py writes the records, eval_model.py runs TASKS in order (their metrics are the report's rows, in
+this order), and an RL reward is TASKS[name].reward(completion_text, record).
+"""
+
+from evals import arithmetic, entities, lora_style, perplexity, preference, repetition, sentiment, think_format
+from evals.base import GenerationTask, LikelihoodTask, OutputCheck, Task
+
+TASKS: dict[str, Task | OutputCheck] = {task.name: task for task in (
+    perplexity.TASK,
+    sentiment.TASK,
+    entities.TASK,
+    arithmetic.TASK,
+    entities.REASON_TASK,
+    think_format.TASK,  # over the two reasoning tasks above
+    lora_style.TASK,
+    preference.TASK,
+    repetition.TASK,  # over every generation task
+)}
+GENERATION_TASKS = [task for task in TASKS.values() if isinstance(task, GenerationTask)]
+LIKELIHOOD_TASKS = [task for task in TASKS.values() if isinstance(task, LikelihoodTask)]
+OUTPUT_CHECKS = [task for task in TASKS.values() if isinstance(task, OutputCheck)]
+METRICS = tuple(metric for task in TASKS.values() for metric in task.metrics)
+
+__all__ = ["GENERATION_TASKS", "LIKELIHOOD_TASKS", "METRICS", "OUTPUT_CHECKS", "TASKS", "GenerationTask",
+           "LikelihoodTask", "OutputCheck", "Task"]

@@ -1,0 +1,140 @@
+"""Arithmetic word problems of 2-3 steps, answered with a think trace: the reasoning stage's checkable task.
+
+Templates with seeded numbers (a held-out problem never repeats a training problem's template and numbers); the
+trace shows every step, the answer sentence ends with the result. arith_em is the share of held-out problems
+(reason_eval.jsonl, task "arith") whose <answer> holds the right number.
+"""
+
+import random
+import re
+
+from evals.base import GenerationTask, chat_record
+from evals.think_format import answer_block, trace
+
+NAMES = ["小明", "小红", "小刚", "小丽", "小华", "小芳", "小军", "小兰", "小强", "小雨", "小林", "小杰"]
+OBJECTS = [("个", "苹果"), ("支", "铅笔"), ("本", "书"), ("颗", "糖"), ("张", "邮票"), ("个", "橘子"), ("朵", "花"),
+           ("块", "饼干"), ("辆", "玩具车"), ("个", "气球"), ("张", "贴纸"), ("颗", "弹珠")]
+ROOMS = ["教室", "会议室", "礼堂", "车厢"]
+
+
+def problem(rng: random.Random) -> tuple[tuple, str, str, str, int]:
+    """A 2-3 step word problem: (key of template and numbers, question, think, answer, result)."""
+    name, other, third = rng.sample(NAMES, 3)
+    unit, thing = rng.choice(OBJECTS)
+    template = rng.randrange(9)
+    if template == 0:
+        x = rng.randint(10, 40)
+        y, z = rng.randint(1, x - 1), rng.randint(1, 20)
+        a, result = x - y, x - y + z
+        numbers = (x, y, z)
+        question = f"{name}有{x}{unit}{thing}，送给同学{y}{unit}，又买了{z}{unit}，现在有几{unit}？"
+        think = f"先算送出后剩下的：{x}-{y}={a}。再加上买的：{a}+{z}={result}。"
+        answer = f"现在有{result}{unit}{thing}。"
+    elif template == 1:
+        x, y = rng.randint(2, 9), rng.randint(2, 12)
+        z = rng.randint(1, x * y - 1)
+        a, result = x * y, x * y - z
+        numbers = (x, y, z)
+        question = f"{name}买了{x}袋{thing}，每袋{y}{unit}，分给朋友{z}{unit}，还剩几{unit}？"
+        think = f"先算一共有多少：{x}×{y}={a}。再减去分出去的：{a}-{z}={result}。"
+        answer = f"还剩{result}{unit}{thing}。"
+    elif template == 2:
+        x, y = rng.randint(5, 30), rng.randint(1, 15)
+        z = rng.randint(1, x + y - 1)
+        a, result = x + y, x + y - z
+        numbers = (x, y, z)
+        question = (f"{name}有{x}{unit}{thing}，{other}比{name}多{y}{unit}，"
+                    f"{third}比{other}少{z}{unit}，{third}有几{unit}{thing}？")
+        think = f"{other}有：{x}+{y}={a}。{third}比{other}少{z}{unit}：{a}-{z}={result}。"
+        answer = f"{third}有{result}{unit}{thing}。"
+    elif template == 3:
+        x, y = rng.randint(2, 20), rng.randint(2, 9)
+        a, result = x * y, x + x * y
+        numbers = (x, y)
+        question = f"{name}有{x}{unit}{thing}，{other}的{thing}是{name}的{y}倍，两人一共有几{unit}{thing}？"
+        think = f"{other}有：{x}×{y}={a}。两人一共：{x}+{a}={result}。"
+        answer = f"两人一共有{result}{unit}{thing}。"
+    elif template == 4:
+        x = rng.randint(5, 30)
+        y, z, w = rng.randint(1, x - 1), rng.randint(2, 6), rng.randint(2, 10)
+        a, b, result = x - y, z * w, x - y + z * w
+        numbers = (x, y, z, w)
+        question = f"{name}有{x}{unit}{thing}，先送给同学{y}{unit}，后来又买了{z}袋，每袋{w}{unit}，现在有几{unit}？"
+        think = f"先算送出后剩下的：{x}-{y}={a}。再算买来的：{z}×{w}={b}。合起来：{a}+{b}={result}。"
+        answer = f"现在有{result}{unit}{thing}。"
+    elif template == 5:
+        room = rng.choice(ROOMS)
+        x, y = rng.randint(2, 8), rng.randint(3, 9)
+        z, w = rng.randint(1, x * y - 1), rng.randint(1, 10)
+        a, b, result = x * y, x * y - z, x * y - z + w
+        numbers = (x, y, z, w)
+        question = f"{room}里有{x}排座位，每排坐{y}人，后来走了{z}人，又进来{w}人，现在{room}里有几人？"
+        think = f"原来有：{x}×{y}={a}人。走了{z}人后：{a}-{z}={b}人。又进来{w}人：{b}+{w}={result}人。"
+        answer = f"现在{room}里有{result}人。"
+    elif template == 6:
+        x, y, z = rng.randint(5, 30), rng.randint(2, 9), rng.randint(1, 50)
+        a, result = x * y, x * y + z
+        numbers = (x, y, z)
+        question = f"{name}每天读{x}页书，读了{y}天，还剩{z}页没读，这本书一共有多少页？"
+        think = f"已经读了：{x}×{y}={a}页。再加上没读的：{a}+{z}={result}页。"
+        answer = f"这本书一共有{result}页。"
+    elif template == 7:
+        y, z = rng.randint(2, 9), rng.randint(2, 9)
+        x = rng.randint(y * z, y * z + 50)
+        a, result = y * z, x - y * z
+        numbers = (x, y, z)
+        question = f"{name}带了{x}元钱，买了{y}{unit}{thing}，每{unit}{z}元，还剩多少元？"
+        think = f"先算花了多少钱：{y}×{z}={a}元。再算剩下的：{x}-{a}={result}元。"
+        answer = f"还剩{result}元。"
+    else:
+        x, y, z, w = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
+        a, b, result = x * y, z * w, x * y + z * w
+        numbers = (x, y, z, w)
+        question = f"{name}买了{x}袋{thing}，每袋{y}{unit}；{other}买了{z}袋，每袋{w}{unit}。两人一共买了几{unit}？"
+        think = f"{name}买了：{x}×{y}={a}{unit}。{other}买了：{z}×{w}={b}{unit}。一共：{a}+{b}={result}{unit}。"
+        answer = f"两人一共买了{result}{unit}{thing}。"
+    return (template, numbers), question, think, answer, result
+
+
+def records(rng: random.Random, n: int, taken: set[tuple], **fields) -> list[dict]:
+    """n problems as trace chats, whose (template, numbers) are in neither `taken` nor each other; adds their keys
+    to `taken`. With fields (a held-out file), each record also keeps its result as "answer"."""
+    found = []
+    while len(found) < n:
+        key, question, think, answer, result = problem(rng)
+        if key in taken:
+            continue
+        taken.add(key)
+        record = chat_record([(question, trace(think, answer))], **fields)
+        if fields:
+            record["answer"] = result
+        found.append(record)
+    return found
+
+
+def parse_arith_answer(text: str) -> int | None:
+    """The last integer of the <answer> block (None without one): the checkable result of an arithmetic trace."""
+    block = answer_block(text)
+    numbers = re.findall(r"(?<!\d)-?\d+", block or "")
+    return int(numbers[-1]) if numbers else None
+
+
+class Arithmetic(GenerationTask):
+    """arith_em: the share of answers whose <answer> holds the record's result."""
+
+    name = "arith"
+    eval_file = "reason_eval.jsonl"
+    record_kind = "chat"
+    record_task = "arith"
+    max_new_tokens = 96
+    metrics = ("arith_em",)
+
+    def parse(self, text: str) -> int | None:
+        return parse_arith_answer(text)
+
+    def reward(self, text: str, record: dict) -> float:
+        """1.0 when the <answer> ends with the record's result, else 0.0."""
+        return float(parse_arith_answer(text) == record["meta"]["answer"])
+
+
+TASK = Arithmetic()

@@ -1,0 +1,108 @@
+"""What every task shares: the interfaces eval_model.py (and RL) call, and the small helpers tasks build on.
+
+A task is one module of this package: how its training and held-out records are written (the demo builder
+calls these), how a model is asked, how many tokens it may answer in, how an answer is parsed and scored, and
+the reward an RL rollout gets. Three kinds:
+
+- GenerationTask: the model answers a prompt (greedy, up to max_new_tokens); score() turns the answers into
+  metrics, reward() scores one answer in [0, 1].
+- LikelihoodTask: the model is scored on given text (perplexity, preference pairs) through the log-probs of
+  marked tokens; nothing is generated.
+- OutputCheck: a property of any answer (the think/answer format, repetition), scored over the answers of
+  other tasks.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+Turn = tuple[str, str]  # (user, assistant)
+Messages = list[dict]
+Sequence = tuple[list[int], list[int]]  # token ids, and 1 where a token is scored
+
+
+def chat_record(turns: list[Turn], **fields: Any) -> dict:
+    """A conversation as the demo files hold it: {"conversations": [user, assistant, ...], **fields}."""
+    conversations = []
+    for user, assistant in turns:
+        conversations += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"conversations": conversations, **fields}
+
+
+def prompt_messages(record: dict) -> Messages:
+    """The conversation up to (not including) its last assistant turn: what the model must answer."""
+    messages = record["messages"]
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:last]
+
+
+def share(flags: Iterable[bool]) -> float:
+    """The fraction of true flags (0.0 for none)."""
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+class Task:
+    """A held-out task: where its records are and which metrics it reports. Records are canonical (as
+    dataset.formats reads them): a record's own fields are under record["meta"]."""
+
+    name: str  # the eval set's name (the key in evals.TASKS)
+    eval_file: str  # the held-out file of the demo folder that holds its records
+    record_kind: str  # how dataset.formats reads that file: "chat", "dpo" or "pretrain"
+    record_task: str | None = None  # the "task" field that picks this task's records from eval_file; None: all
+    metrics: tuple[str, ...] = ()  # the names score() returns, in report order
+
+    def selects(self, record: dict) -> bool:
+        """Whether a record of eval_file belongs to this task."""
+        return self.record_task is None or record["meta"].get("task") == self.record_task
+
+    def reward(self, text: str, record: dict) -> float:
+        """How good `text` is as an answer to `record`, in [0, 1]."""
+        raise NotImplementedError(f"task {self.name} scores a model, not a completion: it has no reward")
+
+
+class GenerationTask(Task):
+    """A task the model answers: the prompt is the record's conversation before its last assistant turn."""
+
+    max_new_tokens: int  # answer budget (greedy); an answer cut off at the limit is scored as it stands
+
+    def prompt_messages(self, record: dict) -> Messages:
+        """The messages the model completes."""
+        return prompt_messages(record)
+
+    def parse(self, text: str) -> Any:
+        """The answer a completion states (None when it states none)."""
+        raise NotImplementedError
+
+    def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
+        """The task's metric: by default the mean reward (the accuracy when rewards are 0 or 1)."""
+        rewards = [self.reward(text, record) for text, record in zip(outputs, records)]
+        return {self.metrics[0]: sum(rewards) / len(rewards) if rewards else 0.0}
+
+
+class LikelihoodTask(Task):
+    """A task scored from the model's log-probabilities of given tokens, without generating."""
+
+    def sequences(self, tokenizer, records: list[dict]) -> list[Sequence]:
+        """The token sequences to score, each with its mask of scored tokens."""
+        raise NotImplementedError
+
+    def score(self, logps: list[tuple[float, int]], records: list[dict]) -> dict[str, float]:
+        """The metrics from (summed log-prob, scored tokens) of each of sequences()' sequences."""
+        raise NotImplementedError
+
+
+class OutputCheck:
+    """A property of an answer whatever the task, scored over the answers of the tasks named (None: all)."""
+
+    name: str
+    tasks: tuple[str, ...] | None = None
+    metrics: tuple[str, ...] = ()
+
+    def score(self, outputs: list[str]) -> dict[str, float]:
+        """The metric over every answer."""
+        raise NotImplementedError
+
+    def reward(self, text: str, record: dict | None = None) -> float:
+        """How well one answer has the property, in [0, 1] (the record is not needed)."""
+        raise NotImplementedError
+

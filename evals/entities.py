@@ -1,0 +1,191 @@
+"""Named entities: the persons, places and organisations of a news sentence, as three lines
+`人名：A、B\\n地名：C\\n机构：无`.
+
+Two tasks share the prompts, the answer and its parser: `entity` (SFT answers directly; entity_f1 on
+sft_eval.jsonl) and `entity_reason` (distillation answers with a think trace that names each entity's type and
+rules out common nouns; reason_eval.jsonl, scored by its format). DPO's entity pairs are in evals.preference.
+"""
+
+import random
+import re
+from dataclasses import dataclass
+
+from evals.base import GenerationTask, Turn, chat_record
+from evals.think_format import answer_block, trace
+
+Entities = dict[str, list[str]]  # kind -> names, in order of first appearance
+
+ENTITY_LABELS = {"person": "人名", "place": "地名", "org": "机构"}  # kind -> its line's label in the answer
+NO_ENTITY = "无"
+PROMPTS = [
+    "请找出下面这句话中的人名、地名和机构名：\n{sentence}",
+    "从这句新闻里抽取人名、地名和机构名称。\n{sentence}",
+    "{sentence}\n这句话提到了哪些人物、地点和组织机构？",
+    "阅读下面的句子，列出其中出现的人名、地名和机构：{sentence}",
+    "帮我标出这句新闻里的人名、地名、机构名：「{sentence}」",
+    "下面的新闻句子中有哪些人名、地名和机构？按人名、地名、机构三行回答。\n{sentence}",
+]
+FOLLOWUPS = ["这句呢？{sentence}", "再从这句话里找一找人名、地名和机构：{sentence}"]
+REASONS = {"person": "是人的姓名，属于人名", "place": "是地点的名称，属于地名", "org": "是组织或机构的名称，属于机构"}
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """A news sentence as the entity tasks see it."""
+
+    text: str
+    entities: Entities
+    mentions: list[tuple[str, str]]  # (name, kind) of each entity word, in order, each word once
+    nouns: list[str]  # the distinct common nouns of 2+ characters, in order: what a trace rules out
+
+    @property
+    def has_entities(self) -> bool:
+        return any(self.entities.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The answer
+
+
+def format_entity_answer(entities: Entities) -> str:
+    """The three-line answer `人名：A、B\\n地名：C\\n机构：无` that SFT teaches and evaluation parses."""
+    lines = [f"{label}：{'、'.join(entities.get(kind, [])) or NO_ENTITY}" for kind, label in ENTITY_LABELS.items()]
+    return "\n".join(lines)
+
+
+_ENTITY_LINE = re.compile(r"\s*(人名|地名|机构名?|组织机构|组织)\s*[：:]\s*(.*)")
+_LINE_KINDS = {"人名": "person", "地名": "place", "机构": "org", "机构名": "org", "组织机构": "org", "组织": "org"}
+
+
+def parse_entity_answer(text: str) -> Entities:
+    """Entities from a three-line answer (or the <answer> block of a trace); tolerant of spaces, ASCII colons,
+    `,`/`，` separators and missing lines (a missing line means no entities of that kind)."""
+    found: Entities = {kind: [] for kind in ENTITY_LABELS}
+    block = answer_block(text)
+    for line in (text if block is None else block).splitlines():
+        match = _ENTITY_LINE.fullmatch(line)
+        if match is None:
+            continue
+        names = found[_LINE_KINDS[match.group(1)]]
+        for name in re.split(r"[、，,；;\s]+", match.group(2)):
+            if name and name != NO_ENTITY and name not in names:
+                names.append(name)
+    return found
+
+
+def entity_f1(predicted: list[Entities], gold: list[Entities]) -> dict[str, float]:
+    """F1 per entity type, micro over items (tp, fp, fn summed), and `entity_f1`, their mean over the types.
+
+    A type with no gold and no predicted entity in any item scores 1.0 (nothing to find, nothing invented)."""
+    scores = {}
+    for kind in ENTITY_LABELS:
+        tp = fp = fn = 0
+        for pred, true in zip(predicted, gold):
+            pred_set, true_set = set(pred.get(kind, [])), set(true.get(kind, []))
+            tp += len(pred_set & true_set)
+            fp += len(pred_set - true_set)
+            fn += len(true_set - pred_set)
+        scores[f"entity_f1_{kind}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"entity_f1": sum(scores.values()) / len(scores), **scores}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Records
+
+
+def turn(rng: random.Random, sentence: Sentence, prompts: list[str] = PROMPTS) -> Turn:
+    """A training turn: one of the prompts around the sentence, the three-line answer."""
+    return rng.choice(prompts).format(sentence=sentence.text), format_entity_answer(sentence.entities)
+
+
+def eval_record(rng: random.Random, sentence: Sentence) -> dict:
+    """A held-out record, with the entities kept for scoring."""
+    return chat_record([turn(rng, sentence)], task="entity", entities=sentence.entities)
+
+
+def wrong_entities(rng: random.Random, sentence: Sentence, names: dict[str, list[str]]) -> Entities | None:
+    """A plausible wrong extraction: one entity missed, moved to the wrong type, or invented (one of `names`, the
+    names of each kind found elsewhere). None when the draw found nothing to change."""
+    wrong = {kind: list(found) for kind, found in sentence.entities.items()}
+    present = [(kind, name) for kind, found in wrong.items() for name in found]
+    mistake = rng.choice(["missed", "wrong_type", "invented"] if present else ["invented"])
+    if mistake == "invented":
+        kind = rng.choice(list(ENTITY_LABELS))
+        name = rng.choice(names[kind])
+        if name in sentence.text:
+            return None
+        wrong[kind].insert(rng.randint(0, len(wrong[kind])), name)
+        return wrong
+    kind, name = rng.choice(present)
+    wrong[kind].remove(name)
+    if mistake == "wrong_type":
+        wrong[rng.choice([k for k in ENTITY_LABELS if k != kind])].append(name)
+    return wrong
+
+
+def reason_trace(rng: random.Random, sentence: Sentence) -> str:
+    """Think: each entity with why it is a person / place / organisation, plus up to two common nouns that are not;
+    answer: the three lines."""
+    lines = ["找出句中的专有名词，逐个判断类别："]
+    lines += [f"“{name}”{REASONS[kind]}。" for name, kind in sentence.mentions]
+    if not sentence.mentions:
+        lines.append("句中没有人名、地名或机构名。")
+    nouns = sentence.nouns
+    for noun in sorted(rng.sample(nouns, min(2, len(nouns))), key=nouns.index):
+        lines.append(f"“{noun}”是普通名词，不是人名、地名或机构。")
+    return trace("\n".join(lines), format_entity_answer(sentence.entities))
+
+
+def reason_turn(rng: random.Random, sentence: Sentence) -> Turn:
+    """A training turn of the reasoning stage: an entity prompt, answered with a trace."""
+    user = rng.choice(PROMPTS).format(sentence=sentence.text)
+    return user, reason_trace(rng, sentence)
+
+
+def reason_eval_record(rng: random.Random, sentence: Sentence) -> dict:
+    """A held-out trace record, with the entities kept for scoring."""
+    return chat_record([reason_turn(rng, sentence)], task="entity_reason", entities=sentence.entities)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tasks
+
+
+class EntityTask(GenerationTask):
+    """entity_f1 (and per type) over the held-out sentences; the reward is one answer's F1."""
+
+    name = "entity"
+    eval_file = "sft_eval.jsonl"
+    record_kind = "chat"
+    record_task = "entity"
+    max_new_tokens = 48
+    metrics = ("entity_f1", *(f"entity_f1_{kind}" for kind in ENTITY_LABELS))
+
+    def parse(self, text: str) -> Entities:
+        return parse_entity_answer(text)
+
+    def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
+        """entity_f1 and entity_f1_person / _place / _org (see entity_f1)."""
+        return entity_f1([parse_entity_answer(text) for text in outputs], [r["meta"]["entities"] for r in records])
+
+    def reward(self, text: str, record: dict) -> float:
+        """entity_f1 of this one answer: 1.0 when exactly the record's entities, partial credit per type."""
+        return entity_f1([parse_entity_answer(text)], [record["meta"]["entities"]])["entity_f1"]
+
+
+class EntityReasonTask(EntityTask):
+    """Entity traces: scored by their format (evals.format) and repetition; the reward is the <answer>'s F1."""
+
+    name = "entity_reason"
+    eval_file = "reason_eval.jsonl"
+    record_task = "entity_reason"
+    max_new_tokens = 160
+    metrics = ()
+
+    def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
+        """No metric of its own (the report has none): its answers count in think_format and distinct2."""
+        return {}
+
+
+TASK = EntityTask()
+REASON_TASK = EntityReasonTask()

@@ -1,0 +1,292 @@
+"""evals/: each task's answer parser, score and reward on hand-made answers, and the registry eval_model.py runs."""
+
+import math
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import evals
+from dataset.tokenizer import load_tokenizer
+from evals import arithmetic, entities, lora_style, perplexity, preference, repetition, sentiment, think_format
+from evals.base import GenerationTask, LikelihoodTask, OutputCheck, chat_record, prompt_messages
+
+TRACE = "<think>\n先算：12-5=7。再加上：7+8=15。\n</think>\n<answer>\n现在有15个苹果。\n</answer>"
+
+
+def chat(user: str, assistant: str, **meta) -> dict:
+    """A canonical chat record, as dataset.formats reads a held-out file."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], "meta": meta}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The registry
+
+
+def test_registry_order_is_the_report_order():
+    assert list(evals.TASKS) == ["news", "sentiment", "entity", "arith", "entity_reason", "think_format", "lora",
+                                 "pref", "repetition"]
+    assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
+                             "entity_f1_org", "arith_em", "think_format", "lora_acc", "pref_acc", "distinct2")
+    assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "arith", "entity_reason", "lora"]
+    assert {t.name: t.max_new_tokens for t in evals.GENERATION_TASKS} == {
+        "sentiment": 16, "entity": 48, "arith": 96, "entity_reason": 160, "lora": 8}
+    assert [t.name for t in evals.LIKELIHOOD_TASKS] == ["news", "pref"]
+    assert [t.name for t in evals.OUTPUT_CHECKS] == ["think_format", "repetition"]
+    for task in evals.TASKS.values():
+        assert isinstance(task, GenerationTask | LikelihoodTask | OutputCheck)
+
+
+def test_records_are_picked_by_file_and_task_field():
+    sentiment_record = chat("q", "a", task="sentiment", label="正面")
+    assert sentiment.TASK.selects(sentiment_record) and not entities.TASK.selects(sentiment_record)
+    assert lora_style.TASK.selects(chat("q", "positive"))  # the whole of lora_eval.jsonl, whatever its task field
+    assert (sentiment.TASK.eval_file, arithmetic.TASK.eval_file, preference.TASK.record_kind) == (
+        "sft_eval.jsonl", "reason_eval.jsonl", "dpo")
+
+
+def test_prompt_is_the_conversation_before_the_last_answer():
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    assert prompt_messages(record) == record["messages"][:3]
+    assert chat_record([("a", "b")], task="x") == {
+        "conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "task": "x"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sentiment
+
+
+def test_parse_sentiment_answer():
+    for label, answers in sentiment.ANSWERS.items():
+        assert all(sentiment.parse_sentiment_answer(answer) == label for answer in answers)
+    assert sentiment.parse_sentiment_answer("负面") == "负面"
+    assert sentiment.parse_sentiment_answer("我觉得是好评") == "正面"
+    assert sentiment.parse_sentiment_answer("可能正面也可能负面") is None
+    assert sentiment.parse_sentiment_answer("这条评论是这条评论是这条评论是…") is None
+
+
+def test_sentiment_reward_and_score():
+    record = chat("评论：很好", "这条评论是正面的。", task="sentiment", label="正面")
+    assert sentiment.TASK.reward("这条评论是正面的，属于好评。", record) == 1.0
+    assert sentiment.TASK.reward("这条评论是负面的。", record) == 0.0
+    assert sentiment.TASK.reward("我不知道", record) == 0.0
+    negative = chat("评论：太差", "这条评论是负面的。", task="sentiment", label="负面")
+    outputs = ["是正面的", "是正面的", "差评"]
+    assert sentiment.TASK.score(outputs, [record, negative, negative]) == {"sentiment_acc": pytest.approx(2 / 3)}
+    assert sentiment.TASK.score([], []) == {"sentiment_acc": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entities
+
+
+def test_parse_entity_answer_is_tolerant():
+    assert entities.parse_entity_answer("人名：江泽民、李鹏\n地名：北京\n机构：无") == {
+        "person": ["江泽民", "李鹏"], "place": ["北京"], "org": []}
+    assert entities.parse_entity_answer(" 人名 : 江泽民 , 李鹏，江泽民\n机构名：新华社") == {
+        "person": ["江泽民", "李鹏"], "place": [], "org": ["新华社"]}
+    trace = "<think>\n人名：张三\n</think>\n<answer>\n人名：李四\n地名：无\n机构：无\n</answer>"
+    assert entities.parse_entity_answer(trace)["person"] == ["李四"]
+    assert entities.parse_entity_answer("我不知道") == {"person": [], "place": [], "org": []}
+
+
+names = st.lists(st.text(alphabet="江泽民李鹏北京上海新华社中国政府", min_size=1, max_size=5), unique=True, max_size=4)
+
+
+@given(names, names, names)
+def test_entity_answer_round_trip(person, place, org):
+    found = {"person": person, "place": place, "org": org}
+    answer = entities.format_entity_answer(found)
+    assert len(answer.splitlines()) == 3
+    assert entities.parse_entity_answer(answer) == found
+
+
+def test_entity_f1_counts_misses_and_inventions_per_type():
+    gold = [{"person": ["钱其琛", "李鹏"], "place": ["伦敦"], "org": []},
+            {"person": [], "place": [], "org": ["国务院"]}]
+    predicted = [{"person": ["钱其琛"], "place": ["伦敦", "巴黎"], "org": []}, {"person": [], "place": [], "org": []}]
+    scores = entities.entity_f1(predicted, gold)
+    assert scores["entity_f1_person"] == pytest.approx(2 / 3)  # tp 1, missed 1: 2 / (2 + 0 + 1)
+    assert scores["entity_f1_place"] == pytest.approx(2 / 3)  # tp 1, invented 1
+    assert scores["entity_f1_org"] == 0.0  # the only org missed
+    assert scores["entity_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert entities.entity_f1(gold, gold)["entity_f1"] == 1.0
+
+
+def test_entity_reward_is_the_answers_f1():
+    record = chat("句子", "人名：钱其琛\n地名：伦敦\n机构：新华社", task="entity",
+                  entities={"person": ["钱其琛"], "place": ["伦敦"], "org": ["新华社"]})
+    assert entities.TASK.reward("人名：钱其琛\n地名：伦敦\n机构：新华社", record) == 1.0
+    assert entities.TASK.reward("人名：无\n地名：无\n机构：无", record) == 0.0
+    # person right (1), place wrong: tp 0, fp 1, fn 1 (0), org right (1)
+    assert entities.TASK.reward("人名：钱其琛\n地名：巴黎\n机构：新华社", record) == pytest.approx(2 / 3)
+    # person: tp 1, fp 1 -> 2/3; place and org missed
+    assert entities.TASK.reward("人名：钱其琛、李鹏", record) == pytest.approx((2 / 3) / 3)
+    none = chat("句子", "人名：无\n地名：无\n机构：无", task="entity", entities={"person": [], "place": [], "org": []})
+    assert entities.TASK.reward("人名：无\n地名：无\n机构：无", none) == 1.0
+    assert entities.TASK.reward("人名：李鹏", none) == pytest.approx(2 / 3)  # an invented person
+
+
+def test_entity_score_is_micro_f1_over_the_records():
+    gold = {"person": ["钱其琛"], "place": [], "org": []}
+    records = [chat("a", "", entities=gold), chat("b", "", entities={"person": [], "place": ["伦敦"], "org": []})]
+    scores = entities.TASK.score(["人名：钱其琛", "人名：钱其琛"], records)
+    # person: tp 1, fp 1 -> 2/3; place: missed -> 0; org: nothing anywhere -> 1
+    assert scores == {"entity_f1": pytest.approx((2 / 3 + 0 + 1) / 3), "entity_f1_person": pytest.approx(2 / 3),
+                      "entity_f1_place": 0.0, "entity_f1_org": 1.0}
+
+
+def test_entity_trace_names_each_entity_and_parses_back():
+    found = {"person": ["钱其琛"], "place": ["伦敦"], "org": ["新华社"]}
+    mentions = [("钱其琛", "person"), ("伦敦", "place"), ("新华社", "org")]
+    sentence = entities.Sentence("钱其琛在伦敦会见新华社记者。", found, mentions, ["记者"])
+    text = entities.reason_trace(random.Random(0), sentence)
+    assert think_format.is_think_format(text)
+    assert "“伦敦”是地点的名称，属于地名。" in text and "“记者”是普通名词" in text
+    record = chat("q", text, task="entity_reason", entities=sentence.entities)
+    assert entities.REASON_TASK.reward(text, record) == 1.0
+    assert entities.REASON_TASK.reward("<think>\n人名：钱其琛\n</think>\n<answer>\n人名：无\n</answer>", record) == 0.0
+    assert entities.REASON_TASK.score([text], [record]) == {}  # counted by think_format and distinct2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+def test_parse_arith_answer():
+    assert arithmetic.parse_arith_answer(TRACE) == 15
+    assert arithmetic.parse_arith_answer("<answer>\n10-3=7\n</answer>") == 7
+    assert arithmetic.parse_arith_answer("<answer>\n还剩9") == 9  # generation cut before </answer>
+    assert arithmetic.parse_arith_answer("<answer>\n差-3\n</answer>") == -3
+    assert arithmetic.parse_arith_answer("<think>12+3=15</think>") is None
+    assert arithmetic.parse_arith_answer("<answer>不知道</answer>") is None
+
+
+def test_arith_reward_and_score():
+    record = chat("题目", TRACE, task="arith", answer=15)
+    assert arithmetic.TASK.reward(TRACE, record) == 1.0
+    assert arithmetic.TASK.reward(TRACE.replace("15个", "16个"), record) == 0.0
+    assert arithmetic.TASK.reward("现在有15个苹果。", record) == 0.0  # no <answer> block
+    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 0.5}
+
+
+def test_arith_records_are_distinct_and_keep_their_result():
+    taken: set[tuple] = set()
+    heldout = arithmetic.records(random.Random(1), 30, taken, task="arith")
+    training = arithmetic.records(random.Random(1), 30, taken)
+    assert len(taken) == 60
+    for record in heldout:
+        answer = record["conversations"][1]["content"]
+        assert record["task"] == "arith" and arithmetic.parse_arith_answer(answer) == record["answer"]
+        assert think_format.is_think_format(answer)
+    assert all(set(record) == {"conversations"} for record in training)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LoRA task
+
+
+def test_lora_parse_reward_and_score():
+    assert lora_style.parse_english_sentiment(" Positive.") == "positive"
+    assert lora_style.parse_english_sentiment("positive or negative") is None
+    assert lora_style.parse_english_sentiment("positively") is None
+    record = chat("Sentiment (positive/negative)? 很好", "positive", task="lora_sentiment", label="positive")
+    assert lora_style.TASK.reward("positive", record) == 1.0
+    assert lora_style.TASK.reward("negative", record) == 0.0
+    assert lora_style.TASK.reward("正面", record) == 0.0
+    assert lora_style.TASK.score(["Positive", "no idea"], [record, record]) == {"lora_acc": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preferences, perplexity
+
+
+def pair(chosen: str, rejected: str, task: str) -> dict:
+    user = [{"role": "user", "content": "问题"}]
+    return {"prompt": user, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "meta": {"task": task}}
+
+
+def test_preference_score_compares_mean_token_logprobs():
+    # pair 1: chosen -2/2 = -1 > rejected -6/2 = -3; pair 2: chosen -3/1 < rejected -1/1
+    logps = [(-2.0, 2), (-6.0, 2), (-3.0, 1), (-1.0, 1)]
+    assert preference.TASK.score(logps, [{}, {}]) == {"pref_acc": 0.5}
+
+
+def test_preference_reward_judges_by_the_pairs_task():
+    sentiment_pair = pair("这条评论是正面的。", "这条评论是负面的。", "sentiment")
+    assert preference.TASK.reward("是正面的", sentiment_pair) == 1.0
+    assert preference.TASK.reward("这条评论是负面的。", sentiment_pair) == 0.0
+    entity_pair = pair("人名：钱其琛\n地名：伦敦\n机构：无", "人名：无\n地名：伦敦\n机构：无", "entity")
+    assert preference.TASK.reward("人名：钱其琛\n地名：伦敦", entity_pair) == 1.0
+    assert preference.TASK.reward("人名：无\n地名：伦敦\n机构：无", entity_pair) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="task 'identity'"):
+        preference.TASK.reward("我是丹炉", pair("我是丹炉", "我是ChatGPT", "identity"))
+
+
+def test_preference_pairs_reject_a_wrong_answer():
+    rng = random.Random(0)
+    for _ in range(20):
+        record = preference.sentiment_pair(rng, "很好用", "正面", task="sentiment")
+        chosen, rejected = record["chosen"][1]["content"], record["rejected"][1]["content"]
+        assert sentiment.parse_sentiment_answer(chosen) == "正面" != sentiment.parse_sentiment_answer(rejected)
+        assert record["chosen"][0] == record["rejected"][0] and record["task"] == "sentiment"
+    sentence = entities.Sentence("钱其琛在伦敦说。", {"person": ["钱其琛"], "place": ["伦敦"], "org": []},
+                                 [("钱其琛", "person"), ("伦敦", "place")], [])
+    names = {"person": ["李鹏"], "place": ["巴黎"], "org": ["新华社"]}
+    for _ in range(20):
+        record = preference.entity_pair(rng, sentence, names)
+        chosen, rejected = record["chosen"][1]["content"], record["rejected"][1]["content"]
+        assert entities.parse_entity_answer(chosen) == sentence.entities != entities.parse_entity_answer(rejected)
+
+
+def test_perplexity_sequences_and_score(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    [(ids, mask)] = perplexity.TASK.sequences(tokenizer, [{"text": "新华社北京电"}])
+    assert ids[0] == ids[-1] == eot and ids[1:-1] == tokenizer("新华社北京电", add_special_tokens=False)["input_ids"]
+    assert mask == [0] + [1] * (len(ids) - 1)
+    assert perplexity.TASK.score([(-2.0, 2), (-4.0, 2)], [{}, {}]) == {"val_ppl": pytest.approx(math.exp(1.5))}
+    with pytest.raises(NotImplementedError, match="no reward"):
+        perplexity.TASK.reward("text", {"text": "text"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Format, repetition
+
+
+def test_think_format_accepts_only_one_think_then_one_answer():
+    good = "<think>\n3×5=15。\n</think>\n<answer>\n有15人。\n</answer>"
+    assert good == think_format.trace("3×5=15。", "有15人。")
+    variants = [good, good + "\n", good.replace("</think>\n", "</think>\n\n")]
+    assert think_format.TASK.score(variants) == {"think_format": 1.0}
+    broken = [
+        "有15人。",  # no tags
+        "<think>\n3×5=15。\n</think>\n有15人。",  # no answer block
+        "<think>\n3×5=15。\n</think>\n<answer>\n有15人。",  # cut off before </answer>
+        "<think>\n\n</think>\n<answer>\n15\n</answer>",  # empty thinking
+        "好的。<think>\n3×5=15。\n</think>\n<answer>\n15\n</answer>",  # text before <think>
+        good + "还有别的话",  # text after </answer>
+    ]
+    assert think_format.TASK.score(broken) == {"think_format": 0.0}
+    assert think_format.TASK.score([good, broken[0]]) == {"think_format": 0.5}
+    assert think_format.TASK.reward(good) == 1.0 and think_format.TASK.reward(broken[2]) == 0.0
+
+
+def test_answer_block():
+    assert think_format.answer_block(TRACE) == "\n现在有15个苹果。\n"
+    assert think_format.answer_block("<answer>a</answer><answer>b") == "b"  # the last block, even unclosed
+    assert think_format.answer_block("no block") is None
+
+
+def test_distinct2_is_low_for_repetition():
+    assert repetition.distinct2(["这条评论是正面的。"]) == 1.0
+    assert repetition.distinct2(["的的的的的"]) == pytest.approx(1 / 4)  # 4 bigrams, all "的的"
+    assert repetition.distinct2(["新闻新闻新闻"]) == pytest.approx(2 / 5)  # 新闻, 闻新
+    assert repetition.distinct2(["的的的的的", "好", ""]) == pytest.approx(1 / 4)  # too short to count: skipped
+    assert repetition.TASK.score(["好", ""]) == {"distinct2": 1.0}
+    assert repetition.TASK.reward("这条评论是正面的。") == 1.0
+    assert repetition.TASK.reward("的的的的的") == pytest.approx(1 / 4)
+    assert repetition.TASK.reward("好") == 1.0
