@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from dataset.chat import load_tokenizer
 from model import LM
@@ -56,6 +57,7 @@ def load(model_dir: str | Path, lora_dir: str | Path | None = None, device: str 
             if (model_dir / ADAPTER_CONFIG).is_file() else ""
         raise LoadError(f"{model_dir} is not a checkpoint directory: no config.json{hint}")
     dev = pick_device(device)
+    hf_logging.disable_progress_bar()
     model = LM.from_pretrained(model_dir)
     tokenizer_dir = model_dir
     name = model_dir.resolve().name
