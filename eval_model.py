@@ -40,7 +40,6 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +53,14 @@ from dataset.tokenizer import load_tokenizer
 from evals import GENERATION_TASKS, LIKELIHOOD_TASKS, METRICS, OUTPUT_CHECKS
 from evals.base import GenerationTask, LikelihoodTask
 from model import LM
+from model.generation import generate_batch, length_batches
 from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
 from trainer.cli import DEMO_DIR
 from trainer.losses import token_logps
 from trainer.runtime import keep_freed_memory, resolve_device, resolve_dtype
 
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
+BATCH_TOKENS = 8192  # padded positions per batch at most (prompt + new tokens when generating): bounds memory
 DEFAULT_PROMPTS = [
     "下面这条评论是正面的还是负面的？\n屏幕很清楚，电池也耐用，客服回复得很及时，这个价钱买到很值。",
     "请找出下面这句话中的人名、地名和机构名：\n王建国昨天在上海出席了中国科学院举办的学术报告会。",
@@ -171,39 +172,17 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(render_chat(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
-def batches(lengths: list[int], max_rows: int, max_tokens: int = 8192) -> Iterable[list[int]]:
-    """Indices in batches of similar length (longest first, so little of a batch is padding), each at most
-    max_rows rows and max_tokens padded tokens (which bounds the [rows, length, vocab] logits)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) == max_rows or (len(batch) + 1) * lengths[batch[0]] > max_tokens):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
 def generate(model: LM, tokenizer, prompts: list[list[int]], max_new_tokens: int, runner: Runner,
              repetition_penalty: float = 1.0) -> list[str]:
-    """Greedy continuations of token-id prompts, decoded without special tokens; batched, left-padded."""
+    """Greedy continuations of token-id prompts, decoded without special tokens; batched by length, each row
+    stopping at its own eos (model.generation.generate_batch)."""
     keep = model.config.max_position_embeddings - max_new_tokens  # a too-long prompt keeps its end
-    pad = model.config.pad_token_id or 0
-    prompts = [prompt[-keep:] for prompt in prompts]
-    texts = [""] * len(prompts)
-    for rows in batches([len(p) for p in prompts], runner.batch_size):
-        ids = [prompts[i] for i in rows]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=runner.device)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=runner.device)
-        with runner.autocast():
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 repetition_penalty=repetition_penalty)
-        for i, new_tokens in zip(rows, out[:, width:].tolist()):
-            texts[i] = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    return texts
+    with runner.autocast():
+        completions = generate_batch(model, [prompt[-keep:] for prompt in prompts], max_new_tokens,
+                                     max_batch_rows=runner.batch_size, max_batch_tokens=BATCH_TOKENS,
+                                     do_sample=False, repetition_penalty=repetition_penalty)
+    return [tokenizer.decode(completion.tokens, skip_special_tokens=True) for completion in completions]
 
 
 @torch.no_grad()
@@ -214,7 +193,7 @@ def scored_logps(model: LM, sequences: list[tuple[list[int], list[int]]], runner
     limit = model.config.max_position_embeddings
     sequences = [(ids[:limit], mask[:limit]) for ids, mask in sequences]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    for rows in batches([len(ids) for ids, _ in sequences], runner.batch_size):
+    for rows in length_batches([len(ids) for ids, _ in sequences], runner.batch_size, BATCH_TOKENS):
         cut = [sequences[i] for i in rows]
         width = max(len(ids) for ids, _ in cut)
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in cut], device=runner.device)
