@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ demo: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(PY) -m pytest
+
+# The edit-test loop: everything but the tests marked slow (end-to-end runs, torchrun, benchmarks).
+test-fast: $(VENV)/installed
+	$(PY) -m pytest -m "not slow"
+
+bench: $(VENV)/installed
+	$(PY) -m scripts.bench
 
 lint: $(VENV)/installed
 	$(PY) -m pip install --quiet ruff && $(VENV)/bin/ruff check .

@@ -3,7 +3,7 @@
     python train_distill_reason.py                             # the demo: out/dpo (or out/sft) -> out/distill
     python train_distill_reason.py --data_path r1_mix_1024.jsonl --max_seq_len 1024 --tag_weight 2
 
-The data and the packing are SFT's (train_sft.py); what differs is the loss: the tag tokens `<think>`,
+The data and the packing are SFT's (trainer/chat_stage.py); what differs is the loss: the tag tokens `<think>`,
 `</think>`, `<answer>`, `</answer>` count --tag_weight times as much as other assistant tokens, so the model
 learns the output format early, as R1-distillation recipes (and MiniMind's train_distill_reason.py) do.
 A tokenizer without some of the tags (MiniMind's has only the think tags) weights those it has.
@@ -12,17 +12,16 @@ A tokenizer without some of the tags (MiniMind's has only the think tags) weight
 import os
 from pathlib import Path
 
-from dataset.lm_dataset import IGNORE_INDEX
-from train_sft import add_flags as add_sft_flags
-from train_sft import assistant_tokens, packed_logits, run_chat_stage
+from dataset.chat import IGNORE_INDEX
 from trainer import exit_cleanly_on_bad_input, parse_args
+from trainer.chat_stage import add_chat_flags, assistant_tokens, packed_logits, run_chat_stage
 from trainer.losses import token_weights, weighted_token_loss
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def add_flags(p):
-    add_sft_flags(p)
+    add_chat_flags(p)
     p.add_argument("--tag_weight", type=float, default=2.0,
                    help="loss weight of the <think>/</think>/<answer>/</answer> tokens (1: plain SFT)")
 
@@ -70,10 +69,10 @@ def main():
                                      learning_rate=2e-4, warmup_steps=30, eval_every=200, sample_every=200,
                                      sample_prompt="小明有15个苹果，吃了3个，又买了2袋，每袋4个，现在有几个？",
                                      sample_tokens=64, save_every=200),
-                      add_flags, init_from_hint="python train_dpo.py")
+                      add_flags)
     if args.init_from == default_init == "out/sft" and os.environ.get("RANK", "0") == "0":
         print("no DPO checkpoint in out/dpo: starting from out/sft")
-    run_chat_stage(args, tag_weighted_loss(args.tag_weight))
+    run_chat_stage(args, make_loss=tag_weighted_loss(args.tag_weight))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from dataset.lm_dataset import DPODataset, collate_dpo
 from model import LM
 from trainer import (
     Runtime,
+    TrainConfig,
     UsageError,
     exit_cleanly_on_bad_input,
     format_summary,
@@ -52,7 +53,7 @@ from trainer.data import move_to
 from trainer.fsdp import shard_model
 from trainer.losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps, token_counts
 
-DEMO = dict(data_path="dataset/demo/dpo.jsonl", val_data_path="dataset/demo/dpo_eval.jsonl", init_from="out/sft",
+DEMO = dict(data_path="dataset/demo/dpo.jsonl", val_data_path="dataset/demo/dpo_eval.jsonl",
             batch_size=8, learning_rate=2e-5, warmup_steps=20, eval_every=100, sample_every=100, save_every=200,
             sample_prompt="判断这条评论的情感倾向（正面/负面）：东西收到了，做工很粗糙，和图片差太多了。")
 
@@ -83,7 +84,7 @@ def scored(sums: torch.Tensor, counts: torch.Tensor, loss_type: str) -> torch.Te
 
 
 @torch.no_grad()
-def precompute_reference_logps(model, dataset: DPODataset, run: Runtime, loss_type: str) -> None:
+def precompute_reference_logps(model, dataset: DPODataset, run: Runtime, loss_type: str, batch_size: int) -> None:
     """Score every pair with `model` (the untrained policy, i.e. the reference) and attach the scores to `dataset`.
 
     Each rank scores its own share of the pairs and an all-reduce gives every rank the full table, indexed by the
@@ -93,8 +94,7 @@ def precompute_reference_logps(model, dataset: DPODataset, run: Runtime, loss_ty
     model.eval()
     table = torch.zeros(2, len(dataset), device=run.device)
     share = Subset(dataset, range(run.rank, len(dataset), run.world_size))
-    loader = DataLoader(share, batch_size=run.args.batch_size, collate_fn=functools.partial(collate_dpo,
-                                                                                              pad_id=dataset.pad_id))
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=functools.partial(collate_dpo, pad_id=dataset.pad_id))
     for batch in loader:
         batch = move_to(batch, run.device)
         with run.autocast():
@@ -151,7 +151,7 @@ def reward_report(summary: dict, out_dir: str) -> str:
 
 @exit_cleanly_on_bad_input
 def main():
-    args = parse_args("dpo", DEMO, add_flags, init_from_hint="python train_sft.py")
+    args = parse_args("dpo", DEMO, add_flags)
     if args.loss_type == "ipo" and args.label_smoothing:
         raise UsageError("--label_smoothing applies to --loss_type sigmoid and simpo, not ipo")
     if args.beta <= 0:
@@ -171,7 +171,7 @@ def main():
         policy.to(run.device)
         for data in (train_data, val_data):
             if data is not None:
-                precompute_reference_logps(policy, data, run, args.loss_type)
+                precompute_reference_logps(policy, data, run, args.loss_type, args.batch_size)
         reference_mode = f"precomputed for {len(train_data) + len(val_data or []):,} pairs, model dropped"
     else:
         reference = copy.deepcopy(policy).to(run.device).eval().requires_grad_(False)
@@ -188,9 +188,9 @@ def main():
 
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
-    summary = train(policy, train_data, make_loss_fn(args, reference), run, val_data=val_data,
-                    collate_fn=functools.partial(collate_dpo, pad_id=train_data.pad_id), tokenizer=tokenizer,
-                    sample_fn=sample_fn, perplexity=False)
+    summary = train(policy, train_data, make_loss_fn(args, reference), run, TrainConfig.from_args(args),
+                    val_data=val_data, collate_fn=functools.partial(collate_dpo, pad_id=train_data.pad_id),
+                    tokenizer=tokenizer, sample_fn=sample_fn, perplexity=False)
     run.print(format_summary(summary))
     if run.is_main:
         run.print(reward_report(summary, args.out_dir))

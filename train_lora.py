@@ -2,7 +2,7 @@
 
     python train_lora.py                                       # the demo: English sentiment labels on out/sft
     python train_lora.py --init_from out/sft --data_path my_task.jsonl --lora_r 16 --lora_targets q_proj,v_proj
-    python scripts/merge_lora.py --init_from out/sft --lora out/lora --out_dir out/lora_merged
+    python -m scripts.merge_lora --init_from out/sft --lora out/lora --out_dir out/lora_merged
 
 The data, packing and loss are SFT's (assistant tokens only); what differs is the model: every target projection
 gets an adapter (model/lora.py), only adapter weights train, and out_dir receives only the adapter, in PEFT's layout
@@ -10,24 +10,13 @@ gets an adapter (model/lora.py), only adapter weights train, and out_dir receive
 evaluates it on top of its base.
 """
 
-from dataset.chat import load_tokenizer
 from model.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_share
-from train_sft import add_flags as add_sft_flags
-from train_sft import assistant_tokens, build_sft_data, load_model, loss_fn
-from trainer import (
-    UsageError,
-    exit_cleanly_on_bad_input,
-    format_summary,
-    make_sample_fn,
-    parse_args,
-    setup,
-    teardown,
-    train,
-)
+from trainer import UsageError, exit_cleanly_on_bad_input, parse_args
+from trainer.chat_stage import add_chat_flags, run_chat_stage
 
 
 def add_flags(p):
-    add_sft_flags(p)
+    add_chat_flags(p)
     p.add_argument("--lora_r", type=int, default=8, help="adapter rank")
     p.add_argument("--lora_alpha", type=float, default=16, help="the update is scaled by lora_alpha / lora_r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
@@ -38,35 +27,29 @@ def add_flags(p):
 @exit_cleanly_on_bad_input
 def main():
     demo = dict(data_path="dataset/demo/lora.jsonl", val_data_path="dataset/demo/lora_eval.jsonl")
-    args = parse_args("lora", dict(**demo, init_from="out/sft", learning_rate=1e-3, weight_decay=0.01, epochs=2,
-                                   batch_size=16, max_seq_len=256, warmup_steps=10, eval_every=0, save_every=100,
+    args = parse_args("lora", dict(**demo, learning_rate=1e-3, weight_decay=0.01, epochs=2, batch_size=16,
+                                   max_seq_len=256, warmup_steps=10, eval_every=0, save_every=100,
                                    sample_prompt="Sentiment (positive/negative)? 房间很干净，服务也周到，下次还来住。",
                                    sample_tokens=16),
-                      add_flags, init_from_hint="python train_sft.py")
-    run = setup(args)
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    train_data, val_data = build_sft_data(args, tokenizer, run)
-    model = load_model(args, tokenizer, run)
+                      add_flags)
     targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
-    try:
-        apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
-    except ValueError as err:
-        raise UsageError(f"LoRA (--lora_r/--lora_targets): {err}") from None
-    trainable, total = trainable_share(model)
-    run.print(f"LoRA: {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M ({100 * trainable / total:.1f}%) | "
-              f"r {args.lora_r}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g} on {', '.join(targets)} | "
-              f"base {args.init_from} (frozen)")
 
-    def export_adapter(model, out_dir):
+    def add_adapters(model, run):
+        """Freeze the model and give every target projection a trainable low-rank adapter (model/lora.py)."""
+        try:
+            apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+        except ValueError as err:
+            raise UsageError(f"LoRA (--lora_r/--lora_targets): {err}") from None
+        trainable, total = trainable_share(model)
+        run.print(f"LoRA: {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M ({100 * trainable / total:.1f}%) | "
+                  f"r {args.lora_r}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g} on "
+                  f"{', '.join(targets)} | base {args.init_from} (frozen)")
+
+    def save_adapter(model, out_dir):
         """What goes into out_dir: the adapter only (the trainer adds the tokenizer files)."""
         save_lora(model, out_dir, base_model_path=args.init_from)
 
-    sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
-                               autocast=run.autocast)
-    summary = train(model, train_data, loss_fn, run, val_data=val_data, tokenizer=tokenizer, sample_fn=sample_fn,
-                    export_fn=export_adapter, loss_items=assistant_tokens)
-    run.print(format_summary(summary))
-    teardown(run)
+    run_chat_stage(args, adapt_model=add_adapters, export_fn=save_adapter)  # SFT's loss, on the adapters only
 
 
 if __name__ == "__main__":

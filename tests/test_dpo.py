@@ -140,9 +140,9 @@ def test_precomputed_reference_equals_live_reference(pairs, tokenizer):
     torch.manual_seed(0)
     policy = LM(LMConfig.from_preset("tiny", vocab_size=len(tokenizer)))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    run = Runtime(args=Namespace(batch_size=3), device=torch.device("cpu"), dtype=torch.float32)
+    run = Runtime(device=torch.device("cpu"), dtype=torch.float32)
     for loss_type in ("sigmoid", "ipo"):
-        precompute_reference_logps(reference, data, run, loss_type)
+        precompute_reference_logps(reference, data, run, loss_type, batch_size=3)
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(torch.randn_like(p) * 0.01)

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from model import LM, LMConfig
-from tests.conftest import REPO, run_script
-from tests.test_pretrain import pretrain_args
+from tests.conftest import REPO, pretrain_args, run_script
 from trainer import UsageError, exit_cleanly_on_bad_input
 from trainer.checkpoint import check_free_space
 

@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from model import LM, KVCache, LMConfig
 from model.generation import Completion, apply_penalties, generate, generate_batch, length_batches, stream
-from tests.test_model import SHAPES, VOCAB, make_pair
+from tests.conftest import SHAPES, VOCAB, make_pair
 
 
 @pytest.mark.parametrize("shape", ["gqa2-tied", "gqa4-untied-theta1e4", "yarn-x4"])

@@ -16,7 +16,7 @@ from dataset.lm_dataset import SFTDataset
 from model import LM, LMConfig
 from model.lora import DEFAULT_TARGETS, load_lora
 from tests.conftest import run_script, write_jsonl
-from train_sft import loss_fn
+from trainer.chat_stage import assistant_loss
 
 TRAIN = ["--batch_size", "4", "--max_seq_len", "96", "--log_every", "2", "--eval_every", "0", "--eval_batches", "2",
          "--sample_tokens", "4", "--dtype", "fp32", "--warmup_steps", "2", "--learning_rate", "1e-2"]
@@ -62,7 +62,7 @@ def task_loss(model: LM, tokenizer, path: Path) -> float:
     data = SFTDataset(str(path), tokenizer, 96, quiet=True)
     batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
     with torch.no_grad():
-        return float(loss_fn(model.eval(), batch))
+        return float(assistant_loss(model.eval(), batch))
 
 
 def test_writes_only_the_adapter_and_leaves_the_base_alone(lora_run):
@@ -99,7 +99,7 @@ def test_adapter_improves_its_task_and_merges_exactly(lora_run, tmp_path):
     assert task_loss(adapted, tokenizer, lora_run["val"]) < task_loss(plain, tokenizer, lora_run["val"]) - 0.5
 
     merged_dir = tmp_path / "merged"
-    run_script("scripts/merge_lora.py", "--init_from", base, "--lora", out, "--out_dir", merged_dir)
+    run_script("-m", "scripts.merge_lora", "--init_from", base, "--lora", out, "--out_dir", merged_dir)
     merged = LM.from_pretrained(merged_dir)
     torch.testing.assert_close(logits_of(merged, input_ids), with_adapter, atol=1e-5, rtol=0)
     assert (merged_dir / "tokenizer.json").is_file()

@@ -6,34 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from model import LM, LMConfig
-from model.config import yarn
-
-VOCAB = 256
-SHAPES = {
-    "gqa2-tied": dict(num_attention_heads=4, num_key_value_heads=2),
-    "gqa4-untied-theta1e4": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
-                                 rope_theta=1e4),
-    "mha-theta5e5": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=5e5),
-    "yarn-x4": dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters=yarn(4.0, 64)),
-    "linear-x2-untied": dict(num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                             rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
-}
-
-
-def make_pair(tmp_path, **shape):
-    torch.manual_seed(0)
-    config = LMConfig.from_preset("tiny", vocab_size=VOCAB, **shape)
-    ours = LM(config).eval()
-    with torch.no_grad():  # norms start at 1; perturb them so a mix-up of norm weights would show
-        for name, p in ours.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    ours.save_pretrained(tmp_path)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    return ours, theirs
+from tests.conftest import SHAPES, VOCAB, make_pair
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -86,14 +62,14 @@ def test_presets_have_the_sizes_they_promise():
 
 
 def test_packed_rows_equal_separate_sequences(tmp_path):
-    """Segment ids in attention_mask + restarting position_ids: each packed sequence sees only itself."""
+    """segment_ids + restarting position_ids: each packed sequence sees only itself."""
     ours, _ = make_pair(tmp_path, **SHAPES["gqa2-tied"])
     a, b = torch.randint(3, VOCAB, (1, 7)), torch.randint(3, VOCAB, (1, 5))
     packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     segments = torch.tensor([[1] * 7 + [2] * 5 + [0] * 3])
     positions = torch.tensor([list(range(7)) + list(range(5)) + [0, 1, 2]])
     with torch.no_grad():
-        out = ours(packed, attention_mask=segments, position_ids=positions).logits
+        out = ours(packed, segment_ids=segments, position_ids=positions).logits
         assert torch.allclose(out[:, :7], ours(a).logits, atol=1e-5)
         assert torch.allclose(out[:, 7:12], ours(b).logits, atol=1e-5)
 

@@ -7,15 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import FIXTURES, kill_after_first_checkpoint, run_script
-
-TINY = ["--preset", "tiny", "--batch_size", "4", "--max_seq_len", "64", "--log_every", "2", "--eval_every", "4",
-        "--eval_batches", "2", "--sample_every", "4", "--sample_tokens", "8", "--dtype", "fp32", "--warmup_steps", "2"]
-
-
-def pretrain_args(corpus, tokenizer_dir, out_dir, *extra):
-    return ["--data_path", corpus["train"], "--val_data_path", corpus["val"], "--tokenizer_dir", tokenizer_dir,
-            "--out_dir", out_dir, "--bin_dir", out_dir.parent / "bins", *TINY, *extra]
+from tests.conftest import FIXTURES, kill_after_first_checkpoint, pretrain_args, run_script
 
 
 def test_pretrain_end_to_end(tmp_path, corpus, tokenizer_dir):

@@ -7,8 +7,7 @@ stay fp32 and the kernels are deterministic, so the difference is reported and b
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import kill_after_first_checkpoint, metric_losses, run_script
-from tests.test_pretrain import pretrain_args
+from tests.conftest import kill_after_first_checkpoint, metric_losses, pretrain_args, run_script
 
 CHAT = ["--max_seq_len", "96", "--batch_size", "2", "--warmup_steps", "2", "--learning_rate", "1e-3",
         "--val_data_path", "", "--log_every", "1", "--eval_every", "0", "--sample_every", "0", "--max_steps", "24",

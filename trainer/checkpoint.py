@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset.chat import save_tokenizer
+from dataset.errors import UsageError
+from dataset.tokenizer import save_tokenizer
 
+from .fsdp import load_sharded as load_shards
 from .fsdp import save_sharded
 
 STATE_DIR = "train_state"
@@ -33,8 +35,6 @@ def check_free_space(out_dir: str | Path, model) -> None:
     """Fail before training when out_dir's disk cannot hold the checkpoints this run will write: the exported
     weights (4 bytes per parameter) and KEEP_STATES + 1 train states while a new one is written (4 bytes per
     parameter plus 8 of AdamW moments per trainable one)."""
-    from .cli import UsageError
-
     n_all = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     needed = 4 * n_all + (KEEP_STATES + 1) * (4 * n_all + 8 * n_trainable) + (1 << 20)
@@ -42,14 +42,6 @@ def check_free_space(out_dir: str | Path, model) -> None:
     if free < needed:
         raise UsageError(f"--out_dir {out_dir} has {free / 2**20:.1f} MB free; this model's checkpoints need about "
                          f"{needed / 2**20:.1f} MB (weights + {KEEP_STATES + 1} train states while one is written)")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def export_model(model, out_dir: str | Path, tokenizer=None, export_fn=None) -> None:
@@ -142,3 +134,53 @@ def load_train_state(out_dir: str | Path, log=print, load_sharded=None) -> dict 
         except Exception as err:  # a truncated or corrupt file: fall back to the state before it
             log(f"warning: checkpoint {candidate} is unreadable ({type(err).__name__}: {err}); trying an older one")
     return None
+
+
+class Checkpointer:
+    """Saves what a run has made so far: the loadable model directory (rank 0) and a train state for --resume
+    (rank 0, or every rank's shard under --fsdp). Collective: every rank calls save()."""
+
+    def __init__(self, out_dir: str, trainable, optimizer, scaler, run, tokenizer=None, export_fn=None,
+                 metrics=None, title: str = ""):
+        self.out_dir, self.trainable, self.optimizer, self.scaler, self.run = out_dir, trainable, optimizer, scaler, run
+        self.tokenizer, self.export_fn, self.metrics, self.title = tokenizer, export_fn, metrics, title
+
+    def save(self, progress: dict) -> None:
+        whole = self.trainable.whole(self.run)
+        if self.run.is_main:
+            export_model(whole, self.out_dir, self.tokenizer, self.export_fn)
+            if self.metrics is not None:
+                self.metrics.plot(self.title)
+        if self.trainable.sharded:
+            save_sharded_train_state(self.out_dir, self.trainable.raw, self.optimizer, progress, self.run)
+        elif self.run.is_main:
+            save_train_state(self.out_dir, self.trainable.raw, self.optimizer, self.scaler, progress)
+        self.run.barrier()
+
+
+def new_progress() -> dict:
+    """Where a run stands: optimizer steps done, epoch and samples consumed in it, tokens read, seconds trained."""
+    return {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "elapsed": 0.0}
+
+
+def restore(out_dir: str, trainable, optimizer, scaler, run) -> dict:
+    """--resume: load the newest readable train state of out_dir into the model, optimizer and RNGs; its progress
+    (a fresh one when there is no state)."""
+    progress = new_progress()
+    state = load_train_state(out_dir, log=run.print,
+                             load_sharded=lambda path: load_shards(path, trainable.raw, optimizer))
+    if state is None:
+        run.print(f"--resume: no checkpoint in {out_dir}/{STATE_DIR}/, starting from step 0")
+        return progress
+    if trainable.sharded and "sharded" not in state:
+        raise UsageError(f"{state['path']} was written without --fsdp; resume it without --fsdp (a state "
+                         "written with --fsdp resumes either way)")
+    if "model" in state:  # a sharded state went straight into the model and optimizer
+        trainable.raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        if scaler and state["optimizer"]["scaler"]:
+            scaler.load_state_dict(state["optimizer"]["scaler"])
+    set_rng_state(state["rng"])
+    progress.update(state["progress"])
+    run.print(f"resumed from {state['path']} at step {progress['step']}")
+    return progress

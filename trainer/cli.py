@@ -1,12 +1,13 @@
-"""The command-line surface every train_*.py shares (DESIGN.md), and clean exits on bad input."""
+"""The command-line surface every train_*.py shares (DESIGN.md)."""
 
 import argparse
-import errno
-import functools
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
+
+from dataset.errors import UsageError
+
+from .stages import STAGES
 
 DEMO_DIR = "dataset/demo"
 SHARED_DEFAULTS: dict[str, Any] = dict(
@@ -19,8 +20,18 @@ SHARED_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-class UsageError(Exception):
-    """A mistake the user can fix (a missing directory, a bad flag value): printed as one line."""
+# --dtype spellings: ours, and torch's / transformers' names for the same precisions.
+DTYPE_ALIASES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                 "fp16": "fp16", "float16": "fp16"}
+
+
+def dtype_name(value: str) -> str:
+    """argparse type of --dtype: any spelling in DTYPE_ALIASES, normalised to auto / fp32 / bf16 / fp16."""
+    try:
+        return DTYPE_ALIASES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a precision; choose one of "
+                                         f"{', '.join(DTYPE_ALIASES)}") from None
 
 
 def parse_args(stage: str, defaults: dict[str, Any] | None = None,
@@ -28,7 +39,9 @@ def parse_args(stage: str, defaults: dict[str, Any] | None = None,
                argv: list[str] | None = None, init_from_hint: str = "") -> argparse.Namespace:
     """Shared flags with this stage's defaults, plus the stage's own flags from `add_flags`.
     A given --init_from must be a checkpoint; `init_from_hint` says how to make the usual one."""
-    d = {**SHARED_DEFAULTS, "out_dir": f"out/{stage}", **(defaults or {})}
+    known = STAGES.get(stage)
+    d = {**SHARED_DEFAULTS, "out_dir": known.out_dir if known else f"out/{stage}",
+         "init_from": known.init_from if known else None, **(defaults or {})}
     p = argparse.ArgumentParser(description=f"danlu: {stage}", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and checkpoints")
     g.add_argument("--data_path", help="training JSONL (comma-separate several files)")
@@ -53,8 +66,9 @@ def parse_args(stage: str, defaults: dict[str, Any] | None = None,
     g.add_argument("--skip_nonfinite", action="store_true", help="skip steps whose loss is NaN/inf instead of stopping")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA and on CPUs with bf16 matrix units, else fp32")
+    g.add_argument("--dtype", type=dtype_name, metavar="{auto,fp32,bf16,fp16}",
+                   help="auto: bf16 autocast on CUDA and on CPUs with bf16 matrix units, else fp32 (float32, "
+                        "bfloat16 and float16 are accepted too)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state across ranks (FSDP2), for "
@@ -79,9 +93,15 @@ def parse_args(stage: str, defaults: dict[str, Any] | None = None,
     if args.tokenizer_dir is None:
         args.tokenizer_dir = args.init_from or "out/tokenizer"
     if args.init_from:
-        require_checkpoint(args.init_from, init_from_hint)
+        require_checkpoint(args.init_from, init_from_hint or maker_of(args.init_from))
     ensure_demo_data(args)
     return args
+
+
+def maker_of(out_dir: str) -> str:
+    """The command that writes `out_dir` by default ("" when no stage does)."""
+    stage = next((s for s in STAGES.values() if os.path.normpath(s.out_dir) == os.path.normpath(out_dir)), None)
+    return f"python {stage.script}" if stage else ""
 
 
 def require_checkpoint(path: str, hint: str = "") -> None:
@@ -106,24 +126,3 @@ def require_vocab_fits(model, tokenizer, tokenizer_dir: str) -> None:
     if model.config.vocab_size < len(tokenizer):
         raise UsageError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                          f"{len(tokenizer)} tokens ({tokenizer_dir}); use the tokenizer the model was trained with")
-
-
-def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
-    """Run a stage's main(); a bad record or user mistake prints `error: ...` and exits 2, no traceback."""
-    from dataset.errors import DataError
-
-    @functools.wraps(main)
-    def wrapper():
-        try:
-            return main()
-        except (DataError, UsageError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            print(f"error: the disk is full writing {err.filename or 'a checkpoint'}; every checkpoint is written "
-                  "aside and renamed, so the last complete one is intact: free space, then --resume", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper

@@ -1,7 +1,8 @@
 """Losses for the SFT, DPO and distillation stages, as pure functions of logits, labels and log-probabilities.
 
 Conventions: `labels[b, t]` is the target token for position t of `logits[b, t]` — the caller has already shifted
-(`logits[:, :-1]` against `input_ids[:, 1:]`) — and positions whose label is -100 count for nothing.
+(`logits[:, :-1]` against `input_ids[:, 1:]`) — and positions whose label is IGNORE_INDEX (-100) count for
+nothing.
 
 How a preference stage puts them together (policy and reference run on the same chosen / rejected batch):
 
@@ -16,7 +17,8 @@ and TRL use them. `token_logps` gives both from one log-softmax.
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from dataset.chat import IGNORE_INDEX
+
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
 

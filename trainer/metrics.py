@@ -2,9 +2,11 @@
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from dataset.errors import UsageError
+from dataset.io import atomic_path, atomic_write_text
 
 
 class MetricsLog:
@@ -59,7 +61,15 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(".loss.tmp.png")
-        fig.savefig(tmp)
+        with atomic_path(self.plot_path) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-        tmp.replace(self.plot_path)
+
+
+def start_wandb(config):
+    """A Weights & Biases run logging the same rows as metrics.jsonl (--wandb)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project="danlu", name=config.stage, config=asdict(config))

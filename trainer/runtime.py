@@ -2,8 +2,10 @@
 
 import contextlib
 import ctypes
+import json
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +13,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .cli import UsageError
+from dataset.errors import UsageError
+from dataset.io import atomic_write_text
+
+from .fsdp import FullModel, shard_model
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -66,7 +73,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Runtime:
     """What every part of the trainer needs to know about this process."""
 
-    args: object
     device: torch.device
     dtype: torch.dtype  # the autocast dtype; parameters stay fp32
     rank: int = 0
@@ -132,11 +138,54 @@ def setup(args) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if rank == 0:
         check_out_dir_writable(args.out_dir)
+        atomic_write_text(Path(args.out_dir) / "args.json",
+                          json.dumps(vars(args), indent=1, ensure_ascii=False, default=str))
     seed_everything(args.seed)
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one to watch
-    return Runtime(args=args, device=device, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size)
+    return Runtime(device=device, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size)
 
 
 def teardown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass
+class Trainable:
+    """The model as the training parts see it. `raw` owns the parameters (sharded under --fsdp) and is what the
+    optimizer, checkpoints and evaluation use; `model` runs the training forward (compiled and/or DDP-wrapped)."""
+
+    raw: nn.Module
+    model: nn.Module
+    full: FullModel | None = None  # --fsdp: an unsharded copy on rank 0, refreshed from the shards on demand
+
+    @property
+    def sharded(self) -> bool:
+        return self.full is not None
+
+    def whole(self, run: Runtime) -> nn.Module | None:
+        """The model as one module on rank 0 (None elsewhere); under --fsdp, collective: gathers the shards."""
+        if self.full is not None:
+            return self.full.refresh()
+        return self.raw if run.is_main else None
+
+
+def prepare_model(model: nn.Module, run: Runtime, fsdp: bool = False, compile: bool = False) -> Trainable:
+    """Move to the device, then shard (--fsdp under torchrun) or wrap in DDP, and torch.compile if asked."""
+    raw = model.to(run.device)
+    full = None
+    if fsdp and not run.distributed:
+        run.print("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun)")
+    if fsdp and run.distributed:
+        if run.dtype == torch.float16:
+            raise UsageError("--fsdp trains in bf16 or fp32; use --dtype bf16 (fp16 needs a sharded grad scaler)")
+        full = FullModel(raw, run.is_main)
+        shard_model(raw)
+    forward = raw
+    if compile:
+        t0 = time.time()
+        forward = torch.compile(forward)
+        run.print(f"torch.compile: wrapped in {time.time() - t0:.1f}s (kernels compile on the first steps)")
+    if run.distributed and full is None:
+        forward = DistributedDataParallel(forward, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return Trainable(raw=raw, model=forward, full=full)

@@ -1,0 +1,99 @@
+"""What the chat stages (SFT, LoRA, reasoning distillation) share: packed chat data, the previous stage's model,
+the assistant-token loss, and `run_chat_stage`, which wires them into `train()`.
+
+A chat stage script is then its flags, its loss (or its change to the model), and one call:
+
+    run_chat_stage(args)                                        # SFT
+    run_chat_stage(args, make_loss=tag_weighted(args))          # distillation: another loss
+    run_chat_stage(args, adapt_model=add_adapters, export_fn=save_adapter)   # LoRA: another model
+"""
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dataset.chat import IGNORE_INDEX
+from dataset.lm_dataset import SFTDataset
+from dataset.tokenizer import load_tokenizer
+from model import LM
+
+from .cli import require_vocab_fits
+from .config import TrainConfig
+from .loop import train
+from .progress import format_summary
+from .runtime import Runtime, setup, teardown
+from .sampling import make_sample_fn
+
+
+def add_chat_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every chat stage's data."""
+    p.add_argument("--system_prompt_ratio", type=float, default=0.0,
+                   help="share of conversations without a system turn that get a random one")
+    p.add_argument("--no_pack", action="store_true", help="one conversation per row, padded (for comparison)")
+
+
+def packed_logits(model, batch: dict) -> torch.Tensor:
+    """Logits of a batch of packed rows: each conversation attends only to itself, positions restart per one."""
+    return model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"]).logits
+
+
+def assistant_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over assistant tokens (labels are already the next tokens, IGNORE_INDEX elsewhere)."""
+    logits = packed_logits(model, batch)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def assistant_tokens(batch: dict) -> torch.Tensor:
+    """How many tokens assistant_loss averages over: the trainer weighs micro-batches and ranks by it."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def chat_data(args: argparse.Namespace, tokenizer, run: Runtime) -> tuple[SFTDataset, SFTDataset | None]:
+    """The train and (optional) validation datasets of packed chat rows; only rank 0 prints their stats."""
+    def dataset(path: str, ratio: float) -> SFTDataset:
+        return SFTDataset(path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=ratio,
+                          seed=args.seed, pack=not args.no_pack, quiet=not run.is_main)
+
+    train_data = dataset(args.data_path, args.system_prompt_ratio)
+    val_data = dataset(args.val_data_path, 0.0) if args.val_data_path else None
+    return train_data, val_data
+
+
+def load_checkpoint(args: argparse.Namespace, tokenizer, run: Runtime) -> LM:
+    """The previous stage's model (--init_from), checked against the tokenizer, with a one-line description."""
+    model = LM.from_pretrained(args.init_from)
+    require_vocab_fits(model, tokenizer, args.tokenizer_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    run.print(f"model: {n_params / 1e6:.2f}M parameters from {args.init_from} | {run.device} "
+              f"{str(run.dtype).split('.')[-1]} x {run.world_size} process(es)")
+    return model
+
+
+LossMaker = Callable[[object, Runtime], tuple[Callable, Callable]]
+
+
+def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
+                   adapt_model: Callable[[LM, Runtime], None] | None = None,
+                   export_fn: Callable | None = None) -> dict:
+    """Everything a chat stage does: load data and model, train, report. Returns train()'s summary.
+
+    `make_loss(tokenizer, run)` gives (loss_fn(model, batch), loss_items(batch)), the total weight loss_fn's mean
+    is over (default: assistant_loss over assistant_tokens). `adapt_model(model, run)` changes the loaded model in
+    place before training (LoRA adds its adapters); `export_fn(model, dir)` writes the output directory.
+    """
+    run = setup(args)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    train_data, val_data = chat_data(args, tokenizer, run)
+    model = load_checkpoint(args, tokenizer, run)
+    if adapt_model is not None:
+        adapt_model(model, run)
+    loss_fn, loss_items = make_loss(tokenizer, run) if make_loss else (assistant_loss, assistant_tokens)
+    sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
+                               autocast=run.autocast)
+    summary = train(model, train_data, loss_fn, run, TrainConfig.from_args(args), val_data=val_data,
+                    tokenizer=tokenizer, sample_fn=sample_fn, export_fn=export_fn, loss_items=loss_items)
+    run.print(format_summary(summary))
+    teardown(run)
+    return summary

@@ -1,0 +1,101 @@
+"""What a run shows and how it stops: the log window behind each metrics row, the end-of-run summary, and
+SIGTERM / Ctrl-C handling (finish the step, save, exit)."""
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from .runtime import Runtime
+from .step import StepResult
+
+
+def all_reduce_mean(values: dict[str, float], run: Runtime) -> dict[str, float]:
+    """The mean over ranks of each value (one collective for all of them)."""
+    if not run.distributed or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / run.world_size).tolist()))
+
+
+class LogWindow:
+    """The steps since the last metrics row, summed on the device (no host sync until `row`)."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.extras, self.start = 0.0, 0, 0, {}, time.time()
+
+    def add(self, result: StepResult) -> None:
+        self.tokens = self.tokens + result.tokens
+        for k, v in result.extras.items():
+            self.extras[k] = self.extras.get(k, 0.0) + v
+        if result.applied:
+            self.loss = self.loss + result.loss
+            self.steps += 1
+
+    def row(self, step: int, lr: float, run: Runtime, progress: dict, start_time: float,
+            steps_per_epoch: int) -> dict:
+        """Average the window into a metrics row (mean over ranks); advances progress' tokens and elapsed."""
+        steps = max(self.steps, 1)
+        values = {"loss": float(self.loss) / steps, "tokens": float(self.tokens),
+                  **{k: float(v) / steps for k, v in self.extras.items()}}
+        values = all_reduce_mean(values, run)
+        tokens = values.pop("tokens") * run.world_size
+        now = time.time()
+        progress["tokens"] += int(tokens)
+        progress["elapsed"] = now - start_time
+        return {"step": step, "loss": values.pop("loss"), "lr": lr,
+                "tokens_per_sec": tokens / max(now - self.start, 1e-9), "elapsed": round(progress["elapsed"], 2),
+                "epoch": round(step / steps_per_epoch, 3), **values}
+
+
+def format_summary(summary: dict) -> str:
+    """The one-screen report every stage prints at the end."""
+    lines = [f"\n== {summary['stage']} done: {summary['steps']} steps ({summary['epochs']} epochs), "
+             f"{summary['tokens']:,} tokens in {summary['seconds']:.0f}s = {summary['tokens_per_sec']:,} tokens/s"]
+    if summary.get("final_loss") is not None:
+        lines.append(f"   train loss {summary['final_loss']:.4f}")
+    if "val_ppl" in summary:
+        lines.append(f"   val loss {summary['val_loss']:.4f}   val perplexity {summary['val_ppl']:.2f}")
+    elif "val_loss" in summary:
+        lines.append(f"   val loss {summary['val_loss']:.4f}")
+    lines.append(f"   checkpoint: {summary['out_dir']}  (metrics.jsonl, loss.png, train_state/)")
+    return "\n".join(lines)
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, then exit."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, run: Runtime) -> bool:
+        """Whether any rank got SIGTERM/SIGINT (all ranks must agree to save together)."""
+        flag = self.signal is not None
+        if run.distributed:
+            t = torch.tensor([float(flag)], device=run.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag:
+                self.signal = self.signal or "SIGTERM"  # another rank was signalled
+        return flag
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.signal == "SIGINT" else 143
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
