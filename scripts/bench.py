@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run = Runtime(args=args, device=device, dtype=dtype)
+    run = Runtime(device=device, dtype=dtype)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     results: dict = {"settings": settings, "machine": machine_info(device, dtype)}
     print(f"benchmarking {', '.join(args.sections)} for {', '.join(args.shapes)} on {device} ({DTYPE_NAMES[dtype]})",

@@ -72,6 +72,5 @@ def test_minimind_style_rows_are_padded_and_masked(tmp_path, tokenizer_dir):
     model = LM(LMConfig.from_preset("tiny", vocab_size=len(tokenizer)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = [torch.stack(column) for column in zip(data[0], data[1])]
-    real, positions = minimind_step(model, optimizer, batch, Runtime(args=None, device=torch.device("cpu"),
-                                                                      dtype=torch.float32))
+    real, positions = minimind_step(model, optimizer, batch, Runtime(device=torch.device("cpu"), dtype=torch.float32))
     assert (real, positions) == (n_real - 1 + 32, 64)
