@@ -17,7 +17,7 @@ from typing import Any
 
 Turn = tuple[str, str]  # (user, assistant)
 Messages = list[dict]
-Sequence = tuple[list[int], list[int]]  # token ids, and 1 where a token is scored
+ScoredTokens = tuple[list[int], list[int]]  # token ids, and 1 where a token is scored
 
 
 def chat_record(turns: list[Turn], **fields: Any) -> dict:
@@ -82,7 +82,7 @@ class GenerationTask(Task):
 class LikelihoodTask(Task):
     """A task scored from the model's log-probabilities of given tokens, without generating."""
 
-    def sequences(self, tokenizer, records: list[dict]) -> list[Sequence]:
+    def sequences(self, tokenizer, records: list[dict]) -> list[ScoredTokens]:
         """The token sequences to score, each with its mask of scored tokens."""
         raise NotImplementedError
 

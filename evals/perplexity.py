@@ -7,7 +7,7 @@ Each document is scored on its own, after an <|endoftext|>, predicting every tok
 import torch
 
 from dataset.tokenizer import ENDOFTEXT
-from evals.base import LikelihoodTask, Sequence
+from evals.base import LikelihoodTask, ScoredTokens
 
 
 class NewsPerplexity(LikelihoodTask):
@@ -18,7 +18,7 @@ class NewsPerplexity(LikelihoodTask):
     record_kind = "pretrain"
     metrics = ("val_ppl",)
 
-    def sequences(self, tokenizer, records: list[dict]) -> list[Sequence]:
+    def sequences(self, tokenizer, records: list[dict]) -> list[ScoredTokens]:
         """<|endoftext|> text <|endoftext|>, every token after the first scored."""
         eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
         texts = tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]

@@ -9,7 +9,7 @@ import random
 
 from dataset.chat import tokenize_chat
 from evals import entities, sentiment
-from evals.base import LikelihoodTask, Sequence, share
+from evals.base import LikelihoodTask, ScoredTokens, share
 from evals.entities import Sentence, entity_f1, format_entity_answer, parse_entity_answer, wrong_entities
 from evals.sentiment import parse_sentiment_answer
 
@@ -51,7 +51,7 @@ class Preference(LikelihoodTask):
     record_kind = "dpo"
     metrics = ("pref_acc",)
 
-    def sequences(self, tokenizer, records: list[dict]) -> list[Sequence]:
+    def sequences(self, tokenizer, records: list[dict]) -> list[ScoredTokens]:
         """Each pair's chosen then rejected conversation, its assistant tokens scored."""
         return [tokenize_chat(tokenizer, record["prompt"] + record[side]) for record in records
                 for side in ("chosen", "rejected")]
