@@ -1,6 +1,8 @@
 """The training engine every train_*.py shares: flags, runtime, the loop and its parts, checkpoints, logs, losses."""
 
-from .cli import UsageError, exit_cleanly_on_bad_input, parse_args, require_checkpoint, require_vocab_fits
+from dataset.errors import UsageError, exit_cleanly_on_bad_input
+
+from .cli import parse_args, require_checkpoint, require_vocab_fits
 from .config import TrainConfig
 from .loop import evaluate, train
 from .progress import format_summary
