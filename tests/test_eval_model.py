@@ -93,6 +93,25 @@ def test_model_list_and_base_or_chat(tmp_path, checkpoints):
     assert not eval_model.is_chat_model("anything", tmp_path)  # args.json outranks the name
 
 
+def test_default_models_are_the_stages_found_in_out(tmp_path, checkpoints, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="no checkpoints found .*out/pretrain, out/sft, out/lora, out/dpo"):
+        eval_model.resolve_models(eval_model.parse_args([]))
+    (tmp_path / "out").mkdir()
+    for name in ("sft", "pretrain"):
+        (tmp_path / "out" / name).symlink_to(checkpoints[name])
+    specs = eval_model.resolve_models(eval_model.parse_args([]))
+    assert [(s.name, s.path, s.chat) for s in specs] == [("pretrain", Path("out/pretrain"), False),
+                                                          ("sft", Path("out/sft"), True)]
+
+
+def test_dtype_takes_the_stages_spellings():
+    assert [eval_model.parse_args(["--dtype", name]).dtype for name in ("float32", "BF16", "float16", "auto")] == [
+        "fp32", "bf16", "fp16", "auto"]
+    with pytest.raises(SystemExit):
+        eval_model.parse_args(["--dtype", "int8"])
+
+
 def test_eval_sets_are_each_tasks_records(checkpoints):
     sets = eval_model.load_eval_sets(checkpoints["data"], limit=0)
     assert {name: len(records) for name, records in sets.items()} == {
