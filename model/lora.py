@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from dataset.io import atomic_path, atomic_write_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -137,16 +140,6 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename onto path: a kill at any moment leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_path: str | None = None) -> None:
     """Write the adapter as PEFT does: `adapter_model.safetensors` (PEFT key names) and `adapter_config.json`."""
     layers = lora_layers(model)
@@ -181,8 +174,9 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_path: str
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(out / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(out / ADAPTER_CONFIG, config)
 
 
 def _check_supported(config: dict, path: Path) -> None:
@@ -251,3 +245,34 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for param in bare.parameters():
         param.requires_grad_(True)
     return model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def merge_adapter(init_from: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  model_class=None) -> Path:
+    """Load the base with `model_class.from_pretrained` (default: our LM), merge the adapter, save into out_dir.
+
+    Tokenizer and generation files come from the adapter directory where it has them, else from the base.
+    """
+    if model_class is None:
+        from .model import LM
+        model_class = LM
+    model = model_class.from_pretrained(init_from)
+    merge_lora(load_lora(model, adapter_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Write everything into a sibling temp directory, then rename file by file: no half-written file in out_dir.
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(staging)
+        for name in TOKENIZER_FILES:
+            source = next((Path(d) / name for d in (adapter_dir, init_from) if (Path(d) / name).is_file()), None)
+            if source is not None:
+                shutil.copyfile(source, staging / name)
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

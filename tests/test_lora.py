@@ -2,24 +2,24 @@
 
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from model import LM, LMConfig
 from model.lora import (
     LoRALinear,
     apply_lora,
     load_lora,
     lora_layers,
     lora_parameters,
+    merge_adapter,
     merge_lora,
     save_lora,
     trainable_share,
 )
-from scripts.merge_lora import merge_adapter
-
-peft = pytest.importorskip("peft")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -190,14 +190,11 @@ def test_merge_script_writes_plain_llama_checkpoint(tmp_path):
 
 def test_merge_script_on_our_lm(tmp_path):
     """The same path the CLI takes by default (LM.from_pretrained), checked against PEFT over transformers' Llama."""
-    model_package = pytest.importorskip("model")
-    if not hasattr(model_package, "LM"):
-        pytest.skip("model.LM not written yet")
     torch.manual_seed(0)
-    config = model_package.LMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = LMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     intermediate_size=128, vocab_size=256)
-    model_package.LM(config).save_pretrained(tmp_path / "base")
-    model = apply_lora(model_package.LM.from_pretrained(tmp_path / "base").eval(), r=4, alpha=8)
+    LM(config).save_pretrained(tmp_path / "base")
+    model = apply_lora(LM.from_pretrained(tmp_path / "base").eval(), r=4, alpha=8)
     randomize_adapters(model)
     save_lora(model, tmp_path / "adapter", str(tmp_path / "base"))
     expected = logits_of(model)
