@@ -8,14 +8,10 @@ running batch (continuous batching, serving/engine.py).
 """
 
 import argparse
-import logging
 import sys
 
-import uvicorn
-
-from serving.api import Server, create_app
-from serving.engine import Engine
-from serving.loading import LoadError, load
+from serving.api import serve
+from serving.loading import LoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,21 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        loaded = load(args.model, args.lora, args.device, None if args.chat == "auto" else args.chat == "yes")
+        serve(args.model, args.lora, args.host, args.port, args.api_key, args.served_model_name, args.device,
+              args.max_batch, None if args.chat == "auto" else args.chat == "yes")
     except (LoadError, FileNotFoundError) as exc:
         print(f"serve.py: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(loaded.model, max_batch=args.max_batch, max_context=loaded.context_length).start()
-    server = Server(loaded, engine, args.api_key, args.served_model_name)
-    kind = "chat" if loaded.is_chat else "base"
-    print(f"serving {server.model_id} ({kind} model, context {loaded.context_length}) on "
-          f"http://{args.host}:{args.port}/  (OpenAI API at http://{args.host}:{args.port}/v1)", flush=True)
-    try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.close()
     return 0
 
 

@@ -8,12 +8,14 @@ engine's thread; the event loop only waits on an asyncio queue fed from there, s
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -22,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dataset.chat import render_chat
 from serving.chat_format import EMPTY_THINK, AnswerStream
 from serving.engine import Engine, SamplingParams
-from serving.loading import Loaded
+from serving.loading import Loaded, load
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -177,7 +179,7 @@ class Server:
             frequency_penalty=_get(body, "frequency_penalty", float, 0.0, -2, 2),
             presence_penalty=_get(body, "presence_penalty", float, 0.0, -2, 2),
             seed=_get(body, "seed", int),
-            stop_token_ids=tuple(self.loaded.stop_token_ids),
+            stop_token_ids=() if _get(body, "ignore_eos", bool, False) else tuple(self.loaded.stop_token_ids),
         )
         if params.top_p == 0:
             params.temperature = 0.0
@@ -435,3 +437,20 @@ def create_app(server: Server) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def serve(model_dir: str, lora_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
+          max_batch: int = 32, chat: bool | None = None) -> None:
+    """Load the model, start the engine, and serve until interrupted (what serve.py runs)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    loaded = load(model_dir, lora_dir, device, chat)
+    engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length).start()
+    server = Server(loaded, engine, api_key, served_model_name)
+    kind = "chat" if loaded.is_chat else "base"
+    print(f"serving {server.model_id} ({kind} model, context {loaded.context_length}) on http://{host}:{port}/  "
+          f"(OpenAI API at http://{host}:{port}/v1)", flush=True)
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    finally:
+        engine.close()

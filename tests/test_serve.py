@@ -445,3 +445,14 @@ def test_answer_stream_tokens(chat_checkpoint):
 def test_parse_tool_calls_leaves_bad_json_as_text():
     content, calls = parse_tool_calls("<tool_call>\nnot json\n</tool_call>")
     assert calls == [] and "not json" in content
+
+
+def test_bench_server_reports_rows(serve_model):
+    from serving.bench import bench_server
+
+    result = bench_server(serve_model, clients=(1, 3), requests_per_client=1, max_tokens=6, device="cpu")
+    assert [row["clients"] for row in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["requests"] == row["clients"]
+        assert row["tokens_per_s"] > 0 and row["requests_per_s"] > 0
+    assert result["rows"][1]["tokens_per_s"] == pytest.approx(18 / result["rows"][1]["seconds"], rel=0.05)
