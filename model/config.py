@@ -15,8 +15,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few hundred thousand parameters, most of them the embedding.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=192, max_position_embeddings=512),
-    # The demo model, sized for the 15-minute demo on a 2-core CPU: measured there at 7.3k training
-    # tokens/s in bf16 against 4.4k for hidden 256 x 6 layers (README: "The demo").
+    # The demo model, sized for the 15-minute demo on a 2-core CPU (docs/performance.md: the demo's shape).
     "mini": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
                  intermediate_size=512, max_position_embeddings=1024),
     # MiniMind-small: 26M parameters.
