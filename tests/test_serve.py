@@ -456,3 +456,88 @@ def test_bench_server_reports_rows(serve_model):
         assert row["errors"] == 0 and row["requests"] == row["clients"]
         assert row["tokens_per_s"] > 0 and row["requests_per_s"] > 0
     assert result["rows"][1]["tokens_per_s"] == pytest.approx(18 / result["rows"][1]["seconds"], rel=0.05)
+
+
+# -- a scripted model behind the real API: reasoning and tool calls as the openai client sees them ----------------
+
+
+class ScriptedEngine:
+    """Stands in for the engine: every sequence 'generates' the given text's tokens, then stops."""
+
+    def __init__(self, tokens: list[int], stop_token: int):
+        self.tokens, self.stop_token = tokens, stop_token
+        self.active = self.steps = self.max_rows_seen = self.tokens_generated = 0
+        self.finished = {}
+
+    def submit(self, prompt, params, on_event):
+        def play():
+            for token in self.tokens[:params.max_new_tokens - 1] + [self.stop_token]:
+                on_event(token, None)
+            on_event(None, "stop")
+        threading.Thread(target=play, daemon=True).start()
+
+        class Handle:
+            def cancel(self):
+                pass
+        return Handle()
+
+
+@pytest.fixture()
+def scripted(serve_model):
+    """A function starting the API in this process on a model that always writes `text`; yields an openai client."""
+    openai = pytest.importorskip("openai")
+    import uvicorn
+
+    from serving.api import Server, create_app
+    from serving.loading import load
+
+    servers = []
+
+    def start(text: str):
+        loaded = load(serve_model, device="cpu")
+        tokens = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        engine = ScriptedEngine(tokens, loaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(Server(loaded, engine, model_id="scripted")),
+                                               host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        servers.append(server)
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+    yield start
+    for server in servers:
+        server.should_exit = True
+
+
+def test_reasoning_content_through_the_api(scripted):
+    client = scripted("<think>\n评论说质量很好。\n</think>\n\n好评")
+    answer = client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=100)
+    message = answer.choices[0].message
+    assert message.content == "好评" and message.reasoning_content == "评论说质量很好。"
+    assert answer.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=100, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "评论说质量很好。"
+    assert "".join(d.content or "" for d in deltas) == "好评"
+
+
+def test_tool_calls_through_the_api(scripted):
+    client = scripted('<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>')
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    answer = client.chat.completions.create(model="scripted", messages=MESSAGES, tools=tools, max_tokens=100)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+    chunks = list(client.chat.completions.create(model="scripted", messages=MESSAGES, tools=tools, max_tokens=100,
+                                                 stream=True))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name) for tc in calls] == [(0, "get_weather")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # without tools in the request the same text is plain content
+    plain = client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=100)
+    assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
