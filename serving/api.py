@@ -183,6 +183,13 @@ class Server:
         )
         if params.top_p == 0:
             params.temperature = 0.0
+        for name in ("logprobs", "top_logprobs", "echo", "suffix"):
+            if body.get(name) not in (None, False, 0, ""):
+                raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+        response_format = body.get("response_format")
+        if response_format not in (None, {"type": "text"}):
+            raise APIError(400, "'response_format' other than text is not supported by this server",
+                           "response_format", "unsupported_parameter")
         n = _get(body, "n", int, 1, 1, 16)
         return params, n
 
