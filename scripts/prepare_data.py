@@ -10,12 +10,23 @@ from dataset.bins import prepare_bins
 from dataset.errors import exit_cleanly_on_bad_input
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, each flag's default after its meaning (none for required and on/off flags)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 @exit_cleanly_on_bad_input
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Tokenize pretraining text into uint16 token bins.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_path", required=True, help="a .jsonl, .json (array) or .parquet file of {\"text\"}")
     parser.add_argument("--tokenizer_dir", required=True, help="directory holding tokenizer.json")
-    parser.add_argument("--bin_dir", default="out/bins", help="where the .bin and .json index go")
+    parser.add_argument("--bin_dir", default="out/bins",
+                        help="where the .bin and .json index go (train_pretrain.py looks in bins/ beside its "
+                             "--out_dir, or its own --bin_dir)")
     parser.add_argument("--num_workers", type=int, default=0, help="tokenizer processes (0: min(4, CPUs))")
     parser.add_argument("--skip_bad", action="store_true", help="skip and count malformed lines instead of stopping")
     args = parser.parse_args()
