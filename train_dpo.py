@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dataset.chat import load_tokenizer
 from dataset.lm_dataset import DPODataset, collate_dpo
+from dataset.prepared import once_per_node
 from model import LM
 from trainer import (
     Runtime,
@@ -158,9 +159,13 @@ def main():
         raise UsageError(f"--beta must be positive, got {args.beta}")
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    train_data = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad)
-    val_data = DPODataset(args.val_data_path, tokenizer, args.max_seq_len, args.skip_bad) if args.val_data_path \
-        else None
+    def pairs(path: str) -> DPODataset:  # prepared once per node, beside --out_dir (dataset/prepared.py)
+        return once_per_node(lambda: DPODataset(path, tokenizer, args.max_seq_len, args.skip_bad, quiet=not run.is_main,
+                                                cache_dir=Path(args.out_dir).parent / "prepared", seed=args.seed),
+                             run.local_rank, run.barrier)
+
+    train_data = pairs(args.data_path)
+    val_data = pairs(args.val_data_path) if args.val_data_path else None
 
     policy = LM.from_pretrained(args.init_from)
     require_vocab_fits(policy, tokenizer, args.tokenizer_dir)

@@ -4,6 +4,7 @@ more than once."""
 import bisect
 import itertools
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from torch.utils.data import Dataset
 from dataset.chat import IGNORE_INDEX, tokenize_chat
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import iter_records
+from dataset.mixing import mix_indices, parse_data_path
+from dataset.prepared import PreparedFiles, clip_budget, clip_long_texts, prepare
 
 
 class PretrainDataset(Dataset):
@@ -57,30 +60,7 @@ class PretrainDataset(Dataset):
         return {"input_ids": window[:-1], "labels": window[1:]}
 
 
-# --- SFT: chat records, tokenized once, packed into rows -------------------------------------------------------
-
-
-def clip_budget(tokenizer, max_seq_len: int) -> int:
-    """How many characters from either end of one text are enough for any window of max_seq_len + 1 tokens.
-
-    No token covers more characters than its vocabulary entry is long (byte-level entries spell one byte per
-    character, and a character is at least one byte), so this many characters hold more than a window's tokens,
-    with 64 to spare for the merges next to a cut.
-    """
-    return (max_seq_len + 1 + 64) * max(map(len, tokenizer.get_vocab()))
-
-
-def clip_long_texts(messages: list[dict], budget: int) -> list[dict]:
-    """Messages whose content or reasoning is longer than 2 * budget characters keep only their first and last
-    `budget` characters. Tokenizing a 10 MB message takes seconds and every token past the window is cut anyway;
-    with both ends kept, the tokens a window can hold are the same whether it keeps a text's start (SFT, DPO) or,
-    for a long DPO prompt, its end."""
-    def clip(text: str) -> str:
-        return text if len(text) <= 2 * budget else text[:budget] + text[-budget:]
-
-    return [{**m, **{key: clip(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
-            for m in messages]
-
+# --- chat stages: prepared files (dataset/prepared.py), or tokenized in memory for comparison ----------------------
 
 # For --system_prompt_ratio: a model that only ever saw chats without a system turn ignores one at inference.
 DEFAULT_SYSTEM_PROMPTS = [
@@ -124,8 +104,56 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-class SFTDataset(Dataset):
-    """Chat records as fixed-shape rows for SFT, each conversation tokenized once when the dataset is built.
+class _InMemory:
+    """Token arrays built in this process, with the attributes of prepared.PreparedFiles."""
+
+    def __init__(self, tokens: list[list[int]], masks: list[list[int]], index: dict):
+        lengths = [len(ids) for ids in tokens]
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.tokens = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=self.offsets[-1])
+        self.mask = np.fromiter(itertools.chain.from_iterable(masks), dtype=np.uint8, count=self.offsets[-1])
+        self.index = index
+
+
+class _ChatData(Dataset):
+    """What the chat datasets share: their sources, prepared (or tokenized in memory), and the items drawn from
+    them: all items of one source (a plain path or comma list of files, read one after the other), or a weighted
+    mix of several (dataset/mixing.py)."""
+
+    stage = ""
+
+    def _load(self, path: str, tokenizer, cache_dir: str | Path | None, quiet: bool, in_memory: bool,
+              **options) -> None:
+        self.path = str(path)
+        sources = parse_data_path(path)
+        self.weights = [w for _, w in sources] if sources and sources[0][1] is not None else None
+        groups = [[p] for p, _ in sources] if self.weights else [[p for p, _ in sources]]
+        if not in_memory and cache_dir is None:  # nothing kept after this dataset: a directory of its own
+            self._tmp = tempfile.TemporaryDirectory(prefix="danlu-prepared-")
+            cache_dir = self._tmp.name
+        self.skipped = SkipCounter()
+        self.parts = []
+        for files in groups:
+            if in_memory:
+                part = self._in_memory(files, tokenizer, **options)
+            else:
+                part = PreparedFiles(prepare(files, self.stage, tokenizer, cache_dir, quiet=quiet, **options))
+            self.skipped.merge(SkipCounter.from_dict(part.index.get("skipped", {})))
+            self.parts.append(part)
+
+    def _select(self, sizes: list[int], seed: int) -> None:
+        """self.item_part / self.item_index: the (source, item) of each of this dataset's items."""
+        if self.weights is None:
+            self.item_part = np.zeros(sizes[0], dtype=np.int64)
+            self.item_index = np.arange(sizes[0], dtype=np.int64)
+        else:
+            self.item_part, self.item_index = mix_indices(sizes, self.weights, seed)
+
+
+class SFTDataset(_ChatData):
+    """Chat records as fixed-shape rows for SFT, read from prepared token files (dataset/prepared.py: tokenized
+    once, cached, memory-mapped) or, with `in_memory=True`, tokenized here as the files are read.
 
     A row holds max_seq_len + 1 tokens: several whole conversations packed together (best-fit, so padding is a
     few percent), or one per row with `pack=False`. An item is four [max_seq_len] tensors:
@@ -141,24 +169,93 @@ class SFTDataset(Dataset):
     tokenized, see clip_long_texts); those left with no assistant token are dropped.
     With `system_prompt_ratio` > 0 that share of conversations without a system turn gets one drawn from
     `system_prompts` (seeded). `.stats` counts conversations, rows, tokens and the padding share.
+
+    `cache_dir` keeps the prepared files for the next run (None: a temporary directory, removed with the dataset);
+    `path` may mix sources by weight (`a.jsonl:0.7,b.jsonl:0.3`, dataset/mixing.py). Packing needs only the
+    conversations' lengths, read from the offsets file.
     """
+
+    stage = "sft"
 
     def __init__(self, path: str, tokenizer, max_seq_len: int, skip_bad: bool = False,
                  system_prompts: list[str] | None = None, system_prompt_ratio: float = 0.0, seed: int = 0,
-                 pack: bool = True, quiet: bool = False):
+                 pack: bool = True, quiet: bool = False, cache_dir: str | Path | None = None, num_workers: int = 0,
+                 in_memory: bool = False):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
         say = (lambda *a: None) if quiet else print
         self.max_seq_len, self.pack = max_seq_len, pack
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        options = dict(max_seq_len=max_seq_len, skip_bad=skip_bad, system_prompt_ratio=system_prompt_ratio,
+                       system_prompts=system_prompts, seed=seed)
+        if not in_memory:
+            options["num_workers"] = num_workers
+        self._load(path, tokenizer, cache_dir, quiet, in_memory, **options)
+        if self.skipped.total and in_memory:
+            say(f"{path}: {self.skipped.summary()}")
+        for files, part in zip(self._groups(path), self.parts):
+            counts = part.index
+            if counts["n_conversations"] == 0:
+                reason = f"no conversation has an assistant token within max_seq_len {max_seq_len}" \
+                    if counts["n_dropped"] else "no usable conversations"  # every record was skipped
+                raise DataError(files, 0, f"{reason}; {self.skipped.summary()}" if self.skipped.total else reason)
+
+        # The shuffle continues the system-prompt draws' generator, as when it all happened in one pass.
+        rng = random.Random(seed)
+        state = self.parts[0].index.get("rng_state") if self.weights is None else None
+        if state is not None:
+            rng.setstate((state[0], tuple(state[1]), state[2]))
+        self._select([len(part.offsets) - 1 for part in self.parts], seed)
+        part_lengths = [np.diff(part.offsets) for part in self.parts]
+        first = np.cumsum([0] + [len(x) for x in part_lengths])  # where each source starts in the concatenation
+        lengths = np.concatenate(part_lengths)[first[self.item_part] + self.item_index]
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        if pack:
+            ordered = lengths[order].tolist()
+            rows = [[order[i] for i in row] for row in pack_best_fit(ordered, max_seq_len + 1)]
+        else:
+            rows = [[i] for i in order]
+        self.row_starts = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(row) for row in rows], out=self.row_starts[1:])
+        self.row_items = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=self.row_starts[-1])
+
+        n_tokens = int(lengths.sum())
+        self.stats = {
+            "conversations": len(lengths), "rows": len(rows), "tokens": n_tokens,
+            "assistant_tokens": self._assistant_tokens(), "padding": 1 - n_tokens / (len(rows) * (max_seq_len + 1)),
+            "truncated": sum(p.index["n_truncated"] for p in self.parts),
+            "dropped": sum(p.index["n_dropped"] for p in self.parts),
+        }
+        say(self.describe(path))
+
+    @staticmethod
+    def _groups(path: str) -> list[str]:
+        sources = parse_data_path(path)
+        if sources and sources[0][1] is not None:
+            return [p for p, _ in sources]
+        return [",".join(p for p, _ in sources)]
+
+    def _assistant_tokens(self) -> int:
+        if self.weights is None:
+            return self.parts[0].index["n_assistant_tokens"]
+        total = 0
+        for k, part in enumerate(self.parts):  # per conversation, then counted as often as it was drawn
+            mask, starts = part.mask, part.offsets[:-1]
+            per_conversation = np.add.reduceat(mask, starts, dtype=np.int64) - mask[starts]
+            total += int(per_conversation[self.item_index[self.item_part == k]].sum())
+        return total
+
+    def _in_memory(self, files: list[str], tokenizer, max_seq_len, skip_bad, system_prompt_ratio, system_prompts,
+                   seed) -> _InMemory:
+        """The conversations of `files` tokenized here, one by one: the reference the prepared files must equal."""
         rng = random.Random(seed)
         prompts = system_prompts or DEFAULT_SYSTEM_PROMPTS
-
-        self.skipped = SkipCounter()
+        skipped = SkipCounter()
         token_lists, mask_lists = [], []
         truncated = dropped = 0
         budget = clip_budget(tokenizer, max_seq_len)
-        for record in iter_records(path, "chat", skip_bad, self.skipped):
+        for record in iter_records(",".join(files), "chat", skip_bad, skipped):
             messages = clip_long_texts(record["messages"], budget)
             if system_prompt_ratio > 0 and messages[0]["role"] != "system" and rng.random() < system_prompt_ratio:
                 messages = [{"role": "system", "content": rng.choice(prompts)}, *messages]
@@ -171,35 +268,16 @@ class SFTDataset(Dataset):
                 continue
             token_lists.append(ids)
             mask_lists.append(mask)
-        if self.skipped.total:
-            say(f"{path}: {self.skipped.summary()}")
-        if not token_lists:
-            reason = f"no conversation has an assistant token within max_seq_len {max_seq_len}" if dropped else \
-                "no usable conversations"  # every record was skipped
-            raise DataError(path, 0, f"{reason}; {self.skipped.summary()}" if self.skipped.total else reason)
+        state = rng.getstate()
+        index = {"n_conversations": len(token_lists), "n_truncated": truncated, "n_dropped": dropped,
+                 "n_assistant_tokens": sum(sum(m) - m[0] for m in mask_lists), "skipped": skipped.to_dict(),
+                 "rng_state": [state[0], list(state[1]), state[2]]}
+        return _InMemory(token_lists, mask_lists, index)
 
-        lengths = [len(ids) for ids in token_lists]
-        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.offsets[1:])
-        self.tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=self.offsets[-1])
-        self.masks = np.fromiter(itertools.chain.from_iterable(mask_lists), dtype=bool, count=self.offsets[-1])
-
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        if pack:
-            packed = pack_best_fit([lengths[i] for i in order], max_seq_len + 1)
-            self.rows = [[order[i] for i in row] for row in packed]
-        else:
-            self.rows = [[i] for i in order]
-
-        n_tokens = int(self.offsets[-1])
-        self.stats = {
-            "conversations": len(lengths), "rows": len(self.rows), "tokens": n_tokens,
-            "assistant_tokens": int(self.masks.sum() - self.masks[self.offsets[:-1]].sum()),
-            "padding": 1 - n_tokens / (len(self.rows) * (max_seq_len + 1)),
-            "truncated": truncated, "dropped": dropped,
-        }
-        say(self.describe(path))
+    @property
+    def rows(self) -> list[list[int]]:
+        """The items (conversations, or draws of a weighted mix) of each row, in row order."""
+        return [self.row_items[a:b].tolist() for a, b in zip(self.row_starts[:-1], self.row_starts[1:])]
 
     def describe(self, path: str) -> str:
         """One line about the data: what was read, how it was packed, how much is padding."""
@@ -214,7 +292,7 @@ class SFTDataset(Dataset):
         return line
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.row_starts) - 1
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         width = self.max_seq_len + 1
@@ -223,11 +301,13 @@ class SFTDataset(Dataset):
         segments = np.zeros(width, dtype=np.int64)
         positions = np.zeros(width, dtype=np.int64)
         at = 0
-        for segment, conversation in enumerate(self.rows[i], 1):
-            start, end = self.offsets[conversation], self.offsets[conversation + 1]
+        for segment, item in enumerate(self.row_items[self.row_starts[i]:self.row_starts[i + 1]].tolist(), 1):
+            part = self.parts[self.item_part[item]]
+            conversation = self.item_index[item]
+            start, end = int(part.offsets[conversation]), int(part.offsets[conversation + 1])
             n = end - start
-            tokens[at:at + n] = self.tokens[start:end]
-            targets[at:at + n] = self.masks[start:end]
+            tokens[at:at + n] = part.tokens[start:end]
+            targets[at:at + n] = part.mask[start:end]
             segments[at:at + n] = segment
             positions[at:at + n] = np.arange(n)
             at += n
@@ -237,56 +317,92 @@ class SFTDataset(Dataset):
                 "segment_ids": torch.from_numpy(segments[:-1]), "position_ids": torch.from_numpy(positions[:-1])}
 
 
-class DPODataset(Dataset):
-    """Preference pairs for DPO: each record's prompt + chosen and prompt + rejected, tokenized once, up front.
+class DPODataset(_ChatData):
+    """Preference pairs for DPO, read from prepared token files (dataset/prepared.py: each pair's prompt, chosen and
+    rejected continuation tokenized once) or, with `in_memory=True`, tokenized here.
 
     Labels are aligned (labels[t] is the target of position t) and are -100 everywhere except on the response's
     assistant tokens (each assistant turn's body and its `<|im_end|>`); assistant turns inside a multi-turn prompt
     are context, not response, and get -100 too. A conversation longer than max_seq_len + 1 tokens is cut from the
     end, keeping the prompt's start; if that would leave no response token at all, the prompt is cut from the left
     instead: the window then holds the end of the prompt and as much of the response as fits (all of it when it
-    fits in half the window or less, else half prompt tail, half response head).
+    fits in half the window or less, else half prompt tail, half response head). Windows are cut when an item is
+    read, so the prepared files serve every max_seq_len with the same clip budget.
 
     Item i: chosen_ids, chosen_labels, rejected_ids, rejected_labels (1-D), index = i, and, once
     `set_reference_logps` was called, ref_chosen_logps / ref_rejected_logps (scalars), so precomputed reference
     log-probs travel with their own pair whatever the batch order, rank or split.
     """
 
-    def __init__(self, path: str, tokenizer, max_seq_len: int, skip_bad: bool = False):
+    stage = "dpo"
+
+    def __init__(self, path: str, tokenizer, max_seq_len: int, skip_bad: bool = False, quiet: bool = False,
+                 cache_dir: str | Path | None = None, num_workers: int = 0, seed: int = 0, in_memory: bool = False):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
         self.max_seq_len = max_seq_len
         self.pad_id = tokenizer.pad_token_id or 0
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.n_truncated = 0
-        self.skipped = SkipCounter()
-        budget = clip_budget(tokenizer, max_seq_len)
-        for record in iter_records(path, "dpo", skip_bad, self.skipped):
-            prompt = clip_long_texts(record["prompt"], budget)
-            prompt_len = len(tokenize_chat(tokenizer, prompt)[0])
-            pair = []
-            for response in (record["chosen"], record["rejected"]):
-                ids, mask = tokenize_chat(tokenizer, prompt + clip_long_texts(response, budget))
-                mask = [0] * prompt_len + mask[prompt_len:]
-                pair += self._window(ids, mask)
-            self.pairs.append(tuple(pair))
-        if self.skipped.total:
+        options = dict(max_seq_len=max_seq_len, skip_bad=skip_bad)
+        if not in_memory:
+            options["num_workers"] = num_workers
+        self._load(path, tokenizer, cache_dir, quiet, in_memory, **options)
+        if self.skipped.total and in_memory:
             print(f"{path}: {self.skipped.summary()}", flush=True)
-        if not self.pairs:  # every record was skipped
+        if any(part.index["n_pairs"] == 0 for part in self.parts):  # every record was skipped
             raise DataError(path, 0, f"no usable preference pairs; {self.skipped.summary()}")
+        self._select([part.index["n_pairs"] for part in self.parts], seed)
+        window = max_seq_len + 1
+        self.n_truncated = 0
+        for k, part in enumerate(self.parts):
+            pieces = np.diff(part.offsets).reshape(-1, 3)[self.item_index[self.item_part == k]]
+            self.n_truncated += int((pieces[:, 0] + pieces[:, 1] > window).sum() +
+                                    (pieces[:, 0] + pieces[:, 2] > window).sum())
         self.ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _window(self, ids: list[int], mask: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _in_memory(self, files: list[str], tokenizer, max_seq_len, skip_bad) -> _InMemory:
+        """Pairs tokenized here, each side as one whole conversation (an empty prompt piece, then prompt + response
+        with the prompt's mask zeroed): the reference the prepared files must equal."""
+        skipped = SkipCounter()
+        token_lists, mask_lists = [], []
+        budget = clip_budget(tokenizer, max_seq_len)
+        for record in iter_records(",".join(files), "dpo", skip_bad, skipped):
+            prompt = clip_long_texts(record["prompt"], budget)
+            prompt_len = len(tokenize_chat(tokenizer, prompt)[0])
+            token_lists.append([])
+            mask_lists.append([])
+            for response in (record["chosen"], record["rejected"]):
+                ids, mask = tokenize_chat(tokenizer, prompt + clip_long_texts(response, budget))
+                token_lists.append(ids)
+                mask_lists.append([0] * prompt_len + mask[prompt_len:])
+        return _InMemory(token_lists, mask_lists, {"n_pairs": len(token_lists) // 3, "skipped": skipped.to_dict()})
+
+    def _window(self, ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids, aligned labels) of at most max_seq_len positions, truncated as the class docstring says."""
         window = self.max_seq_len + 1
         if len(ids) > window:
-            self.n_truncated += 1
-            first_response = mask.index(1) if 1 in mask else 0
+            first_response = int(np.argmax(mask)) if mask.any() else 0
             start = 0 if first_response < window else min(len(ids) - window, first_response - window // 2)
             ids, mask = ids[start : start + window], mask[start : start + window]
-        tokens = torch.tensor(ids, dtype=torch.long)
-        labels = tokens[1:].masked_fill(torch.tensor(mask[1:]) == 0, IGNORE_INDEX)
+        tokens = torch.from_numpy(ids.astype(np.int64))
+        labels = tokens[1:].masked_fill(torch.from_numpy(mask[1:] == 0), IGNORE_INDEX)
         return tokens[:-1], labels
+
+    def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chosen ids, chosen labels, rejected ids, rejected labels) of item i."""
+        part = self.parts[self.item_part[i]]
+        a, b, c, d = (int(x) for x in part.offsets[3 * self.item_index[i]: 3 * self.item_index[i] + 4])
+        prompt = part.tokens[a:b]
+        sides = []
+        for start, end in ((b, c), (c, d)):
+            ids = np.concatenate([prompt, part.tokens[start:end]])
+            mask = np.concatenate([np.zeros(b - a, dtype=np.uint8), part.mask[start:end]])
+            sides += self._window(ids, mask)
+        return tuple(sides)
+
+    @property
+    def pairs(self) -> "_Pairs":
+        """pairs[i] is pair(i)."""
+        return _Pairs(self)
 
     def set_reference_logps(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         """Attach the reference model's log-probs of every pair ([N] each, in dataset order)."""
@@ -296,15 +412,49 @@ class DPODataset(Dataset):
         self.ref_logps = (chosen.detach().float().cpu(), rejected.detach().float().cpu())
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.item_index)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        chosen_ids, chosen_labels, rejected_ids, rejected_labels = self.pairs[i]
+        chosen_ids, chosen_labels, rejected_ids, rejected_labels = self.pair(i)
         item = {"chosen_ids": chosen_ids, "chosen_labels": chosen_labels, "rejected_ids": rejected_ids,
                 "rejected_labels": rejected_labels, "index": torch.tensor(i)}
         if self.ref_logps is not None:
             item["ref_chosen_logps"], item["ref_rejected_logps"] = self.ref_logps[0][i], self.ref_logps[1][i]
         return item
+
+
+class _Pairs:
+    def __init__(self, data: DPODataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.data.pair(i)
+
+
+class RLPromptDataset(_ChatData):
+    """Prompt sets for the RL stages ({"prompt", "task"?, "answer"?} or chat records ending with the user's turn),
+    prepared once: item i is prompt_ids (the rendered prompt with `<|im_start|>assistant\\n` at the end, ready to
+    generate from), messages, task, answer and index."""
+
+    stage = "rl"
+
+    def __init__(self, path: str, tokenizer, skip_bad: bool = False, quiet: bool = False,
+                 cache_dir: str | Path | None = None, num_workers: int = 0, seed: int = 0):
+        self._load(path, tokenizer, cache_dir, quiet, False, skip_bad=skip_bad, num_workers=num_workers)
+        if any(part.index["n_prompts"] == 0 for part in self.parts):
+            raise DataError(path, 0, f"no usable prompts; {self.skipped.summary()}")
+        self._select([part.index["n_prompts"] for part in self.parts], seed)
+
+    def __len__(self) -> int:
+        return len(self.item_index)
+
+    def __getitem__(self, i: int) -> dict:
+        part, k = self.parts[self.item_part[i]], int(self.item_index[i])
+        ids = torch.from_numpy(part.tokens[part.offsets[k]:part.offsets[k + 1]].astype(np.int64))
+        return {"prompt_ids": ids, **part.meta(k), "index": i}
 
 
 def collate_dpo(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:

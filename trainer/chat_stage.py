@@ -10,12 +10,14 @@ A chat stage script is then its flags, its loss (or its change to the model), an
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from dataset.chat import IGNORE_INDEX
 from dataset.lm_dataset import SFTDataset
+from dataset.prepared import once_per_node
 from dataset.tokenizer import load_tokenizer
 from model import LM
 
@@ -51,10 +53,13 @@ def assistant_tokens(batch: dict) -> torch.Tensor:
 
 
 def chat_data(args: argparse.Namespace, tokenizer, run: Runtime) -> tuple[SFTDataset, SFTDataset | None]:
-    """The train and (optional) validation datasets of packed chat rows; only rank 0 prints their stats."""
+    """The train and (optional) validation datasets of packed chat rows, prepared once per node into the
+    `prepared` folder beside --out_dir (dataset/prepared.py); only rank 0 prints their stats."""
     def dataset(path: str, ratio: float) -> SFTDataset:
-        return SFTDataset(path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=ratio,
-                          seed=args.seed, pack=not args.no_pack, quiet=not run.is_main)
+        return once_per_node(lambda: SFTDataset(
+            path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=ratio, seed=args.seed,
+            pack=not args.no_pack, quiet=not run.is_main, cache_dir=Path(args.out_dir).parent / "prepared"),
+            run.local_rank, run.barrier)
 
     train_data = dataset(args.data_path, args.system_prompt_ratio)
     val_data = dataset(args.val_data_path, 0.0) if args.val_data_path else None

