@@ -10,18 +10,21 @@ gets an adapter (model/lora.py), only adapter weights train, and out_dir receive
 evaluates it on top of its base.
 """
 
-from model.lora import DEFAULT_TARGETS, apply_lora, save_lora, trainable_share
+from model.lora import DEFAULT_TARGETS, EXPERT_TARGETS, apply_lora, save_lora, trainable_share
 from trainer import UsageError, exit_cleanly_on_bad_input, parse_args
 from trainer.chat_stage import add_chat_flags, run_chat_stage
+from trainer.kd import add_kd_flags
 
 
 def add_flags(p):
     add_chat_flags(p)
+    add_kd_flags(p)  # --teacher: the adapters learn a teacher's distribution (trainer/kd.py)
     p.add_argument("--lora_r", type=int, default=8, help="adapter rank")
     p.add_argument("--lora_alpha", type=float, default=16, help="the update is scaled by lora_alpha / lora_r")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
     p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
-                   help="comma-separated Linear names to adapt (default: every attention and MLP projection)")
+                   help="comma-separated Linear names to adapt (default: every attention and MLP projection; on "
+                        "a mixture-of-experts model also every expert's w1,w2,w3)")
 
 
 @exit_cleanly_on_bad_input
@@ -36,14 +39,15 @@ def main():
 
     def add_adapters(model, run):
         """Freeze the model and give every target projection a trainable low-rank adapter (model/lora.py)."""
+        adapted = targets + list(EXPERT_TARGETS) if model.moe and targets == list(DEFAULT_TARGETS) else targets
         try:
-            apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+            apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=adapted)
         except ValueError as err:
             raise UsageError(f"LoRA (--lora_r/--lora_targets): {err}") from None
         trainable, total = trainable_share(model)
         run.print(f"LoRA: {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M ({100 * trainable / total:.1f}%) | "
                   f"r {args.lora_r}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g} on "
-                  f"{', '.join(targets)} | base {args.init_from} (frozen)")
+                  f"{', '.join(adapted)} | base {args.init_from} (frozen)")
 
     def save_adapter(model, out_dir):
         """What goes into out_dir: the adapter only (the trainer adds the tokenizer files)."""

@@ -7,6 +7,10 @@
 Data: {"text": ...} records (.jsonl, .json array or .parquet; comma-separate several files), tokenized once
 into uint16 bins (dataset/bins.py) and read as packed windows of max_seq_len tokens: no padding, no
 tokenizing in the training loop.
+
+--num_experts E makes a mixture-of-experts model (a Mixtral checkpoint; model/model.py's MoE): E SwiGLU experts of
+width --intermediate_size per layer, --num_experts_per_tok of them per token, and the load-balancing loss added with
+weight --router_aux_loss_coef. --teacher DIR distils from a trained model's logits (trainer/kd.py).
 """
 
 import torch.nn.functional as F
@@ -16,8 +20,10 @@ from dataset.chat import load_tokenizer
 from dataset.formats import split_paths
 from dataset.lm_dataset import PretrainDataset
 from model import LM, PRESETS, LMConfig
+from model.config import MoEConfig
 from trainer import (
     TrainConfig,
+    UsageError,
     exit_cleanly_on_bad_input,
     format_summary,
     make_sample_fn,
@@ -27,6 +33,7 @@ from trainer import (
     teardown,
     train,
 )
+from trainer.kd import add_kd_flags, distillation
 
 
 def add_flags(p):
@@ -36,18 +43,35 @@ def add_flags(p):
         p.add_argument(f"--{name}", type=int, help="override the preset's value")
     p.add_argument("--rope_theta", type=float, help="override the preset's RoPE base")
     p.add_argument("--bin_dir", default="out/bins", help="where tokenized data is cached")
+    p.add_argument("--num_experts", type=int, default=0,
+                   help="experts per layer: a mixture-of-experts model (Mixtral layout) instead of a dense one (0)")
+    p.add_argument("--num_experts_per_tok", type=int, default=2, help="experts each token is routed to (top-k)")
+    p.add_argument("--router_aux_loss_coef", type=float, default=0.01,
+                   help="weight of the experts' load-balancing loss added to the training loss")
+    add_kd_flags(p)
+
+
+def logits(model, batch):
+    return model(batch["input_ids"]).logits
 
 
 def loss_fn(model, batch):
     """Cross-entropy of every position's next token (labels are already the next tokens)."""
-    logits = model(batch["input_ids"]).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+    return F.cross_entropy(logits(model, batch).flatten(0, 1).float(), batch["labels"].flatten())
 
 
-def model_config(args, vocab_size: int) -> LMConfig:
+def model_config(args, vocab_size: int) -> LMConfig | MoEConfig:
     shape = {name: getattr(args, name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                     "num_key_value_heads", "intermediate_size", "rope_theta")}
-    config = LMConfig.from_preset(args.preset, vocab_size=vocab_size, **shape)
+    if args.num_experts:
+        if not 1 <= args.num_experts_per_tok <= args.num_experts:
+            raise UsageError(f"--num_experts_per_tok must be between 1 and --num_experts ({args.num_experts}), "
+                             f"got {args.num_experts_per_tok}")
+        config = MoEConfig.from_preset(args.preset, vocab_size=vocab_size, num_local_experts=args.num_experts,
+                                       num_experts_per_tok=args.num_experts_per_tok,
+                                       router_aux_loss_coef=args.router_aux_loss_coef, **shape)
+    else:
+        config = LMConfig.from_preset(args.preset, vocab_size=vocab_size, **shape)
     config.max_position_embeddings = max(config.max_position_embeddings, args.max_seq_len)
     return config
 
@@ -83,13 +107,16 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"model: {n_params / 1e6:.2f}M parameters ({args.preset}: hidden {model.config.hidden_size}, "
               f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
-              f"{model.config.num_key_value_heads} KV heads) | data: {train_data.n_tokens:,} train tokens, "
+              f"{model.config.num_key_value_heads} KV heads"
+              + (f", {model.config.num_local_experts} experts, {model.config.num_experts_per_tok} per token"
+                 if model.moe else "") + f") | data: {train_data.n_tokens:,} train tokens, "
               f"{len(train_data):,} windows of {args.max_seq_len} | {run.device} {str(run.dtype).split('.')[-1]}"
               f" x {run.world_size} process(es)")
 
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=False, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
-    summary = train(model, train_data, loss_fn, run, TrainConfig.from_args(args), val_data=val_data,
+    stage_loss = distillation(args, model, tokenizer, run, logits) if args.teacher else loss_fn
+    summary = train(model, train_data, stage_loss, run, TrainConfig.from_args(args), val_data=val_data,
                     tokenizer=tokenizer, sample_fn=sample_fn)
     run.print(format_summary(summary))
     teardown(run)

@@ -8,10 +8,19 @@ Data: chat JSONL in any shape dataset/formats.py reads (MiniMind, OpenAI, ShareG
 tools and tool calls included), rendered with the ChatML template. The loss covers assistant tokens only: every
 assistant turn of a conversation and its <|im_end|>. Conversations are tokenized once and packed several to a
 row, each attending only to itself, so padding does not eat the batch.
+
+With --teacher DIR the loss is knowledge distillation on the same assistant tokens (trainer/kd.py):
+(1 - kd_alpha) * CE + kd_alpha * T^2 * KL(teacher || student), logged as ce and kl.
 """
 
 from trainer import exit_cleanly_on_bad_input, parse_args
 from trainer.chat_stage import add_chat_flags, run_chat_stage
+from trainer.kd import add_kd_flags
+
+
+def add_flags(p):
+    add_chat_flags(p)
+    add_kd_flags(p)
 
 
 @exit_cleanly_on_bad_input
@@ -20,7 +29,7 @@ def main():
     args = parse_args("sft", dict(**demo, max_seq_len=256, batch_size=16, learning_rate=5e-4, warmup_steps=50,
                                   eval_every=200, sample_every=200, sample_tokens=32, save_every=200,
                                   sample_prompt="下面这条评论是正面的还是负面的？\n房间很干净，服务员也很热情，下次还会再来。"),
-                      add_chat_flags)
+                      add_flags)
     run_chat_stage(args)  # assistant-token cross-entropy on packed chats (trainer/chat_stage.py)
 
 

@@ -1,12 +1,14 @@
-"""LMConfig: transformers' LlamaConfig plus danlu's named model sizes.
+"""LMConfig: transformers' LlamaConfig plus danlu's named model sizes; MoEConfig: the same as a MixtralConfig.
 
 Subclassing LlamaConfig keeps `"model_type": "llama"` in every config.json we write, so each
-checkpoint loads in `transformers.AutoModelForCausalLM` with no conversion.
+checkpoint loads in `transformers.AutoModelForCausalLM` with no conversion. A mixture-of-experts model's config is
+a MixtralConfig (`"model_type": "mixtral"`): Mixtral is a Llama whose MLPs are mixtures of SwiGLU experts, routed
+exactly as model/model.py's MoE routes them, so those checkpoints load as `MixtralForCausalLM`.
 """
 
 from typing import Any
 
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MixtralConfig
 
 # Special-token ids fixed by the tokenizer (as in MiniMind's): 0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>.
 from dataset.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -38,11 +40,11 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-class LMConfig(LlamaConfig):
-    """A LlamaConfig; `LMConfig.from_preset("mini", num_hidden_layers=4)` builds a named size."""
+class Presets:
+    """`from_preset`, shared by both config classes."""
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "LMConfig":
+    def from_preset(cls, name: str, **overrides: Any):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         fields = {**DEFAULTS, **PRESETS[name]}
@@ -52,6 +54,33 @@ class LMConfig(LlamaConfig):
         if rope_theta is not None:
             fields["rope_parameters"]["rope_theta"] = float(rope_theta)
         return cls(**fields)
+
+
+class LMConfig(Presets, LlamaConfig):
+    """A LlamaConfig; `LMConfig.from_preset("mini", num_hidden_layers=4)` builds a named size."""
+
+
+class MoEConfig(Presets, MixtralConfig):
+    """A MixtralConfig: every layer's MLP is `num_local_experts` SwiGLU experts of width `intermediate_size`, of
+    which each token uses `num_experts_per_tok`; `router_aux_loss_coef` weighs the load-balancing loss.
+
+    `MoEConfig.from_preset("mini", num_local_experts=8, num_experts_per_tok=2, intermediate_size=256)` is `mini` with
+    8 experts of half its MLP's width, two per token: the same active parameters per token as `mini`.
+    """
+
+    # Mixtral's projections have no biases (LlamaConfig's fields, which model.py reads, fixed here).
+    attention_bias = False
+    mlp_bias = False
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:  # MixtralConfig leaves it unset; model.py and Mixtral both read hidden / heads
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+
+def is_moe(config) -> bool:
+    """Whether a config (ours or transformers') describes a mixture-of-experts model."""
+    return getattr(config, "model_type", None) == "mixtral"
 
 
 def yarn(factor: float, original_max_position_embeddings: int, rope_theta: float = 1e6) -> dict[str, Any]:

@@ -30,6 +30,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A mixture-of-experts model's expert projections (Mixtral's names; the router, `gate`, is left alone). PEFT loads
+# adapters on them onto a Mixtral whose experts are modules (transformers 4); transformers 5 keeps its experts as
+# fused tensors, where PEFT applies only the attention adapters.
+EXPERT_TARGETS = ("w1", "w2", "w3")
 
 
 class LoRALinear(nn.Module):

@@ -1,11 +1,13 @@
 """danlu's decoder: a LLaMA-style transformer, written out in one file.
 
     tokens -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits
-    DecoderLayer: x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))
+    DecoderLayer: x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))   (MoE configs: MoE in place of MLP)
 
 Names follow transformers' modeling_llama.py, so a checkpoint saved here loads as a
-`LlamaForCausalLM` and vice versa. What comes from transformers is the config class, the
-save/load machinery of PreTrainedModel, and the output dataclass; the model is ours.
+`LlamaForCausalLM` and vice versa; a mixture-of-experts model (model/config.py's MoEConfig) is
+saved under the names of Mixtral's checkpoints and loads as a `MixtralForCausalLM`. What comes
+from transformers is the config class, the save/load machinery of PreTrainedModel, and the
+output dataclass; the model is ours.
 Generation (KV cache, sampling, streaming, batches) is in generation.py; `LM.generate` calls it.
 """
 
@@ -17,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from dataset.chat import IGNORE_INDEX
 
 from . import generation
-from .config import LMConfig
+from .config import LMConfig, MoEConfig, is_moe
 from .generation import KVCache
-
 
 def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
     """The dtype matmuls run in: autocast's where it is on, else `default` (the tensors' own)."""
@@ -157,17 +158,96 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts (Shazeer et al. 2017; as Mixtral, Jiang et al. 2024, uses it). A layer holds E
+# SwiGLU experts; a router scores all of them for each token, the token goes through its k best,
+# and their outputs are summed, weighted by the router's softmax renormalised over those k. Each
+# token pays for k experts while the layer holds E: more parameters for the same compute.
+# ---------------------------------------------------------------------------------------------
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert under Mixtral's names: w2(silu(w1(x)) * w3(x)) (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k routing over `num_local_experts` experts; `gate` is the router (Mixtral's name).
+
+    The experts run as batched work: the (token, expert) pairs are sorted by expert, so each expert multiplies
+    the one contiguous block of rows routed to it (one matmul per projection per expert, no loop over tokens),
+    and the weighted results are added back to their tokens. Every expert runs, on zero rows if none chose it, so
+    every parameter takes part in each step (DDP needs that). The router's logits of the last call stay in
+    `router_logits` for the load-balancing loss (load_balancing_loss)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (tokens, hidden)
+        self.router_logits = self.gate(x)  # (tokens, experts)
+        probs = F.softmax(self.router_logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k): each token's k best experts
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        # Sorted by expert, the pairs routed to expert e are one block of rows; bincount sizes the blocks (the one
+        # host sync). pair // k is the token a pair came from.
+        order = chosen.flatten().argsort(stable=True)
+        rows_per_expert = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        token = order // self.top_k
+        blocks = x[token].split(rows_per_expert)
+        y = torch.cat([expert(block) for expert, block in zip(self.experts, blocks)])
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)).reshape(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer's load-balancing loss (Fedus et al. 2021) as Mixtral computes it, over every layer's
+    routing at once: E * sum_e f_e * P_e, with f_e the share of routings (token, slot) that went to expert e (the
+    f_e sum to k) and P_e the mean router probability of e. It is k when every expert gets the same share, and grows
+    as a few experts take most tokens; only P_e carries a gradient. Tokens where `token_mask` is 0 do not count."""
+    logits = torch.cat(router_logits)  # (layers * tokens, experts)
+    num_experts = logits.shape[-1]
+    probs = F.softmax(logits.float(), dim=-1)
+    routed = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # 0/1 per expert
+    weight = torch.ones_like(probs[:, 0]) if token_mask is None else \
+        token_mask.flatten().float().repeat(len(router_logits))
+    total = weight.sum().clamp(min=1)
+    share_routed = (routed * weight[:, None]).sum(dim=0) / total
+    mean_prob = (probs * weight[:, None]).sum(dim=0) / total
+    return num_experts * (share_routed * mean_prob).sum()
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LMConfig, layer_idx: int):
+    def __init__(self, config: LMConfig | MoEConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.moe = is_moe(config)
+        if self.moe:
+            self.block_sparse_moe = MoE(config)  # the name Mixtral's checkpoints give it
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.block_sparse_moe(h) if self.moe else self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -205,7 +285,11 @@ def visibility_mask(segment_ids: torch.Tensor, seq: int, past: int) -> torch.Ten
 
 
 class LM(PreTrainedModel):
-    """The causal language model: `LM(config)` or `LM.from_pretrained(dir)`."""
+    """The causal language model: `LM(config)` or `LM.from_pretrained(dir)`.
+
+    With a MoEConfig every forward pass also computes the load-balancing loss of its routing: returned as
+    `aux_loss` and kept in `last_aux_loss`, where the trainer finds it (trainer/step.py adds
+    `router_aux_loss_coef * last_aux_loss` to whatever loss a stage computes from the logits)."""
 
     config_class = LMConfig
     base_model_prefix = "model"
@@ -218,6 +302,8 @@ class LM(PreTrainedModel):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = generation.default_generation_config(config)
+        self.moe = is_moe(config)
+        self.last_aux_loss: torch.Tensor | None = None
         self.post_init()
 
     @classmethod
@@ -226,22 +312,25 @@ class LM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args, **kwargs) -> "LM":
+        if "config" not in kwargs and MoEConfig.get_config_dict(path)[0].get("model_type") == MoEConfig.model_type:
+            kwargs["config"] = MoEConfig.from_pretrained(path)  # a mixture of experts: a Mixtral checkpoint
         model = super().from_pretrained(path, *args, **kwargs)
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(path)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
-        """transformers' save_pretrained, naming the architecture LlamaForCausalLM in config.json: transformers
-        writes the saving class's name ("LM"), and vLLM and llama.cpp's converter dispatch on that name."""
+        """transformers' save_pretrained, naming the architecture LlamaForCausalLM (MoE: MixtralForCausalLM) in
+        config.json: transformers writes the saving class's name ("LM"), and vLLM and llama.cpp's converter dispatch
+        on that name."""
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        self.config.architectures = ["LlamaForCausalLM"]
+        self.config.architectures = ["MixtralForCausalLM" if self.moe else "LlamaForCausalLM"]
         if is_main_process:
             self.config.save_pretrained(save_directory)
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 style: N(0, 0.02); projections that write into the residual stream (o_proj,
-        down_proj) scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth."""
+        down_proj, an expert's w2) scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -253,8 +342,8 @@ class LM(PreTrainedModel):
             nn.init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
             module.inv_freq.copy_(rope_inv_freq(self.config)[0])
-        if isinstance(module, (Attention, MLP)):
-            out = module.o_proj if isinstance(module, Attention) else module.down_proj
+        if isinstance(module, (Attention, MLP, Expert)):
+            out = {Attention: module.o_proj, MLP: module.down_proj, Expert: module.w2}[type(module)]
             nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -304,7 +393,15 @@ class LM(PreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        if not self.moe:
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        # As MixtralForCausalLM: `loss` is the cross-entropy alone, `aux_loss` the load-balancing loss (padding left
+        # out), `router_logits` each layer's (batch * seq, experts).
+        router_logits = [layer.block_sparse_moe.router_logits for layer in self.model.layers]
+        real = segments[:, -seq:] != 0 if segments is not None else None
+        self.last_aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, real)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=self.last_aux_loss, logits=logits,
+                                         router_logits=tuple(router_logits), past_key_values=past_key_values)
 
     # Generation lives in generation.py (KV cache, sampling, batches); these keep transformers' call shape.
     def stream(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,

@@ -3,7 +3,7 @@ the assistant-token loss, and `run_chat_stage`, which wires them into `train()`.
 
 A chat stage script is then its flags, its loss (or its change to the model), and one call:
 
-    run_chat_stage(args)                                        # SFT
+    run_chat_stage(args)                                        # SFT (with --teacher: knowledge distillation)
     run_chat_stage(args, make_loss=tag_weighted(args))          # distillation: another loss
     run_chat_stage(args, adapt_model=add_adapters, export_fn=save_adapter)   # LoRA: another model
 """
@@ -23,6 +23,7 @@ from model import LM
 
 from .cli import require_vocab_fits
 from .config import TrainConfig
+from .kd import distillation
 from .loop import train
 from .progress import format_summary
 from .runtime import Runtime, setup, teardown
@@ -95,6 +96,10 @@ def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
     if adapt_model is not None:
         adapt_model(model, run)
     loss_fn, loss_items = make_loss(tokenizer, run) if make_loss else (assistant_loss, assistant_tokens)
+    if getattr(args, "teacher", None):  # --teacher (trainer/kd.py): CE and KL on the same assistant tokens
+        if make_loss is not None:
+            raise ValueError(f"{args.stage}: --teacher replaces the assistant cross-entropy, not a stage's own loss")
+        loss_fn = distillation(args, model, tokenizer, run, packed_logits)
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
     summary = train(model, train_data, loss_fn, run, TrainConfig.from_args(args), val_data=val_data,

@@ -18,6 +18,17 @@ def unpack(out) -> tuple[torch.Tensor, dict]:
     return out if isinstance(out, tuple) else (out, {})
 
 
+def with_router_loss(raw_model, loss: torch.Tensor, extras: dict) -> tuple[torch.Tensor, dict]:
+    """A mixture-of-experts model's load-balancing loss, from the forward pass the stage's loss_fn just ran
+    (model/model.py keeps it in `last_aux_loss`), added with weight `router_aux_loss_coef` and logged as aux_loss:
+    so every stage trains an MoE model without its loss knowing about experts. Dense models: unchanged."""
+    aux = getattr(raw_model, "last_aux_loss", None)
+    if aux is None:
+        return loss, extras
+    raw_model.last_aux_loss = None  # used once: a stale value must never be added to a later step's loss
+    return loss + raw_model.config.router_aux_loss_coef * aux, {**extras, "aux_loss": aux.detach()}
+
+
 def count_tokens(batch: dict) -> torch.Tensor | int:
     """Real (non-padding) tokens in a batch: nonzero mask / segment-id entries, else every input id."""
     for key in ("segment_ids", "attention_mask"):
@@ -76,7 +87,7 @@ def optimizer_step(model, raw_model, optimizer, scaler, batches: list[dict], los
         batch = move_to(batch, run.device)
         with gradient_sync(model, raw_model, enabled=micro == len(batches) - 1):
             with run.autocast():
-                loss, batch_extras = unpack(loss_fn(model, batch))
+                loss, batch_extras = with_router_loss(raw_model, *unpack(loss_fn(model, batch)))
             scaled = loss * scales[micro]
             (scaler.scale(scaled) if scaler else scaled).backward()
         step_loss += loss.detach() * scales[micro]
