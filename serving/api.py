@@ -324,7 +324,7 @@ def create_app(server: Server) -> FastAPI:
         template_options = _get(body, "chat_template_kwargs", dict, {})
         thinking = template_options.get("enable_thinking", True) is not False
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
-        prompt = server.tokenize(text)
+        prompt = await asyncio.to_thread(server.tokenize, text)  # a long prompt must not stall the loop
         params, n = server.sampling(body, len(prompt))
         stop = _stop(body)
         stream = _get(body, "stream", bool, False)
@@ -389,7 +389,7 @@ def create_app(server: Server) -> FastAPI:
         if isinstance(prompt_value, list) and len(prompt_value) == 1 and isinstance(prompt_value[0], str):
             prompt_value = prompt_value[0]
         if isinstance(prompt_value, str):
-            prompt = server.tokenize(prompt_value)
+            prompt = await asyncio.to_thread(server.tokenize, prompt_value)
         elif isinstance(prompt_value, list) and prompt_value and all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(server.loaded.tokenizer)
                 for t in prompt_value):
