@@ -5,6 +5,7 @@
     python eval_model.py --models sft=out/sft,dpo=out/dpo --prompts "你是谁？" "1+1等于几？"
     python eval_model.py --lora out/lora                   # the adapter on the base its adapter_config.json names
     python eval_model.py --lora out/lora --base out/sft    # ... or on a base you name
+    python eval_model.py --report                          # + out/report.md and out/report.png: the report card
 
 A model is a checkpoint directory, or a LoRA adapter directory (adapter_config.json), which is applied to its base
 and merged in memory (the files on disk are not touched). A base model (one that train_pretrain.py wrote, or, in a
@@ -13,7 +14,8 @@ every other model gets the prompt as a ChatML user turn with the assistant turn 
 --repetition_penalty.
 
 --metrics scores every model on the held-out files of --data_dir (dataset/demo: no item is in any training file),
-the first --limit items of each task, greedy decoding with no repetition penalty. Every model, the base model
+the first --limit items of each task (300: every task of the demo has at least 300 held-out items, except the
+200 entity traces of reason_eval.jsonl), greedy decoding with no repetition penalty. Every model, the base model
 included, gets the same chat-formatted questions: a base model cannot follow the format, so its task scores sit
 near 0, which is the point of comparison. The metrics (each task's module in evals/ says more):
 
@@ -32,6 +34,19 @@ near 0, which is the point of comparison. The metrics (each task's module in eva
                  log-probability of the chosen answer is higher than that of the rejected one (no reference model)
   distinct2      repetition: for each generated answer, distinct character bigrams / character bigrams, averaged
                  over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
+
+Every metric comes with its 95% confidence interval over the held-out items (evals/intervals.py): Wilson for the
+shares of right answers (sentiment_acc, arith_em, lora_acc, think_format), a percentile bootstrap over items for
+the rest (entity_f1 over sentences, pref_acc over pairs, val_ppl over documents, distinct2 over answers). The table
+shows `value [low, high]`; --json keeps {model: {metric: value}} and adds "<metric>_ci": [low, high].
+
+answer_kind counts, for each chat model, how many of the default side-by-side prompts got an answer of the right
+kind, as the tasks' parsers read it: a label for the sentiment prompt, at least one name for the entity prompt, a
+number for the arithmetic one (right or not).
+
+--report [PATH] (default out/report.md; implies --metrics) writes the report card: the machine, each stage's time,
+tokens and tokens/s (its summary.json), the metrics table with intervals, the side-by-side answers, and one PNG
+beside it with every stage's loss curve (its metrics.jsonl).
 """
 
 import argparse
@@ -50,8 +65,10 @@ from dataset.errors import UsageError, exit_cleanly_on_bad_input
 from dataset.formats import iter_records
 from dataset.io import atomic_write_text
 from dataset.tokenizer import load_tokenizer
-from evals import GENERATION_TASKS, LIKELIHOOD_TASKS, METRICS, OUTPUT_CHECKS
+from evals import GENERATION_TASKS, LIKELIHOOD_TASKS, METRICS, OUTPUT_CHECKS, TASKS
 from evals.base import GenerationTask, LikelihoodTask
+from evals.intervals import DRAWS, check_intervals, generation_intervals, likelihood_intervals
+from evals.report import Interval, environment, metric_cell, write_report
 from model import LM
 from model.generation import generate_batch, length_batches
 from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
@@ -68,6 +85,14 @@ DEFAULT_PROMPTS = [
     "你是谁？",
     "新华社北京一月一日电",
 ]
+# The kind of answer each default prompt asks for, judged by its task's parser (answer_kind).
+PROMPT_KINDS = {
+    DEFAULT_PROMPTS[0]: ("a sentiment label", lambda text: TASKS["sentiment"].parse(text) is not None),
+    DEFAULT_PROMPTS[1]: ("entity names", lambda text: any(TASKS["entity"].parse(text).values())),
+    # a chat model that does not reason answers without an <answer> block: then the whole answer is read as one
+    DEFAULT_PROMPTS[2]: ("a number", lambda text: TASKS["arith"].parse(
+        text if "<answer>" in text else f"<answer>{text}") is not None),
+}
 
 
 @dataclass
@@ -240,22 +265,39 @@ def likelihood_metrics(model: LM, tokenizer, task: LikelihoodTask, records: list
     return task.score(scored_logps(model, task.sequences(tokenizer, records), runner), records)
 
 
-def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner) -> dict[str, float]:
-    """Every metric whose held-out set is present, for one model, in METRICS order (see the module docstring)."""
+def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
+             draws: int = DRAWS) -> tuple[dict[str, float], dict[str, Interval]]:
+    """Every metric whose held-out set is present, for one model, in METRICS order (see the module docstring),
+    and its 95% confidence interval (evals/intervals.py; `draws` bootstrap resamples)."""
     metrics: dict[str, float] = {}
+    intervals: dict[str, Interval] = {}
     for task in LIKELIHOOD_TASKS:
         if sets.get(task.name):
-            metrics.update(likelihood_metrics(model, tokenizer, task, sets[task.name], runner))
+            logps = scored_logps(model, task.sequences(tokenizer, sets[task.name]), runner)
+            metrics.update(task.score(logps, sets[task.name]))
+            intervals.update(likelihood_intervals(task, logps, sets[task.name], draws))
     outputs = {task.name: generate_answers(model, tokenizer, task, sets[task.name], runner)
                for task in GENERATION_TASKS if sets.get(task.name)}
     for task in GENERATION_TASKS:
         if task.name in outputs:
-            metrics.update(task.score(outputs[task.name], sets[task.name]))
+            scores = task.score(outputs[task.name], sets[task.name])
+            metrics.update(scores)
+            intervals.update(generation_intervals(task, outputs[task.name], sets[task.name], scores, draws))
     for check in OUTPUT_CHECKS:
         names = [name for name in outputs if check.tasks is None or name in check.tasks]
         if names:
-            metrics.update(check.score([text for name in names for text in outputs[name]]))
-    return {metric: metrics[metric] for metric in METRICS if metric in metrics}
+            texts = [text for name in names for text in outputs[name]]
+            scores = check.score(texts)
+            metrics.update(scores)
+            intervals.update(check_intervals(check, texts, scores, draws))
+    ordered = [metric for metric in METRICS if metric in metrics]
+    return {m: metrics[m] for m in ordered}, {m: intervals[m] for m in ordered if m in intervals}
+
+
+def answer_kinds(prompts: list[str], answers: list[str]) -> dict[str, bool]:
+    """For each default side-by-side prompt among `prompts`: whether the answer to it is of the kind it asks for."""
+    return {prompt: PROMPT_KINDS[prompt][1](answer) for prompt, answer in zip(prompts, answers)
+            if prompt in PROMPT_KINDS}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,20 +316,39 @@ def format_answers(prompts: list[str], answers: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Rows = metrics, columns = models; `-` where a metric was not computed."""
+def format_table(results: dict[str, dict[str, float]], intervals: dict[str, dict[str, Interval]] | None = None,
+                 kinds: dict[str, dict[str, bool]] | None = None) -> str:
+    """Rows = metrics, columns = models; `-` where a metric was not computed. With intervals, each cell is
+    `value [low, high]`; with kinds, a last row answer_kind: right-kind answers / default prompts (chat models)."""
     names = list(results)
-    width = max(12, *(len(name) + 2 for name in names))
+    intervals = intervals or {}
+    cell_width = 12 if not intervals else 24
+    width = max(cell_width, *(len(name) + 2 for name in names))
     rows = [f"{'metric':<16}" + "".join(f"{name:>{width}}" for name in names)]
     for metric in METRICS:
         if not any(metric in values for values in results.values()):
             continue
-        cells = []
-        for name in names:
-            value = results[name].get(metric)
-            cells.append("-" if value is None else f"{value:.2f}" if metric == "val_ppl" else f"{value:.3f}")
+        cells = [metric_cell(metric, results[name].get(metric), intervals.get(name, {}).get(metric))
+                 for name in names]
         rows.append(f"{metric:<16}" + "".join(f"{cell:>{width}}" for cell in cells))
+    if kinds and any(kinds.values()):
+        cells = [f"{sum(kinds[name].values())}/{len(kinds[name])}" if kinds.get(name) else "-" for name in names]
+        rows.append(f"{'answer_kind':<16}" + "".join(f"{cell:>{width}}" for cell in cells))
     return "\n".join(rows)
+
+
+def json_results(results: dict[str, dict[str, float]], intervals: dict[str, dict[str, Interval]],
+                 kinds: dict[str, dict[str, bool]]) -> dict:
+    """{model: {metric: value, ..., metric_ci: [low, high], ..., answer_kind: n, answer_kind_of: m}}: the values
+    under their usual keys, the intervals and the answer-kind count added under their own."""
+    out = {}
+    for name, values in results.items():
+        row = dict(values)
+        row.update({f"{metric}_ci": [round(lo, 6), round(hi, 6)] for metric, (lo, hi) in intervals[name].items()})
+        if kinds.get(name):
+            row.update(answer_kind=sum(kinds[name].values()), answer_kind_of=len(kinds[name]))
+        out[name] = row
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,7 +366,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", action="store_true", help="score every model on the held-out sets")
     p.add_argument("--json", help="write {model: {metric: value}} to this file (implies --metrics)")
     p.add_argument("--data_dir", default=DEMO_DIR, help="folder with the held-out *_eval.jsonl files")
-    p.add_argument("--limit", type=int, default=100, help="held-out items per task (0: all)")
+    p.add_argument("--limit", type=int, default=300, help="held-out items per task (0: all)")
+    p.add_argument("--ci_draws", type=int, default=DRAWS, help="bootstrap resamples per confidence interval")
+    p.add_argument("--report", nargs="?", const="out/report.md",
+                   help="write the report card here (default out/report.md) and its loss curves beside it as .png "
+                        "(implies --metrics)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
@@ -314,7 +379,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32; "
                         "float32, bfloat16 and float16 are accepted too)")
     args = p.parse_args(argv)
-    args.metrics = args.metrics or bool(args.json)
+    args.metrics = args.metrics or bool(args.json) or bool(args.report)
     return args
 
 
@@ -340,26 +405,39 @@ def main() -> None:
 
     answers: dict[str, list[str]] = {}
     results: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, Interval]] = {}
+    kinds: dict[str, dict[str, bool]] = {}
     for spec in specs:
         start = time.time()
         model, tokenizer = load_model(spec, device)
         prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) if spec.chat
                    else tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompts]
         answers[spec.name] = generate(model, tokenizer, prompts, args.max_new_tokens, runner, args.repetition_penalty)
+        if spec.chat:
+            kinds[spec.name] = answer_kinds(args.prompts, answers[spec.name])
         if args.metrics:
-            results[spec.name] = evaluate(model, tokenizer, sets, runner)
+            results[spec.name], intervals[spec.name] = evaluate(model, tokenizer, sets, runner, args.ci_draws)
         source = f"{spec.adapter} on {spec.path}" if spec.adapter else str(spec.path)
         log(f"{spec.name} ({source}, {'chat' if spec.chat else 'base'}): {time.time() - start:.1f}s")
         del model
 
     print(format_answers(args.prompts, answers))
     if args.metrics:
-        print(f"\n== metrics (held-out sets in {args.data_dir}, up to {args.limit or 'all'} items per task)")
-        print(format_table(results))
+        counts = ", ".join(f"{name} {len(records)}" for name, records in sets.items())
+        print(f"\n== metrics with 95% intervals (held-out sets in {args.data_dir}, items per task: {counts})")
+        print(format_table(results, intervals, kinds))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.json, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+            text = json.dumps(json_results(results, intervals, kinds), indent=1, ensure_ascii=False)
+            atomic_write_text(args.json, text + "\n")
             print(f"wrote {args.json}")
+        if args.report:
+            png = write_report(args.report, models={spec.name: spec.adapter or spec.path for spec in specs},
+                               environment=environment(runner.device, runner.dtype), results=results,
+                               intervals=intervals, items={name: len(records) for name, records in sets.items()},
+                               prompts=args.prompts, answers=answers, kinds=kinds,
+                               kind_names={p: kind for p, (kind, _) in PROMPT_KINDS.items()})
+            print(f"wrote {args.report}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

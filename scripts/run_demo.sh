@@ -25,8 +25,8 @@ stage sft       python train_sft.py --max_steps "$(steps 330)"
 stage lora      python train_lora.py --max_steps "$(steps 80)" --learning_rate 4e-3
 stage dpo       python train_dpo.py --max_steps "$(steps 100)" --learning_rate 1e-4
 stage distill   python train_distill_reason.py --max_steps "$(steps 110)"
-stage eval      python eval_model.py --metrics --json out/eval.json
+stage eval      python eval_model.py --metrics --json out/eval.json --report out/report.md
 
 printf '\n\033[1m== demo finished in %ss\033[0m\n' "$(( $(date +%s) - start ))"
 printf '   %s\n' "${timings[@]}"
-echo "   checkpoints in out/, metrics table in out/eval.json, loss curves in out/*/loss.png"
+echo "   checkpoints in out/, metrics table in out/eval.json, report card in out/report.md (+ out/report.png)"

@@ -177,10 +177,13 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
                         "--max_new_tokens", "6", "--threads", "1", "--prompts", "你是谁？", "新华社北京一月一日电")
     results = json.loads(out.read_text())
     assert list(results) == ["pretrain", "sft", "lora"]
-    for name, metrics in results.items():
-        assert list(metrics) == list(eval_model.METRICS), name
+    for name, row in results.items():
+        metrics = {key: value for key, value in row.items() if key in eval_model.METRICS}
+        assert list(metrics) == list(eval_model.METRICS), name  # the values keep their keys; intervals are added
+        assert set(row) - set(metrics) == {f"{metric}_ci" for metric in metrics}, name  # prompts of one's own
         assert metrics["val_ppl"] > 1
         assert all(0 <= value <= 1 for metric, value in metrics.items() if metric != "val_ppl"), metrics
+        assert all(row[f"{m}_ci"][0] - 1e-6 <= value <= row[f"{m}_ci"][1] + 1e-6 for m, value in metrics.items()), row
     assert results["lora"]["val_ppl"] != results["sft"]["val_ppl"]  # the adapter was applied
 
     stdout = result.stdout

@@ -1,0 +1,120 @@
+"""evals/intervals.py and eval_model.py's intervals: Wilson against published values, bootstraps that resample the
+right items (pairs together, documents whole), the table and JSON that carry them, the answer-kind count, and the
+demo's held-out sets at the default --limit."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+import eval_model
+from evals import TASKS
+from evals.intervals import (
+    bootstrap_intervals,
+    check_intervals,
+    generation_intervals,
+    likelihood_intervals,
+    wilson_interval,
+)
+
+
+def chat(user: str, assistant: str, **meta) -> dict:
+    """A canonical chat record (as dataset.formats reads one)."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+            "meta": meta}
+
+
+def test_wilson_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553-0.3662; 15/148 -> 0.0624-0.1605.
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    low, high = wilson_interval(0, 300)
+    assert low == pytest.approx(0, abs=1e-12) and high == pytest.approx(0.01264, abs=1e-4)  # not empty at 0
+    assert wilson_interval(300, 300)[1] == 1.0 and wilson_interval(300, 300)[0] < 1.0
+
+
+def test_bootstrap_is_seeded_and_covers_the_mean():
+    values = [float(i % 5) for i in range(200)]
+    stat = lambda idx: {"mean": sum(values[i] for i in idx) / len(idx)}  # noqa: E731
+    first, again = bootstrap_intervals(stat, len(values), draws=400), bootstrap_intervals(stat, len(values), draws=400)
+    assert first == again
+    low, high = first["mean"]
+    assert low < 2.0 < high
+    se = math.sqrt(2.0 / 200)  # population variance of 0..4 is 2
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
+
+
+def test_accuracy_tasks_get_wilson_entity_f1_a_bootstrap():
+    records = [chat("q", "a", task="sentiment", label="正面" if i % 2 else "负面") for i in range(300)]
+    outputs = ["这条评论是正面的。"] * 300  # half right
+    scores = TASKS["sentiment"].score(outputs, records)
+    assert generation_intervals(TASKS["sentiment"], outputs, records, scores) == {
+        "sentiment_acc": wilson_interval(150, 300)}
+
+    gold = {"person": ["王建国"], "place": ["上海"], "org": []}
+    records = [chat("q", "a", task="entity", entities=gold) for _ in range(100)]
+    right, wrong = "人名：王建国\n地名：上海\n机构：无", "人名：王建国\n地名：北京\n机构：无"
+    outputs = [wrong if i % 4 else right for i in range(100)]
+    scores = TASKS["entity"].score(outputs, records)
+    found = generation_intervals(TASKS["entity"], outputs, records, scores, draws=300)
+    assert set(found) == set(scores)
+    low, high = found["entity_f1"]
+    assert low < scores["entity_f1"] < high
+    assert found["entity_f1_person"] == (1.0, 1.0)  # every person right in every resample
+
+
+def test_pairs_and_documents_are_resampled_whole():
+    pairs = [{"meta": {"task": "sentiment"}}] * 50
+    logps = [(-1.0, 1), (-2.0, 1)] * 50  # chosen above rejected in every pair
+    assert likelihood_intervals(TASKS["pref"], logps, pairs, draws=200) == {"pref_acc": (1.0, 1.0)}
+
+    documents = [{"text": str(i)} for i in range(60)]
+    logps = [(-float(1 + i % 3) * 10, 10) for i in range(60)]  # mean NLL per document 1, 2 or 3
+    value = TASKS["news"].score(logps, documents)["val_ppl"]
+    low, high = likelihood_intervals(TASKS["news"], logps, documents, draws=300)["val_ppl"]
+    assert low < value < high and low > math.exp(1) and high < math.exp(3)
+
+
+def test_output_checks():
+    texts = ["<think>\nx\n</think>\n<answer>\ny\n</answer>"] * 30 + ["no format"] * 70
+    assert check_intervals(TASKS["think_format"], texts, {"think_format": 0.3}) == {
+        "think_format": wilson_interval(30, 100)}
+    texts = ["这条评论是正面的。", "好好好好好好好好", "ab"] * 40
+    value = TASKS["repetition"].score(texts)["distinct2"]
+    low, high = check_intervals(TASKS["repetition"], texts, {"distinct2": value}, draws=300)["distinct2"]
+    assert low <= value <= high and low < high
+
+
+def test_answer_kinds_read_by_the_tasks_parsers():
+    sentiment, entity, arith = eval_model.DEFAULT_PROMPTS[:3]
+    kinds = eval_model.answer_kinds(eval_model.DEFAULT_PROMPTS, [
+        "这条评论是正面的。", "人名：王建国\n地名：上海\n机构：中国科学院", "现在教室里有22人。", "我是丹炉。", "…"])
+    assert kinds == {sentiment: True, entity: True, arith: True}
+    kinds = eval_model.answer_kinds(eval_model.DEFAULT_PROMPTS, [
+        "这条评论是正面的。", "人名：无\n地名：无\n机构：无", "中国、中国、中国", "", ""])
+    assert kinds == {sentiment: True, entity: False, arith: False}
+    assert eval_model.answer_kinds(["你好"], ["你好"]) == {}  # prompts of one's own are not judged
+    assert eval_model.answer_kinds([arith], ["<think>\n4×6=24\n</think>\n<answer>\n22人\n</answer>"]) == {arith: True}
+
+
+def test_table_and_json_carry_intervals_and_keep_the_value_keys():
+    results = {"pretrain": {"val_ppl": 612.3, "sentiment_acc": 0.0}, "sft": {"val_ppl": 700.0, "sentiment_acc": 0.7}}
+    intervals = {"pretrain": {"val_ppl": (590.2, 640.9), "sentiment_acc": (0.0, 0.0126)},
+                 "sft": {"val_ppl": (680.0, 721.0), "sentiment_acc": (0.646, 0.749)}}
+    kinds = {"sft": {"a": True, "b": False, "c": True}}
+    lines = eval_model.format_table(results, intervals, kinds).splitlines()
+    assert lines[1].split() == ["val_ppl", "612.30", "[590,", "641]", "700.00", "[680,", "721]"]
+    assert lines[2].split() == ["sentiment_acc", "0.000", "[0.00,", "0.01]", "0.700", "[0.65,", "0.75]"]
+    assert lines[3].split() == ["answer_kind", "-", "2/3"]
+    data = eval_model.json_results(results, intervals, kinds)
+    assert data["sft"]["sentiment_acc"] == 0.7 and data["sft"]["sentiment_acc_ci"] == [0.646, 0.749]
+    assert data["sft"]["answer_kind"] == 2 and data["sft"]["answer_kind_of"] == 3
+    assert "answer_kind" not in data["pretrain"]
+
+
+@pytest.mark.skipif(not Path("dataset/demo/sft_eval.jsonl").is_file(), reason="python -m dataset.demo builds it")
+def test_default_limit_gives_300_items_a_task_where_the_demo_has_them():
+    sets = eval_model.load_eval_sets("dataset/demo", eval_model.parse_args([]).limit)
+    sizes = {name: len(records) for name, records in sets.items()}
+    assert sizes == {"news": 300, "sentiment": 300, "entity": 300, "arith": 300, "entity_reason": 200, "lora": 300,
+                     "pref": 300}  # reason_eval.jsonl holds only 200 entity traces
