@@ -9,6 +9,7 @@ engine's thread; the event loop only waits on an asyncio queue fed from there, s
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -59,6 +60,8 @@ def _get(body: dict, name: str, kind: type | tuple, default: Any = None, low: fl
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
         ok, value = True, float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        ok = False
     if not ok:
         raise APIError(400, f"'{name}' must be {' or '.join(_TYPES[k] for k in kinds)}, got {json.dumps(value)}",
                        name, "invalid_type")
@@ -106,7 +109,8 @@ def _messages(body: dict) -> list[dict]:
             if calls is not None:
                 if not isinstance(calls, list) or not all(
                         isinstance(c, dict) and isinstance(c.get("function"), dict)
-                        and isinstance(c["function"].get("name"), str) for c in calls):
+                        and isinstance(c["function"].get("name"), str)
+                        and isinstance(c["function"].get("arguments"), str | dict) for c in calls):
                     raise APIError(400, f"{where}.tool_calls must be an array of {{function: {{name, arguments}}}}",
                                    f"{where}.tool_calls", "invalid_type")
                 clean["tool_calls"] = calls
@@ -178,7 +182,7 @@ class Server:
             repetition_penalty=_get(body, "repetition_penalty", float, 1.0, 0.01, 10),
             frequency_penalty=_get(body, "frequency_penalty", float, 0.0, -2, 2),
             presence_penalty=_get(body, "presence_penalty", float, 0.0, -2, 2),
-            seed=_get(body, "seed", int),
+            seed=_get(body, "seed", int, None, -2**63, 2**64 - 1),
             stop_token_ids=() if _get(body, "ignore_eos", bool, False) else tuple(self.loaded.stop_token_ids),
         )
         if params.top_p == 0:
@@ -270,6 +274,12 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: logged, answered, server lives on
+        logging.getLogger("danlu.api").error("request failed", exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error",
+                        "server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -265,6 +265,13 @@ BAD = [
      "unsupported_parameter"),
     ("json mode", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                    "response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
+    ("temperature NaN", b'{"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     400, "invalid_type"),
+    ("seed out of range", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 70}, 400,
+     "invalid_value"),
+    ("tool call without arguments", {"model": "MODEL", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]}, 400, "invalid_type"),
     ("missing model", {"messages": [{"role": "user", "content": "hi"}]}, 400, "missing_required_parameter"),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
     ("prompt longer than the context", {"model": "MODEL", "messages": [{"role": "user", "content": "好评" * 5000}]},
@@ -278,7 +285,9 @@ BAD = [
 def test_bad_chat_requests_get_openai_errors(server, model_id, name, body, status, code):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     if isinstance(body, dict):
-        body = json.dumps(body).replace('"MODEL"', json.dumps(model_id)).encode()
+        body = json.dumps(body)
+    body = body.replace(b'"MODEL"', json.dumps(model_id).encode()) if isinstance(body, bytes) else \
+        body.replace('"MODEL"', json.dumps(model_id)).encode()
     response = requests.post(f"{server}/v1/chat/completions", data=body, headers=headers, timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
