@@ -29,7 +29,8 @@ class PretrainDataset(Dataset):
     windowed one after the other, each on its own: no window spans two files.
     """
 
-    def __init__(self, bin_paths: str | Path | Sequence[str | Path], seq_len: int):
+    def __init__(self, bin_paths: str | Path | Sequence[str | Path], seq_len: int,
+                 weights: Sequence[float] | None = None, seed: int = 0):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.bin_paths = [str(bin_paths)] if isinstance(bin_paths, (str, Path)) else [str(p) for p in bin_paths]
@@ -41,8 +42,11 @@ class PretrainDataset(Dataset):
             # mode "r" on an empty file fails in numpy, and an empty bin has no windows anyway.
             empty = Path(path).stat().st_size == 0
             self.parts.append(np.zeros(0, dtype=np.uint16) if empty else np.memmap(path, dtype=np.uint16, mode="r"))
+        sizes = [max(0, (len(tokens) - 1) // seq_len) for tokens in self.parts]
         # starts[k]: the index of file k's first window; starts[-1]: the number of windows.
-        self.starts = np.cumsum([0] + [max(0, (len(tokens) - 1) // seq_len) for tokens in self.parts]).tolist()
+        self.starts = np.cumsum([0] + sizes).tolist()
+        # With weights (one per file, dataset/mixing.py), item i is window mixed[1][i] of file mixed[0][i].
+        self.mixed = mix_indices(sizes, list(weights), seed) if weights is not None else None
 
     @property
     def n_tokens(self) -> int:
@@ -54,10 +58,14 @@ class PretrainDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
-        part = bisect.bisect_right(self.starts, i) - 1
-        start = (i - self.starts[part]) * self.seq_len
-        window = torch.from_numpy(self.parts[part][start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": window[:-1], "labels": window[1:]}
+        if self.mixed is not None:
+            part, window = int(self.mixed[0][i]), int(self.mixed[1][i])
+        else:
+            part = bisect.bisect_right(self.starts, i) - 1
+            window = i - self.starts[part]
+        start = window * self.seq_len
+        tokens = torch.from_numpy(self.parts[part][start : start + self.seq_len + 1].astype(np.int64))
+        return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
 # --- chat stages: prepared files (dataset/prepared.py), or tokenized in memory for comparison ----------------------
@@ -275,6 +283,16 @@ class SFTDataset(_ChatData):
         return _InMemory(token_lists, mask_lists, index)
 
     @property
+    def tokens(self) -> np.ndarray:
+        """Every conversation's tokens, one after the other (of the first source when several are mixed)."""
+        return self.parts[0].tokens
+
+    @property
+    def masks(self) -> np.ndarray:
+        """1 where a token of `tokens` is trained on."""
+        return self.parts[0].mask
+
+    @property
     def rows(self) -> list[list[int]]:
         """The items (conversations, or draws of a weighted mix) of each row, in row order."""
         return [self.row_items[a:b].tolist() for a, b in zip(self.row_starts[:-1], self.row_starts[1:])]
@@ -376,9 +394,10 @@ class DPODataset(_ChatData):
                 mask_lists.append([0] * prompt_len + mask[prompt_len:])
         return _InMemory(token_lists, mask_lists, {"n_pairs": len(token_lists) // 3, "skipped": skipped.to_dict()})
 
-    def _window(self, ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, ids: Sequence[int], mask: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids, aligned labels) of at most max_seq_len positions, truncated as the class docstring says."""
         window = self.max_seq_len + 1
+        ids, mask = np.asarray(ids), np.asarray(mask)
         if len(ids) > window:
             first_response = int(np.argmax(mask)) if mask.any() else 0
             start = 0 if first_response < window else min(len(ids) - window, first_response - window // 2)

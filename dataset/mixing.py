@@ -12,6 +12,7 @@ subset. Weights need not sum to 1; they are normalised.
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def parse_data_path(data_path: str | list[str]) -> list[tuple[str, float | None]
         if not entry:
             continue
         match = _WEIGHT.match(entry)
-        if match and not _exists(entry):
+        if match and not Path(entry).exists():
             weight = float(match["weight"])
             if not (weight > 0 and math.isfinite(weight)):
                 raise UsageError(f"--data_path {entry}: a weight must be a positive number")
@@ -44,12 +45,6 @@ def parse_data_path(data_path: str | list[str]) -> list[tuple[str, float | None]
         raise UsageError(f"--data_path {data_path}: give every file a weight (a.jsonl:0.7,b.jsonl:0.3) or none "
                          "(a.jsonl,b.jsonl: the files one after the other)")
     return parsed
-
-
-def _exists(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).exists()
 
 
 def is_weighted(data_path: str | list[str]) -> bool:
@@ -85,6 +80,8 @@ def mix_indices(sizes: list[int], weights: list[float], seed: int) -> tuple[np.n
         passes = [rng.permutation(size) for _ in range(-(-count // size))]
         items.append(np.concatenate(passes)[:count])
         sources.append(np.full(count, source, dtype=np.int64))
+    if not sources:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     source_ids, item_ids = np.concatenate(sources), np.concatenate(items)
     order = rng.permutation(len(source_ids))
     return source_ids[order], item_ids[order]

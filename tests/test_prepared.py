@@ -301,3 +301,21 @@ def test_rl_prompts_with_their_token_ids(tmp_path, tokenizer):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "assistant", "content": "x"}]}])
     with pytest.raises(DataError, match="bad.jsonl:1: 'prompt' has no user turn"):
         RLPromptDataset(str(bad), tokenizer, quiet=True, cache_dir=tmp_path / "cache")
+
+
+def test_prepare_data_script_prepares_what_the_stages_read(tmp_path, tokenizer, tokenizer_dir):
+    chats = write_jsonl(tmp_path / "chat.jsonl", chat_records(30))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(10))
+    cache = tmp_path / "out" / "prepared"
+    for stage, path in (("sft", chats), ("dpo", pairs)):
+        result = subprocess.run([sys.executable, "-m", "scripts.prepare_data", "--stage", stage, "--data_path", path,
+                                 "--tokenizer_dir", tokenizer_dir, "--cache_dir", cache, "--max_seq_len", "96"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"{path} -> {cache}" in result.stdout and "MB/s" in result.stdout
+    assert prepare(str(chats), "sft", tokenizer, cache, max_seq_len=96, seed=42, quiet=True)["cached"]
+    assert prepare(str(pairs), "dpo", tokenizer, cache, max_seq_len=96, quiet=True)["cached"]
+    result = subprocess.run([sys.executable, "-m", "scripts.prepare_data", "--stage", "sft", "--data_path",
+                             tmp_path / "missing.jsonl", "--tokenizer_dir", tokenizer_dir, "--cache_dir", cache],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
