@@ -184,9 +184,10 @@ class MoE(nn.Module):
 
     The experts run as batched work: the (token, expert) pairs are sorted by expert, so each expert multiplies
     the one contiguous block of rows routed to it (one matmul per projection per expert, no loop over tokens),
-    and the weighted results are added back to their tokens. Every expert runs, on zero rows if none chose it, so
-    every parameter takes part in each step (DDP needs that). The router's logits of the last call stay in
-    `router_logits` for the load-balancing loss (load_balancing_loss)."""
+    and the weighted results are added back to their tokens. In training every expert runs, on zero rows if none
+    chose it, so every parameter takes part in each step (DDP needs that); without gradients (generation) those
+    are skipped. The router's logits of the last call stay in `router_logits` for the load-balancing loss
+    (load_balancing_loss)."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -209,7 +210,8 @@ class MoE(nn.Module):
         rows_per_expert = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
         token = order // self.top_k
         blocks = x[token].split(rows_per_expert)
-        y = torch.cat([expert(block) for expert, block in zip(self.experts, blocks)])
+        y = torch.cat([expert(block) for expert, block in zip(self.experts, blocks)
+                       if len(block) or torch.is_grad_enabled()])
         y = y * weights.flatten()[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)).reshape(shape)
 

