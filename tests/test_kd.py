@@ -36,17 +36,32 @@ def test_kd_loss_by_hand():
     assert got_kl.item() == pytest.approx(kl_mean, abs=1e-6)
     assert loss.item() == pytest.approx((1 - alpha) * ce + alpha * t**2 * kl_mean, abs=1e-6)
 
-    # Top-2 of the teacher, renormalised over those two; the student's log-probs over its whole vocabulary.
-    def kl_top2(p_logits, q_logits):
-        keep = sorted(range(3), key=lambda i: -p_logits[i])[:2]
-        p = softmax([p_logits[i] for i in keep], t)
-        q = softmax(q_logits, t)
-        return sum(pi * (math.log(pi) - math.log(q[i])) for pi, i in zip(p, keep))
+    # Top-2 of the teacher, the third token lumped into "the rest", for both models: KL over 3 outcomes. With 3 tokens
+    # that is the full KL again, so use a 4-token vocabulary here.
+    s4 = torch.tensor([[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]]])
+    t4 = torch.tensor([[[2.0, 0.0, 1.0, 0.5], [1.0, -1.0, 2.0, -2.0]]])
+    labels4 = torch.tensor([[1, 2]])
 
-    top2 = (kl_top2([2.0, 0.0, 1.0], [1.0, 2.0, 0.5]) + kl_top2([1.0, -1.0, 2.0], [0.0, 0.0, 3.0])) / 2
-    loss, _, got_kl = kd_loss(student, teacher, labels, alpha, t, topk=2)
+    def kl_top2(p_logits, q_logits):
+        keep = sorted(range(4), key=lambda i: -p_logits[i])[:2]
+        p, q = softmax(p_logits, t), softmax(q_logits, t)
+        lumped_p = [p[i] for i in keep] + [1 - sum(p[i] for i in keep)]
+        lumped_q = [q[i] for i in keep] + [1 - sum(q[i] for i in keep)]
+        return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(lumped_p, lumped_q))
+
+    def kl_full(p_logits, q_logits):
+        p, q = softmax(p_logits, t), softmax(q_logits, t)
+        return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+    rows = [([2.0, 0.0, 1.0, 0.5], [1.0, 2.0, 0.5, -1.0]), ([1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 3.0, 1.0])]
+    top2 = sum(kl_top2(teacher_row, student_row) for teacher_row, student_row in rows) / 2
+    full = sum(kl_full(teacher_row, student_row) for teacher_row, student_row in rows) / 2
+    ce4 = (-math.log(softmax([1.0, 2.0, 0.5, -1.0])[1]) - math.log(softmax([0.0, 0.0, 3.0, 1.0])[2])) / 2
+    loss, _, got_kl = kd_loss(s4, t4, labels4, alpha, t, topk=2)
     assert got_kl.item() == pytest.approx(top2, abs=1e-6)
-    assert loss.item() == pytest.approx((1 - alpha) * ce + alpha * t**2 * top2, abs=1e-6)
+    assert 0 < top2 < full  # lumping outcomes can only lose divergence
+    assert loss.item() == pytest.approx((1 - alpha) * ce4 + alpha * t**2 * top2, abs=1e-6)
+    assert kd_loss(s4, s4, labels4, 1.0, t, topk=2)[0].item() == pytest.approx(0.0, abs=1e-6)  # student = teacher
 
     # alpha 0 is plain cross-entropy; a teacher equal to the student adds nothing; all of the vocabulary is top-k 3.
     assert kd_loss(student, teacher, labels, 0.0, t)[0].item() == pytest.approx(ce, abs=1e-6)
@@ -134,8 +149,9 @@ def test_sft_and_pretrain_with_a_teacher(tmp_path, corpus, tokenizer_dir, chat_c
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r and "ce" in r]
     assert train_rows and all("kl" in r for r in train_rows)
-    # The teacher is the student's own start: KL starts near 0, loss = 0.5 * CE + 0.5 * 4 * KL.
+    # The teacher is the student's own start: the first step's KL (top-8 and the rest) is 0, loss = 0.5 * CE + 2 * KL.
     first = train_rows[0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)
     assert first["loss"] == pytest.approx(0.5 * first["ce"] + 2 * first["kl"], rel=1e-3)
     val = [r for r in rows if "val_loss" in r][-1]
     assert val["val_loss"] == pytest.approx(val["val_ce"], rel=1e-6) and "val_kl" in val

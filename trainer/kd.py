@@ -7,10 +7,11 @@ The student learns the teacher's whole next-token distribution, not only the one
 averaged over the positions the stage trains on (every token when pretraining, the assistant tokens of a chat),
 where x_T = softmax(logits / T). A temperature T > 1 flattens both distributions, so the teacher's ranking of the
 unlikely tokens carries signal too; the T^2 keeps the KL term's gradient the same size whatever T is. With
-`--kd_topk K` only the teacher's K most likely tokens per position are kept, renormalised over those K: the KL term
-is then sum over those K of p_t * (log p_t - log p_s), with the student's log-probs over its whole vocabulary. The
-teacher's [tokens, vocab] logits shrink to [tokens, K] before the student runs, and what is kept (or could be
-stored) is K numbers and K ids per position.
+`--kd_topk K` only the teacher's K most likely tokens per position are kept, and all other tokens are lumped into one
+"rest" outcome, for both models: the KL is then that of two distributions over K + 1 outcomes (the K tokens'
+probabilities and 1 minus their sum), which is 0 when the student equals the teacher, never more than the full KL,
+and the full KL when K is the vocabulary. The teacher's [tokens, vocab] logits shrink to [tokens, K + 1] before the
+student runs: what is kept (or could be stored) is K log-probs and K ids per position.
 
 The teacher is any checkpoint (it may be larger, or a mixture of experts) with the student's tokenizer, checked:
 the two distributions are compared token id by token id. It is frozen, in eval mode, run on the same batch under
@@ -42,18 +43,25 @@ def add_kd_flags(p: argparse.ArgumentParser) -> None:
                    help="weight of the distillation term: (1 - a) * CE(labels) + a * T^2 * KL(teacher || student)")
     p.add_argument("--kd_temperature", type=float, default=2.0, help="softmax temperature T of both models")
     p.add_argument("--kd_topk", type=int, default=0,
-                   help="keep only the teacher's K most likely tokens per position, renormalised (0: all)")
+                   help="keep only the teacher's K most likely tokens per position, the others lumped into one (0: "
+                        "the whole distribution)")
+
+
+def top_and_rest(logps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probs [N, K + 1] of the K tokens `ids` and of all the others together, from log-probs [N, vocab]."""
+    rest = torch.logsumexp(logps.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([logps.gather(-1, ids), rest], dim=-1)
 
 
 def teacher_distribution(teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                          topk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's log-probs at temperature T over the scored positions (labels not IGNORE_INDEX), fp32:
-    [N, vocab], or with `topk` [N, K] renormalised over its K best tokens, plus their token ids [N, K]."""
-    logits = teacher_logits[labels != IGNORE_INDEX].float() / temperature
-    if not topk:
-        return F.log_softmax(logits, dim=-1), None
-    top, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-    return F.log_softmax(top, dim=-1), ids
+    [N, vocab]; or with `topk`, those of its K most likely tokens and of the rest [N, K + 1], and the K ids."""
+    logps = F.log_softmax(teacher_logits[labels != IGNORE_INDEX].float() / temperature, dim=-1)
+    if not topk or topk >= logps.shape[-1]:
+        return logps, None
+    ids = logps.topk(min(topk, logps.shape[-1]), dim=-1).indices
+    return top_and_rest(logps, ids), ids
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logps: torch.Tensor,
@@ -66,8 +74,9 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_log
     ce = F.cross_entropy(student, labels[scored], reduction="sum") / n
     student_logps = F.log_softmax(student / temperature, dim=-1)
     if teacher_ids is not None:
-        student_logps = student_logps.gather(-1, teacher_ids)
-    kl = (teacher_logps.exp() * (teacher_logps - student_logps)).sum() / n
+        student_logps = top_and_rest(student_logps, teacher_ids)
+    p = teacher_logps.exp()
+    kl = torch.where(p > 0, p * (teacher_logps - student_logps), 0.0).sum() / n  # 0 log 0 = 0
     return (1 - alpha) * ce + alpha * temperature**2 * kl, ce, kl
 
 
