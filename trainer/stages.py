@@ -28,6 +28,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("distill", "train_distill_reason.py", "out/distill", "out/dpo", chat=True),
     Stage("reward", "train_reward.py", "out/reward", "out/sft", chat=True, generates=False, in_demo=False),
     Stage("grpo", "train_grpo.py", "out/grpo", "out/distill", chat=True, in_demo=False),
+    Stage("ppo", "train_ppo.py", "out/ppo", "out/distill", chat=True, in_demo=False),
 )}
 
 # The stages that write a model eval_model.py can compare, in pipeline order.
