@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 from model import LM
 from model.config import MoEConfig
 from model.model import MoE, load_balancing_loss
-from tests.conftest import CHAT_TINY, VOCAB, pretrain_args, run_script
+from tests.conftest import CHAT_TINY, VOCAB, pretrain_args, run_script, torchrun
 
 MOE_SHAPES = {
     "e4-top2-gqa2-tied": dict(num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4,
@@ -158,13 +158,34 @@ def test_pretrain_sft_and_lora_train_an_moe_model(tmp_path, corpus, tokenizer_di
     assert isinstance(AutoModelForCausalLM.from_pretrained(pretrain), MixtralForCausalLM)
 
     sft = tmp_path / "sft"
-    run_script("train_sft.py", "--init_from", pretrain, "--data_path", chat_checkpoint["chats"], "--out_dir", sft,
-               *CHAT_TINY)
+    run_script("train_sft.py", "--init_from", pretrain, "--data_path", chat_checkpoint["chats"], "--val_data_path",
+               chat_checkpoint["chats"], "--out_dir", sft, *CHAT_TINY)
     assert json.loads((sft / "config.json").read_text())["model_type"] == "mixtral"
 
     lora = tmp_path / "lora"
-    run_script("train_lora.py", "--init_from", sft, "--data_path", chat_checkpoint["chats"], "--out_dir", lora,
-               "--lora_r", "2", *CHAT_TINY)
+    run_script("train_lora.py", "--init_from", sft, "--data_path", chat_checkpoint["chats"], "--val_data_path",
+               chat_checkpoint["chats"], "--out_dir", lora, "--lora_r", "2", *CHAT_TINY)
     adapter = json.loads((lora / "adapter_config.json").read_text())
     assert {"q_proj", "w1", "w2", "w3"} <= set(adapter["target_modules"])
     assert "gate" not in adapter["target_modules"]
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_train_an_moe_model(tmp_path, tokenizer_dir, chat_checkpoint):
+    """Two processes: DDP (which fails on a parameter that takes no part in a step) and FSDP with a (sharded) MoE
+    teacher; both write a Mixtral checkpoint."""
+    from dataset.tokenizer import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    start = tmp_path / "start"
+    LM(MoEConfig.from_preset("tiny", vocab_size=len(tokenizer), num_local_experts=4)).save_pretrained(start)
+    save_tokenizer(tokenizer, start)
+    chats = chat_checkpoint["chats"]
+    common = ["--init_from", start, "--data_path", chats, "--val_data_path", chats, *CHAT_TINY, "--batch_size", "2"]
+    torchrun("train_sft.py", *common, "--out_dir", tmp_path / "ddp")
+    torchrun("train_sft.py", *common, "--out_dir", tmp_path / "fsdp", "--fsdp", "--teacher", start, "--kd_topk", "4")
+    for out in ("ddp", "fsdp"):
+        assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / out), MixtralForCausalLM)
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert all(key in rows[0] for key in ("ce", "kl", "aux_loss"))
