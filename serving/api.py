@@ -97,7 +97,7 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(message, dict):
             raise APIError(400, f"{where} must be an object", where, "invalid_type")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {json.dumps(role)}",
                            f"{where}.role", "invalid_value")
         clean = {"role": "system" if role == "developer" else role,

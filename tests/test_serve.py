@@ -244,6 +244,7 @@ BAD = [
     ("missing messages", {"model": "MODEL"}, 400, "missing_required_parameter"),
     ("messages not a list", {"model": "MODEL", "messages": "hi"}, 400, "invalid_type"),
     ("bad role", {"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+    ("role a list", {"model": "MODEL", "messages": [{"role": ["user"], "content": "hi"}]}, 400, "invalid_value"),
     ("content of wrong type", {"model": "MODEL", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
     ("image part", {"model": "MODEL", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "invalid_content"),
@@ -554,3 +555,36 @@ def test_tool_calls_through_the_api(scripted):
     # without tools in the request the same text is plain content
     plain = client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=100)
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
+
+
+def test_random_requests_never_break_the_server(server, model_id):
+    """Bodies mixing valid fields with junk of every JSON type: always 200 or an OpenAI error with 400/404."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    junk = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
+                        | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]) | junk},
+                                    optional={"content": st.text(max_size=20) | junk,
+                                              "tool_calls": junk, "reasoning_content": junk})
+    body = st.fixed_dictionaries(
+        {"max_tokens": st.integers(-2, 3) | junk.filter(lambda v: v is not None)},  # never the whole context
+        optional={"model": st.just(model_id) | junk, "messages": st.lists(message, max_size=3) | junk,
+                  "temperature": st.floats(-1, 3) | junk, "top_p": junk, "top_k": junk, "n": st.integers(0, 3) | junk,
+                  "stop": st.text(max_size=3) | junk, "seed": junk, "stream": st.booleans() | junk,
+                  "stream_options": junk, "tools": junk, "frequency_penalty": junk, "chat_template_kwargs": junk,
+                  "prompt": st.text(max_size=10) | junk, "ignore_eos": junk})
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=body, endpoint=st.sampled_from(["chat/completions", "completions"]))
+    def check(body, endpoint):
+        response = requests.post(f"{server}/v1/{endpoint}", data=json.dumps(body),  # Infinity too
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                                 timeout=60)
+        assert response.status_code in (200, 400, 404), (body, response.text)
+        if response.status_code != 200:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert health(server)["status"] == "ok"
