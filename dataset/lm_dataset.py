@@ -2,6 +2,7 @@
 more than once."""
 
 import bisect
+import hashlib
 import itertools
 import random
 import tempfile
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset
 from dataset.chat import IGNORE_INDEX, tokenize_chat
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import iter_records
+from dataset.io import atomic_path
 from dataset.mixing import mix_indices, parse_data_path
 from dataset.prepared import PreparedFiles, clip_budget, clip_long_texts, prepare
 
@@ -159,6 +161,49 @@ class _ChatData(Dataset):
             self.item_part, self.item_index = mix_indices(sizes, self.weights, seed)
 
 
+def _pack(lengths: np.ndarray, rng: random.Random, capacity: int, pack: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(items of every row, one after the other; where each row starts): the items shuffled by `rng`, then packed
+    best-fit into rows of `capacity` tokens, or one per row."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    rows = pack_best_fit(lengths[order].tolist(), capacity) if pack else [[i] for i in range(len(order))]
+    starts = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(row) for row in rows], out=starts[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=starts[-1])
+    return np.asarray(order, dtype=np.int64)[flat], starts
+
+
+def _packing_file(index_path: str, seed: int, pack: bool) -> Path:
+    return Path(index_path[: -len(".json")] + f".rows-seed{seed}-{'packed' if pack else 'single'}.npz")
+
+
+def _index_digest(index_path: str) -> str:
+    return hashlib.sha256(Path(index_path).read_bytes()).hexdigest()
+
+
+def _saved_packing(index_path: str | None, seed: int, pack: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The packing saved for these prepared files (their index, byte for byte), seed and layout, if any."""
+    if index_path is None:
+        return None
+    try:
+        with np.load(_packing_file(index_path, seed, pack)) as saved:
+            if str(saved["index_digest"]) != _index_digest(index_path):
+                return None
+            return saved["row_items"], saved["row_starts"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _save_packing(index_path: str | None, seed: int, pack: bool, packing: tuple[np.ndarray, np.ndarray]) -> None:
+    if index_path is None:
+        return
+    try:
+        with atomic_path(_packing_file(index_path, seed, pack)) as tmp:
+            np.savez(tmp, row_items=packing[0], row_starts=packing[1], index_digest=_index_digest(index_path))
+    except OSError:
+        pass  # a read-only cache: pack again next time
+
+
 class SFTDataset(_ChatData):
     """Chat records as fixed-shape rows for SFT, read from prepared token files (dataset/prepared.py: tokenized
     once, cached, memory-mapped) or, with `in_memory=True`, tokenized here as the files are read.
@@ -217,21 +262,19 @@ class SFTDataset(_ChatData):
         part_lengths = [np.diff(part.offsets) for part in self.parts]
         first = np.cumsum([0] + [len(x) for x in part_lengths])  # where each source starts in the concatenation
         lengths = np.concatenate(part_lengths)[first[self.item_part] + self.item_index]
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        if pack:
-            ordered = lengths[order].tolist()
-            rows = [[order[i] for i in row] for row in pack_best_fit(ordered, max_seq_len + 1)]
-        else:
-            rows = [[i] for i in order]
-        self.row_starts = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum([len(row) for row in rows], out=self.row_starts[1:])
-        self.row_items = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=self.row_starts[-1])
+        # One prepared source: the packing is kept beside its files (the next start reads it instead of packing).
+        saved = None if in_memory or self.weights is not None else self.parts[0].index["paths"]["index"]
+        packing = _saved_packing(saved, seed, pack)
+        if packing is None:
+            packing = _pack(lengths, rng, max_seq_len + 1, pack)
+            _save_packing(saved, seed, pack, packing)
+        self.row_items, self.row_starts = packing
+        n_rows = len(self.row_starts) - 1
 
         n_tokens = int(lengths.sum())
         self.stats = {
-            "conversations": len(lengths), "rows": len(rows), "tokens": n_tokens,
-            "assistant_tokens": self._assistant_tokens(), "padding": 1 - n_tokens / (len(rows) * (max_seq_len + 1)),
+            "conversations": len(lengths), "rows": n_rows, "tokens": n_tokens,
+            "assistant_tokens": self._assistant_tokens(), "padding": 1 - n_tokens / (n_rows * (max_seq_len + 1)),
             "truncated": sum(p.index["n_truncated"] for p in self.parts),
             "dropped": sum(p.index["n_dropped"] for p in self.parts),
         }

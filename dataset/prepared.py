@@ -91,6 +91,9 @@ def clip_long_texts(messages: list[dict], budget: int) -> list[dict]:
     def clip(text: str) -> str:
         return text if len(text) <= 2 * budget else text[:budget] + text[-budget:]
 
+    if all(len(m.get("content") or "") <= 2 * budget and len(m.get("reasoning_content") or "") <= 2 * budget
+           for m in messages):
+        return messages  # the usual case: nothing to clip, no copies
     return [{**m, **{key: clip(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
             for m in messages]
 

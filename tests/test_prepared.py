@@ -111,8 +111,20 @@ def test_sft_rows_equal_the_in_memory_rows(tmp_path, tokenizer, small_chunks, op
     assert prepared.rows == reference.rows
     assert_same_items(prepared, reference)
     again = SFTDataset(path, tokenizer, quiet=True, cache_dir=tmp_path / "cache", **options)  # from the cache
+    assert len(list((tmp_path / "cache").glob("*.rows-seed*.npz"))) == 1  # the packing, saved by the first
     assert again.rows == reference.rows
     assert_same_items(again, reference)
+
+
+def test_saved_packing_follows_the_prepared_files(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, chat_records(60))
+    first = SFTDataset(str(path), tokenizer, 96, quiet=True, cache_dir=tmp_path / "cache")
+    other_seed = SFTDataset(str(path), tokenizer, 96, seed=1, quiet=True, cache_dir=tmp_path / "cache")
+    assert other_seed.rows != first.rows  # another seed, another shuffle: not the saved packing
+    write_jsonl(path, chat_records(90))  # prepared again: the saved packings no longer apply
+    assert_same_items(SFTDataset(str(path), tokenizer, 96, quiet=True, cache_dir=tmp_path / "cache"),
+                      SFTDataset(str(path), tokenizer, 96, quiet=True, in_memory=True))
 
 
 def test_dpo_pairs_equal_the_in_memory_pairs(tmp_path, tokenizer, small_chunks):
@@ -319,3 +331,16 @@ def test_prepare_data_script_prepares_what_the_stages_read(tmp_path, tokenizer, 
                              tmp_path / "missing.jsonl", "--tokenizer_dir", tokenizer_dir, "--cache_dir", cache],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
+
+
+def test_bench_rows_for_each_chat_stage(tmp_path, tokenizer_dir):
+    from scripts.bench import bench_chat_prep, format_table
+
+    rows = [bench_chat_prep(stage, tokenizer_dir, tmp_path, 0.2, seed=0, max_seq_len=128)
+            for stage in ("sft", "dpo", "rl")]
+    for row in rows:
+        assert row["megabytes"] >= 0.2 and row["mb_per_sec"] > 0 and row["items"] > 0
+        assert 0 < row["peak_pss_gb"] <= row["peak_rss_gb"] < 4 and 0 < row["cached_start_seconds"] < 60
+        assert "MB/s" in row["summary"]
+    table = format_table({"shapes": {}, "data_chat": rows})
+    assert all(f"prepare {stage} MB/s" in table for stage in ("sft", "dpo", "rl"))
