@@ -52,6 +52,39 @@ def test_ppo_learns_to_answer_with_one_token(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path)  # the directory holds the policy
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_prepare_puts_the_score_on_the_last_answer_token(beta):
+    """PPO's token rewards: -beta * (log p - log p_ref) on every answer token, the answer's score added on its last;
+    advantages and returns are GAE of those rewards and the critic's values (whitening off here)."""
+    from model.generation import Completion
+    from trainer.losses import gae_advantages, token_logps
+    from trainer.rl import rollout_batch
+
+    torch.manual_seed(0)
+    policy = LM(LMConfig.from_preset("tiny", vocab_size=16))
+    reference = LM(policy.config)  # another random model: the KL penalty is not zero
+    model = ActorCritic(policy, ScalarModel.from_causal_lm(copy.deepcopy(policy)))
+    prompts = [Prompt([1, 5, 6], {}), Prompt([1, 7], {})]
+    completions = [Completion([9, 3, 2], "stop", 3), Completion([8, 4], "length", 2)]
+    batch = rollout_batch(prompts, completions, mask_truncated=False, pad_id=0, device=torch.device("cpu"))
+    batch["rewards"] = torch.tensor([1.0, -0.5])
+    args = Namespace(micro_batch_size=1, beta=beta, gamma=0.9, lam=0.8, no_whiten=True)
+    PPO(args, reference if beta else None).prepare(model, batch, Runtime(torch.device("cpu"), torch.float32))
+    with torch.no_grad():
+        mask = (batch["labels"] != -100).float()
+        logps = token_logps(policy(batch["input_ids"]).logits, batch["labels"])[0]
+        ref_logps = token_logps(reference(batch["input_ids"]).logits, batch["labels"])[0]
+        values = model.critic(batch["input_ids"]) * mask
+    rewards = -beta * (logps - ref_logps) * mask
+    rewards[0, 4] += 1.0  # row 0's answer tokens are predicted at positions 2, 3, 4
+    rewards[1, 2] += -0.5  # row 1's at positions 1, 2 (then padding)
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(batch["old_logps"], logps, atol=1e-5) and torch.allclose(batch["old_values"], values,
+                                                                                    atol=1e-5)
+    assert torch.allclose(batch["advantages"], advantages, atol=1e-5)
+    assert torch.allclose(batch["returns"], returns, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("critic_from", ["policy", "reward_model"])
 def test_train_ppo_end_to_end(tmp_path, chat_checkpoint, prompt_files, critic_from):

@@ -238,7 +238,8 @@ class RolloutStats:
         for name, values in parts.items():
             self.add(**{f"reward/{name}": values.sum(), f"reward_sq/{name}": (values ** 2).sum()})
         groups = total.view(-1, group_size)
-        self.add(groups=len(groups), zero_std_groups=(groups.max(1).values == groups.min(1).values).sum())
+        if group_size > 1:  # with one answer per prompt (PPO's default) there are no groups to speak of
+            self.add(groups=len(groups), zero_std_groups=(groups.max(1).values == groups.min(1).values).sum())
         if pass_reward in parts:
             solved = (parts[pass_reward] >= 1.0).float()
             self.add(passed=solved.sum(), groups_solved=solved.view(-1, group_size).max(1).values.sum())
@@ -259,10 +260,12 @@ class RolloutStats:
         for name in (k.split("/", 1)[1] for k in names if k.startswith("reward/")):
             row[f"reward/{name}"] = s[f"reward/{name}"] / n
             row[f"reward_std/{name}"] = std(s[f"reward/{name}"], s[f"reward_sq/{name}"])
-        row["zero_std_groups"] = s["zero_std_groups"] / max(s["groups"], 1)
+        if "groups" in s:
+            row["zero_std_groups"] = s["zero_std_groups"] / max(s["groups"], 1)
         if "passed" in s:
             row["pass@1"] = s["passed"] / n
-            row[f"pass@{group_size}"] = s["groups_solved"] / max(s["groups"], 1)
+            if group_size > 1:
+                row[f"pass@{group_size}"] = s["groups_solved"] / max(s["groups"], 1)
         row["completion_len"] = s["completion_len"] / n
         row["truncated"] = s["truncated"] / n
         for key in (k for k in names if k.startswith("prep/")):  # one rank-local mean per rank and step
