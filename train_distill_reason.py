@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from dataset.chat import IGNORE_INDEX
-from trainer import exit_cleanly_on_bad_input, parse_args
+from trainer import above, exit_cleanly_on_bad_input, parse_args
 from trainer.chat_stage import add_chat_flags, assistant_tokens, packed_logits, run_chat_stage
 from trainer.losses import token_weights, weighted_token_loss
 
@@ -22,7 +22,7 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 def add_flags(p):
     add_chat_flags(p)
-    p.add_argument("--tag_weight", type=float, default=2.0,
+    p.add_argument("--tag_weight", type=above(0), default=2.0,
                    help="loss weight of the <think>/</think>/<answer>/</answer> tokens (1: plain SFT)")
 
 

@@ -41,6 +41,9 @@ from trainer import (
     Runtime,
     TrainConfig,
     UsageError,
+    above,
+    at_least,
+    between,
     exit_cleanly_on_bad_input,
     format_summary,
     make_sample_fn,
@@ -60,14 +63,14 @@ DEMO = dict(data_path="dataset/demo/dpo.jsonl", val_data_path="dataset/demo/dpo_
 
 
 def add_flags(p):
-    p.add_argument("--beta", type=float, default=0.1,
+    p.add_argument("--beta", type=above(0), default=0.1,
                    help="strength of the pull towards the reference (SimPO: reward scale, try 2.0)")
     p.add_argument("--loss_type", choices=LOSS_TYPES, default="sigmoid",
                    help="sigmoid: DPO; ipo: IPO; simpo: reference-free, length-normalised SimPO")
-    p.add_argument("--label_smoothing", type=float, default=0.0,
+    p.add_argument("--label_smoothing", type=between(0, 0.5, high_open=True), default=0.0,
                    help="probability that a preference label is wrong (conservative DPO; sigmoid and simpo)")
     p.add_argument("--simpo_gamma", type=float, default=0.5, help="SimPO's target reward margin")
-    p.add_argument("--rpo_alpha", type=float, default=0.5,
+    p.add_argument("--rpo_alpha", type=at_least(0, float), default=0.5,
                    help="weight of the SFT loss on the chosen answers, added to the preference loss (0: off)")
     p.add_argument("--precompute_ref", action="store_true",
                    help="score all pairs with the reference once before training instead of keeping it in memory")
@@ -155,8 +158,6 @@ def main():
     args = parse_args("dpo", DEMO, add_flags)
     if args.loss_type == "ipo" and args.label_smoothing:
         raise UsageError("--label_smoothing applies to --loss_type sigmoid and simpo, not ipo")
-    if args.beta <= 0:
-        raise UsageError(f"--beta must be positive, got {args.beta}")
     run = setup(args)
     tokenizer = load_tokenizer(args.tokenizer_dir)
     def pairs(path: str) -> DPODataset:  # prepared once per node, beside --out_dir (dataset/prepared.py)

@@ -11,7 +11,7 @@ evaluates it on top of its base.
 """
 
 from model.lora import DEFAULT_TARGETS, EXPERT_TARGETS, apply_lora, save_lora, trainable_share
-from trainer import UsageError, exit_cleanly_on_bad_input, parse_args
+from trainer import UsageError, above, at_least, between, exit_cleanly_on_bad_input, parse_args
 from trainer.chat_stage import add_chat_flags, run_chat_stage
 from trainer.kd import add_kd_flags
 
@@ -19,9 +19,10 @@ from trainer.kd import add_kd_flags
 def add_flags(p):
     add_chat_flags(p)
     add_kd_flags(p)  # --teacher: the adapters learn a teacher's distribution (trainer/kd.py)
-    p.add_argument("--lora_r", type=int, default=8, help="adapter rank")
-    p.add_argument("--lora_alpha", type=float, default=16, help="the update is scaled by lora_alpha / lora_r")
-    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    p.add_argument("--lora_r", type=at_least(1), default=8, help="adapter rank")
+    p.add_argument("--lora_alpha", type=above(0), default=16, help="the update is scaled by lora_alpha / lora_r")
+    p.add_argument("--lora_dropout", type=between(0, 1, high_open=True), default=0.0,
+                   help="dropout on the adapter's input")
     p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated Linear names to adapt (default: every attention and MLP projection; on "
                         "a mixture-of-experts model also every expert's w1,w2,w3)")

@@ -13,6 +13,8 @@ width --intermediate_size per layer, --num_experts_per_tok of them per token, an
 weight --router_aux_loss_coef. --teacher DIR distils from a trained model's logits (trainer/kd.py).
 """
 
+from pathlib import Path
+
 import torch.nn.functional as F
 
 from dataset.bins import prepare_bins
@@ -24,6 +26,8 @@ from model.config import MoEConfig
 from trainer import (
     TrainConfig,
     UsageError,
+    above,
+    at_least,
     exit_cleanly_on_bad_input,
     format_summary,
     make_sample_fn,
@@ -33,16 +37,22 @@ from trainer import (
     teardown,
     train,
 )
+from trainer.checkpoint import model_shape
 from trainer.kd import add_kd_flags, distillation
+
+SHAPE_HELP = {"hidden_size": "width of the residual stream", "num_hidden_layers": "decoder layers",
+              "num_attention_heads": "query heads", "num_key_value_heads": "key/value heads (grouped-query attention)",
+              "intermediate_size": "width of the SwiGLU MLP"}
 
 
 def add_flags(p):
-    p.add_argument("--preset", choices=list(PRESETS), default="mini", help="model size (model/config.py)")
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset's value")
-    p.add_argument("--rope_theta", type=float, help="override the preset's RoPE base")
-    p.add_argument("--bin_dir", default="out/bins", help="where tokenized data is cached")
+    p.add_argument("--preset", choices=list(PRESETS), default="mini",
+                   help="model size of a new model (model/config.py); not with --init_from")
+    for name, meaning in SHAPE_HELP.items():
+        p.add_argument(f"--{name}", type=at_least(1), help=f"{meaning} (default: the preset's)")
+    p.add_argument("--rope_theta", type=above(0), help="RoPE base (default: the preset's)")
+    p.add_argument("--bin_dir", help="where the tokenized data (uint16 token bins) is cached "
+                                     "(default: bins/ beside --out_dir, i.e. OUT_DIR/../bins)")
     p.add_argument("--num_experts", type=int, default=0,
                    help="experts per layer: a mixture-of-experts model (Mixtral layout) instead of a dense one (0)")
     p.add_argument("--num_experts_per_tok", type=int, default=2, help="experts each token is routed to (top-k)")
@@ -82,8 +92,11 @@ def main():
     args = parse_args("pretrain", dict(**demo, max_seq_len=256, batch_size=16, learning_rate=2e-3, warmup_steps=100,
                                        eval_every=200, sample_every=200, sample_prompt="中国人民", save_every=200),
                       add_flags)
-    run = setup(args)
+    if args.bin_dir is None:
+        args.bin_dir = str(Path(args.out_dir).parent / "bins")
     tokenizer = load_tokenizer(args.tokenizer_dir)
+    # A new model's shape (from --preset and the shape flags) is known before setup, which checks --out_dir by it.
+    run = setup(args, shape=None if args.init_from else model_shape(model_config(args, len(tokenizer))))
 
     def token_windows(data_path: str) -> PretrainDataset:
         """Tokenize each file once, on rank 0 (the other ranks wait, then find the cached bins)."""
@@ -105,7 +118,8 @@ def main():
         model = LM(model_config(args, len(tokenizer)))
     require_vocab_fits(model, tokenizer, args.tokenizer_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    run.print(f"model: {n_params / 1e6:.2f}M parameters ({args.preset}: hidden {model.config.hidden_size}, "
+    origin = f"from {args.init_from}" if args.init_from else args.preset
+    run.print(f"model: {n_params / 1e6:.2f}M parameters ({origin}: hidden {model.config.hidden_size}, "
               f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
               f"{model.config.num_key_value_heads} KV heads"
               + (f", {model.config.num_local_experts} experts, {model.config.num_experts_per_tok} per token"

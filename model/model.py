@@ -27,6 +27,9 @@ from . import generation
 from .config import LMConfig, MoEConfig, is_moe
 from .generation import KVCache
 
+# transformers 5 renamed the output's `past_key_values` to `cache` (the old name warns "deprecated" on every use).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
     """The dtype matmuls run in: autocast's where it is on, else `default` (the tensors' own)."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
@@ -396,14 +399,14 @@ class LM(PreTrainedModel):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
         if not self.moe:
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values})
         # As MixtralForCausalLM: `loss` is the cross-entropy alone, `aux_loss` the load-balancing loss (padding left
         # out), `router_logits` each layer's (batch * seq, experts).
         router_logits = [layer.block_sparse_moe.router_logits for layer in self.model.layers]
         real = segments[:, -seq:] != 0 if segments is not None else None
         self.last_aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok, real)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=self.last_aux_loss, logits=logits,
-                                         router_logits=tuple(router_logits), past_key_values=past_key_values)
+                                         router_logits=tuple(router_logits), **{CACHE_FIELD: past_key_values})
 
     # Generation lives in generation.py (KV cache, sampling, batches); these keep transformers' call shape.
     def stream(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,

@@ -21,7 +21,7 @@ from dataset.prepared import once_per_node
 from dataset.tokenizer import load_tokenizer
 from model import LM
 
-from .cli import require_vocab_fits
+from .cli import between, require_vocab_fits
 from .config import TrainConfig
 from .kd import distillation
 from .loop import train
@@ -32,7 +32,7 @@ from .sampling import make_sample_fn
 
 def add_chat_flags(p: argparse.ArgumentParser) -> None:
     """The flags of every chat stage's data."""
-    p.add_argument("--system_prompt_ratio", type=float, default=0.0,
+    p.add_argument("--system_prompt_ratio", type=between(0, 1), default=0.0,
                    help="share of conversations without a system turn that get a random one")
     p.add_argument("--no_pack", action="store_true", help="one conversation per row, padded (for comparison)")
 

@@ -25,6 +25,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     save_every: int = 500  # always at the end too
     resume: bool = False
+    val_split: float = 0.0  # with no validation data: the share of the training samples (the last ones) held out
     compile: bool = False
     fsdp: bool = False
     skip_nonfinite: bool = False

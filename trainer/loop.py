@@ -9,10 +9,12 @@ A stage hands over its model, its dataset and a loss function `loss_fn(model, ba
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dataset.errors import UsageError
@@ -40,6 +42,22 @@ def micro_batches(dataset, sampler: ResumableSampler, epoch: int, start: int, lo
             start += sampler.global_batch
             yield batch, epoch, start
         epoch, start = epoch + 1, 0
+
+
+def hold_out(train_data, share: float, run: Runtime) -> tuple:
+    """(training samples, validation samples): the last `share` of the samples (at least one) held out, so the
+    split is the same on every run and rank; said once."""
+    n = len(train_data)
+    k = min(max(1, round(n * share)), n - 1)
+    if k < 1:
+        run.print(f"validation: none (the training data has {n} sample; --val_data_path names held-out data)")
+        return train_data, None
+    run.print(f"validation: the last {k} of {n} training samples ({k / n:.1%}; --val_split {share:g}) are held out "
+              "(--val_data_path names other held-out data, '' none)")
+    return Subset(train_data, range(n - k)), Subset(train_data, range(n - k, n))
+
+
+PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 @torch.no_grad()
@@ -77,6 +95,10 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
     c = config
     if run.is_main:
         check_free_space(c.out_dir, model)
+    if val_data is None and c.val_split > 0:
+        train_data, val_data = hold_out(train_data, c.val_split, run)
+    elif val_data is None:
+        run.print("validation: none (no --val_data_path): val_loss is not measured")
     trainable = prepare_model(model, run, fsdp=c.fsdp, compile=c.compile)
     optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device)
     scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
@@ -93,7 +115,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
                          wandb_run=start_wandb(c) if run.is_main and c.wandb else None)
     metrics.truncate_after(progress["step"])
     checkpointer = Checkpointer(c.out_dir, trainable, optimizer, scaler, run, tokenizer, export_fn, metrics,
-                                title=f"{c.stage}: {c.out_dir}")
+                                title=f"{c.stage}: {c.out_dir}", stage=c.stage, fresh=progress["step"] == 0)
     stream = micro_batches(train_data, sampler, progress["epoch"], progress["position"],
                            dict(collate_fn=collate_fn, num_workers=c.num_workers,
                                 pin_memory=run.device.type == "cuda"))
@@ -123,8 +145,11 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
         return result
 
     stop = StopRequest()
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not run.is_main, desc=c.stage,
+    # A bar on a terminal; in a file or pipe, where every redraw would be another line, a plain line now and then.
+    plain = run.is_main and not sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=progress["step"], disable=not run.is_main or plain, desc=c.stage,
                dynamic_ncols=True, mininterval=1.0)
+    last_plain = 0.0
     window, last_log, last_eval, skipped_nonfinite = LogWindow(), {}, {}, 0
     start_time = time.time() - progress["elapsed"]
     trainable.model.train()
@@ -155,6 +180,10 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
                                         f"and {step}; the last good checkpoint is in {c.out_dir}/train_state/")
                 metrics.log(last_log)
                 bar.set_postfix(loss=f"{last_log['loss']:.3f}", tok_s=f"{last_log['tokens_per_sec']:.0f}")
+                if plain and (time.time() - last_plain >= PLAIN_EVERY or step == total_steps):
+                    print(f"{c.stage}: step {step}/{total_steps}  loss {last_log['loss']:.4f}  lr {lr:.2e}  "
+                          f"{last_log['tokens_per_sec']:.0f} tokens/s  {last_log['elapsed']:.0f}s", flush=True)
+                    last_plain = time.time()
                 window = LogWindow()
             if c.eval_every and step % c.eval_every == 0 and step < total_steps:
                 last_eval = log_eval(step)

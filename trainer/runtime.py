@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.errors import UsageError
 from dataset.io import atomic_write_text
 
+from .checkpoint import check_output_dir
 from .fsdp import FullModel, shard_model
 
 
@@ -119,8 +120,10 @@ def check_out_dir_writable(out_dir: str) -> None:
         raise UsageError(f"--out_dir {out_dir} is not writable: {err.strerror or err}") from None
 
 
-def setup(args) -> Runtime:
-    """Pick device and precision, join the torchrun process group if there is one, seed RNGs."""
+def setup(args, shape: dict | None = None) -> Runtime:
+    """Pick device and precision, join the torchrun process group if there is one, check what is already in
+    --out_dir (trainer.checkpoint.check_output_dir: `shape` is this run's model shape, default --init_from's),
+    write args.json, seed RNGs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device)
@@ -136,6 +139,9 @@ def setup(args) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_output_dir(args, shape, is_main=rank == 0, log=lambda line: print(line, flush=True))
+    if world_size > 1:
+        dist.barrier()  # rank 0 has cleared out_dir (--overwrite) before anyone writes there
     if rank == 0:
         check_out_dir_writable(args.out_dir)
         atomic_write_text(Path(args.out_dir) / "args.json",
