@@ -38,9 +38,11 @@ def test_grpo_learns_to_answer_with_one_token(tmp_path):
                      loss_type="dapo", max_new_tokens=4, scale_rewards="auto")
     config = TrainConfig(stage="grpo", out_dir=str(tmp_path), batch_size=8, max_steps=12, learning_rate=1e-2,
                          min_lr=1e-2, warmup_steps=0, weight_decay=0.0, log_every=1, eval_every=0, save_every=0)
-    rl = RLConfig(group_size=8, max_new_tokens=4, ppo_epochs=2, num_mini_batches=2, micro_batch_size=64)
+    rl = RLConfig(group_size=8, max_new_tokens=4, ppo_epochs=2, num_mini_batches=2, micro_batch_size=64, pass_at_k=8)
     summary = train_rl(policy, prompts, [Reward("task", first_token_reward)], GRPO(args, reference),
                        Runtime(torch.device("cpu"), torch.float32), config, rl, val_prompts=held_out)
+    start = next(row for row in rows_of(tmp_path) if "start_pass@1" in row)
+    assert start["step"] == 0 and start["start_pass@1"] < 0.2 and start["start_pass@8"] >= start["start_pass@1"]
     rewards = [row["reward"] for row in rows_of(tmp_path) if "reward" in row]
     print(f"\nGRPO mean reward by step: {[round(r, 2) for r in rewards]}")
     assert rewards[0] < 0.15 and max(rewards) > 0.8, rewards
@@ -48,6 +50,14 @@ def test_grpo_learns_to_answer_with_one_token(tmp_path):
     rows = [row for row in rows_of(tmp_path) if "reward" in row]
     assert all(0.0 <= row["clip_frac"] <= 1.0 and row["kl"] >= 0.0 for row in rows)
     assert any(row["clip_frac"] > 0 for row in rows)  # several updates per rollout batch: the clip acts
+
+
+def test_pass_at_k_by_hand():
+    from trainer.rl import pass_at_k
+
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3, 2) / C(5, 2)
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
 
 
 def test_rollout_rows_score_only_the_answer_and_mask_cut_answers():
@@ -79,9 +89,9 @@ def test_train_grpo_end_to_end(tmp_path, chat_checkpoint, prompt_files):
     done = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"],
                       "--val_data_path", prompt_files["val"], "--out_dir", out, *RL_TINY, "--max_steps", "2",
                       "--reward_funcs", "task,think_format,repetition,length", "--reward_model", reward_dir,
-                      "--reward_weights", "1,0.5,0.1,1,0.2", "--mask_truncated")
+                      "--reward_weights", "1,0.5,0.1,1,0.2", "--mask_truncated", "--pass_at_k", "2")
     assert "1 x task + 0.5 x think_format + 0.1 x repetition + 1 x length + 0.2 x reward_model" in done.stdout
-    assert "held out: reward" in done.stdout
+    assert "held out: reward" in done.stdout and "the starting policy on the held-out prompts" in done.stdout
     rows = rows_of(out)
     logged = [row for row in rows if "reward" in row]
     assert len(logged) == 2

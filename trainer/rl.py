@@ -125,6 +125,7 @@ class RLConfig:
     pass_reward: str = "task"  # the reward whose value 1.0 means "solved" (pass@1)
     stop_token_ids: list[int] | None = None  # None: the model's generation_config eos ids
     val_max_batch_rows: int = 64
+    pass_at_k: int = 0  # > 0: before training, sample this many answers per held-out prompt (pass@1, pass@k)
 
     @classmethod
     def from_args(cls, args, **overrides) -> "RLConfig":
@@ -307,6 +308,39 @@ def evaluate_prompts(policy: nn.Module, prompts: list[Prompt], rewards: list[Rew
     return {k: v / n for k, v in out.items()}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c are right (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"): 1 - C(n - c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@torch.no_grad()
+def measure_pass_at_k(policy: nn.Module, prompts: list[Prompt], rewards: list[Reward], rl: RLConfig, run: Runtime,
+                      k: int, seed: int) -> dict[str, float]:
+    """How often the policy solves held-out prompts when sampled (rl.temperature, ...): pass@1 with its 95%
+    confidence half-width over prompts, and pass@k, from k answers per prompt; sharded over ranks. RL can only raise
+    what the policy sometimes finds, so this says whether a task suits RL before training on it."""
+    mine = list(range(run.rank, len(prompts), run.world_size))
+    config = RLConfig(**{**rl.__dict__, "group_size": k})
+    rows, completions = rollout(policy, [prompts[i] for i in mine], mine, config, run, seed, step=0)
+    _, parts = score(rewards, rows, completions, run.device)
+    if rl.pass_reward not in parts:
+        return {}
+    solved = (parts[rl.pass_reward] >= 1.0).view(-1, k).sum(1).tolist()
+    per_prompt = [(c / k, pass_at_k(k, int(c), k)) for c in solved]
+    sums = torch.tensor([len(per_prompt), sum(a for a, _ in per_prompt), sum(a * a for a, _ in per_prompt),
+                         sum(b for _, b in per_prompt)], dtype=torch.float64, device=run.device)
+    if run.distributed:
+        dist.all_reduce(sums)
+    n, total, squares, total_k = sums.tolist()
+    mean = total / max(n, 1)
+    std = math.sqrt(max(squares / max(n, 1) - mean ** 2, 0.0) * n / max(n - 1, 1))
+    return {"start_pass@1": mean, "start_pass@1_ci95": 1.96 * std / math.sqrt(max(n, 1)),
+            f"start_pass@{k}": total_k / max(n, 1), "start_prompts": n}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -374,6 +408,14 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
             tqdm.write(f"[step {step}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
+    if rl.pass_at_k and val_prompts and progress["step"] == 0:
+        start = measure_pass_at_k(algorithm.policy(trainable.raw), val_prompts, rewards, rl, run, rl.pass_at_k,
+                                  c.seed)
+        if start:
+            metrics.log({"step": 0, **start})
+            run.print("the starting policy on the held-out prompts: " + "  ".join(
+                f"{k} {v:.3f}" for k, v in start.items() if k != "start_prompts") + f" ({start['start_prompts']:.0f} "
+                f"prompts, {rl.pass_at_k} samples each)")
     stream = prompt_batches()
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not run.is_main, desc=c.stage,

@@ -46,6 +46,9 @@ def add_rl_flags(p, group_size: int, beta: float) -> None:
     p.add_argument("--beta", "--kl_coef", type=float, default=beta,
                    help="weight of the KL to the frozen starting model (GRPO: in the loss; PPO: a penalty in the "
                         "reward); 0: no reference model at all")
+    p.add_argument("--pass_at_k", type=int, default=0,
+                   help="before training, sample K answers per held-out prompt: the starting policy's pass@1 (with "
+                        "a 95%% interval) and pass@K (RL raises what the policy sometimes solves)")
     p.add_argument("--mask_truncated", action="store_true",
                    help="answers cut at --max_new_tokens count for nothing in the loss")
     p.add_argument("--reward_funcs", default="task",
