@@ -233,7 +233,8 @@ def prepare_bins(
     try:
         # Written aside and renamed into place when complete: a bin under its real name is always whole.
         with atomic_path(bin_path) as tmp_bin:
-            with open(tmp_bin, "wb") as out, tqdm(desc=source.name, disable=quiet, **bar) as progress:
+            # disable=None: no bar when stderr is not a terminal (in a log every redraw would be another line)
+            with open(tmp_bin, "wb") as out, tqdm(desc=source.name, disable=quiet or None, **bar) as progress:
                 results = _tokenized_chunks(_read_chunks(data_path), pool, window=2 * num_workers + 2)
                 for tokens, lengths, hashes, errors, done in results:
                     progress.update(done)
