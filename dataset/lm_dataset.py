@@ -497,9 +497,10 @@ class _Pairs:
 
 
 class RLPromptDataset(_ChatData):
-    """Prompt sets for the RL stages ({"prompt", "task"?, "answer"?} or chat records ending with the user's turn),
-    prepared once: item i is prompt_ids (the rendered prompt with `<|im_start|>assistant\\n` at the end, ready to
-    generate from), messages, task, answer and index."""
+    """Prompt sets for the RL stages (dataset/formats.py's "rl" records: {"prompt", "task"?, "answer"?, ...} or chat
+    records cut after the user's last turn), prepared once: item i is prompt_ids (the rendered prompt with
+    `<|im_start|>assistant\\n` at the end, ready to generate from), the canonical record's messages and meta (task,
+    answer, ... for the reward functions), and index."""
 
     stage = "rl"
 

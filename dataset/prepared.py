@@ -7,7 +7,8 @@ A prepared source is four or five files in the cache directory, named `<stem>.<s
     .mask.bin      one uint8 per token: 1 where the token is trained on (assistant output), else 0
     .offsets.bin   int64 [n_pieces + 1]: piece k is tokens[offsets[k]:offsets[k + 1]]; a piece is a conversation
                    (sft), one of (prompt, chosen, rejected) for each pair (dpo), or a prompt (rl)
-    .meta.jsonl    rl only: one JSON line per prompt {"messages", "task", "answer"}; .meta_offsets.bin indexes it
+    .meta.jsonl    rl only: one JSON line per prompt, its canonical record {"messages", "meta"} (meta: task, answer,
+                   ... for the reward functions); .meta_offsets.bin indexes it
     .json          the index, written last: source files with their size and mtime, the tokenizer's hash, the
                    options, counts, and each data file's size; a preparation killed before it leaves nothing
                    that is later trusted (data files are written under temporary names and renamed, the old
@@ -42,7 +43,7 @@ from dataset import chat
 from dataset.bins import _read_chunks
 from dataset.chat import chat_segments
 from dataset.errors import DataError, SkipCounter
-from dataset.formats import _Invalid, _message, file_format, parse_record
+from dataset.formats import file_format, parse_record
 from dataset.io import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -96,40 +97,6 @@ def clip_long_texts(messages: list[dict], budget: int) -> list[dict]:
         return messages  # the usual case: nothing to clip, no copies
     return [{**m, **{key: clip(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
             for m in messages]
-
-
-# --- RL prompt records ---------------------------------------------------------------------------------------------
-
-def normalise_rl(record: object, path: str, line: int, where: str = "") -> dict:
-    """An RL prompt record -> {"messages", "task", "answer"}: {"prompt": str or [msgs], "task"?, "answer"?}, or a
-    chat record ("conversations" / "messages") cut after its last user turn (MiniMind's RL prompt files end with
-    an empty assistant turn). DataError(path, line, reason) if unusable."""
-    try:
-        if isinstance(record, bytes):
-            try:
-                record = json.loads(record.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise _Invalid(f"invalid JSON or UTF-8: {err}") from None
-        if not isinstance(record, dict):
-            raise _Invalid(f"record must be a JSON object, got {type(record).__name__}")
-        key = next((k for k in ("prompt", "conversations", "messages") if k in record), None)
-        if key is None:
-            raise _Invalid(f"no 'prompt', 'conversations' or 'messages' (keys seen: {sorted(record)})")
-        raw = record[key]
-        if isinstance(raw, str):
-            if not raw.strip():
-                raise _Invalid(f"field '{key}' is empty")
-            messages = [{"role": "user", "content": raw}]
-        elif isinstance(raw, list) and raw:
-            messages = [_message(m, f"{key}[{i}]") for i, m in enumerate(raw)]
-        else:
-            raise _Invalid(f"field '{key}' must be a string or a non-empty list of messages")
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-        if last_user < 0:
-            raise _Invalid(f"'{key}' has no user turn")
-        return {"messages": messages[:last_user + 1], "task": record.get("task"), "answer": record.get("answer")}
-    except _Invalid as err:
-        raise DataError(path, line, where + str(err)) from None
 
 
 # --- worker processes ---------------------------------------------------------------------------------------------
@@ -216,10 +183,10 @@ def _dpo_chunk(chunk: tuple) -> dict:
 
 
 def _rl_chunk(chunk: tuple) -> dict:
-    """Prompts -> their tokens as a generation starts (the template with `<|im_start|>assistant\\n` at the end),
-    and one JSON line of messages, task and answer each."""
+    """Prompts (dataset/formats.py's "rl" records) -> their tokens as a generation starts (the template with
+    `<|im_start|>assistant\\n` at the end), and each canonical record ({"messages", "meta"}) as one JSON line."""
     source, records, progress = chunk
-    parsed, errors = _parse(records, source, normalise_rl)
+    parsed, errors = _parse(records, source, lambda p, s, n, w: parse_record(p, "rl", s, n, w))
     ids, _, lengths = _encode([chat_segments(r["messages"], add_generation_prompt=True) for r in parsed],
                               _options["dtype"])
     meta = [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in parsed]

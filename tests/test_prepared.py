@@ -308,10 +308,10 @@ def test_rl_prompts_with_their_token_ids(tmp_path, tokenizer):
         expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert tokenizer.decode(item["prompt_ids"].tolist(), skip_special_tokens=False) == expected
         assert item["prompt_ids"].tolist() == tokenizer(expected, add_special_tokens=False)["input_ids"]
-    assert (data[0]["task"], data[0]["answer"], data[1]["task"]) == ("arithmetic", "2", None)
+    assert data[0]["meta"] == {"task": "arithmetic", "answer": "2"} and data[1]["meta"] == {}
     assert data[2]["messages"] == [records[2]["conversations"][0]]  # cut after the last user turn
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "assistant", "content": "x"}]}])
-    with pytest.raises(DataError, match="bad.jsonl:1: 'prompt' has no user turn"):
+    with pytest.raises(DataError, match="bad.jsonl:1: the prompt has no user turn"):
         RLPromptDataset(str(bad), tokenizer, quiet=True, cache_dir=tmp_path / "cache")
 
 
