@@ -189,7 +189,8 @@ def clean_file(data_path: str, out_path: str, config: CleanConfig, report_path: 
     cleaner, report, skipped = Cleaner(config), Report(), SkipCounter()
     size = Path(data_path).stat().st_size if Path(data_path).is_file() else None
     with atomic_path(out_path) as tmp, open(tmp, "wb") as out, \
-            tqdm(total=size, unit="B", unit_scale=True, desc=Path(data_path).name, disable=quiet) as bar:
+            tqdm(total=size, unit="B", unit_scale=True, desc=Path(data_path).name,
+                 disable=True if quiet else None) as bar:  # None: a bar on a terminal only, not in log files
         for line, where, payload in raw_records(data_path):
             bar.update(len(payload) if isinstance(payload, bytes) else 0)
             try:

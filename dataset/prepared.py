@@ -307,13 +307,14 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
     if pool is None:
         _init_worker(*init_args)
     total = sum(s["size"] for s in sources)
-    streamed = all(file_format(f) == "jsonl" for f in files)  # else progress counts records: no bar
+    # A bar for JSON lines (progress in bytes), on a terminal only (disable=None): not in pipes and log files.
+    streamed = all(file_format(f) == "jsonl" for f in files)
     try:
         with ExitStack() as stack:
             tmp = {name: stack.enter_context(atomic_path(paths[name])) for name in DATA_FILES[stage]}
             outs = {name: stack.enter_context(open(tmp[name], "wb")) for name in DATA_FILES[stage]}
             progress = stack.enter_context(tqdm(desc=Path(files[0]).name, total=total, unit="B", unit_scale=True,
-                                                disable=quiet or not streamed))
+                                                disable=True if quiet or not streamed else None))
             for result in _in_order(_source_chunks(files), pool, 2 * num_workers + 2):
                 progress.update(result["progress"])
                 writer.add(result, outs)
