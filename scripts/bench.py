@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from dataset.bins import prepare_bins
 from dataset.io import atomic_write_json
+from dataset.tokenizer import load_tokenizer, save_tokenizer
 from model import LM, LMConfig
 from model.config import PRESETS, MoEConfig
 from trainer.optim import build_optimizer
@@ -73,7 +74,7 @@ SHAPE_NAMES = {"small": "MiniMind-small"}
 PROMPT_LEN = 32
 GEN_BATCHES = (1, 8)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-SECTIONS = ("train", "generate", "moe", "data", "e2e")
+SECTIONS = ("train", "generate", "moe", "data", "serve", "e2e")
 E2E_SHAPE = "small"
 
 
@@ -364,6 +365,27 @@ def bench_data_prep(tokenizer_dir: Path | None, work_dir: Path, args) -> dict:
             "documents": index["n_docs"], "duplicates": index["n_duplicates"], "tokens": index["n_tokens"],
             "seconds": seconds, "workers": min(4, os.cpu_count() or 1),
             "mb_per_sec": index["source_size"] / 1e6 / seconds, "tokens_per_sec": index["n_tokens"] / seconds}
+
+
+def bench_serve(shape: str, tokenizer_dir: Path | None, work_dir: Path, args) -> dict:
+    """serve.py under 1, 4 and 16 concurrent streaming clients (serving/bench.py), on a random model of `shape`
+    with a real tokenizer: requests/s, generated tokens/s, latency, time to first token."""
+    from serving.bench import bench_server
+
+    if tokenizer_dir is None:
+        from dataset.tokenizer import train_bpe
+
+        tokenizer_dir = work_dir / "tokenizer"
+        train_bpe(review_documents(500_000, args.seed), vocab_size=2000).save_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(args.seed)
+    model_dir = work_dir / "model"
+    LM(LMConfig.from_preset(shape, vocab_size=len(tokenizer))).save_pretrained(model_dir)
+    save_tokenizer(tokenizer, model_dir)
+    clients = (1, 4) if args.quick else (1, 4, 16)
+    result = bench_server(model_dir, clients=clients, requests_per_client=2 if args.quick else 4,
+                          max_tokens=16 if args.quick else 64, device=args.device)
+    return {"shape": shape, **result}
 
 
 # Question templates for the generated chat data (MiniMind's SFT shape): a review or news paragraph, asked about.
@@ -743,6 +765,11 @@ def format_table(results: dict) -> str:
         rows.append(("data", f"prepare {data['stage']} MB/s", f"{data['mb_per_sec']:.2f}", "-", "-",
                      f"peak RSS {data['peak_rss_gb']:.2f} GB (PSS {data['peak_pss_gb']:.2f}), cached start "
                      f"{data['cached_start_seconds']:.1f} s, {data['megabytes']} MB, {data['workers']} workers"))
+    for row in results.get("serve", {}).get("rows", []):
+        rows.append((f"serve ({results['serve']['shape']})", f"server, {row['clients']} client(s)",
+                     f"{row['tokens_per_s']:,.1f}", "-", "-",
+                     f"tokens/s; {row['requests_per_s']:.2f} requests/s, latency {row['mean_latency_s']} s, "
+                     f"first token {row['mean_ttft_s']} s, {row['errors']} errors"))
     if "e2e" in results:
         e2e = results["e2e"]
         factors = e2e["factors"]
@@ -818,6 +845,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["data_chat"] = [bench_chat_prep(stage, chat_tokenizer, Path(work_dir), args.data_mb, args.seed)
                                     for stage in CHAT_STAGES]
         print(f"... data prep: {time.perf_counter() - start:.0f}s", flush=True)
+    if "serve" in args.sections:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:
+            results["serve"] = bench_serve(args.shapes[0], tokenizer_dir, Path(work_dir), args)
+        print(f"... serve: {time.perf_counter() - start:.0f}s", flush=True)
     if "e2e" in args.sections:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="danlu_bench_") as work_dir:

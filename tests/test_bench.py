@@ -48,6 +48,10 @@ def test_quick_benchmark_writes_positive_numbers_and_prints_the_table(tmp_path):
         assert measured["ours_over_transformers"] == pytest.approx(expected)
     for batch in ("batch_1", "batch_8"):
         assert 0 <= tiny["generate"][batch]["equal_token_share"] <= 1
+    serve = bench["serve"]["rows"]  # the server under 1 and 4 concurrent streaming clients, every request answered
+    assert [row["clients"] for row in serve] == [1, 4]
+    assert all(row["errors"] == 0 and row["requests"] == 2 * row["clients"] for row in serve)
+    assert "server, 4 client(s)" in result.stdout
     data = bench["data_prep"]
     assert data["mb_per_sec"] > 0 and data["tokens_per_sec"] > 0 and data["tokens"] > data["documents"] > 0
     assert data["duplicates"] < data["documents"] / 100
