@@ -14,7 +14,6 @@ from pathlib import Path
 from dataset.errors import DataError, SkipCounter, exit_cleanly_on_bad_input
 from dataset.formats import iter_records
 from dataset.tokenizer import SPECIAL_BLOCK_SIZE, round_trip_failures, save_tokenizer, train_bpe
-from trainer.cli import Parser, at_least
 
 
 def read_texts(path: str, max_chars: int | None, skip_bad: bool) -> tuple[list[str], int, str]:
@@ -31,12 +30,40 @@ def read_texts(path: str, max_chars: int | None, skip_bad: bool) -> tuple[list[s
     return texts, chars, skipped.summary()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, each flag's default after its meaning (as trainer.cli's, which imports torch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as trainer.cli.Parser
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low (said in the error as trainer.cli.at_least says it)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: int >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: int >= {low}")
+        return value
+    return parse
+
+
 DEMO_DATA, DEMO_VAL = "dataset/demo/pretrain.jsonl", "dataset/demo/pretrain_val.jsonl"
 VAL_SPLIT = 0.02  # with the user's data and no --val_data_path: the share of its lines held out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = Parser(description=__doc__)
+    parser = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--data_path", default=DEMO_DATA, help='training text: JSONL with a "text" field')
     parser.add_argument(
         "--val_data_path",
