@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from dataset.bins import prepare_bins
 from dataset.chat import load_tokenizer
-from dataset.formats import split_paths
 from dataset.lm_dataset import PretrainDataset
+from dataset.mixing import parse_data_path
 from model import LM, PRESETS, LMConfig
 from model.config import MoEConfig
 from trainer import (
@@ -99,15 +99,18 @@ def main():
     run = setup(args, shape=None if args.init_from else model_shape(model_config(args, len(tokenizer))))
 
     def token_windows(data_path: str) -> PretrainDataset:
-        """Tokenize each file once, on rank 0 (the other ranks wait, then find the cached bins)."""
-        files = split_paths(data_path)
+        """Tokenize each file once, on rank 0 (the other ranks wait, then find the cached bins); weighted sources
+        (a.jsonl:0.7,b.jsonl:0.3) are mixed by the dataset."""
+        sources = parse_data_path(data_path)
+        files, weights = [path for path, _ in sources], [weight for _, weight in sources]
         if run.is_main:
             for path in files:
                 prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad)
         run.barrier()
         bins = [prepare_bins(path, args.tokenizer_dir, args.bin_dir, skip_bad=args.skip_bad, quiet=True)["bin_path"]
                 for path in files]
-        return PretrainDataset(bins, args.max_seq_len)
+        return PretrainDataset(bins, args.max_seq_len, weights=weights if weights[0] is not None else None,
+                               seed=args.seed)
 
     train_data = token_windows(args.data_path)
     val_data = token_windows(args.val_data_path) if args.val_data_path else None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dataset.errors import DataError, SkipCounter
+from dataset.mixing import plain_paths
 
 KINDS = ("pretrain", "chat", "dpo", "rl")
 ROLES = ("system", "user", "assistant", "tool")
@@ -365,11 +366,6 @@ def parse_record(payload: Any, kind: str, path: str, line: int, where: str = "")
 
 # --- readers -----------------------------------------------------------------------------------------------
 
-def split_paths(data_path: str) -> list[str]:
-    """A data path may be a comma-separated list of files."""
-    return [p.strip() for p in str(data_path).split(",") if p.strip()]
-
-
 def is_json_array(path: str) -> bool:
     """Whether a file holds one JSON array (rather than JSON lines)."""
     with open(path, "rb") as f:
@@ -494,7 +490,7 @@ def iter_records(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
-    for file in split_paths(path):
+    for file in plain_paths(path):
         for line, where, payload in raw_records(file):
             try:
                 record = parse_record(payload, kind, file, line, where)

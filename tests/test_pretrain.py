@@ -10,6 +10,19 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import FIXTURES, kill_after_first_checkpoint, pretrain_args, run_script
 
 
+@pytest.mark.slow
+def test_pretrain_mixes_sources_by_weight(tmp_path, corpus, tokenizer_dir):
+    """--data_path a:0.9,b:0.1 trains on windows of both token files, in those proportions (dataset/mixing.py)."""
+    out = tmp_path / "pretrain"
+    weighted = f"{corpus['train']}:0.9,{corpus['val']}:0.1"
+    args = pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "2")
+    args[args.index("--data_path") + 1] = weighted
+    result = run_script("train_pretrain.py", *args)
+    assert "windows of 64" in result.stdout
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["data_path"] == weighted
+
+
 def test_pretrain_end_to_end(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "pretrain"
     result = run_script("train_pretrain.py", *pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "8",
