@@ -123,7 +123,8 @@ def given_flags(argv: list[str]) -> set[str]:
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and checkpoints")
-    g.add_argument("--data_path", help="training data file (.jsonl, .json array or .parquet; comma-separate several)")
+    g.add_argument("--data_path", help="training data file (.jsonl, .json array or .parquet; comma-separate several, "
+                                       "or mix them by weight: a.jsonl:0.7,b.jsonl:0.3)")
     g.add_argument("--val_data_path",
                    help="held-out data for validation loss (default: the demo's held-out file with the demo data; "
                         "with your own --data_path, the last --val_split of it; '' for no validation)")
@@ -342,9 +343,10 @@ def ensure_demo_data(args: argparse.Namespace) -> None:
 
 def first_record(path: str, kind: str) -> tuple[dict | None, str | None]:
     """The first record of `path` (its first file) as `kind`, else (None, the kind it parses as, if any)."""
-    from dataset.formats import KINDS, parse_record, raw_records, split_paths
+    from dataset.formats import KINDS, parse_record, raw_records
+    from dataset.mixing import parse_data_path
 
-    file = split_paths(path)[0]
+    file = parse_data_path(path)[0][0]
     line, where, payload = next(iter(raw_records(file)))  # a missing or empty file: DataError, as the reader says
     try:
         return parse_record(payload, kind, file, line, where), None
