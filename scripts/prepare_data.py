@@ -24,9 +24,13 @@ from dataset.tokenizer import load_tokenizer
 STAGES = ("pretrain", "sft", "dpo", "rl")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help."""
+
+
 @exit_cleanly_on_bad_input
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Tokenize a stage's data once into memory-mapped token files.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--stage", choices=STAGES, default="pretrain",
                         help="pretrain: {\"text\"} into token bins; sft (LoRA, distillation): chat records; dpo: "
                              "preference pairs; rl: prompt sets")
