@@ -17,6 +17,7 @@ from typing import Any
 
 from dataset.errors import DataError, UsageError, exit_cleanly_on_bad_input  # noqa: F401  (re-exported)
 
+from .optim import MUON_LR, OPTIMIZERS
 from .stages import STAGES
 
 DEMO_DIR = "dataset/demo"
@@ -28,6 +29,7 @@ SHARED_DEFAULTS: dict[str, Any] = dict(
     device="auto", dtype="auto", compile=False, fsdp=False, seed=42, log_every=10, eval_every=200,
     eval_batches=50, sample_every=0, sample_prompt="人民日报", sample_tokens=48, save_every=500, resume=False,
     overwrite=False, skip_bad=False, skip_nonfinite=False, wandb=False, num_workers=0,
+    optimizer="adamw", muon_lr=MUON_LR, lr_find=False, lr_find_steps=100,
 )
 # Flags that set a new model's shape: meaningless beside --init_from, whose config.json fixes the shape.
 SHAPE_FLAGS = ("preset", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -156,6 +158,17 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad_clip", type=at_least(0, float), help="clip the gradient norm to this (0: off)")
     g.add_argument("--seed", type=at_least(0), help="seed of data order, initialisation and sampling")
     g.add_argument("--skip_nonfinite", action="store_true", help="skip steps whose loss is NaN/inf instead of stopping")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="adamw; or muon: Muon on the decoder layers' 2-D matrices (attention and MLP projections), "
+                        "AdamW on embeddings, head, norms and biases (trainer/optim.py)")
+    g.add_argument("--muon_lr", type=above(0),
+                   help="--optimizer muon: peak learning rate of the Muon matrices (the schedule scales it as it "
+                        "scales --learning_rate)")
+    g.add_argument("--lr_find", action="store_true",
+                   help="learning-rate range test instead of training: sweep the rate from 1e-6 to 1 over "
+                        "--lr_find_steps steps, plot loss against it (out_dir/lr_find.png), suggest a rate, write no "
+                        "checkpoint (default out_dir: out/lr_find/<stage>)")
+    g.add_argument("--lr_find_steps", type=at_least(2), help="steps of the --lr_find sweep")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     g.add_argument("--dtype", type=dtype_name, metavar="{auto,fp32,bf16,fp16}",
@@ -201,6 +214,8 @@ def parse_args(stage: str, defaults: dict[str, Any] | None = None,
         val.help = val.help.replace("the demo's held-out file", d["val_data_path"])
     args = p.parse_args(argv)
     args.stage = stage
+    if args.lr_find and args.out_dir == d["out_dir"]:  # the range test's plot goes apart from the stage's checkpoint
+        args.out_dir = os.path.join("out", "lr_find", stage)
     given = given_flags(argv)
     if args.min_lr is None:
         args.min_lr = args.learning_rate / 10

@@ -30,6 +30,10 @@ class TrainConfig:
     fsdp: bool = False
     skip_nonfinite: bool = False
     wandb: bool = False
+    optimizer: str = "adamw"  # adamw | muon (trainer/optim.py)
+    muon_lr: float = 0.02  # --optimizer muon: the Muon matrices' peak learning rate
+    lr_find: bool = False  # a learning-rate range test instead of training (trainer/lr_find.py)
+    lr_find_steps: int = 100
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":

@@ -23,6 +23,7 @@ from dataset.io import atomic_write_text
 from .checkpoint import Checkpointer, check_free_space, new_progress, restore
 from .config import TrainConfig
 from .data import ResumableSampler, make_loader, move_to
+from .lr_find import lr_find
 from .metrics import MetricsLog, start_wandb
 from .optim import build_optimizer, lr_at
 from .progress import LogWindow, StopRequest, all_reduce_mean
@@ -93,6 +94,9 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
     holds (default: save_pretrained). `perplexity`: whether exp(val_loss) means something (not for DPO).
     `loss_items(batch)`: how many items loss_fn's mean is over, when that varies by batch (see step.loss_scales)."""
     c = config
+    if c.lr_find:  # the learning-rate range test instead of training: a plot and a suggestion, no checkpoint
+        lr_find(model, train_data, loss_fn, run, c, collate_fn=collate_fn, shuffle=shuffle, loss_items=loss_items)
+        raise SystemExit(0)
     if run.is_main:
         check_free_space(c.out_dir, model)
     if val_data is None and c.val_split > 0:
@@ -100,7 +104,8 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
     elif val_data is None:
         run.print("validation: none (no --val_data_path): val_loss is not measured")
     trainable = prepare_model(model, run, fsdp=c.fsdp, compile=c.compile)
-    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device)
+    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device,
+                                optimizer=c.optimizer, muon_lr=c.muon_lr)
     scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
 
     sampler = ResumableSampler(len(train_data), c.batch_size, c.seed, shuffle, run.rank, run.world_size)

@@ -360,6 +360,9 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     if c.fsdp and run.distributed:
         raise UsageError("--fsdp is not supported by the RL stages yet (rollouts need the whole policy on every "
                          "rank); use DDP (no --fsdp)")
+    if c.lr_find:
+        raise UsageError("--lr_find runs on the supervised stages (trainer/lr_find.py), not yet on the RL stages; "
+                         "drop it here")
     if c.accumulation_steps != 1:
         raise UsageError("the RL stages split each batch of rollouts by --num_mini_batches and --micro_batch_size; "
                          "leave --accumulation_steps at 1")
@@ -371,7 +374,8 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     if run.is_main:
         check_free_space(c.out_dir, model)
     trainable = prepare_model(model, run, compile=c.compile)
-    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device)
+    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device,
+                                optimizer=c.optimizer, muon_lr=c.muon_lr)
     scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
     sampler = ResumableSampler(len(prompts), c.batch_size, c.seed, True, run.rank, run.world_size)
     if sampler.batches_per_epoch() < 1:
