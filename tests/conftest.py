@@ -57,15 +57,15 @@ SHAPES = {
 }
 
 
-def make_pair(tmp_path, **shape):
-    """Our model of a tiny shape (norm weights perturbed) and transformers' LlamaForCausalLM loaded from its
-    saved directory: the same weights in both."""
+def make_pair(tmp_path, config_class=None, **shape):
+    """Our model of a tiny shape (norm weights perturbed) and transformers' model loaded from its saved directory
+    (LlamaForCausalLM; MixtralForCausalLM with config_class=MoEConfig): the same weights in both."""
     from transformers import AutoModelForCausalLM
 
     from model import LM, LMConfig
 
     torch.manual_seed(0)
-    config = LMConfig.from_preset("tiny", vocab_size=VOCAB, **shape)
+    config = (config_class or LMConfig).from_preset("tiny", vocab_size=VOCAB, **shape)
     ours = LM(config).eval()
     with torch.no_grad():  # norms start at 1; perturb them so a mix-up of norm weights would show
         for name, p in ours.named_parameters():

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 from model import LM
 from model.config import MoEConfig
 from model.model import MoE, load_balancing_loss
-from tests.conftest import CHAT_TINY, VOCAB, pretrain_args, run_script, torchrun
+from tests.conftest import CHAT_TINY, VOCAB, make_pair, pretrain_args, run_script, torchrun
 
 MOE_SHAPES = {
     "e4-top2-gqa2-tied": dict(num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4,
@@ -24,16 +24,8 @@ MOE_SHAPES = {
 
 
 def make_moe_pair(tmp_path, **shape) -> tuple[LM, MixtralForCausalLM]:
-    """Our MoE model of a tiny shape (norms perturbed) and transformers' model loaded from its saved directory."""
-    torch.manual_seed(0)
-    ours = LM(MoEConfig.from_preset("tiny", vocab_size=VOCAB, **shape)).eval()
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    ours.save_pretrained(tmp_path)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    return ours, theirs
+    """Our MoE model of a tiny shape (norms perturbed) and transformers' Mixtral loaded from its saved directory."""
+    return make_pair(tmp_path, config_class=MoEConfig, **shape)
 
 
 @pytest.mark.parametrize("shape", MOE_SHAPES.values(), ids=MOE_SHAPES.keys())
