@@ -153,12 +153,13 @@ def chunked_logps(model, rows_per_chunk: int):
     return fn
 
 
-
-
 def check_rl_args(args) -> None:
     """Refuse RL flag values that cannot work, before anything is loaded."""
-    if args.group_size < 1 or args.max_new_tokens < 1 or args.ppo_epochs < 1 or args.num_mini_batches < 1:
-        raise UsageError("--group_size, --max_new_tokens, --ppo_epochs and --num_mini_batches must be at least 1")
+    if min(args.group_size, args.max_new_tokens, args.ppo_epochs, args.num_mini_batches, args.micro_batch_size) < 1:
+        raise UsageError("--group_size, --max_new_tokens, --ppo_epochs, --num_mini_batches and --micro_batch_size must "
+                         "be at least 1")
+    if args.pass_at_k < 0:
+        raise UsageError("--pass_at_k must be 0 (off) or more")
     if args.max_new_tokens >= args.max_seq_len:
         raise UsageError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in --max_seq_len "
                          f"{args.max_seq_len}")
