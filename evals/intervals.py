@@ -10,7 +10,9 @@ Two methods, chosen per metric by what it is:
   task does, take the 2.5th and 97.5th percentiles. A pair (pref_acc) or a document (val_ppl) is one item.
 
 With n items a task, a difference between two models smaller than about the interval's half-width is noise:
-at 300 items an accuracy near 0.8 has a half-width of about 0.045.
+at 300 items an accuracy near 0.8 has a half-width of about 0.045. A bootstrap cannot see past what the items hold:
+an entity F1 of 0 with no entity found in any item gets [0, 0] (every resample is 0 too), which says "no evidence
+of any skill", not "exactly 0"; Wilson's [0, 0.013] at 0/300 is the bound such a share can claim.
 """
 
 import math
