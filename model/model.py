@@ -30,6 +30,7 @@ from .generation import KVCache
 # transformers 5 renamed the output's `past_key_values` to `cache` (the old name warns "deprecated" on every use).
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
+
 def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
     """The dtype matmuls run in: autocast's where it is on, else `default` (the tensors' own)."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
