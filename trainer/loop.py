@@ -7,9 +7,7 @@ A stage hands over its model, its dataset and a loss function `loss_fn(model, ba
 (metrics.jsonl, loss.png, the progress bar), `StopRequest` (SIGTERM / Ctrl-C).
 """
 
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,7 +16,6 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dataset.errors import UsageError
-from dataset.io import atomic_write_text
 
 from .checkpoint import Checkpointer, check_free_space, new_progress, restore
 from .config import TrainConfig
@@ -26,7 +23,7 @@ from .data import ResumableSampler, make_loader, move_to
 from .lr_find import lr_find
 from .metrics import MetricsLog, start_wandb
 from .optim import build_optimizer, lr_at
-from .progress import LogWindow, StopRequest, all_reduce_mean
+from .progress import LogWindow, ProgressBar, StopRequest, all_reduce_mean, log_sample, write_summary
 from .runtime import Runtime, prepare_model
 from .step import optimizer_step, unpack
 
@@ -127,16 +124,8 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
     check_finite = c.skip_nonfinite or run.device.type == "cpu"  # a host sync every step; cheap on CPU
 
     def log_samples(step: int) -> None:
-        if sample_fn is None:
-            return
-        whole = trainable.whole(run)
-        if run.is_main:
-            try:
-                text = sample_fn(whole)
-            except RuntimeError as err:  # e.g. NaN weights after --skip_nonfinite: report, keep training
-                text = f"(sampling failed: {err})"
-            tqdm.write(f"[step {step}] sample: {text}")
-            metrics.log({"step": step, "sample": text})
+        if sample_fn is not None:
+            log_sample(sample_fn, trainable.whole(run), step, metrics)
 
     def log_eval(step: int) -> dict:
         if val_data is None:
@@ -150,11 +139,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
         return result
 
     stop = StopRequest()
-    # A bar on a terminal; in a file or pipe, where every redraw would be another line, a plain line now and then.
-    plain = run.is_main and not sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not run.is_main or plain, desc=c.stage,
-               dynamic_ncols=True, mininterval=1.0)
-    last_plain = 0.0
+    bar = ProgressBar(run, c.stage, total_steps, initial=progress["step"], plain_every=PLAIN_EVERY)
     window, last_log, last_eval, skipped_nonfinite = LogWindow(), {}, {}, 0
     start_time = time.time() - progress["elapsed"]
     trainable.model.train()
@@ -184,11 +169,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
                     raise NonFiniteLoss(f"loss became {last_log['loss']} between steps {step - c.log_every + 1} "
                                         f"and {step}; the last good checkpoint is in {c.out_dir}/train_state/")
                 metrics.log(last_log)
-                bar.set_postfix(loss=f"{last_log['loss']:.3f}", tok_s=f"{last_log['tokens_per_sec']:.0f}")
-                if plain and (time.time() - last_plain >= PLAIN_EVERY or step == total_steps):
-                    print(f"{c.stage}: step {step}/{total_steps}  loss {last_log['loss']:.4f}  lr {lr:.2e}  "
-                          f"{last_log['tokens_per_sec']:.0f} tokens/s  {last_log['elapsed']:.0f}s", flush=True)
-                    last_plain = time.time()
+                bar.show(last_log)
                 window = LogWindow()
             if c.eval_every and step % c.eval_every == 0 and step < total_steps:
                 last_eval = log_eval(step)
@@ -207,13 +188,10 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
     last_eval = log_eval(total_steps) or last_eval
     checkpointer.save(progress)
     log_samples(total_steps)
-    summary = {
+    return write_summary({
         "stage": c.stage, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2),
         "tokens": progress["tokens"], "seconds": round(progress["elapsed"], 1),
         "tokens_per_sec": round(progress["tokens"] / max(progress["elapsed"], 1e-9)),
         "final_loss": last_log.get("loss"), **last_eval,
         "skipped_nonfinite_steps": skipped_nonfinite, "out_dir": c.out_dir,
-    }
-    if run.is_main:
-        atomic_write_text(f"{c.out_dir}/summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
-    return summary
+    }, c.out_dir, run)

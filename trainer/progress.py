@@ -2,10 +2,14 @@
 SIGTERM / Ctrl-C handling (finish the step, save, exit)."""
 
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from dataset.io import atomic_write_json
 
 from .runtime import Runtime
 from .step import StepResult
@@ -99,3 +103,48 @@ class StopRequest:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class ProgressBar:
+    """A tqdm bar on a terminal; in a file or pipe, where every redraw would be another line, a plain line every
+    `plain_every` seconds (and at the end) instead. Only rank 0 shows anything."""
+
+    def __init__(self, run: Runtime, stage: str, total: int, initial: int = 0, plain_every: float = 30.0):
+        self.stage, self.total, self.plain_every = stage, total, plain_every
+        self.plain = run.is_main and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, disable=not run.is_main or self.plain, desc=stage,
+                        dynamic_ncols=True, mininterval=1.0)
+        self.last_plain = 0.0
+
+    def update(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def show(self, row: dict) -> None:
+        """The latest metrics row: the bar's postfix, or (plain) a line when one is due."""
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+        if self.plain and (time.time() - self.last_plain >= self.plain_every or row["step"] == self.total):
+            print(f"{self.stage}: step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                  f"{row['tokens_per_sec']:.0f} tokens/s  {row['elapsed']:.0f}s", flush=True)
+            self.last_plain = time.time()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def log_sample(sample_fn, model, step: int, metrics) -> None:
+    """Generate the sample text on rank 0 (`model` is None elsewhere), print it and put it in metrics.jsonl."""
+    if model is None:
+        return
+    try:
+        text = sample_fn(model)
+    except RuntimeError as err:  # e.g. NaN weights after --skip_nonfinite: report, keep training
+        text = f"(sampling failed: {err})"
+    tqdm.write(f"[step {step}] sample: {text}")
+    metrics.log({"step": step, "sample": text})
+
+
+def write_summary(summary: dict, out_dir: str, run: Runtime) -> dict:
+    """summary.json beside the checkpoint (rank 0); returns the summary."""
+    if run.is_main:
+        atomic_write_json(f"{out_dir}/summary.json", summary, indent=1)
+    return summary
