@@ -32,6 +32,40 @@ class NonFiniteLoss(UsageError):
     """The loss became NaN or inf: reported as one line naming the step, exit code 2."""
 
 
+def count_skipped(result, config: TrainConfig, step: int, skipped: int) -> int:
+    """A step whose loss or gradient was not finite: stop naming the step, or (--skip_nonfinite) count it."""
+    if result.applied:
+        return skipped
+    if not config.skip_nonfinite:
+        raise NonFiniteLoss(f"loss is {result.loss.item()} (gradient norm {result.grad_norm.item()}) at step {step}; "
+                            f"the last good checkpoint is in {config.out_dir}/train_state/ (--skip_nonfinite skips "
+                            "such steps)")
+    return skipped + 1
+
+
+def save_or_stop(step: int, config: TrainConfig, stop: StopRequest, checkpointer: Checkpointer, progress: dict,
+                 run: Runtime) -> None:
+    """Checkpoint every --save_every steps, and when SIGTERM / Ctrl-C arrived on any rank: then exit."""
+    stop_now = stop.requested(run)
+    if (config.save_every and step % config.save_every == 0) or stop_now:
+        checkpointer.save(progress)
+    if stop_now:
+        run.print(f"\n{stop.signal}: saved a checkpoint at step {step}; continue with --resume")
+        raise SystemExit(stop.exit_code)
+
+
+def summarize(config: TrainConfig, total_steps: int, steps_per_epoch: int, progress: dict, last_log: dict,
+              last_eval: dict, skipped: int, run: Runtime, **extra) -> dict:
+    """The run's summary (printed by format_summary), written to summary.json."""
+    return write_summary({
+        "stage": config.stage, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2),
+        "tokens": progress["tokens"], "seconds": round(progress["elapsed"], 1),
+        "tokens_per_sec": round(progress["tokens"] / max(progress["elapsed"], 1e-9)),
+        "final_loss": last_log.get("loss"), **extra, **last_eval,
+        "skipped_nonfinite_steps": skipped, "out_dir": config.out_dir,
+    }, config.out_dir, run)
+
+
 def micro_batches(dataset, sampler: ResumableSampler, epoch: int, start: int, loader_kwargs: dict) -> Iterator:
     """Endless micro-batches across epochs; each comes with (epoch, samples consumed in it)."""
     while True:
@@ -153,12 +187,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
                                     loss_fn, run, grad_clip=c.grad_clip, loss_items=loss_items,
                                     check_finite=check_finite)
             step = progress["step"] + 1
-            if not result.applied:
-                if not c.skip_nonfinite:
-                    raise NonFiniteLoss(f"loss is {result.loss.item()} (gradient norm {result.grad_norm.item()}) at "
-                                        f"step {step}; the last good checkpoint is in {c.out_dir}/train_state/ "
-                                        "(--skip_nonfinite skips such steps)")
-                skipped_nonfinite += 1
+            skipped_nonfinite = count_skipped(result, c, step, skipped_nonfinite)
             window.add(result)
             progress.update(step=step, epoch=pulled[-1][1], position=pulled[-1][2])
             bar.update(1)
@@ -175,12 +204,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
                 last_eval = log_eval(step)
             if c.sample_every and step % c.sample_every == 0 and step < total_steps:
                 log_samples(step)
-            stop_now = stop.requested(run)
-            if (c.save_every and step % c.save_every == 0) or stop_now:
-                checkpointer.save(progress)
-            if stop_now:
-                run.print(f"\n{stop.signal}: saved a checkpoint at step {step}; continue with --resume")
-                raise SystemExit(stop.exit_code)
+            save_or_stop(step, c, stop, checkpointer, progress, run)
     finally:
         bar.close()
         stop.restore()
@@ -188,10 +212,4 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
     last_eval = log_eval(total_steps) or last_eval
     checkpointer.save(progress)
     log_samples(total_steps)
-    return write_summary({
-        "stage": c.stage, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2),
-        "tokens": progress["tokens"], "seconds": round(progress["elapsed"], 1),
-        "tokens_per_sec": round(progress["tokens"] / max(progress["elapsed"], 1e-9)),
-        "final_loss": last_log.get("loss"), **last_eval,
-        "skipped_nonfinite_steps": skipped_nonfinite, "out_dir": c.out_dir,
-    }, c.out_dir, run)
+    return summarize(c, total_steps, steps_per_epoch, progress, last_log, last_eval, skipped_nonfinite, run)

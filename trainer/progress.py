@@ -119,11 +119,13 @@ class ProgressBar:
     def update(self, steps: int = 1) -> None:
         self.bar.update(steps)
 
-    def show(self, row: dict) -> None:
-        """The latest metrics row: the bar's postfix, or (plain) a line when one is due."""
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+    def show(self, row: dict, keys: tuple[str, ...] = ("loss",)) -> None:
+        """The latest metrics row (`keys` of it, and tokens/s): the bar's postfix, or (plain) a line when one is
+        due."""
+        self.bar.set_postfix({**{k: f"{row[k]:.3f}" for k in keys}, "tok_s": f"{row['tokens_per_sec']:.0f}"})
         if self.plain and (time.time() - self.last_plain >= self.plain_every or row["step"] == self.total):
-            print(f"{self.stage}: step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            values = "  ".join(f"{k} {row[k]:.4f}" for k in keys)
+            print(f"{self.stage}: step {row['step']}/{self.total}  {values}  lr {row['lr']:.2e}  "
                   f"{row['tokens_per_sec']:.0f} tokens/s  {row['elapsed']:.0f}s", flush=True)
             self.last_plain = time.time()
 

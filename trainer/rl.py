@@ -21,7 +21,6 @@ optimizer_step, Checkpointer, MetricsLog + LogWindow, StopRequest.
 """
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -36,16 +35,15 @@ from tqdm import tqdm
 from dataset.chat import IGNORE_INDEX, render_chat
 from dataset.errors import SkipCounter, UsageError
 from dataset.formats import iter_records
-from dataset.io import atomic_write_text
 from model.generation import Completion, generate_batch
 
 from .checkpoint import Checkpointer, check_free_space, new_progress, restore
 from .config import TrainConfig
 from .data import ResumableSampler
-from .loop import NonFiniteLoss
+from .loop import PLAIN_EVERY, count_skipped, save_or_stop, summarize
 from .metrics import MetricsLog, start_wandb
 from .optim import build_optimizer, lr_at
-from .progress import LogWindow, StopRequest
+from .progress import LogWindow, ProgressBar, StopRequest
 from .runtime import Runtime, prepare_model
 from .step import optimizer_step
 
@@ -422,8 +420,7 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
                 f"prompts, {rl.pass_at_k} samples each)")
     stream = prompt_batches()
     stop = StopRequest()
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not run.is_main, desc=c.stage,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = ProgressBar(run, c.stage, total_steps, initial=progress["step"], plain_every=PLAIN_EVERY)
     window, stats, last_log, last_eval, skipped_nonfinite = LogWindow(), RolloutStats(), {}, {}, 0
     start_time = time.time() - progress["elapsed"]
     trainable.model.train()
@@ -458,12 +455,7 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
                     result = optimizer_step(trainable.model, trainable.raw, optimizer, scaler, micro, algorithm.loss,
                                             run, grad_clip=c.grad_clip, loss_items=algorithm.loss_items,
                                             check_finite=check_finite)
-                    if not result.applied:
-                        if not c.skip_nonfinite:
-                            raise NonFiniteLoss(f"loss is {result.loss.item()} (gradient norm "
-                                                f"{result.grad_norm.item()}) at step {step}; the last good checkpoint "
-                                                f"is in {c.out_dir}/train_state/ (--skip_nonfinite skips such updates)")
-                        skipped_nonfinite += 1
+                    skipped_nonfinite = count_skipped(result, c, step, skipped_nonfinite)
                     window.add(result)
                     stats.add(update_tokens=float(result.tokens))
             stats.add(update_seconds=time.time() - t1)
@@ -474,29 +466,16 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
                 last_log = {**window.row(step, lr, run, progress, start_time, steps_per_epoch),
                             **stats.row(run, rl.group_size)}
                 metrics.log(last_log)
-                bar.set_postfix(reward=f"{last_log['reward']:.3f}", loss=f"{last_log['loss']:.3f}")
+                bar.show(last_log, keys=("reward", "loss"))
                 window, stats = LogWindow(), RolloutStats()
             if c.eval_every and step % c.eval_every == 0 and step < total_steps:
                 last_eval = log_eval(step)
-            stop_now = stop.requested(run)
-            if (c.save_every and step % c.save_every == 0) or stop_now:
-                checkpointer.save(progress)
-            if stop_now:
-                run.print(f"\n{stop.signal}: saved a checkpoint at step {step}; continue with --resume")
-                raise SystemExit(stop.exit_code)
+            save_or_stop(step, c, stop, checkpointer, progress, run)
     finally:
         bar.close()
         stop.restore()
 
     last_eval = log_eval(total_steps) or last_eval
     checkpointer.save(progress)
-    summary = {
-        "stage": c.stage, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2),
-        "tokens": progress["tokens"], "seconds": round(progress["elapsed"], 1),
-        "tokens_per_sec": round(progress["tokens"] / max(progress["elapsed"], 1e-9)),
-        "final_loss": last_log.get("loss"), **{k: last_log[k] for k in ("reward", "pass@1") if k in last_log},
-        **last_eval, "skipped_nonfinite_steps": skipped_nonfinite, "out_dir": c.out_dir,
-    }
-    if run.is_main:
-        atomic_write_text(f"{c.out_dir}/summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
-    return summary
+    return summarize(c, total_steps, steps_per_epoch, progress, last_log, last_eval, skipped_nonfinite, run,
+                     **{k: last_log[k] for k in ("reward", "pass@1") if k in last_log})
