@@ -45,8 +45,9 @@ kind, as the tasks' parsers read it: a label for the sentiment prompt, at least 
 number for the arithmetic one (right or not).
 
 --report [PATH] (default out/report.md; implies --metrics) writes the report card: the machine, each stage's time,
-tokens and tokens/s (its summary.json), the metrics table with intervals, the side-by-side answers, and one PNG
-beside it with every stage's loss curve (its metrics.jsonl).
+tokens and tokens/s (its summary.json), the metrics table with intervals, the reward model's held-out pair accuracy
+(out/reward) and an RL run's sampled pass@1 before and after training (its --pass_at_k), the side-by-side answers,
+and one PNG beside it with every stage's loss curve (its metrics.jsonl).
 """
 
 import argparse
@@ -436,7 +437,9 @@ def main() -> None:
                                environment=environment(runner.device, runner.dtype), results=results,
                                intervals=intervals, items={name: len(records) for name, records in sets.items()},
                                prompts=args.prompts, answers=answers, kinds=kinds,
-                               kind_names={p: kind for p, (kind, _) in PROMPT_KINDS.items()})
+                               kind_names={p: kind for p, (kind, _) in PROMPT_KINDS.items()},
+                               scorers={name: Path(s.out_dir) for name, s in STAGES.items()
+                                        if not s.generates and Path(s.out_dir, "summary.json").is_file()})
             print(f"wrote {args.report}" + (f" and {png}" if png else ""))
 
 

@@ -7,6 +7,10 @@ The data and the packing are SFT's (trainer/chat_stage.py); what differs is the 
 `</think>`, `<answer>`, `</answer>` count --tag_weight times as much as other assistant tokens, so the model
 learns the output format early, as R1-distillation recipes (and MiniMind's train_distill_reason.py) do.
 A tokenizer without some of the tags (MiniMind's has only the think tags) weights those it has.
+
+The demo mixes a tenth of SFT's chats back in (replay, `--data_path a.jsonl:0.9,b.jsonl:0.1`): trained on traces
+alone, the model forgot the sentiment task (held-out accuracy 0.77 after DPO, 0.08 after this stage); with the
+replay it keeps it (0.75). docs/demo_experiments.md has the figures.
 """
 
 import os
@@ -64,7 +68,8 @@ def tag_weighted_loss(tag_weight: float):
 def main():
     # Start from the DPO model when there is one, else from SFT.
     default_init = "out/dpo" if Path("out/dpo/config.json").is_file() else "out/sft"
-    demo = dict(data_path="dataset/demo/reason.jsonl", val_data_path="dataset/demo/reason_eval.jsonl")
+    demo = dict(data_path="dataset/demo/reason.jsonl:0.9,dataset/demo/sft.jsonl:0.1",
+                val_data_path="dataset/demo/reason_eval.jsonl")
     args = parse_args("distill", dict(**demo, init_from=default_init, max_seq_len=384, batch_size=16,
                                      learning_rate=2e-4, warmup_steps=30, eval_every=200, sample_every=200,
                                      sample_prompt="小明有15个苹果，吃了3个，又买了2袋，每袋4个，现在有几个？",

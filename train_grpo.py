@@ -40,11 +40,13 @@ from trainer.rl_stage import (
     build_rewards,
     check_rl_args,
     chunked_logps,
+    format_held_out,
     frozen_reference,
     load_policy_and_prompts,
 )
 
-DEFAULTS = dict(batch_size=4, max_seq_len=512, learning_rate=2e-5, warmup_steps=10, weight_decay=0.0, log_every=1,
+DEFAULTS = dict(data_path="dataset/demo/rl.jsonl", val_data_path="dataset/demo/rl_eval.jsonl",
+                batch_size=4, max_seq_len=512, learning_rate=2e-5, warmup_steps=10, weight_decay=0.0, log_every=1,
                 eval_every=50, save_every=50, sample_every=10, max_steps=0)
 
 
@@ -115,9 +117,8 @@ def main():
     summary = train_rl(policy, prompts, rewards, GRPO(args, reference), run, TrainConfig.from_args(args),
                        RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer)
     run.print(format_summary(summary))
-    if "val_reward" in summary:
-        run.print(f"   held out: reward {summary['val_reward']:.3f}"
-                  + (f"  pass@1 {summary['val_pass@1']:.3f}" if "val_pass@1" in summary else ""))
+    if held_out := format_held_out(summary):
+        run.print(held_out)
     teardown(run)
 
 

@@ -2,7 +2,7 @@
 
 Sources: People's Daily, January 1998 (PKU-tagged: /nr person, /ns place, /nt organisation) and ~17k
 product reviews labelled positive / negative. Output, one train / eval pair of JSONL files per stage in
-dataset/demo/: pretrain, sft, lora, dpo, reason. The train / held-out splits of paragraphs and reviews
+dataset/demo/: pretrain, sft, lora, dpo, reason, rl. The train / held-out splits of paragraphs and reviews
 are made first, seeded, and nothing from a held-out paragraph or review reaches any training file.
 
 The tasks' own parts (prompts, answers, traces, preference pairs) come from evals/; this module reads the
@@ -28,7 +28,7 @@ from evals import arithmetic, entities, lora_style, preference, sentiment
 from evals.base import Turn, chat_record
 from evals.entities import ENTITY_LABELS, Entities, Sentence
 
-VERSION = 2
+VERSION = 3
 
 NEWS_HELDOUT_FRACTION = 0.03
 REVIEWS_HELDOUT_PER_LABEL = 600
@@ -45,9 +45,11 @@ SIZES = {
     "lora": 1500, "lora_eval": 300,
     "dpo": 3000, "dpo_eval": 300,
     "arith": 4000, "arith_eval": 300, "entity_reason": 1500, "entity_reason_eval": 200,
+    "rl_sentiment": 2000,
 }
 
-FILES = ["pretrain", "pretrain_val", "sft", "sft_eval", "lora", "lora_eval", "dpo", "dpo_eval", "reason", "reason_eval"]
+FILES = ["pretrain", "pretrain_val", "sft", "sft_eval", "lora", "lora_eval", "dpo", "dpo_eval", "reason", "reason_eval",
+         "rl", "rl_eval"]
 
 ENTITY_TAGS = {"nr": "person", "ns": "place", "nt": "org"}  # PKU tag -> entity kind
 
@@ -435,6 +437,15 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
 
     for records in files.values():
         rng.shuffle(records)
+
+    # RL prompts, made after the files above so that those stay as they were: sentiment questions on training
+    # reviews not drawn for another file (never a held-out one), scored by the label (evals/sentiment.py's reward).
+    # The RL stage starts from the distilled model, which answers them right about half the time when sampled: a
+    # task RL can improve (README). rl_eval.jsonl is sft_eval.jsonl's held-out sentiment questions, so RL is
+    # measured on eval_model.py's items.
+    files["rl"] = [sentiment.eval_record(rng, _clip(text), label)
+                   for text, label in train.balanced_reviews(SIZES["rl_sentiment"], rng)]
+    files["rl_eval"] = [record for record in files["sft_eval"] if record.get("task") == "sentiment"]
     return files
 
 

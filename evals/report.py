@@ -198,12 +198,36 @@ def answers_section(prompts: list[str], answers: dict[str, list[str]], kinds: di
     return "\n".join(parts)
 
 
+def reward_and_rl_section(models: dict[str, Path], scorers: dict[str, Path]) -> list[str]:
+    """What the summaries of reward models and RL runs say about held-out data: pair accuracy; sampled pass@1 before
+    and after RL (train_grpo.py / train_ppo.py --pass_at_k) with the paired gain. No lines when there is neither."""
+    lines = []
+    for name, directory in scorers.items():
+        s = stage_summary(directory) or {}
+        if "val_accuracy" in s:
+            lines.append(f"- {name} ({directory}): held-out pair accuracy {s['val_accuracy']:.3f} (chosen scored above "
+                         f"rejected; mean margin {s.get('val_margin', float('nan')):.3f})")
+    for name, directory in models.items():
+        s = stage_summary(directory) or {}
+        if "end_pass@1" in s:
+            line = f"- {name} ({directory}): held-out pass@1 of sampled answers"
+            if "start_pass@1" in s:
+                line += f" {s['start_pass@1']:.3f} ± {s['start_pass@1_ci95']:.3f} before RL,"
+            line += f" {s['end_pass@1']:.3f} ± {s['end_pass@1_ci95']:.3f} after"
+            if "gain_pass@1" in s:
+                line += f" (paired gain {s['gain_pass@1']:+.3f} ± {s['gain_pass@1_ci95']:.3f}, 95%)"
+            lines.append(line)
+    return ["## Reward model and RL", "", *lines, ""] if lines else []
+
+
 def write_report(path: str | Path, *, models: dict[str, Path], environment: dict[str, str],
                  results: dict[str, dict[str, float]], intervals: dict[str, dict[str, Interval]],
                  items: dict[str, int], prompts: list[str], answers: dict[str, list[str]],
-                 kinds: dict[str, dict[str, bool]], kind_names: dict[str, str]) -> Path | None:
+                 kinds: dict[str, dict[str, bool]], kind_names: dict[str, str],
+                 scorers: dict[str, Path] | None = None) -> Path | None:
     """Write the report card to `path` and its loss curves to `path` with .png; returns the PNG's path (None when no
-    model has a metrics.jsonl). `models` are the directories (an adapter's own directory for LoRA)."""
+    model has a metrics.jsonl). `models` are the directories (an adapter's own directory for LoRA); `scorers` reward
+    model directories, whose held-out pair accuracy the card reports."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     png = path.with_suffix(".png")
@@ -233,6 +257,7 @@ def write_report(path: str | Path, *, models: dict[str, Path], environment: dict
         "",
         metrics_table(results, intervals, kinds),
         "",
+        *reward_and_rl_section(models, scorers or {}),
         "## Side-by-side answers",
         "",
         "Greedy, with the side-by-side repetition penalty; base models continue the prompt as raw text.",

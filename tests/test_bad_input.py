@@ -416,6 +416,7 @@ RUNS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,fmt,bad,skip_bad,reason", RUNS,
                          ids=[f"{r[0]}-{'empty' if r[2] is None else r[1]}-{'skip' if r[3] else 'stop'}" for r in RUNS])
 def test_script_stops_with_one_line_or_skips_and_counts(tmp_path, checkpoint, tokenizer_dir, stage, fmt, bad,
@@ -445,6 +446,7 @@ def test_script_stops_with_one_line_or_skips_and_counts(tmp_path, checkpoint, to
         assert f"{data} -> " in result.stdout and f"{tmp_path / 'more.jsonl'} -> " in result.stdout
 
 
+@pytest.mark.slow
 def test_prepare_data_script_exits_2_with_one_line(tmp_path, tokenizer_dir):
     data = write_jsonl(tmp_path / "d.jsonl", with_bad("pretrain", {"text": []}))
     common = ["--data_path", data, "--bin_dir", tmp_path / "bins", "--num_workers", "1"]

@@ -18,6 +18,7 @@ from trainer.runtime import Runtime
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_positive_numbers_and_prints_the_table(tmp_path):
     out = tmp_path / "bench.json"
     # One thread: this 2-core machine is shared with other test runs, and two threads under load are 10x slower.

@@ -27,6 +27,7 @@ def chat(model_dir: Path, stdin: str, *args: str, timeout: int = 120) -> subproc
                           input=stdin, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_pipe_commands_and_streamed_answers(chat_checkpoint):
     script = "你好\n/think off\n好评吗\n/system 你是一个助手\n/reset\n/think maybe\n/bogus\n/help\n再见\n"
     result = chat(chat_checkpoint["model"], script, "--max_new_tokens", "6", "--temperature", "1")
@@ -42,6 +43,7 @@ def test_pipe_commands_and_streamed_answers(chat_checkpoint):
     assert again.stdout == out  # --seed makes the samples repeatable
 
 
+@pytest.mark.slow
 def test_long_conversation_drops_oldest_turns(chat_checkpoint):
     message = "这条评论是好评还是差评？质量很好，物流很快，包装也不错，下次还会再来买的。" * 3
     result = chat(chat_checkpoint["model"], (message + "\n") * 8, "--max_new_tokens", "40", "--temperature", "0")
@@ -71,6 +73,7 @@ def test_think_block_printed_apart(chat_checkpoint):
     assert out.getvalue() == "[think] 先看评论。\n[/think]\n好评"
 
 
+@pytest.mark.slow
 def test_base_model_continues_raw_text(chat_checkpoint, tmp_path):
     base = tmp_path / "pretrain"
     base.mkdir()
@@ -83,6 +86,7 @@ def test_base_model_continues_raw_text(chat_checkpoint, tmp_path):
     assert result.stdout.splitlines()[1].startswith("质量很好")
 
 
+@pytest.mark.slow
 def test_lora_adapter_and_bad_directories(chat_checkpoint, tmp_path):
     model = LM.from_pretrained(chat_checkpoint["model"])
     apply_lora(model, r=4, alpha=8)
@@ -119,6 +123,7 @@ def read_until(fd: int, marker: str, timeout: float = 60) -> str:
     return seen.decode("utf-8", errors="replace")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(pty, "openpty"), reason="no pseudo-terminals here")
 def test_terminal_session_through_a_pty(chat_checkpoint):
     leader, follower = pty.openpty()

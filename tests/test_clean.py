@@ -81,6 +81,7 @@ def test_chat_records_are_judged_on_the_assistant_text(tmp_path, reviews):
     assert report.samples["repeated_ngrams"][0]["text"] == FILTERED["repeated_ngrams"]
 
 
+@pytest.mark.slow
 def test_report_and_script(tmp_path, reviews):
     records = [{"text": t} for t in reviews[:50]] + [{"text": t} for t in FILTERED.values()] + [{"text": reviews[0]}]
     data = write_jsonl(tmp_path / "in.jsonl", records)

@@ -46,6 +46,7 @@ def train_steps(model: LM, optimizer, ids: torch.Tensor, steps: int) -> list[flo
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
 def test_pretrain_trains_in_bf16_on_cuda(tmp_path, corpus, tokenizer_dir, compile_flag):
     out = tmp_path / "pretrain"

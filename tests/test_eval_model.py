@@ -169,6 +169,7 @@ def test_perplexity_and_preference_match_direct_computation(checkpoints):
 # The command line
 
 
+@pytest.mark.slow
 def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     out = tmp_path / "eval.json"
     models = f"pretrain={checkpoints['pretrain']},sft={checkpoints['sft']}"

@@ -54,6 +54,7 @@ def exported(chat_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tensors_equal_our_weights(chat_checkpoint, exported):
     model = LM.from_pretrained(chat_checkpoint["model"])
     config = model.config
@@ -71,6 +72,7 @@ def test_tensors_equal_our_weights(chat_checkpoint, exported):
         assert torch.equal(data, weight), key  # ... and exactly our weights once undone
 
 
+@pytest.mark.slow
 def test_metadata_and_tokenizer(chat_checkpoint, exported):
     reader = gguf.GGUFReader(exported)
     model_dir = Path(chat_checkpoint["model"])
@@ -105,6 +107,7 @@ def test_metadata_and_tokenizer(chat_checkpoint, exported):
     assert field(reader, "tokenizer.chat_template") == tokenizer.chat_template
 
 
+@pytest.mark.slow
 def test_modelfile_for_ollama(exported):
     modelfile = (exported.parent / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./{exported.name}\n")
@@ -113,6 +116,7 @@ def test_modelfile_for_ollama(exported):
     assert 'TEMPLATE """' in modelfile and "<|im_start|>assistant\n" in modelfile
 
 
+@pytest.mark.slow
 def test_lora_is_merged_and_f16(chat_checkpoint, tmp_path):
     model = LM.from_pretrained(chat_checkpoint["model"])
     apply_lora(model, r=4, alpha=8)
@@ -169,6 +173,7 @@ def test_pre_tokenizer_for_ours_and_minimind(tokenizer_dir):
         pre_tokenizer_type({**ours, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}})
 
 
+@pytest.mark.slow
 def test_bad_directory_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scripts.export_gguf", "--model", str(tmp_path), "--out",
                              str(tmp_path / "x.gguf")], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -199,6 +204,7 @@ def briefly_trained(chat_checkpoint, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_llama_cpp_decodes_as_we_do(chat_checkpoint, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="optional: pip install llama-cpp-python")
     model_dir = briefly_trained(chat_checkpoint, tmp_path / "trained")
@@ -229,6 +235,7 @@ def test_llama_cpp_decodes_as_we_do(chat_checkpoint, tmp_path):
     llm.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MINIMIND.is_dir(), reason="MiniMind's tokenizer fixture is not here")
 def test_llama_cpp_tokenizes_as_minimind_does(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="optional: pip install llama-cpp-python")

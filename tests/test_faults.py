@@ -35,6 +35,7 @@ def wait_for_step(out_dir, step: int, proc, timeout=120) -> None:
     raise AssertionError(f"never reached step {step}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus, tokenizer_dir, sig, code):
     out = tmp_path / "run"
@@ -57,6 +58,7 @@ def test_signal_saves_a_checkpoint_then_resume_finishes(tmp_path, corpus, tokeni
     assert json.loads((out / "summary.json").read_text())["steps"] == stopped_at + 2
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, tokenizer_dir):
     args = pretrain_args(corpus, tokenizer_dir, tmp_path / "run", "--max_steps", "30", "--learning_rate", "1e9",
                          "--grad_clip", "0", "--warmup_steps", "0", *QUIET)
@@ -66,6 +68,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, tokenizer_dir):
     assert "at step" in result.stderr and ("nan" in result.stderr or "inf" in result.stderr)
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_counts_skipped_steps(tmp_path, corpus, tokenizer_dir):
     args = pretrain_args(corpus, tokenizer_dir, tmp_path / "run", "--max_steps", "12", "--learning_rate", "1e9",
                          "--grad_clip", "0", "--warmup_steps", "0", "--skip_nonfinite", *QUIET)
@@ -74,6 +77,7 @@ def test_skip_nonfinite_counts_skipped_steps(tmp_path, corpus, tokenizer_dir):
     assert summary["skipped_nonfinite_steps"] > 0
 
 
+@pytest.mark.slow
 def test_unwritable_out_dir_fails_before_training(tmp_path, corpus, tokenizer_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -83,6 +87,7 @@ def test_unwritable_out_dir_fails_before_training(tmp_path, corpus, tokenizer_di
     assert "not writable" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "run"
     args = pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "4", "--save_every", "2", *QUIET)
@@ -95,6 +100,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
     assert "at step 2" in result.stdout
 
 
+@pytest.mark.slow
 def test_missing_init_from_is_a_clear_error(tmp_path, corpus, tokenizer_dir):
     args = pretrain_args(corpus, tokenizer_dir, tmp_path / "run", "--max_steps", "2", "--init_from",
                          tmp_path / "nowhere", *QUIET)

@@ -47,6 +47,10 @@ def test_grpo_learns_to_answer_with_one_token(tmp_path):
     print(f"\nGRPO mean reward by step: {[round(r, 2) for r in rewards]}")
     assert rewards[0] < 0.15 and max(rewards) > 0.8, rewards
     assert summary["val_pass@1"] == 1.0
+    # measured again after training on the same prompts and seeds: the paired gain is end minus start
+    assert summary["end_pass@1"] > 0.8 and summary["start_pass@1"] == start["start_pass@1"]
+    assert summary["gain_pass@1"] == pytest.approx(summary["end_pass@1"] - summary["start_pass@1"])
+    assert 0 < summary["gain_pass@1_ci95"] < summary["gain_pass@1"]
     rows = [row for row in rows_of(tmp_path) if "reward" in row]
     assert all(0.0 <= row["clip_frac"] <= 1.0 and row["kl"] >= 0.0 for row in rows)
     assert any(row["clip_frac"] > 0 for row in rows)  # several updates per rollout batch: the clip acts
@@ -91,7 +95,8 @@ def test_train_grpo_end_to_end(tmp_path, chat_checkpoint, prompt_files):
                       "--reward_funcs", "task,think_format,repetition,length", "--reward_model", reward_dir,
                       "--reward_weights", "1,0.5,0.1,1,0.2", "--mask_truncated", "--pass_at_k", "2")
     assert "1 x task + 0.5 x think_format + 0.1 x repetition + 1 x length + 0.2 x reward_model" in done.stdout
-    assert "held out: reward" in done.stdout and "the starting policy on the held-out prompts" in done.stdout
+    assert "held out, greedy: reward" in done.stdout and "the starting policy on the held-out prompts" in done.stdout
+    assert "the trained policy on the held-out prompts" in done.stdout and "over the start, paired" in done.stdout
     rows = rows_of(out)
     logged = [row for row in rows if "reward" in row]
     assert len(logged) == 2
@@ -112,6 +117,7 @@ def test_loss_types_and_no_reference(tmp_path, chat_checkpoint, prompt_files, lo
     assert all("kl" not in row for row in rows_of(tmp_path) if "reward" in row)
 
 
+@pytest.mark.slow
 def test_bad_reward_flags_are_refused(tmp_path, chat_checkpoint, prompt_files):
     result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path",
                         prompt_files["train"], "--out_dir", tmp_path, *RL_TINY, "--reward_funcs", "task,bogus",

@@ -52,6 +52,7 @@ def runs(tmp_path_factory, chat_checkpoint):
 
 # --- 1. checkpoints are never overwritten or mixed silently -----------------------------------------------------
 
+@pytest.mark.slow
 def test_out_dir_that_is_init_from_is_refused_also_through_a_symlink(tmp_path, chat_checkpoint, capsys):
     ckpt = chat_checkpoint["model"]
     link = tmp_path / "same"
@@ -66,6 +67,7 @@ def test_out_dir_that_is_init_from_is_refused_also_through_a_symlink(tmp_path, c
     assert result.returncode == 2 and result.stderr.startswith(f"error: --out_dir {link} is the --init_from")
 
 
+@pytest.mark.slow
 def test_train_state_names_its_stage_and_shape(runs):
     states = sorted((runs["sft"] / "train_state").glob("step_*"))
     saved = json.loads((states[-1] / "state.json").read_text())
@@ -73,6 +75,7 @@ def test_train_state_names_its_stage_and_shape(runs):
     assert saved["stage"] == "sft" and saved["shape"] == model_shape(config) and saved["shape"]["hidden_size"] == 64
 
 
+@pytest.mark.slow
 def test_pretrain_resume_from_an_sft_run_is_refused(runs, corpus, tokenizer_dir):
     result = run_script("train_pretrain.py", *pretrain_args(corpus, tokenizer_dir, runs["sft"], "--resume"),
                         check=False)
@@ -83,6 +86,7 @@ def test_pretrain_resume_from_an_sft_run_is_refused(runs, corpus, tokenizer_dir)
         "MLP 192, vocab 512); give another --out_dir, or --overwrite to start over there")
 
 
+@pytest.mark.slow
 def test_resume_from_a_state_of_another_shape_is_one_line(tmp_path, chat_checkpoint, runs, capsys):
     """Same stage, other shape: refused by name before any work, not with torch's size-mismatch listing."""
     other = tiny_checkpoint(chat_checkpoint["model"], tmp_path / "wide")  # then widen its config
@@ -97,6 +101,7 @@ def test_resume_from_a_state_of_another_shape_is_one_line(tmp_path, chat_checkpo
         "2 KV heads, MLP 192, vocab 512), not of this sft run (hidden 128, 2 layers, 4 heads, 2 KV heads, MLP 384")
 
 
+@pytest.mark.slow
 def test_restore_turns_size_mismatches_into_one_line(tmp_path, chat_checkpoint, runs):
     """A state without stage/shape (written before they were recorded) of another shape: one UsageError line."""
     from dataset.errors import UsageError
@@ -115,6 +120,7 @@ def test_restore_turns_size_mismatches_into_one_line(tmp_path, chat_checkpoint, 
     assert message.endswith("resume with the flags that wrote it, or start over with --overwrite")
 
 
+@pytest.mark.slow
 def test_out_dir_holding_another_stages_checkpoint_is_refused_then_cleared_with_overwrite(runs, chat_checkpoint):
     ckpt, chats, lora = chat_checkpoint["model"], chat_checkpoint["chats"], runs["lora"]
     out = runs["root"] / "lora_then_sft"
@@ -143,6 +149,7 @@ def test_resume_and_overwrite_together_are_refused(chat_checkpoint, tmp_path, ca
                                         "one of them")
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_its_own_stages_dir_replaces_the_earlier_states(runs, chat_checkpoint):
     out = runs["root"] / "rerun"
     shutil.copytree(runs["sft"], out)
@@ -170,6 +177,7 @@ def test_own_data_holds_out_a_split_and_samples_its_own_prompt(chat_checkpoint, 
                                                                         "a demo prompt")
 
 
+@pytest.mark.slow
 def test_pretraining_on_own_data(tmp_path, corpus, tokenizer_dir):
     """Held-out split said once, a sample from the data's own text, bins beside the run, no carriage-return
     flood in a pipe, no transformers deprecation warning."""
@@ -195,6 +203,7 @@ def test_pretraining_on_own_data(tmp_path, corpus, tokenizer_dir):
     assert none.stdout.count("validation: none (no --val_data_path): val_loss is not measured") == 1
 
 
+@pytest.mark.slow
 def test_tokenizer_reports_compression_on_the_users_held_out_text(tmp_path):
     data = write_jsonl(tmp_path / "english.jsonl", [{"text": f"{t} ({i})"} for i in range(50) for t in ENGLISH])
     result = run_script("train_tokenizer.py", "--data_path", data, "--out_dir", tmp_path / "tok", "--vocab_size", "300")
@@ -224,6 +233,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, chat_checkpoint
     parse_args("sft", SFT_DEMO, argv=sft_argv(ckpt, chats, tmp_path / "o", "--tokenizer_dir", copy))
 
 
+@pytest.mark.slow
 def test_merge_lora_refuses_another_base_unless_forced(runs, chat_checkpoint, tmp_path):
     other = tiny_checkpoint(chat_checkpoint["model"], tmp_path / "other_base")
     lora = runs["lora"]
@@ -250,6 +260,7 @@ def test_max_seq_len_past_the_models_positions_is_refused(chat_checkpoint, tmp_p
                                         f"{chat_checkpoint['model']}; allowed: max_seq_len <= 512")
 
 
+@pytest.mark.slow
 def test_shape_flags_beside_init_from_are_refused(chat_checkpoint, corpus, tmp_path):
     result = run_script("train_pretrain.py", "--init_from", chat_checkpoint["model"], "--data_path", corpus["train"],
                         "--out_dir", tmp_path / "o", "--hidden_size", "256", "--preset", "small", check=False)
@@ -276,6 +287,7 @@ def test_out_of_range_values_are_one_line(flag, value, allowed, chat_checkpoint,
                                                "(see ")
 
 
+@pytest.mark.slow
 def test_a_bad_value_stops_the_script_before_any_work(tmp_path, chat_checkpoint):
     out = tmp_path / "never"
     result = run_script("train_sft.py", *sft_argv(chat_checkpoint["model"], chat_checkpoint["chats"], out),
@@ -290,6 +302,7 @@ def test_a_bad_value_stops_the_script_before_any_work(tmp_path, chat_checkpoint)
 
 # --- 5. help, warnings, hints -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, expect", [
     ("train_tokenizer.py", ["--vocab_size VOCAB_SIZE", "(default: 6400)", "(default: out/tokenizer)"]),
     ("train_pretrain.py", ["(default: 256)", "(default: mini)", "OUT_DIR/../bins", "(default: 0.002)"]),
@@ -322,6 +335,7 @@ def test_help_shows_each_flags_meaning_and_real_default(script, expect):
             assert "default" in " ".join(meaning), f"{flag} shows no default"
 
 
+@pytest.mark.slow
 def test_an_adapter_as_init_from_points_at_merge_lora(runs, chat_checkpoint, tmp_path, capsys):
     lora = runs["lora"]
     with pytest.raises(Exception) as excinfo:

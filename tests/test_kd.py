@@ -110,6 +110,7 @@ def other_teacher(tmp_path, tokenizer_dir, vocab_size: int, tokenizer_from=None)
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tokenizer_dir, chat_checkpoint):
     chats = chat_checkpoint["chats"]
     student = chat_checkpoint["model"]

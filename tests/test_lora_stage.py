@@ -65,6 +65,7 @@ def task_loss(model: LM, tokenizer, path: Path) -> float:
         return float(assistant_loss(model.eval(), batch))
 
 
+@pytest.mark.slow
 def test_writes_only_the_adapter_and_leaves_the_base_alone(lora_run):
     out, base = lora_run["out"], lora_run["base"]
     match = re.search(r"LoRA: (\d+\.\d\d)M trainable of (\d+\.\d)M \((\d+\.\d)%\)", lora_run["stdout"])
@@ -88,6 +89,7 @@ def test_writes_only_the_adapter_and_leaves_the_base_alone(lora_run):
     assert sorted(p.name for p in (out / "train_state").iterdir()) == ["step_00000008", "step_00000016"]
 
 
+@pytest.mark.slow
 def test_adapter_improves_its_task_and_merges_exactly(lora_run, tmp_path):
     out, base = lora_run["out"], lora_run["base"]
     tokenizer = load_tokenizer(out)
@@ -105,6 +107,7 @@ def test_adapter_improves_its_task_and_merges_exactly(lora_run, tmp_path):
     assert (merged_dir / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_peft(lora_run):
     import peft
     from transformers import LlamaForCausalLM
@@ -116,6 +119,7 @@ def test_adapter_loads_in_peft(lora_run):
     torch.testing.assert_close(logits_of(peft_model, input_ids), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_unknown_target_is_a_clear_error(lora_run, tmp_path):
     result = run_script("train_lora.py", "--init_from", lora_run["base"], "--lora_targets", "qkv_proj",
                         "--data_path", lora_run["val"], "--out_dir", tmp_path / "out", "--max_steps", "1", *TRAIN,

@@ -140,6 +140,7 @@ def test_minimind_tokenizer_on_the_pretrain_fixture(tmp_path):
     assert decode_bin(index, MINIMIND) == "".join(t + EOT for t in texts)
 
 
+@pytest.mark.slow
 def test_runs_as_a_script(tmp_path, tok):
     data = write_docs(tmp_path / "cli.jsonl", DOCS[:5])
     bins = tmp_path / "bins"

@@ -229,6 +229,7 @@ def test_an_interrupted_preparation_leaves_nothing_that_is_trusted(tmp_path, tok
                       SFTDataset(str(path), tokenizer, 96, quiet=True, in_memory=True))
 
 
+@pytest.mark.slow
 def test_a_killed_preparation_is_never_used(tmp_path, tokenizer, tokenizer_dir):
     """SIGKILL (no cleanup at all) while the files are being written: what is left is hidden temporary files
     without an index, and the next run prepares again."""
@@ -255,6 +256,7 @@ def test_a_killed_preparation_is_never_used(tmp_path, tokenizer, tokenizer_dir):
     assert not index["cached"] and index["n_conversations"] == 240 * 40 - index["n_dropped"]
 
 
+@pytest.mark.slow
 def test_two_ranks_prepare_once(tmp_path, tokenizer_dir, monkeypatch):
     path = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(20))
@@ -315,6 +317,7 @@ def test_rl_prompts_with_their_token_ids(tmp_path, tokenizer):
         RLPromptDataset(str(bad), tokenizer, quiet=True, cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_prepare_data_script_prepares_what_the_stages_read(tmp_path, tokenizer, tokenizer_dir):
     chats = write_jsonl(tmp_path / "chat.jsonl", chat_records(30))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(10))
@@ -333,6 +336,7 @@ def test_prepare_data_script_prepares_what_the_stages_read(tmp_path, tokenizer, 
     assert result.returncode == 2 and "missing.jsonl: no such file" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_rows_for_each_chat_stage(tmp_path, tokenizer_dir):
     from scripts.bench import bench_chat_prep, format_table
 

@@ -23,6 +23,7 @@ def test_pretrain_mixes_sources_by_weight(tmp_path, corpus, tokenizer_dir):
     assert saved["data_path"] == weighted
 
 
+@pytest.mark.slow
 def test_pretrain_end_to_end(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "pretrain"
     result = run_script("train_pretrain.py", *pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "8",
@@ -48,6 +49,7 @@ def test_pretrain_end_to_end(tmp_path, corpus, tokenizer_dir):
     assert json.loads((out / "args.json").read_text())["max_steps"] == 8
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, corpus, tokenizer_dir):
     steps = ["--max_steps", "30", "--save_every", "3", "--eval_every", "0", "--sample_every", "0"]
     straight = tmp_path / "straight"
@@ -68,6 +70,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, corpus, tokenizer
     assert [r["step"] for r in rows if "loss" in r] == list(range(2, 31, 2))
 
 
+@pytest.mark.slow
 def test_malformed_line_names_file_and_line(tmp_path, corpus, tokenizer_dir):
     bad = tmp_path / "bad.jsonl"
     lines = corpus["train"].read_text(encoding="utf-8").splitlines()[:50]
@@ -84,6 +87,7 @@ def test_malformed_line_names_file_and_line(tmp_path, corpus, tokenizer_dir):
     assert "1 skipped" in result.stdout or "skipped 1" in result.stdout
 
 
+@pytest.mark.slow
 def test_missing_tokenizer_is_a_clear_error(tmp_path, corpus):
     result = run_script("train_pretrain.py", "--data_path", corpus["train"], "--tokenizer_dir", tmp_path / "nope",
                         "--out_dir", tmp_path / "out", check=False)
@@ -91,6 +95,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path, corpus):
     assert "nope" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_pretrain_with_minimind_tokenizer(tmp_path, corpus):
     minimind = FIXTURES / "minimind"
     if not minimind.is_dir():

@@ -4,6 +4,7 @@ on tiny checkpoints."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from evals.report import cpu_model, environment, metric_cell, write_report
@@ -60,12 +61,32 @@ def test_report_page_and_loss_panels(tmp_path):
     assert "| sft | 这条评论是正面的。 | right kind |" in page and "| other | (nothing) | wrong kind |" in page
 
 
+def test_reward_accuracy_and_rl_gain_are_reported(tmp_path):
+    reward, grpo, sft = tmp_path / "reward", tmp_path / "grpo", tmp_path / "sft"
+    for directory, summary in ((reward, {"val_accuracy": 0.667, "val_margin": 0.5}),
+                               (grpo, {"start_pass@1": 0.48, "start_pass@1_ci95": 0.037, "end_pass@1": 0.696,
+                                       "end_pass@1_ci95": 0.037, "gain_pass@1": 0.216, "gain_pass@1_ci95": 0.038}),
+                               (sft, {"steps": 3})):
+        directory.mkdir()
+        (directory / "summary.json").write_text(json.dumps(summary))
+    write_report(tmp_path / "r.md", models={"sft": sft, "grpo": grpo}, environment={}, results={"sft": {}, "grpo": {}},
+                 intervals={}, items={}, prompts=["你好"], answers={"sft": ["好"], "grpo": ["好"]}, kinds={},
+                 kind_names={}, scorers={"reward": reward})
+    page = (tmp_path / "r.md").read_text()
+    section = page.split("## Reward model and RL")[1].split("## Side-by-side answers")[0]
+    assert f"- reward ({reward}): held-out pair accuracy 0.667" in section
+    assert f"- grpo ({grpo}): held-out pass@1 of sampled answers 0.480 ± 0.037 before RL, 0.696 ± 0.037 after " \
+           "(paired gain +0.216 ± 0.038, 95%)" in section
+    assert "- sft" not in section
+
+
 def test_no_metrics_jsonl_no_png(tmp_path):
     png = write_report(tmp_path / "r.md", models={"x": tmp_path}, environment={}, results={"x": {}},
                        intervals={"x": {}}, items={}, prompts=["你好"], answers={"x": ["好"]}, kinds={}, kind_names={})
     assert png is None and not (tmp_path / "r.png").exists() and (tmp_path / "r.md").is_file()
 
 
+@pytest.mark.slow
 def test_cli_report(tmp_path, tokenizer_dir):
     base = tiny_checkpoint(tokenizer_dir, tmp_path / "pretrain")
     stage_dir(tmp_path, "pretrain", [7.0, 6.5])

@@ -32,6 +32,7 @@ def interrupted_and_straight(script: str, args: list, tmp_path) -> tuple[float, 
     return max_difference(straight, killed), saved[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,data,extra", [
     ("train_sft.py", "chats", []),
     ("train_dpo.py", "pairs", []),
@@ -44,6 +45,7 @@ def test_chat_stage_resumes_bitwise_after_kill(chat_checkpoint, tmp_path, script
     assert difference == 0.0
 
 
+@pytest.mark.slow
 def test_bf16_resume_difference_is_reported(corpus, tokenizer_dir, tmp_path, capsys):
     args = pretrain_args(corpus, tokenizer_dir, tmp_path / "unused", "--max_steps", "24", "--save_every", "3",
                          "--eval_every", "0", "--sample_every", "0", "--dtype", "bf16")

@@ -115,12 +115,14 @@ MESSAGES = [{"role": "system", "content": "你是一个助手。"},
 # -- the protocol -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_and_health(server, client, serve_model):
     models = client.models.list().data
     assert [m.id for m in models] == [serve_model.name]
     assert health(server)["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_chat_completion_equals_greedy_generation_with_usage(client, model_id, serve_model):
     tokens, text = greedy_text(serve_model, MESSAGES, 12)
     answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=12, temperature=0)
@@ -135,6 +137,7 @@ def test_chat_completion_equals_greedy_generation_with_usage(client, model_id, s
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
 
 
+@pytest.mark.slow
 def test_max_tokens_gives_finish_reason_length(client, model_id):
     answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_completion_tokens=3,
                                             temperature=0, stop=None)
@@ -143,6 +146,7 @@ def test_max_tokens_gives_finish_reason_length(client, model_id):
     assert answer.usage.completion_tokens <= 3
 
 
+@pytest.mark.slow
 def test_stream_chunks_role_content_finish_done(server, model_id, serve_model):
     _, text = greedy_text(serve_model, MESSAGES, 20)
     body = {"model": model_id, "messages": MESSAGES, "max_tokens": 20, "temperature": 0, "stream": True}
@@ -163,6 +167,7 @@ def test_stream_chunks_role_content_finish_done(server, model_id, serve_model):
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
 
 
+@pytest.mark.slow
 def test_stream_with_openai_client_and_usage(client, model_id):
     stream = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=8, temperature=0.7,
                                             seed=1, stream=True, stream_options={"include_usage": True})
@@ -174,6 +179,7 @@ def test_stream_with_openai_client_and_usage(client, model_id):
     assert again.choices[0].message.content == streamed  # the same seed, the same sample
 
 
+@pytest.mark.slow
 def test_seed_and_sampling_parameters(client, model_id):
     def ask(**kw):
         return client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=16, **kw) \
@@ -185,6 +191,7 @@ def test_seed_and_sampling_parameters(client, model_id):
     assert ask(temperature=0, extra_body={"repetition_penalty": 1.3, "top_k": 5}) is not None
 
 
+@pytest.mark.slow
 def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
     sampled = dict(model=model_id, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
     deltas = [c.choices[0].delta.content for c in client.chat.completions.create(**sampled, stream=True)
@@ -203,6 +210,7 @@ def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_n_choices(client, model_id):
     answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=6, n=3, temperature=1.0,
                                             seed=7)
@@ -213,6 +221,7 @@ def test_n_choices(client, model_id):
     assert finished == {0, 1}
 
 
+@pytest.mark.slow
 def test_completions_endpoint(client, model_id):
     answer = client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0)
     assert answer.object == "text_completion" and answer.choices[0].finish_reason in ("stop", "length")
@@ -221,6 +230,7 @@ def test_completions_endpoint(client, model_id):
     assert "".join(c.choices[0].text for c in stream if c.choices) == answer.choices[0].text
 
 
+@pytest.mark.slow
 def test_tools_are_rendered(client, model_id):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
                                                "parameters": {"type": "object", "properties": {
@@ -282,6 +292,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,body,status,code", BAD, ids=[b[0] for b in BAD])
 def test_bad_chat_requests_get_openai_errors(server, model_id, name, body, status, code):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -296,6 +307,7 @@ def test_bad_chat_requests_get_openai_errors(server, model_id, name, body, statu
     assert health(server)["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_bad_completion_requests_and_api_key(server, client, model_id):
     headers = {"Authorization": f"Bearer {KEY}"}
     for body in ({"model": model_id}, {"model": model_id, "prompt": 5}, {"model": model_id, "prompt": [10 ** 9]},
@@ -315,6 +327,7 @@ def test_bad_completion_requests_and_api_key(server, client, model_id):
     assert client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2).choices
 
 
+@pytest.mark.slow
 def test_client_disconnect_stops_generation(server, client, model_id):
     # a greedy answer that runs to max_tokens, so only the disconnect can end it early
     messages = [{"role": "user", "content": "好"}]
@@ -338,6 +351,7 @@ def test_client_disconnect_stops_generation(server, client, model_id):
     assert after["tokens_generated"] - before["tokens_generated"] < budget
 
 
+@pytest.mark.slow
 def test_concurrent_requests_join_the_running_batch(server, client, model_id):
     prompts = [[{"role": "user", "content": f"这条评论是好评还是差评？{'很好' * i}"}] for i in range(6)]
     sampled = dict(model=model_id, max_tokens=40, temperature=1.0, seed=11)  # seeded: a fixed sample per prompt
@@ -358,11 +372,13 @@ def test_concurrent_requests_join_the_running_batch(server, client, model_id):
     assert health(server)["max_batch_seen"] > 1
 
 
+@pytest.mark.slow
 def test_web_page_is_served(server):
     page = requests.get(f"{server}/")
     assert page.status_code == 200 and "<html" in page.text.lower() and "/v1/chat/completions" in page.text
 
 
+@pytest.mark.slow
 def test_base_model_served(tmp_path, chat_checkpoint):
     """A base model: /v1/models says so, /v1/completions continues raw text."""
     base = tmp_path / "pretrain"
@@ -461,6 +477,7 @@ def test_parse_tool_calls_leaves_bad_json_as_text():
     assert calls == [] and "not json" in content
 
 
+@pytest.mark.slow
 def test_bench_server_reports_rows(serve_model):
     from serving.bench import bench_server
 
@@ -557,6 +574,7 @@ def test_tool_calls_through_the_api(scripted):
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_random_requests_never_break_the_server(server, model_id):
     """Bodies mixing valid fields with junk of every JSON type: always 200 or an OpenAI error with 400/404."""
     from hypothesis import HealthCheck, given, settings

@@ -189,6 +189,7 @@ def test_minimind_tokenizer_on_minimind_records():
     assert data.stats["conversations"] == 4 and data.stats["padding"] < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FORMATS.is_dir(), reason="shared fixtures absent")
 def test_sft_script_trains_on_every_fixture_format(tmp_path, checkpoint):
     files = sorted(FORMATS.glob("sft_*.jsonl"))
@@ -207,6 +208,7 @@ def test_sft_script_trains_on_every_fixture_format(tmp_path, checkpoint):
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow
 def test_bad_line_is_reported_with_file_and_line(tmp_path, checkpoint):
     bad = tmp_path / "bad.jsonl"
     lines = [json.dumps(SINGLE, ensure_ascii=False), json.dumps(MULTI, ensure_ascii=False),

@@ -197,6 +197,7 @@ def write_texts(path: Path, texts: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_script_end_to_end(tmp_path):
     corpus = make_corpus()
     held_out = [text for text in HELD_OUT if text]  # the reader rejects empty records
@@ -212,6 +213,7 @@ def test_script_end_to_end(tmp_path):
     assert len(load_tokenizer(out)) == 450
 
 
+@pytest.mark.slow
 def test_script_bad_line_stops_or_is_skipped(tmp_path):
     train = write_texts(tmp_path / "train.jsonl", make_corpus(100))
     with train.open("a", encoding="utf-8") as f:
@@ -233,6 +235,7 @@ def test_model_ids_come_from_the_tokenizer_module():
     assert (DEFAULTS["pad_token_id"], DEFAULTS["bos_token_id"], DEFAULTS["eos_token_id"]) == (0, 1, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["dataset.tokenizer", "dataset.errors", "dataset.bins", "train_tokenizer",
                                     "scripts.prepare_data"])
 def test_tokenizer_and_bins_load_without_torch(module):

@@ -123,7 +123,7 @@ class RLConfig:
     pass_reward: str = "task"  # the reward whose value 1.0 means "solved" (pass@1)
     stop_token_ids: list[int] | None = None  # None: the model's generation_config eos ids
     val_max_batch_rows: int = 64
-    pass_at_k: int = 0  # > 0: before training, sample this many answers per held-out prompt (pass@1, pass@k)
+    pass_at_k: int = 0  # > 0: before and after training, sample this many answers per held-out prompt
 
     @classmethod
     def from_args(cls, args, **overrides) -> "RLConfig":
@@ -316,27 +316,41 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @torch.no_grad()
 def measure_pass_at_k(policy: nn.Module, prompts: list[Prompt], rewards: list[Reward], rl: RLConfig, run: Runtime,
-                      k: int, seed: int) -> dict[str, float]:
+                      k: int, seed: int, prefix: str = "start",
+                      before: list[float] | None = None) -> tuple[dict[str, float], list[float]]:
     """How often the policy solves held-out prompts when sampled (rl.temperature, ...): pass@1 with its 95%
     confidence half-width over prompts, and pass@k, from k answers per prompt; sharded over ranks. RL can only raise
-    what the policy sometimes finds, so this says whether a task suits RL before training on it."""
+    what the policy sometimes finds, so this says whether a task suits RL before training on it; measured again
+    after training (same prompts, same seeds) with `before` (this rank's per-prompt pass@1 of the first
+    measurement), it adds the paired change `gain_pass@1` and its 95% half-width. Returns the metrics and this
+    rank's per-prompt pass@1."""
     mine = list(range(run.rank, len(prompts), run.world_size))
     config = RLConfig(**{**rl.__dict__, "group_size": k})
     rows, completions = rollout(policy, [prompts[i] for i in mine], mine, config, run, seed, step=0)
     _, parts = score(rewards, rows, completions, run.device)
     if rl.pass_reward not in parts:
-        return {}
+        return {}, []
     solved = (parts[rl.pass_reward] >= 1.0).view(-1, k).sum(1).tolist()
-    per_prompt = [(c / k, pass_at_k(k, int(c), k)) for c in solved]
-    sums = torch.tensor([len(per_prompt), sum(a for a, _ in per_prompt), sum(a * a for a, _ in per_prompt),
-                         sum(b for _, b in per_prompt)], dtype=torch.float64, device=run.device)
+    rates = [c / k for c in solved]
+    gains = [b - a for a, b in zip(before, rates)] if before else []
+    sums = torch.tensor([len(rates), sum(rates), sum(r * r for r in rates),
+                         sum(pass_at_k(k, int(c), k) for c in solved), sum(gains), sum(g * g for g in gains)],
+                        dtype=torch.float64, device=run.device)
     if run.distributed:
         dist.all_reduce(sums)
-    n, total, squares, total_k = sums.tolist()
-    mean = total / max(n, 1)
-    std = math.sqrt(max(squares / max(n, 1) - mean ** 2, 0.0) * n / max(n - 1, 1))
-    return {"start_pass@1": mean, "start_pass@1_ci95": 1.96 * std / math.sqrt(max(n, 1)),
-            f"start_pass@{k}": total_k / max(n, 1), "start_prompts": n}
+    n, total, squares, total_k, gain, gain_squares = sums.tolist()
+
+    def mean_and_half_width(total: float, squares: float) -> tuple[float, float]:
+        mean = total / max(n, 1)
+        std = math.sqrt(max(squares / max(n, 1) - mean ** 2, 0.0) * n / max(n - 1, 1))
+        return mean, 1.96 * std / math.sqrt(max(n, 1))
+
+    mean, half = mean_and_half_width(total, squares)
+    out = {f"{prefix}_pass@1": mean, f"{prefix}_pass@1_ci95": half, f"{prefix}_pass@{k}": total_k / max(n, 1),
+           f"{prefix}_prompts": n}
+    if before:
+        out["gain_pass@1"], out["gain_pass@1_ci95"] = mean_and_half_width(gain, gain_squares)
+    return out, rates
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -410,14 +424,19 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
             tqdm.write(f"[step {step}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
+    def log_pass_at_k(step: int, prefix: str, before: list[float] | None = None) -> tuple[dict, list[float]]:
+        measured, rates = measure_pass_at_k(algorithm.policy(trainable.raw), val_prompts, rewards, rl, run,
+                                            rl.pass_at_k, c.seed, prefix, before)
+        if measured:
+            metrics.log({"step": step, **measured})
+            run.print(f"the {'starting' if prefix == 'start' else 'trained'} policy on the held-out prompts: "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in measured.items() if not k.endswith("prompts"))
+                      + f" ({measured[prefix + '_prompts']:.0f} prompts, {rl.pass_at_k} samples each)")
+        return measured, rates
+
+    start, start_rates = {}, None  # before training (not after a resume: then no paired gain is reported)
     if rl.pass_at_k and val_prompts and progress["step"] == 0:
-        start = measure_pass_at_k(algorithm.policy(trainable.raw), val_prompts, rewards, rl, run, rl.pass_at_k,
-                                  c.seed)
-        if start:
-            metrics.log({"step": 0, **start})
-            run.print("the starting policy on the held-out prompts: " + "  ".join(
-                f"{k} {v:.3f}" for k, v in start.items() if k != "start_prompts") + f" ({start['start_prompts']:.0f} "
-                f"prompts, {rl.pass_at_k} samples each)")
+        start, start_rates = log_pass_at_k(0, "start")
     stream = prompt_batches()
     stop = StopRequest()
     bar = ProgressBar(run, c.stage, total_steps, initial=progress["step"], plain_every=PLAIN_EVERY)
@@ -476,6 +495,9 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
         stop.restore()
 
     last_eval = log_eval(total_steps) or last_eval
+    if rl.pass_at_k and val_prompts:
+        end, _ = log_pass_at_k(total_steps, "end", start_rates)
+        last_eval = {**last_eval, **{k: v for k, v in {**start, **end}.items() if not k.endswith("prompts")}}
     checkpointer.save(progress)
     return summarize(c, total_steps, steps_per_epoch, progress, last_log, last_eval, skipped_nonfinite, run,
                      **{k: last_log[k] for k in ("reward", "pass@1") if k in last_log})

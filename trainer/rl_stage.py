@@ -167,7 +167,7 @@ def check_rl_args(args) -> None:
         raise UsageError("--beta must be 0 or more")
     if not args.data_path:
         raise UsageError("give --data_path: RL prompts as JSONL ({\"prompt\", \"task\", \"answer\"} or chats ending "
-                         "with the user's turn); the demo corpus has no RL prompt file yet")
+                         "with the user's turn)")
 
 
 def load_policy_and_prompts(args, run):
@@ -180,3 +180,18 @@ def load_policy_and_prompts(args, run):
     val = load_prompts(args.val_data_path, tokenizer, max_prompt, args.skip_bad, run.print) if args.val_data_path \
         else None
     return tokenizer, policy, prompts, val
+
+
+def format_held_out(summary: dict) -> str:
+    """The summary's held-out lines: greedy reward and pass@1, and with --pass_at_k the sampled pass@1 before and
+    after training with the paired gain and their 95% intervals."""
+    lines = []
+    if "val_reward" in summary:
+        lines.append(f"   held out, greedy: reward {summary['val_reward']:.3f}"
+                     + (f"  pass@1 {summary['val_pass@1']:.3f}" if "val_pass@1" in summary else ""))
+    if "end_pass@1" in summary:
+        line = f"   held out, sampled: pass@1 {summary['end_pass@1']:.3f} ± {summary['end_pass@1_ci95']:.3f}"
+        if "gain_pass@1" in summary:
+            line += f"  (gain {summary['gain_pass@1']:+.3f} ± {summary['gain_pass@1_ci95']:.3f} over the start, paired)"
+        lines.append(line)
+    return "\n".join(lines)

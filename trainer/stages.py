@@ -16,7 +16,7 @@ class Stage:
     chat: bool  # a chat model (prompts as ChatML user turns) or a base model (raw text)
     adapter: bool = False  # writes a LoRA adapter, not a whole model
     generates: bool = True  # writes a language model (not a reward model, which scores text)
-    in_demo: bool = True  # scripts/run_demo.sh runs it (the RL stages: not yet, issue 11 item 6)
+    in_demo: bool = True  # scripts/run_demo.sh runs it
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -26,8 +26,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("lora", "train_lora.py", "out/lora", "out/sft", chat=True, adapter=True),
     Stage("dpo", "train_dpo.py", "out/dpo", "out/sft", chat=True),
     Stage("distill", "train_distill_reason.py", "out/distill", "out/dpo", chat=True),
-    Stage("reward", "train_reward.py", "out/reward", "out/sft", chat=True, generates=False, in_demo=False),
-    Stage("grpo", "train_grpo.py", "out/grpo", "out/distill", chat=True, in_demo=False),
+    Stage("reward", "train_reward.py", "out/reward", "out/sft", chat=True, generates=False),
+    Stage("grpo", "train_grpo.py", "out/grpo", "out/distill", chat=True),
     Stage("ppo", "train_ppo.py", "out/ppo", "out/distill", chat=True, in_demo=False),
 )}
 
