@@ -83,3 +83,27 @@ def test_checkpoint_names_the_llama_architecture(tmp_path):
     again = LM.from_pretrained(tmp_path)
     assert isinstance(again, LM)
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (4, 1)])
+def test_one_token_attention_equals_full_attention_over_the_cache(heads, kv_heads):
+    """Decoding one token folds each KV group's query heads into rows: its output must equal the ordinary attention
+    of the last position over the whole sequence, with a padding mask."""
+    from model.generation import KVCache
+    from model.model import Attention, RotaryEmbedding, visibility_mask
+
+    torch.manual_seed(0)
+    config = LMConfig.from_preset("tiny", vocab_size=VOCAB, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    attention, rope = Attention(config, layer_idx=0).eval(), RotaryEmbedding(config)
+    x = torch.randn(3, 7, config.hidden_size)
+    segments = torch.ones(3, 7, dtype=torch.long)
+    segments[1, :3] = 0  # a left-padded row
+    positions = torch.arange(7).expand(3, 7)
+    with torch.no_grad():
+        cos, sin = rope(x, positions)
+        full = attention(x, cos, sin, visibility_mask(segments, 7, 0))[:, -1]
+        cache = KVCache(config, 3, 8, x.device, x.dtype)
+        attention(x[:, :6], cos[:, :6], sin[:, :6], visibility_mask(segments, 6, 0), cache)
+        cache.seq_len = 6
+        last = attention(x[:, 6:], cos[:, 6:], sin[:, 6:], visibility_mask(segments, 1, 6), cache)[:, 0]
+    assert torch.allclose(last, full, atol=1e-5), (last - full).abs().max()
