@@ -440,7 +440,7 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
 
     # RL prompts, made after the files above so that those stay as they were: sentiment questions on training
     # reviews not drawn for another file (never a held-out one), scored by the label (evals/sentiment.py's reward).
-    # The RL stage starts from the distilled model, whose sampled answers to them are right 25-50% of the time: a
+    # The RL stage starts from the distilled model, whose sampled answers to them are right 17-50% of the time: a
     # task RL can improve (README). rl_eval.jsonl is sft_eval.jsonl's held-out sentiment questions, so RL is
     # measured on eval_model.py's items.
     files["rl"] = [sentiment.eval_record(rng, _clip(text), label)
