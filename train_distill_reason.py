@@ -10,7 +10,8 @@ A tokenizer without some of the tags (MiniMind's has only the think tags) weight
 
 The demo mixes a tenth of SFT's chats back in (replay, `--data_path a.jsonl:0.9,b.jsonl:0.1`): trained on traces
 alone, the model forgot the sentiment task (held-out accuracy 0.77 after DPO, 0.08 after this stage); with the
-replay it keeps it (0.75). docs/demo_experiments.md has the figures.
+replay it kept most of it (0.75 from 0.77 in one run, 0.62 from 0.71 in another). docs/demo_experiments.md has the
+figures.
 """
 
 import os
