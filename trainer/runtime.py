@@ -5,6 +5,7 @@ import ctypes
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,18 @@ def setup(args, shape: dict | None = None) -> Runtime:
 
 
 def teardown(runtime: Runtime) -> None:
+    """The end of a stage script. A process of a torchrun job leaves at once after closing the process group: at
+    interpreter shutdown a backend worker thread can still be joinable, and its destructor aborts the process
+    ("terminate called without an active exception", exit -6) after all work is done, which fails the whole job
+    (seen now and then with --fsdp on CPU). Everything is written by here; wandb is closed first."""
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @dataclass
