@@ -43,6 +43,7 @@ from trainer.rl_stage import (
     format_held_out,
     frozen_reference,
     load_policy_and_prompts,
+    load_replay,
 )
 
 DEFAULTS = dict(data_path="dataset/demo/rl.jsonl", val_data_path="dataset/demo/rl_eval.jsonl",
@@ -115,7 +116,8 @@ def main():
               f"updates per rollout batch | {len(prompts):,} prompts, {len(val_prompts or []):,} held out | "
               f"{run.device} {str(run.dtype).split('.')[-1]} x {run.world_size} process(es)")
     summary = train_rl(policy, prompts, rewards, GRPO(args, reference), run, TrainConfig.from_args(args),
-                       RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer)
+                       RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer,
+                       replay=load_replay(args, tokenizer, run))
     run.print(format_summary(summary))
     if held_out := format_held_out(summary):
         run.print(held_out)

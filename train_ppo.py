@@ -45,6 +45,7 @@ from trainer.rl_stage import (
     format_held_out,
     frozen_reference,
     load_policy_and_prompts,
+    load_replay,
 )
 
 DEFAULTS = dict(data_path="dataset/demo/rl.jsonl", val_data_path="dataset/demo/rl_eval.jsonl",
@@ -168,7 +169,8 @@ def main():
               f"rollout batch | {len(prompts):,} prompts, {len(val_prompts or []):,} held out | {run.device} "
               f"{str(run.dtype).split('.')[-1]} x {run.world_size} process(es)")
     summary = train_rl(model, prompts, rewards, PPO(args, reference), run, TrainConfig.from_args(args),
-                       RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer, export_fn=export_policy)
+                       RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer, export_fn=export_policy,
+                       replay=load_replay(args, tokenizer, run))
     run.print(format_summary(summary))
     if held_out := format_held_out(summary):
         run.print(held_out)

@@ -1,6 +1,7 @@
 """GRPO: a tiny model learns a cheap behaviour, train_grpo.py end to end on prompt files (every prompt shape, reward
 functions and a reward model, the logged metrics), 2 ranks = 1 rank x double batch, exact resume after kill -9."""
 
+import math
 from argparse import Namespace
 
 import pytest
@@ -21,7 +22,7 @@ from tests.conftest import (
 from tests.rl_common import RL_TINY, first_token_reward, rows_of, write_prompt_files
 from train_grpo import GRPO
 from trainer.config import TrainConfig
-from trainer.rl import Prompt, Reward, RLConfig, rollout_batch, train_rl
+from trainer.rl import Prompt, Replay, Reward, RLConfig, rollout_batch, train_rl
 from trainer.runtime import Runtime
 
 
@@ -54,6 +55,32 @@ def test_grpo_learns_to_answer_with_one_token(tmp_path):
     rows = [row for row in rows_of(tmp_path) if "reward" in row]
     assert all(0.0 <= row["clip_frac"] <= 1.0 and row["kl"] >= 0.0 for row in rows)
     assert any(row["clip_frac"] > 0 for row in rows)  # several updates per rollout batch: the clip acts
+
+
+def test_replay_adds_the_sft_loss_of_earlier_chats(tmp_path):
+    """With a constant reward every advantage is 0, so only the replayed chat's SFT loss moves the policy: its
+    cross-entropy falls from about ln 16, and the logged loss is the RL loss (0) plus coef x that cross-entropy."""
+    torch.manual_seed(0)
+    policy = LM(LMConfig.from_preset("tiny", vocab_size=16))
+    ids = torch.tensor([1, 3, 4, 9, 10, 11, 2, 0])  # a chat, its answer 9 10 11 and the end token 2, one pad
+    chat = {"input_ids": ids, "labels": torch.tensor([-100, -100, 9, 10, 11, 2, -100, -100]),
+            "segment_ids": (ids != 0).long(), "position_ids": torch.arange(8)}
+    prompts = [Prompt([1, 3 + i % 9, 4], {"messages": [], "meta": {}}) for i in range(8)]
+    args = Namespace(group_size=4, micro_batch_size=64, clip_eps=0.2, clip_eps_high=None, beta=0.0,
+                     loss_type="dapo", max_new_tokens=4, scale_rewards="auto")
+    config = TrainConfig(stage="grpo", out_dir=str(tmp_path), batch_size=4, max_steps=8, learning_rate=1e-2,
+                         min_lr=1e-2, warmup_steps=0, weight_decay=0.0, log_every=1, eval_every=0, save_every=0)
+    rl = RLConfig(group_size=4, max_new_tokens=4, ppo_epochs=2, num_mini_batches=2, micro_batch_size=64)
+    constant = Reward("task", lambda prompts, completions: [1.0] * len(completions))
+    replay = Replay(data=[chat] * 3, coef=0.5, rows=2)
+    train_rl(policy, prompts, [constant], GRPO(args, None), Runtime(torch.device("cpu"), torch.float32), config, rl,
+             replay=replay)
+    rows = [row for row in rows_of(tmp_path) if "replay_ce" in row]
+    print(f"\nreplay cross-entropy by step: {[round(row['replay_ce'], 2) for row in rows]}")
+    assert len(rows) == 8 and rows[0]["replay_ce"] > 2.0 and rows[-1]["replay_ce"] < 0.5
+    assert all(row["loss"] == pytest.approx(0.5 * row["replay_ce"], abs=2e-6) for row in rows)
+    generator = replay.draws(seed=0, step=3, rank=0)
+    assert replay.attach({}, generator)["replay_input_ids"].tolist() == [ids.tolist()] * 2
 
 
 def test_pass_at_k_by_hand():
@@ -146,12 +173,17 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path, chat_checkpoint, p
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
     assert len(metric_losses(tmp_path / "one")) == len(metric_losses(tmp_path / "two")) == 3
+    # replayed chats go through the unwrapped policy beside the DDP forward: one backward, gradients reduced once
+    torchrun("train_grpo.py", *common, "--out_dir", tmp_path / "replay", "--batch_size", "2", "--replay_data",
+             chat_checkpoint["chats"], "--replay_coef", "0.5")
+    rows = [row for row in rows_of(tmp_path / "replay") if "loss" in row]
+    assert len(rows) == 3 and all(row["replay_ce"] > 0 and math.isfinite(row["loss"]) for row in rows)
 
 
 @pytest.mark.slow
 def test_resumes_bitwise_after_kill(tmp_path, chat_checkpoint, prompt_files):
     args = ["--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"], *RL_TINY,
-            "--max_steps", "6", "--save_every", "2", "--sample_every", "0"]
+            "--max_steps", "6", "--save_every", "2", "--sample_every", "0", "--replay_data", chat_checkpoint["chats"]]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_script("train_grpo.py", *args, "--out_dir", straight)
     saved = kill_after_first_checkpoint("train_grpo.py", *args, "--out_dir", killed, out_dir=killed)

@@ -37,6 +37,7 @@ from dataset.errors import SkipCounter, UsageError
 from dataset.formats import iter_records
 from model.generation import Completion, generate_batch
 
+from .chat_stage import assistant_loss
 from .checkpoint import Checkpointer, check_free_space, new_progress, restore
 from .config import TrainConfig
 from .data import ResumableSampler
@@ -45,7 +46,7 @@ from .metrics import MetricsLog, start_wandb
 from .optim import build_optimizer, lr_at
 from .progress import LogWindow, ProgressBar, StopRequest
 from .runtime import Runtime, prepare_model
-from .step import optimizer_step
+from .step import optimizer_step, unpack
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts and rewards
@@ -214,6 +215,41 @@ class Algorithm(Protocol):
         """How many items loss() averages over (rows or tokens): optimizer_step weighs micro-batches and ranks by it."""
 
 
+@dataclass
+class Replay:
+    """Replay of earlier chats beside the RL loss (InstructGPT's PPO-ptx, Ouyang et al. 2022): every micro-batch of an
+    update also carries `rows` packed rows of `data` (an SFTDataset), and its loss becomes
+
+        RL loss + coef * mean cross-entropy of those rows' assistant tokens
+
+    so that RL on one task does not erase what the policy learnt on others (in the demo, GRPO on sentiment prompts
+    alone wiped out the reasoning tasks' <think>/<answer> format: 0.52 -> 0.01). The rows are drawn at random with
+    one generator per (seed, step, rank): a resumed run draws the same ones."""
+
+    data: object
+    coef: float
+    rows: int
+
+    def draws(self, seed: int, step: int, rank: int) -> torch.Generator:
+        return torch.Generator().manual_seed(group_seed(seed, step, -1_000_000 - rank))
+
+    def attach(self, micro: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The micro-batch with `rows` replay rows under keys replay_input_ids, replay_labels, ..."""
+        picks = torch.randint(len(self.data), (self.rows,), generator=generator).tolist()
+        items = [self.data[i] for i in picks]
+        return {**micro, **{f"replay_{k}": torch.stack([item[k] for item in items]) for k in items[0]}}
+
+    def wrap(self, loss_fn: Callable, policy: nn.Module) -> Callable:
+        """loss_fn plus coef x the replay rows' SFT loss under `policy` (the unwrapped module: its gradients are the
+        DDP module's parameters' too, reduced once by the one backward); logged as replay_ce."""
+        def loss(model, batch):
+            value, extras = unpack(loss_fn(model, batch))
+            replay = {k.removeprefix("replay_"): v for k, v in batch.items() if k.startswith("replay_")}
+            ce = assistant_loss(policy, replay)
+            return value + self.coef * ce, {**extras, "replay_ce": ce.detach()}
+        return loss
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What a metrics row reports about the rollouts
 
@@ -365,9 +401,10 @@ def update_order(seed: int, step: int, epoch: int, n: int, device: torch.device)
 
 def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], algorithm: Algorithm, run: Runtime,
              config: TrainConfig, rl: RLConfig, *, val_prompts: list[Prompt] | None = None, tokenizer=None,
-             export_fn: Callable | None = None) -> dict:
+             export_fn: Callable | None = None, replay: Replay | None = None) -> dict:
     """Train `model` with `algorithm` on rollouts of `prompts` scored by `rewards`; checkpoints in config.out_dir.
-    config.batch_size is prompts per rank per step (each answered rl.group_size times). Returns the summary."""
+    config.batch_size is prompts per rank per step (each answered rl.group_size times); `replay` adds earlier chats'
+    SFT loss to every micro-batch. Returns the summary."""
     c = config
     if c.fsdp and run.distributed:
         raise UsageError("--fsdp is not supported by the RL stages yet (rollouts need the whole policy on every "
@@ -404,6 +441,7 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     pad_id = algorithm.policy(trainable.raw).config.pad_token_id or 0
     check_finite = c.skip_nonfinite or run.device.type == "cpu"
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else str
+    loss_fn = replay.wrap(algorithm.loss, algorithm.policy(trainable.raw)) if replay else algorithm.loss
 
     def prompt_batches():
         epoch, position = progress["epoch"], progress["position"]
@@ -467,11 +505,14 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
                 metrics.log({"step": step, "sample": text})
 
             t1 = time.time()
+            draws = replay.draws(c.seed, step, run.rank) if replay else None
             for pass_index in range(rl.ppo_epochs):
                 order = update_order(c.seed, step, pass_index, len(total), run.device)
                 for mini in order.chunk(rl.num_mini_batches):
                     micro = [take(batch, rows_) for rows_ in mini.split(rl.micro_batch_size)]
-                    result = optimizer_step(trainable.model, trainable.raw, optimizer, scaler, micro, algorithm.loss,
+                    if replay:
+                        micro = [replay.attach(m, draws) for m in micro]
+                    result = optimizer_step(trainable.model, trainable.raw, optimizer, scaler, micro, loss_fn,
                                             run, grad_clip=c.grad_clip, loss_items=algorithm.loss_items,
                                             check_finite=check_finite)
                     skipped_nonfinite = count_skipped(result, c, step, skipped_nonfinite)

@@ -12,11 +12,14 @@ Reward functions (--reward_funcs, each in [0, 1] unless said):
 """
 
 import copy
+from pathlib import Path
 
 import torch
 
 from dataset.chat import load_tokenizer
 from dataset.errors import UsageError
+from dataset.lm_dataset import SFTDataset
+from dataset.prepared import once_per_node
 from evals import TASKS
 from evals.base import Task
 from model import LM
@@ -24,7 +27,7 @@ from model.heads import ScalarModel
 
 from .cli import require_checkpoint, require_vocab_fits
 from .losses import token_logps
-from .rl import Prompt, Reward, chunked, load_prompts
+from .rl import Prompt, Replay, Reward, chunked, load_prompts
 
 REWARD_FUNCS = ("task", "think_format", "repetition", "length")
 
@@ -59,6 +62,12 @@ def add_rl_flags(p, group_size: int, beta: float) -> None:
     p.add_argument("--overlong_buffer", type=int, default=0,
                    help="length reward: 0 up to max_new_tokens - buffer, then down to -1 at the budget "
                         "(default: a quarter of max_new_tokens)")
+    p.add_argument("--replay_data",
+                   help="chats of earlier stages (SFT's formats; a.jsonl:0.7,b.jsonl:0.3 mixes) whose SFT loss is "
+                        "added to every update, so RL on one task does not erase others (PPO-ptx)")
+    p.add_argument("--replay_coef", type=float, default=1.0, help="weight of the replay loss")
+    p.add_argument("--replay_rows", type=int, default=1,
+                   help="packed rows of --max_seq_len tokens of replay chats per micro-batch")
 
 
 def task_of(name: str | None) -> Task | None:
@@ -165,9 +174,22 @@ def check_rl_args(args) -> None:
                          f"{args.max_seq_len}")
     if args.beta < 0:
         raise UsageError("--beta must be 0 or more")
+    if args.replay_data and (args.replay_rows < 1 or args.replay_coef < 0):
+        raise UsageError("--replay_rows must be at least 1 and --replay_coef 0 or more")
     if not args.data_path:
         raise UsageError("give --data_path: RL prompts as JSONL ({\"prompt\", \"task\", \"answer\"} or chats ending "
                          "with the user's turn)")
+
+
+def load_replay(args, tokenizer, run) -> Replay | None:
+    """--replay_data as packed chat rows (prepared once per node beside --out_dir, as the chat stages do), or None."""
+    if not args.replay_data:
+        return None
+    data = once_per_node(lambda: SFTDataset(
+        args.replay_data, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, seed=args.seed, quiet=not run.is_main,
+        cache_dir=Path(args.out_dir).parent / "prepared"), run.local_rank, run.barrier)
+    run.print(f"replay: {args.replay_rows} row(s) of {args.replay_data} per micro-batch, weight {args.replay_coef:g}")
+    return Replay(data, args.replay_coef, args.replay_rows)
 
 
 def load_policy_and_prompts(args, run):
