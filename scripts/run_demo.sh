@@ -36,10 +36,10 @@ stage reward    python train_reward.py --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
 # answers are right 17-50% of the time, so groups of 8 answers differ and RL has something to raise. The script's
 # defaults otherwise (lr 2e-5, 2 x 2 updates per rollout batch): 5x that rate drove greedy answers to one label.
-# Every update also replays distillation's chats (SFT loss x 4, 2 rows of 512 tokens per micro-batch): without it
+# Every update also replays distillation's chats (SFT loss x 4, one row of 512 tokens per micro-batch): without it
 # RL on sentiment alone wiped out the reasoning answers' think/answer format (0.52 -> 0.01).
 stage grpo      python train_grpo.py --max_steps "$(steps 16)" --batch_size 8 --max_new_tokens 24 --warmup_steps 2 \
-                    --pass_at_k 1 --eval_every 0 --sample_every 4 --replay_coef 4 --replay_rows 2 \
+                    --pass_at_k 1 --eval_every 0 --sample_every 4 --replay_coef 4 --replay_rows 1 \
                     --replay_data dataset/demo/reason.jsonl:0.9,dataset/demo/sft.jsonl:0.1
 stage eval      python eval_model.py --metrics --json out/eval.json --report out/report.md
 
