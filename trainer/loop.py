@@ -117,6 +117,16 @@ def evaluate(model, dataset, loss_fn: Callable, run: Runtime, batch_size: int, c
     return all_reduce_mean({k: v / max(n, 1) for k, v in totals.items()}, run)
 
 
+def training_parts(model: torch.nn.Module, run: Runtime, c: TrainConfig, fsdp: bool):
+    """What every training loop starts from: the model on its device (DDP- or FSDP-wrapped, compiled), its optimizer
+    (--optimizer, --learning_rate, --weight_decay) and the fp16 loss scaler (None in fp32 and bf16)."""
+    trainable = prepare_model(model, run, fsdp=fsdp, compile=c.compile)
+    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device,
+                                optimizer=c.optimizer, muon_lr=c.muon_lr)
+    scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
+    return trainable, optimizer, scaler
+
+
 def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfig, *, val_data=None,
           collate_fn=None, tokenizer=None, sample_fn: Callable | None = None, export_fn: Callable | None = None,
           shuffle: bool = True, perplexity: bool = True, loss_items: Callable | None = None) -> dict:
@@ -134,10 +144,7 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
         train_data, val_data = hold_out(train_data, c.val_split, run)
     elif val_data is None:
         run.print("validation: none (no --val_data_path): val_loss is not measured")
-    trainable = prepare_model(model, run, fsdp=c.fsdp, compile=c.compile)
-    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device,
-                                optimizer=c.optimizer, muon_lr=c.muon_lr)
-    scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
+    trainable, optimizer, scaler = training_parts(model, run, c, fsdp=c.fsdp)
 
     sampler = ResumableSampler(len(train_data), c.batch_size, c.seed, shuffle, run.rank, run.world_size)
     if sampler.batches_per_epoch() < 1:

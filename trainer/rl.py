@@ -16,7 +16,7 @@ One step of `train_rl`:
   5. the shared parts for the rest: metrics rows, samples, validation on held-out prompts, checkpoints, resume,
      SIGTERM.
 
-The same parts as trainer/loop.py's supervised train(): prepare_model, build_optimizer + lr_at, restore,
+The same parts as trainer/loop.py's supervised train(): training_parts (prepare_model, build_optimizer), lr_at, restore,
 optimizer_step, Checkpointer, MetricsLog + LogWindow, StopRequest.
 """
 
@@ -41,11 +41,11 @@ from .chat_stage import assistant_loss
 from .checkpoint import Checkpointer, check_free_space, new_progress, restore
 from .config import TrainConfig
 from .data import ResumableSampler
-from .loop import PLAIN_EVERY, count_skipped, save_or_stop, summarize
+from .loop import PLAIN_EVERY, count_skipped, save_or_stop, summarize, training_parts
 from .metrics import MetricsLog, start_wandb
-from .optim import build_optimizer, lr_at
+from .optim import lr_at
 from .progress import LogWindow, ProgressBar, StopRequest
-from .runtime import Runtime, prepare_model
+from .runtime import Runtime
 from .step import optimizer_step, unpack
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,10 +422,7 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
         run.print(f"validation: the last {k} of {len(prompts) + k} prompts are held out (--val_split {val_split:g})")
     if run.is_main:
         check_free_space(c.out_dir, model)
-    trainable = prepare_model(model, run, compile=c.compile)
-    optimizer = build_optimizer(trainable.raw, c.learning_rate, c.weight_decay, run.device,
-                                optimizer=c.optimizer, muon_lr=c.muon_lr)
-    scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
+    trainable, optimizer, scaler = training_parts(model, run, c, fsdp=False)
     sampler = ResumableSampler(len(prompts), c.batch_size, c.seed, True, run.rank, run.world_size)
     if sampler.batches_per_epoch() < 1:
         raise UsageError(f"the training data has {len(prompts)} prompts, fewer than one global batch "
