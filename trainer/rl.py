@@ -224,7 +224,8 @@ class Replay:
 
     so that RL on one task does not erase what the policy learnt on others (in the demo, GRPO on sentiment prompts
     alone wiped out the reasoning tasks' <think>/<answer> format: 0.52 -> 0.01). The rows are drawn at random with
-    one generator per (seed, step, rank): a resumed run draws the same ones."""
+    one generator per (seed, step, rank): a resumed run draws the same ones. Each rank draws its own rows per
+    micro-batch, so with replay 2 ranks no longer follow 1 rank x double batch step for step (the RL part does)."""
 
     data: object
     coef: float
