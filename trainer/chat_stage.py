@@ -53,17 +53,21 @@ def assistant_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"] != IGNORE_INDEX).sum()
 
 
-def chat_data(args: argparse.Namespace, tokenizer, run: Runtime) -> tuple[SFTDataset, SFTDataset | None]:
-    """The train and (optional) validation datasets of packed chat rows, prepared once per node into the
-    `prepared` folder beside --out_dir (dataset/prepared.py); only rank 0 prints their stats."""
-    def dataset(path: str, ratio: float) -> SFTDataset:
-        return once_per_node(lambda: SFTDataset(
-            path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=ratio, seed=args.seed,
-            pack=not args.no_pack, quiet=not run.is_main, cache_dir=Path(args.out_dir).parent / "prepared"),
-            run.local_rank, run.barrier)
+def chat_rows(path: str, args: argparse.Namespace, tokenizer, run: Runtime, system_prompt_ratio: float = 0.0,
+              pack: bool = True) -> SFTDataset:
+    """The chats of `path` as rows of --max_seq_len tokens, prepared once per node into the `prepared` folder beside
+    --out_dir (dataset/prepared.py); only rank 0 prints their stats."""
+    return once_per_node(lambda: SFTDataset(
+        path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=system_prompt_ratio,
+        seed=args.seed, pack=pack, quiet=not run.is_main, cache_dir=Path(args.out_dir).parent / "prepared"),
+        run.local_rank, run.barrier)
 
-    train_data = dataset(args.data_path, args.system_prompt_ratio)
-    val_data = dataset(args.val_data_path, 0.0) if args.val_data_path else None
+
+def chat_data(args: argparse.Namespace, tokenizer, run: Runtime) -> tuple[SFTDataset, SFTDataset | None]:
+    """The train and (optional) validation datasets of chat rows (packed unless --no_pack)."""
+    train_data = chat_rows(args.data_path, args, tokenizer, run, args.system_prompt_ratio, pack=not args.no_pack)
+    val_data = chat_rows(args.val_data_path, args, tokenizer, run, pack=not args.no_pack) if args.val_data_path \
+        else None
     return train_data, val_data
 
 

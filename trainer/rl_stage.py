@@ -12,19 +12,17 @@ Reward functions (--reward_funcs, each in [0, 1] unless said):
 """
 
 import copy
-from pathlib import Path
 
 import torch
 
 from dataset.chat import load_tokenizer
 from dataset.errors import UsageError
-from dataset.lm_dataset import SFTDataset
-from dataset.prepared import once_per_node
 from evals import TASKS
 from evals.base import Task
 from model import LM
 from model.heads import ScalarModel
 
+from .chat_stage import chat_rows
 from .cli import require_checkpoint, require_vocab_fits
 from .losses import token_logps
 from .rl import Prompt, Replay, Reward, chunked, load_prompts
@@ -185,9 +183,7 @@ def load_replay(args, tokenizer, run) -> Replay | None:
     """--replay_data as packed chat rows (prepared once per node beside --out_dir, as the chat stages do), or None."""
     if not args.replay_data:
         return None
-    data = once_per_node(lambda: SFTDataset(
-        args.replay_data, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, seed=args.seed, quiet=not run.is_main,
-        cache_dir=Path(args.out_dir).parent / "prepared"), run.local_rank, run.barrier)
+    data = chat_rows(args.replay_data, args, tokenizer, run)
     run.print(f"replay: {args.replay_rows} row(s) of {args.replay_data} per micro-batch, weight {args.replay_coef:g}")
     return Replay(data, args.replay_coef, args.replay_rows)
 
