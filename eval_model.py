@@ -29,7 +29,7 @@ near 0, which is the point of comparison. The metrics (each task's module in eva
   think_format   share of reason_eval outputs (arithmetic and entity traces) that are exactly
                  `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (a blank line may follow </think>, as the
                  chat template writes reasoning_content; trailing whitespace allowed)
-  lora_acc       share of lora_eval reviews answered with the right English label (positive / negative)
+  lora_acc       share of lora_eval reviews answered with the right one-word verdict (推荐 / 不推荐)
   pref_acc       share of dpo_eval pairs where the model itself prefers the chosen answer: its mean per-token
                  log-probability of the chosen answer is higher than that of the rejected one (no reference model)
   distinct2      repetition: for each generated answer, distinct character bigrams / character bigrams, averaged

@@ -1,6 +1,6 @@
 """LoRA: teach a chat model a new task by training small low-rank adapters; the model itself stays frozen.
 
-    python train_lora.py                                       # the demo: English sentiment labels on out/sft
+    python train_lora.py                                       # the demo: one-word verdicts (推荐 / 不推荐) on out/sft
     python train_lora.py --init_from out/sft --data_path my_task.jsonl --lora_r 16 --lora_targets q_proj,v_proj
     python -m scripts.merge_lora --init_from out/sft --lora out/lora --out_dir out/lora_merged
 
@@ -10,6 +10,7 @@ gets an adapter (model/lora.py), only adapter weights train, and out_dir receive
 evaluates it on top of its base.
 """
 
+from evals import lora_style
 from model.lora import DEFAULT_TARGETS, EXPERT_TARGETS, apply_lora, save_lora, trainable_share
 from trainer import UsageError, above, at_least, between, exit_cleanly_on_bad_input, parse_args
 from trainer.chat_stage import add_chat_flags, run_chat_stage
@@ -33,7 +34,7 @@ def main():
     demo = dict(data_path="dataset/demo/lora.jsonl", val_data_path="dataset/demo/lora_eval.jsonl")
     args = parse_args("lora", dict(**demo, learning_rate=1e-3, weight_decay=0.01, epochs=2, batch_size=16,
                                    max_seq_len=256, warmup_steps=10, eval_every=0, save_every=100,
-                                   sample_prompt="Sentiment (positive/negative)? 房间很干净，服务也周到，下次还来住。",
+                                   sample_prompt=lora_style.PROMPTS[0].format(review="房间很干净，服务也周到，下次还来住。"),
                                    sample_tokens=16),
                       add_flags)
     targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]

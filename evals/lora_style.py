@@ -1,33 +1,43 @@
-"""The LoRA task: answer a review's sentiment with one English word, positive or negative.
+"""The LoRA task: a review's verdict in one word, 推荐 (recommend) or 不推荐 (do not recommend).
 
-A narrow new skill (English prompt and answer) that a LoRA adapter learns on top of the SFT model; lora_acc is the
-share of held-out reviews (lora_eval.jsonl) answered with the right word.
+A narrow new answer style that a LoRA adapter learns on top of the SFT model: SFT answers sentiment questions in a
+sentence (这条评论是正面的，属于好评。); this task asks for the buying verdict alone, in words SFT never answered with.
+lora_acc is the share of held-out reviews (lora_eval.jsonl) answered with the right verdict.
+
+The task used to be the sentiment as one English word (positive / negative). The demo's tokenizer, trained on Chinese
+text only, splits each of those into eight single-letter tokens that pretraining hardly saw, and the demo's 80 LoRA
+steps learned to spell one label, not to choose between them (lora_acc 0.500 on a balanced set; docs/
+demo_experiments.md). Both verdicts here are tokens the model already knows, so the steps go to the choice.
 """
 
 import random
-import re
 
 from evals.base import GenerationTask, chat_record
 
-PROMPTS = ["Sentiment (positive/negative)? {review}", "Review: {review}\nSentiment (positive/negative)?"]
-LABELS = {"正面": "positive", "负面": "negative"}  # the review's label -> the answer
+PROMPTS = ["看了这条评论，你会推荐它评价的东西吗？只回答：推荐 或 不推荐。\n{review}",
+           "{review}\n根据这条评论，推荐还是不推荐？"]
+LABELS = {"正面": "推荐", "负面": "不推荐"}  # the review's label -> the answer
+NEGATIVE, POSITIVE = "不推荐", "推荐"
 
 
 def record(rng: random.Random, review: str, label: str, heldout: bool = False) -> dict:
-    """A chat whose answer is the English label; a held-out one keeps its task and label for scoring."""
+    """A chat whose answer is the verdict; a held-out one keeps its task and label for scoring."""
     user = rng.choice(PROMPTS).format(review=review)
     fields = {"task": "lora_sentiment", "label": LABELS[label]} if heldout else {}
     return chat_record([(user, LABELS[label])], **fields)
 
 
-def parse_english_sentiment(text: str) -> str | None:
-    """"positive" or "negative" from a LoRA-task answer, None when neither or both appear."""
-    labels = set(re.findall(r"\b(positive|negative)\b", text.lower()))
-    return labels.pop() if len(labels) == 1 else None
+def parse_verdict(text: str) -> str | None:
+    """"推荐" or "不推荐" from a LoRA-task answer: the one verdict it names; None when it names neither or both."""
+    negative = text.count(NEGATIVE)
+    positive = text.count(POSITIVE) - negative  # every 不推荐 also contains 推荐
+    if bool(positive) == bool(negative):
+        return None
+    return POSITIVE if positive else NEGATIVE
 
 
 class LoraSentiment(GenerationTask):
-    """lora_acc: the share of answers that name the record's English label."""
+    """lora_acc: the share of answers that name the record's verdict."""
 
     name = "lora"
     eval_file = "lora_eval.jsonl"
@@ -36,11 +46,11 @@ class LoraSentiment(GenerationTask):
     metrics = ("lora_acc",)
 
     def parse(self, text: str) -> str | None:
-        return parse_english_sentiment(text)
+        return parse_verdict(text)
 
     def reward(self, text: str, record: dict) -> float:
-        """1.0 when the answer names the record's label (and not the other), else 0.0."""
-        return float(parse_english_sentiment(text) == record["meta"]["label"])
+        """1.0 when the answer names the record's verdict (and not the other), else 0.0."""
+        return float(parse_verdict(text) == record["meta"]["label"])
 
 
 TASK = LoraSentiment()

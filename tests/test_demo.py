@@ -151,7 +151,7 @@ def test_eval_labels_agree_with_reference_answers(records):
             sentence = _slot(_user(record), entities.PROMPTS, "sentence")
             assert all(name in sentence for names in record["entities"].values() for name in names)
     for record in records["lora_eval"]:
-        assert _answer(record) == record["label"] == lora_style.parse_english_sentiment(_answer(record))
+        assert _answer(record) == record["label"] == lora_style.parse_verdict(_answer(record))
     for record in records["reason_eval"]:
         if record["task"] == "arith":
             assert arithmetic.parse_arith_answer(_answer(record)) == record["answer"]

@@ -12,7 +12,7 @@ import torch
 import eval_model
 from dataset.errors import UsageError
 from dataset.tokenizer import load_tokenizer, save_tokenizer
-from evals import TASKS
+from evals import TASKS, lora_style
 from model import LM, LMConfig
 from model.lora import apply_lora, lora_layers, save_lora
 from tests.conftest import run_script, write_jsonl
@@ -47,7 +47,7 @@ def demo_folder(root: Path) -> Path:
              task="entity_reason", entities=entities),
     ])
     write_jsonl(root / "lora_eval.jsonl", [
-        chat("Sentiment (positive/negative)? 很好", "positive", task="lora_sentiment", label="positive")])
+        chat(lora_style.PROMPTS[0].format(review="很好"), "推荐", task="lora_sentiment", label="推荐")])
     user = {"role": "user", "content": "这条评论呢？很好"}
     write_jsonl(root / "dpo_eval.jsonl", [
         {"chosen": [user, {"role": "assistant", "content": "这条评论是正面的。"}],

@@ -41,7 +41,7 @@ def test_registry_order_is_the_report_order():
 def test_records_are_picked_by_file_and_task_field():
     sentiment_record = chat("q", "a", task="sentiment", label="正面")
     assert sentiment.TASK.selects(sentiment_record) and not entities.TASK.selects(sentiment_record)
-    assert lora_style.TASK.selects(chat("q", "positive"))  # the whole of lora_eval.jsonl, whatever its task field
+    assert lora_style.TASK.selects(chat("q", "推荐"))  # the whole of lora_eval.jsonl, whatever its task field
     assert (sentiment.TASK.eval_file, arithmetic.TASK.eval_file, preference.TASK.record_kind) == (
         "sft_eval.jsonl", "reason_eval.jsonl", "dpo")
 
@@ -189,14 +189,16 @@ def test_arith_records_are_distinct_and_keep_their_result():
 
 
 def test_lora_parse_reward_and_score():
-    assert lora_style.parse_english_sentiment(" Positive.") == "positive"
-    assert lora_style.parse_english_sentiment("positive or negative") is None
-    assert lora_style.parse_english_sentiment("positively") is None
-    record = chat("Sentiment (positive/negative)? 很好", "positive", task="lora_sentiment", label="positive")
-    assert lora_style.TASK.reward("positive", record) == 1.0
-    assert lora_style.TASK.reward("negative", record) == 0.0
+    assert lora_style.parse_verdict("推荐。") == "推荐"
+    assert lora_style.parse_verdict(" 不推荐") == "不推荐"
+    assert lora_style.parse_verdict("不推荐不推荐") == "不推荐"
+    assert lora_style.parse_verdict("推荐还是不推荐") is None  # both named
+    assert lora_style.parse_verdict("这条评论是正面的。") is None
+    record = chat(lora_style.PROMPTS[0].format(review="很好"), "推荐", task="lora_sentiment", label="推荐")
+    assert lora_style.TASK.reward("推荐", record) == 1.0
+    assert lora_style.TASK.reward("不推荐", record) == 0.0
     assert lora_style.TASK.reward("正面", record) == 0.0
-    assert lora_style.TASK.score(["Positive", "no idea"], [record, record]) == {"lora_acc": 0.5}
+    assert lora_style.TASK.score(["推荐", "不知道"], [record, record]) == {"lora_acc": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

