@@ -27,8 +27,9 @@ stage clean     python -m scripts.clean_data --kind pretrain --script cjk --data
                     --out dataset/demo/pretrain.clean.jsonl
 stage tokenizer python train_tokenizer.py --max_chars 1500000
 # Validation runs once, at the end of each stage (--eval_every 0): mid-run passes cost ~25 s of the 15 minutes.
-# 360 pretraining and 14 GRPO steps (were 400 and 16) buy back the time the SFT and distillation recipes above cost
-# downstream (a fresh run of the new recipe took 15m14s with 400 and 16).
+# 360 pretraining and 14 GRPO steps (were 400 and 16) keep the demo inside 15 minutes: the first fresh run of the
+# recipe below took 15m14s with 400 and 16 (GRPO's stage 162 s against 129 s in the run before, partly this
+# machine's run-to-run variance: the unchanged reward stage took 38 s against 30 s).
 stage pretrain  python train_pretrain.py --max_steps "$(steps 360)" --eval_every 0
 # SFT at 1e-3, twice the script's 5e-4 (its range test from out/pretrain bottoms out near 4e-3): held-out sentiment
 # 0.78 against 0.59 after the same 300 steps (docs/demo_experiments.md).
@@ -37,8 +38,10 @@ stage lora      python train_lora.py --max_steps "$(steps 80)" --learning_rate 4
 stage dpo       python train_dpo.py --max_steps "$(steps 100)" --learning_rate 1e-4
 # Distillation at 5e-4, the min/10 rule of its range test (`train_distill_reason.py --lr_find` from out/dpo:
 # lowest smoothed loss near 5e-3): think_format 0.99 after 110 steps against 0.52 at the script's 2e-4 and 0.62 at
-# 1e-3 (docs/demo_experiments.md).
-stage distill   python train_distill_reason.py --max_steps "$(steps 110)" --learning_rate 5e-4
+# 1e-3 (docs/demo_experiments.md). The four tags weigh 5x (the script's default is 2): pretraining and SFT never see
+# them, and at 2x one run's distilled model wrote `</think>` twice where `<answer>` belongs (think_format 0.354; 0.940
+# at 5x from the same DPO model).
+stage distill   python train_distill_reason.py --max_steps "$(steps 110)" --learning_rate 5e-4 --tag_weight 5
 stage reward    python train_reward.py --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
 # answers are right 17-50% of the time, so groups of 8 answers differ and RL has something to raise. The script's
