@@ -27,9 +27,9 @@ stage clean     python -m scripts.clean_data --kind pretrain --script cjk --data
                     --out dataset/demo/pretrain.clean.jsonl
 stage tokenizer python train_tokenizer.py --max_chars 1500000
 # Validation runs once, at the end of each stage (--eval_every 0): mid-run passes cost ~25 s of the 15 minutes.
-# 360 pretraining and 14 GRPO steps (were 400 and 16) keep the demo inside 15 minutes: the first fresh run of the
-# recipe below took 15m14s with 400 and 16 (GRPO's stage 162 s against 129 s in the run before, partly this
-# machine's run-to-run variance: the unchanged reward stage took 38 s against 30 s).
+# 360 pretraining and 14 GRPO steps (were 400 and 16): the recipe below took 15m14s with 400 and 16, 14m29s-15m14s
+# with 360 and 14 on a 2-core AMD EPYC (its speed varies run to run); 320 pretraining + 280 SFT steps took 13m38s but
+# left LoRA at chance and GRPO without a gain (docs/demo_experiments.md).
 stage pretrain  python train_pretrain.py --max_steps "$(steps 360)" --eval_every 0
 # SFT at 1e-3, twice the script's 5e-4 (its range test from out/pretrain bottoms out near 4e-3): held-out sentiment
 # 0.78 against 0.59 after the same 300 steps (docs/demo_experiments.md).
