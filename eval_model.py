@@ -15,9 +15,10 @@ every other model gets the prompt as a ChatML user turn with the assistant turn 
 
 --metrics scores every model on the held-out files of --data_dir (dataset/demo: no item is in any training file),
 the first --limit items of each task (300: every task of the demo has at least 300 held-out items, except the
-200 entity traces of reason_eval.jsonl), greedy decoding with no repetition penalty. Every model, the base model
-included, gets the same chat-formatted questions: a base model cannot follow the format, so its task scores sit
-near 0, which is the point of comparison. The metrics (each task's module in evals/ says more):
+200 entity traces of reason_eval.jsonl), greedy decoding with no repetition penalty. Every chat model gets the
+same chat-formatted questions. A base model gets the likelihood metrics only (val_ppl, pref_acc; `-` for the rest):
+it cannot follow the chat format, so its answers would score 0 by construction, and generating them to the token
+budget took a quarter of the demo's evaluation. The metrics (each task's module in evals/ says more):
 
   val_ppl        perplexity of the held-out news (pretrain_val.jsonl): each document on its own, after an
                  <|endoftext|>, predicting every token and the closing <|endoftext|>; exp(mean token NLL)
@@ -267,9 +268,11 @@ def likelihood_metrics(model: LM, tokenizer, task: LikelihoodTask, records: list
 
 
 def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
-             draws: int = DRAWS) -> tuple[dict[str, float], dict[str, Interval]]:
+             draws: int = DRAWS, chat: bool = True) -> tuple[dict[str, float], dict[str, Interval]]:
     """Every metric whose held-out set is present, for one model, in METRICS order (see the module docstring),
-    and its 95% confidence interval (evals/intervals.py; `draws` bootstrap resamples)."""
+    and its 95% confidence interval (evals/intervals.py; `draws` bootstrap resamples). A base model (chat=False)
+    gets the likelihood metrics only: it cannot answer a chat question, so generating its answers would only spend
+    time (a quarter of the demo's evaluation) on zeros; the table shows `-` there."""
     metrics: dict[str, float] = {}
     intervals: dict[str, Interval] = {}
     for task in LIKELIHOOD_TASKS:
@@ -278,7 +281,7 @@ def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
             metrics.update(task.score(logps, sets[task.name]))
             intervals.update(likelihood_intervals(task, logps, sets[task.name], draws))
     outputs = {task.name: generate_answers(model, tokenizer, task, sets[task.name], runner)
-               for task in GENERATION_TASKS if sets.get(task.name)}
+               for task in GENERATION_TASKS if chat and sets.get(task.name)}
     for task in GENERATION_TASKS:
         if task.name in outputs:
             scores = task.score(outputs[task.name], sets[task.name])
@@ -417,7 +420,8 @@ def main() -> None:
         if spec.chat:
             kinds[spec.name] = answer_kinds(args.prompts, answers[spec.name])
         if args.metrics:
-            results[spec.name], intervals[spec.name] = evaluate(model, tokenizer, sets, runner, args.ci_draws)
+            results[spec.name], intervals[spec.name] = evaluate(model, tokenizer, sets, runner, args.ci_draws,
+                                                                spec.chat)
         source = f"{spec.adapter} on {spec.path}" if spec.adapter else str(spec.path)
         log(f"{spec.name} ({source}, {'chat' if spec.chat else 'base'}): {time.time() - start:.1f}s")
         del model
