@@ -16,8 +16,8 @@ from evals.base import GenerationTask, chat_record
 
 PROMPTS = ["看了这条评论，你会推荐它评价的东西吗？只回答：推荐 或 不推荐。\n{review}",
            "{review}\n根据这条评论，推荐还是不推荐？"]
-LABELS = {"正面": "推荐", "负面": "不推荐"}  # the review's label -> the answer
 NEGATIVE, POSITIVE = "不推荐", "推荐"
+LABELS = {"正面": POSITIVE, "负面": NEGATIVE}  # the review's label -> the answer
 
 
 def record(rng: random.Random, review: str, label: str, heldout: bool = False) -> dict:
