@@ -30,9 +30,9 @@ stage clean     python -m scripts.clean_data --kind pretrain --script cjk --data
                     --out dataset/demo/pretrain.clean.jsonl
 stage tokenizer python train_tokenizer.py --max_chars 1500000
 # Validation runs once, at the end of each stage (--eval_every 0): mid-run passes cost ~25 s of the 15 minutes.
-# 360 pretraining and 14 GRPO steps (were 400 and 16): the chain takes 14m22s on a quiet 2-core AMD EPYC and up to
-# 16-18 minutes when the same machine is busy; 320 pretraining + 280 SFT steps took 13m38s but left LoRA at chance and
-# GRPO without a gain (docs/demo_experiments.md).
+# 360 pretraining and 14 GRPO steps (were 400 and 16): the chain took 13m15s on a quiet 2-core AMD EPYC (with LoRA's
+# earlier 80 steps; 120 add ~16 s) and 16-18 minutes when the same machine was busy; 320 pretraining + 280 SFT steps
+# took 13m38s but left LoRA at chance and GRPO without a gain (docs/demo_experiments.md).
 stage pretrain  python train_pretrain.py --seed "$seed" --max_steps "$(steps 360)" --eval_every 0
 # SFT at 1e-3, twice the script's 5e-4 (its range test from out/pretrain bottoms out near 4e-3): held-out sentiment
 # 0.78 against 0.59 after the same 300 steps (docs/demo_experiments.md).
@@ -47,15 +47,16 @@ stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --
 # 1e-3 (docs/demo_experiments.md). The four tags weigh 5x (the script's default is 2): pretraining and SFT never see
 # them, and at 2x one run's distilled model wrote `</think>` twice where `<answer>` belongs (think_format 0.354; 0.940
 # at 5x from the same DPO model).
-stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 110)" --learning_rate 5e-4 --tag_weight 5
+stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 110)" --learning_rate 5e-4 \
+                    --tag_weight 5
 stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
 # answers are right 17-50% of the time, so groups of 8 answers differ and RL has something to raise. The script's
 # defaults otherwise (lr 2e-5, 2 x 2 updates per rollout batch): 5x that rate drove greedy answers to one label.
 # Every update also replays distillation's chats (SFT loss x 4, one row of 512 tokens per micro-batch): without it
 # RL on sentiment alone wiped out the reasoning answers' think/answer format (0.52 -> 0.01).
-stage grpo      python train_grpo.py --seed "$seed" --max_steps "$(steps 14)" --batch_size 8 --max_new_tokens 24 --warmup_steps 2 \
-                    --pass_at_k 1 --eval_every 0 --sample_every 4 --replay_coef 4 --replay_rows 1 \
+stage grpo      python train_grpo.py --seed "$seed" --max_steps "$(steps 14)" --batch_size 8 --max_new_tokens 24 \
+                    --warmup_steps 2 --pass_at_k 1 --eval_every 0 --sample_every 4 --replay_coef 4 --replay_rows 1 \
                     --replay_data dataset/demo/reason.jsonl:0.8,dataset/demo/sft.jsonl:0.2
 stage eval      python eval_model.py --metrics --json out/eval.json --report out/report.md
 
