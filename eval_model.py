@@ -32,7 +32,9 @@ budget took a quarter of the demo's evaluation. The metrics (each task's module 
                  chat template writes reasoning_content; trailing whitespace allowed)
   lora_acc       share of lora_eval reviews answered with the right one-word verdict (推荐 / 不推荐)
   pref_acc       share of dpo_eval pairs where the model itself prefers the chosen answer: its mean per-token
-                 log-probability of the chosen answer is higher than that of the rejected one (no reference model)
+                 log-probability of the chosen answer is higher than that of the rejected one (no reference model);
+                 a quarter of the pairs reject a right sentiment in a style other than the preferred one
+                 (evals/preference.py), a preference only DPO teaches
   distinct2      repetition: for each generated answer, distinct character bigrams / character bigrams, averaged
                  over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
 

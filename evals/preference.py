@@ -1,4 +1,10 @@
-"""Preference pairs: the same question with a chosen (right) and a rejected (plausible but wrong) answer.
+"""Preference pairs: the same question with a chosen and a rejected answer.
+
+The chosen answer is right and in the style the demo's users prefer; the rejected one is wrong (the other sentiment
+label, an entity invented or given the wrong type), a repetition loop, or, for half of the sentiment pairs, right but
+in one of the two other styles SFT taught as often (`PREFERRED_SENTIMENT`). SFT cannot know that preference; DPO
+learns it from the pairs, which makes its effect visible at the demo's budget, where it cannot add much task
+knowledge to what SFT's chats taught (docs/demo_experiments.md, "A preference SFT does not teach").
 
 DPO trains on them; pref_acc is the share of held-out pairs (dpo_eval.jsonl) where the model itself prefers the
 chosen answer: its mean per-token log-probability of the chosen answer is higher than that of the rejected one (no
@@ -25,18 +31,27 @@ def degenerate(answer: str, rng: random.Random) -> str:
     return answer[:rng.randint(3, 4)] * rng.randint(6, 12) + "…"
 
 
+# The preferred answer style: the label and the verdict word (好评 / 差评), the third of sentiment.ANSWERS' styles.
+PREFERRED_SENTIMENT = {label: answers[2] for label, answers in sentiment.ANSWERS.items()}
+
+
 def sentiment_pair(rng: random.Random, review: str, label: str, **fields) -> dict:
-    """Chosen: the right label. Rejected: the other label in the same words, or a repetition loop."""
-    variant = rng.randrange(len(sentiment.ANSWERS[label]))
-    chosen = sentiment.ANSWERS[label][variant]
-    other = sentiment.other_label(label)
-    rejected = sentiment.ANSWERS[other][variant] if rng.random() < 0.8 else degenerate(chosen, rng)
+    """Chosen: the right label in the preferred style. Rejected: half the time the right label in another style,
+    else the other label in the preferred style (three in ten) or a repetition loop (two in ten)."""
+    chosen = PREFERRED_SENTIMENT[label]
+    draw = rng.random()
+    if draw < 0.5:
+        rejected = rng.choice([answer for answer in sentiment.ANSWERS[label] if answer != chosen])
+    elif draw < 0.8:
+        rejected = PREFERRED_SENTIMENT[sentiment.other_label(label)]
+    else:
+        rejected = degenerate(chosen, rng)
     return pair(rng.choice(sentiment.PROMPTS).format(review=review), chosen, rejected, **fields)
 
 
 def entity_pair(rng: random.Random, sentence: Sentence, names: dict[str, list[str]], **fields) -> dict:
-    """Chosen: the sentence's entities. Rejected: one entity missed, mistyped or invented (from `names`), or a
-    repetition loop."""
+    """Chosen: the sentence's entities. Rejected: one entity given the wrong type or invented (from `names`), or a
+    repetition loop (entities.wrong_entities says why never a missed entity)."""
     chosen = format_entity_answer(sentence.entities)
     wrong = None if rng.random() < 0.1 else wrong_entities(rng, sentence, names)
     rejected = degenerate(chosen, rng) if wrong is None else format_entity_answer(wrong)
@@ -63,7 +78,8 @@ class Preference(LikelihoodTask):
 
     def reward(self, text: str, record: dict) -> float:
         """How well an answer to the pair's question states what its chosen answer states, judged as the pair's
-        task judges: the same sentiment label (1.0 or 0.0), or entity F1 against the chosen entities."""
+        task judges: the same sentiment label (1.0 or 0.0, whatever the style), or entity F1 against the chosen
+        entities."""
         chosen = record["chosen"][-1]["content"]
         task = record["meta"].get("task")
         if task == "sentiment":

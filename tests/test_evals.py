@@ -228,20 +228,29 @@ def test_preference_reward_judges_by_the_pairs_task():
         preference.TASK.reward("我是丹炉", pair("我是丹炉", "我是ChatGPT", "identity"))
 
 
-def test_preference_pairs_reject_a_wrong_answer():
+def test_preference_pairs_prefer_the_right_answer_in_the_preferred_style():
     rng = random.Random(0)
-    for _ in range(20):
+    kinds = set()
+    for _ in range(60):
         record = preference.sentiment_pair(rng, "很好用", "正面", task="sentiment")
         chosen, rejected = record["chosen"][1]["content"], record["rejected"][1]["content"]
-        assert sentiment.parse_sentiment_answer(chosen) == "正面" != sentiment.parse_sentiment_answer(rejected)
+        assert chosen == preference.PREFERRED_SENTIMENT["正面"] == "这条评论是正面的，属于好评。" != rejected
         assert record["chosen"][0] == record["rejected"][0] and record["task"] == "sentiment"
+        label = sentiment.parse_sentiment_answer(rejected)
+        # the same label in another of the styles SFT teaches, the other label, or a loop
+        kinds.add("style" if label == "正面" and rejected in sentiment.ANSWERS["正面"] else
+                  "label" if label == "负面" else "loop" if rejected.endswith("…") else rejected)
+    assert kinds == {"style", "label", "loop"}
     sentence = entities.Sentence("钱其琛在伦敦说。", {"person": ["钱其琛"], "place": ["伦敦"], "org": []},
                                  [("钱其琛", "person"), ("伦敦", "place")], [])
     names = {"person": ["李鹏"], "place": ["巴黎"], "org": ["新华社"]}
-    for _ in range(20):
+    for _ in range(40):
         record = preference.entity_pair(rng, sentence, names)
         chosen, rejected = record["chosen"][1]["content"], record["rejected"][1]["content"]
-        assert entities.parse_entity_answer(chosen) == sentence.entities != entities.parse_entity_answer(rejected)
+        wrong = entities.parse_entity_answer(rejected)
+        assert entities.parse_entity_answer(chosen) == sentence.entities != wrong
+        # never a missed entity: every one of the sentence's names is still in the rejected answer
+        assert rejected.endswith("…") or {"钱其琛", "伦敦"} <= {name for found in wrong.values() for name in found}
 
 
 def test_perplexity_sequences_and_score(tokenizer_dir):
