@@ -16,9 +16,9 @@ every other model gets the prompt as a ChatML user turn with the assistant turn 
 --metrics scores every model on the held-out files of --data_dir (dataset/demo: no item is in any training file),
 the first --limit items of each task (300: every task of the demo has at least 300 held-out items, except the
 200 entity traces of reason_eval.jsonl), greedy decoding with no repetition penalty. Every chat model gets the
-same chat-formatted questions. A base model gets the likelihood metrics only (val_ppl, pref_acc; `-` for the rest):
-it cannot follow the chat format, so its answers would score 0 by construction, and generating them to the token
-budget took a quarter of the demo's evaluation. The metrics (each task's module in evals/ says more):
+same chat-formatted questions. A base model gets the likelihood metrics only (val_ppl, pref_acc, pref_style_acc;
+`-` for the rest): it cannot follow the chat format, so its answers would score 0 by construction, and generating
+them to the token budget took a quarter of the demo's evaluation. The metrics (each task's module in evals/ says more):
 
   val_ppl        perplexity of the held-out news (pretrain_val.jsonl): each document on its own, after an
                  <|endoftext|>, predicting every token and the closing <|endoftext|>; exp(mean token NLL)
@@ -32,16 +32,17 @@ budget took a quarter of the demo's evaluation. The metrics (each task's module 
                  chat template writes reasoning_content; trailing whitespace allowed)
   lora_acc       share of lora_eval reviews answered with the right one-word verdict (推荐 / 不推荐)
   pref_acc       share of dpo_eval pairs where the model itself prefers the chosen answer: its mean per-token
-                 log-probability of the chosen answer is higher than that of the rejected one (no reference model);
-                 a quarter of the pairs reject a right sentiment in a style other than the preferred one
-                 (evals/preference.py), a preference only DPO teaches
+                 log-probability of the chosen answer is higher than that of the rejected one (no reference model)
+  pref_style_acc the same over the pairs whose rejected answer is right too, in a style other than the preferred
+                 one (a quarter of the demo's pairs, evals/preference.py): the preference SFT cannot teach
   distinct2      repetition: for each generated answer, distinct character bigrams / character bigrams, averaged
                  over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
 
 Every metric comes with its 95% confidence interval over the held-out items (evals/intervals.py): Wilson for the
 shares of right answers (sentiment_acc, arith_em, lora_acc, think_format), a percentile bootstrap over items for
-the rest (entity_f1 over sentences, pref_acc over pairs, val_ppl over documents, distinct2 over answers). The table
-shows `value [low, high]`; --json keeps {model: {metric: value}} and adds "<metric>_ci": [low, high].
+the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over documents, distinct2 over
+answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds "<metric>_ci":
+[low, high].
 
 answer_kind counts, for each chat model, how many of the default side-by-side prompts got an answer of the right
 kind, as the tasks' parsers read it: a label for the sentiment prompt, at least one name for the entity prompt, a

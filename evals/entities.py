@@ -113,7 +113,7 @@ def wrong_entities(rng: random.Random, sentence: Sentence, names: dict[str, list
     """A plausible wrong extraction: a name invented (one of `names`, the names of each kind found elsewhere) or a
     name given the wrong type. None when the draw found nothing to change. Never a list made shorter (a missed
     name, or one moved out of a list of several): as DPO's rejected answers, such taught the demo's model to list
-    fewer names (entity F1 0.19 -> 0.08-0.10 in four DPO runs, 0.18-0.19 in two without them;
+    fewer names (entity F1 0.19 -> 0.08-0.10 in four DPO runs, 0.18-0.20 in four without them;
     docs/demo_experiments.md)."""
     wrong = {kind: list(found) for kind, found in sentence.entities.items()}
     alone = [(kind, found[0]) for kind, found in wrong.items() if len(found) == 1]

@@ -58,13 +58,24 @@ def entity_pair(rng: random.Random, sentence: Sentence, names: dict[str, list[st
     return pair(rng.choice(entities.PROMPTS).format(sentence=sentence.text), chosen, rejected, **fields)
 
 
+def is_style_pair(record: dict) -> bool:
+    """Whether a held-out pair's rejected answer is right too, only not in the preferred style (a sentiment pair
+    whose two answers state the same label)."""
+    if record.get("meta", {}).get("task") != "sentiment":
+        return False
+    chosen, rejected = (parse_sentiment_answer(record[side][-1]["content"]) for side in ("chosen", "rejected"))
+    return chosen is not None and chosen == rejected
+
+
 class Preference(LikelihoodTask):
-    """pref_acc: the share of pairs whose chosen answer the model gives the higher mean token log-prob."""
+    """pref_acc: the share of pairs whose chosen answer the model gives the higher mean token log-prob;
+    pref_style_acc: the same over the pairs that differ only in style (is_style_pair), the preference SFT cannot
+    teach; left out when there are none."""
 
     name = "pref"
     eval_file = "dpo_eval.jsonl"
     record_kind = "dpo"
-    metrics = ("pref_acc",)
+    metrics = ("pref_acc", "pref_style_acc")
 
     def sequences(self, tokenizer, records: list[dict]) -> list[ScoredTokens]:
         """Each pair's chosen then rejected conversation, its assistant tokens scored."""
@@ -72,9 +83,14 @@ class Preference(LikelihoodTask):
                 for side in ("chosen", "rejected")]
 
     def score(self, logps: list[tuple[float, int]], records: list[dict]) -> dict[str, float]:
-        """pref_acc from the (summed log-prob, tokens) of sequences()' sequences."""
+        """pref_acc (and pref_style_acc) from the (summed log-prob, tokens) of sequences()' sequences."""
         means = [total / max(count, 1) for total, count in logps]
-        return {"pref_acc": share(chosen > rejected for chosen, rejected in zip(means[0::2], means[1::2]))}
+        wins = [chosen > rejected for chosen, rejected in zip(means[0::2], means[1::2])]
+        metrics = {"pref_acc": share(wins)}
+        style = [win for win, record in zip(wins, records) if is_style_pair(record)]
+        if style:
+            metrics["pref_style_acc"] = share(style)
+        return metrics
 
     def reward(self, text: str, record: dict) -> float:
         """How well an answer to the pair's question states what its chosen answer states, judged as the pair's

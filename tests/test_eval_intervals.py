@@ -64,9 +64,16 @@ def test_accuracy_tasks_get_wilson_entity_f1_a_bootstrap():
 
 
 def test_pairs_and_documents_are_resampled_whole():
-    pairs = [{"meta": {"task": "sentiment"}}] * 50
-    logps = [(-1.0, 1), (-2.0, 1)] * 50  # chosen above rejected in every pair
-    assert likelihood_intervals(TASKS["pref"], logps, pairs, draws=200) == {"pref_acc": (1.0, 1.0)}
+    style = {"meta": {"task": "sentiment"},
+             "chosen": [{"role": "assistant", "content": "这条评论是正面的，属于好评。"}],
+             "rejected": [{"role": "assistant", "content": "这条评论是正面的。"}]}
+    label = {**style, "rejected": [{"role": "assistant", "content": "这条评论是负面的，属于差评。"}]}
+    pairs = [style, label] * 25
+    logps = [(-1.0, 1), (-2.0, 1), (-2.0, 1), (-1.0, 1)] * 25  # the model prefers the chosen answer of style pairs only
+    found = likelihood_intervals(TASKS["pref"], logps, pairs, draws=200)
+    assert set(found) == {"pref_acc", "pref_style_acc"} and found["pref_style_acc"] == (1.0, 1.0)
+    low, high = found["pref_acc"]
+    assert 0.3 < low < 0.5 < high < 0.7
 
     documents = [{"text": str(i)} for i in range(60)]
     logps = [(-float(1 + i % 3) * 10, 10) for i in range(60)]  # mean NLL per document 1, 2 or 3

@@ -51,7 +51,9 @@ def demo_folder(root: Path) -> Path:
     user = {"role": "user", "content": "这条评论呢？很好"}
     write_jsonl(root / "dpo_eval.jsonl", [
         {"chosen": [user, {"role": "assistant", "content": "这条评论是正面的。"}],
-         "rejected": [user, {"role": "assistant", "content": "这条评论是负面的。"}], "task": "sentiment"}])
+         "rejected": [user, {"role": "assistant", "content": "这条评论是负面的。"}], "task": "sentiment"},
+        {"chosen": [user, {"role": "assistant", "content": "这条评论是正面的，属于好评。"}],  # a style pair
+         "rejected": [user, {"role": "assistant", "content": "这条评论是正面的。"}], "task": "sentiment"}])
     return root
 
 
@@ -115,7 +117,7 @@ def test_dtype_takes_the_stages_spellings():
 def test_eval_sets_are_each_tasks_records(checkpoints):
     sets = eval_model.load_eval_sets(checkpoints["data"], limit=0)
     assert {name: len(records) for name, records in sets.items()} == {
-        "sentiment": 2, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 2, "pref": 1}
+        "sentiment": 2, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 2, "pref": 2}
     assert sets["arith"][0]["meta"] == {"task": "arith", "answer": 15}
     assert {name: len(records) for name, records in eval_model.load_eval_sets(checkpoints["data"], 1).items()} == {
         "sentiment": 1, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 1, "pref": 1}

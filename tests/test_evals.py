@@ -28,7 +28,8 @@ def test_registry_order_is_the_report_order():
     assert list(evals.TASKS) == ["news", "sentiment", "entity", "arith", "entity_reason", "think_format", "lora",
                                  "pref", "repetition"]
     assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
-                             "entity_f1_org", "arith_em", "think_format", "lora_acc", "pref_acc", "distinct2")
+                             "entity_f1_org", "arith_em", "think_format", "lora_acc", "pref_acc", "pref_style_acc",
+                             "distinct2")
     assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "arith", "entity_reason", "lora"]
     assert {t.name: t.max_new_tokens for t in evals.GENERATION_TASKS} == {
         "sentiment": 16, "entity": 48, "arith": 96, "entity_reason": 160, "lora": 8}
@@ -215,6 +216,16 @@ def test_preference_score_compares_mean_token_logprobs():
     # pair 1: chosen -2/2 = -1 > rejected -6/2 = -3; pair 2: chosen -3/1 < rejected -1/1
     logps = [(-2.0, 2), (-6.0, 2), (-3.0, 1), (-1.0, 1)]
     assert preference.TASK.score(logps, [{}, {}]) == {"pref_acc": 0.5}
+
+
+def test_pref_style_acc_counts_only_the_pairs_that_differ_in_style():
+    logps = [(-2.0, 2), (-6.0, 2), (-3.0, 1), (-1.0, 1), (-3.0, 1), (-1.0, 1)]
+    style = pair("这条评论是正面的，属于好评。", "这条评论是正面的。", "sentiment")
+    label = pair("这条评论是正面的，属于好评。", "这条评论是负面的，属于差评。", "sentiment")
+    entity = pair("人名：钱其琛\n地名：伦敦\n机构：无", "人名：钱其琛\n地名：无\n机构：无", "entity")
+    assert [preference.is_style_pair(p) for p in (style, label, entity)] == [True, False, False]
+    assert preference.TASK.score(logps, [style, label, entity]) == {"pref_acc": 1 / 3, "pref_style_acc": 1.0}
+    assert preference.TASK.score(logps, [label, style, entity]) == {"pref_acc": 1 / 3, "pref_style_acc": 0.0}
 
 
 def test_preference_reward_judges_by_the_pairs_task():
