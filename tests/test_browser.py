@@ -58,9 +58,16 @@ def test_chat_page_streams_answers_and_stops(browser, page_url):
     page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
         .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
     page.fill("#max_tokens", "40")
+
+    def forty_tokens(route):  # a seeded answer that does not stop early: a sampled one once ended after 4 updates
+        body = {**json.loads(route.request.post_data), "seed": 1, "ignore_eos": True}
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/v1/chat/completions", forty_tokens)
     page.fill("#input", "这条评论是好评还是差评？质量很好")
     page.press("#input", "Enter")
     page.wait_for_selector(".assistant[data-done='1']", timeout=60_000)
+    page.unroute("**/v1/chat/completions", forty_tokens)
     answer = page.inner_text(".assistant .content")
     assert answer.strip(), "no answer appeared"
     assert page.evaluate("window.updates") > 5  # it arrived in pieces, not at once
