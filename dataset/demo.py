@@ -254,13 +254,12 @@ def _sentences(paragraph: Tokens) -> list[Tokens]:
 
 
 def _sentence(tokens: Tokens) -> Sentence:
-    """A tagged sentence as the entity tasks see it: text, entities, entity words in order, common nouns."""
+    """A tagged sentence as the entity tasks see it: text, entities, entity words in order."""
     mentions: dict[str, str] = {}
     for word, tag in tokens:
         if tag in ENTITY_TAGS:
             mentions.setdefault(word, ENTITY_TAGS[tag])
-    nouns = list(dict.fromkeys(word for word, tag in tokens if tag == "n" and len(word) >= 2))
-    return Sentence("".join([word for word, _ in tokens]), _entities(tokens), list(mentions.items()), nouns)
+    return Sentence("".join([word for word, _ in tokens]), _entities(tokens), list(mentions.items()))
 
 
 def _distinct_sentences(paragraphs: Iterable[Tokens]) -> list[Sentence]:

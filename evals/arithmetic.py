@@ -93,7 +93,9 @@ def problem(rng: random.Random) -> tuple[tuple, str, str, str, int]:
         question = f"{name}买了{x}袋{thing}，每袋{y}{unit}；{other}买了{z}袋，每袋{w}{unit}。两人一共买了几{unit}？"
         think = f"{name}买了：{x}×{y}={a}{unit}。{other}买了：{z}×{w}={b}{unit}。一共：{a}+{b}={result}{unit}。"
         answer = f"两人一共买了{result}{unit}{thing}。"
-    return (template, numbers), question, think, answer, result
+    # "答：" opens the answer as a school word problem's does: without it the answer's first sentence read like the
+    # thinking's, and distilled models went on thinking inside <answer> (docs/demo_experiments.md).
+    return (template, numbers), question, think, "答：" + answer, result
 
 
 def records(rng: random.Random, n: int, taken: set[tuple], **fields) -> list[dict]:

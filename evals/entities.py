@@ -2,8 +2,8 @@
 `人名：A、B\\n地名：C\\n机构：无`.
 
 Two tasks share the prompts, the answer and its parser: `entity` (SFT answers directly; entity_f1 on
-sft_eval.jsonl) and `entity_reason` (distillation answers with a think trace that names each entity's type and
-rules out common nouns; reason_eval.jsonl, scored by its format). DPO's entity pairs are in evals.preference.
+sft_eval.jsonl) and `entity_reason` (distillation answers with a think trace that counts the entities, then names
+each one's type; reason_eval.jsonl, scored by its format). DPO's entity pairs are in evals.preference.
 """
 
 import random
@@ -42,7 +42,6 @@ class Sentence:
     text: str
     entities: Entities
     mentions: list[tuple[str, str]]  # (name, kind) of each entity word, in order, each word once
-    nouns: list[str]  # the distinct common nouns of 2+ characters, in order: what a trace rules out
 
     @property
     def has_entities(self) -> bool:
@@ -130,23 +129,23 @@ def wrong_entities(rng: random.Random, sentence: Sentence, names: dict[str, list
     return wrong
 
 
-def reason_trace(rng: random.Random, sentence: Sentence) -> str:
-    """Think: each entity with why it is a person / place / organisation, plus up to two common nouns that are not;
-    answer: the three lines."""
-    lines = ["找出句中的专有名词，逐个判断类别："]
-    lines += [f"“{name}”{REASONS[kind]}。" for name, kind in sentence.mentions]
-    if not sentence.mentions:
-        lines.append("句中没有人名、地名或机构名。")
-    nouns = sentence.nouns
-    for noun in sorted(rng.sample(nouns, min(2, len(nouns))), key=nouns.index):
-        lines.append(f"“{noun}”是普通名词，不是人名、地名或机构。")
+def reason_trace(sentence: Sentence) -> str:
+    """Think: how many entities, then each one numbered with why it is a person / place / organisation; answer: the
+    three lines. The count and the numbers tell a small model where the list ends: traces that listed entities (and
+    two common nouns) without them looped on one name until the token limit (docs/demo_experiments.md)."""
+    mentions = sentence.mentions
+    if not mentions:
+        lines = ["句中没有人名、地名或机构名。"]
+    else:
+        lines = [f"专有名词共{len(mentions)}个，逐个判断类别："]
+        lines += [f"{i}. “{name}”{REASONS[kind]}。" for i, (name, kind) in enumerate(mentions, 1)]
     return trace("\n".join(lines), format_entity_answer(sentence.entities))
 
 
 def reason_turn(rng: random.Random, sentence: Sentence) -> Turn:
     """A training turn of the reasoning stage: an entity prompt that asks for reasoning, answered with a trace."""
     user = rng.choice(REASON_PROMPTS).format(sentence=sentence.text)
-    return user, reason_trace(rng, sentence)
+    return user, reason_trace(sentence)
 
 
 def reason_eval_record(rng: random.Random, sentence: Sentence) -> dict:

@@ -8,9 +8,10 @@ import re
 
 from evals.base import OutputCheck, share
 
-# One <think> block then one <answer> block, each with content, nothing else (a blank line may follow </think>,
-# as the chat template writes reasoning_content; trailing whitespace allowed).
-THINK_FORMAT = re.compile(r"<think>\n.+\n</think>\n+<answer>\n.+\n</answer>\s*", re.DOTALL)
+# One <think> block then one <answer> block, each with content and no tag inside, nothing else (a blank line may
+# follow </think>, as the chat template writes reasoning_content; trailing whitespace allowed).
+_CONTENT = r"(?:(?!</?(?:think|answer)>).)+"
+THINK_FORMAT = re.compile(rf"<think>\n{_CONTENT}\n</think>\n+<answer>\n{_CONTENT}\n</answer>\s*", re.DOTALL)
 
 
 def trace(think: str, answer: str) -> str:

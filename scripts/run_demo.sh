@@ -48,8 +48,9 @@ stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --
 # lowest smoothed loss near 5e-3): think_format 0.99 after 110 steps against 0.52 at the script's 2e-4 and 0.62 at
 # 1e-3 (docs/demo_experiments.md). The four tags weigh 5x (the script's default is 2): pretraining and SFT never see
 # them, and at 2x one run's distilled model wrote `</think>` twice where `<answer>` belongs (think_format 0.354; 0.940
-# at 5x from the same DPO model).
-stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 110)" --learning_rate 5e-4 \
+# at 5x from the same DPO model). 150 steps (were 110): from two chains' DPO models, 0.954 / 0.812 after 110 steps,
+# 0.986 / 0.890 after 150.
+stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 150)" --learning_rate 5e-4 \
                     --tag_weight 5
 stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled

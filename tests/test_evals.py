@@ -142,10 +142,11 @@ def test_entity_score_is_micro_f1_over_the_records():
 def test_entity_trace_names_each_entity_and_parses_back():
     found = {"person": ["钱其琛"], "place": ["伦敦"], "org": ["新华社"]}
     mentions = [("钱其琛", "person"), ("伦敦", "place"), ("新华社", "org")]
-    sentence = entities.Sentence("钱其琛在伦敦会见新华社记者。", found, mentions, ["记者"])
-    text = entities.reason_trace(random.Random(0), sentence)
+    sentence = entities.Sentence("钱其琛在伦敦会见新华社记者。", found, mentions)
+    text = entities.reason_trace(sentence)
     assert think_format.is_think_format(text)
-    assert "“伦敦”是地点的名称，属于地名。" in text and "“记者”是普通名词" in text
+    assert "专有名词共3个" in text and "\n2. “伦敦”是地点的名称，属于地名。\n3. “新华社”" in text
+    assert "句中没有人名" in entities.reason_trace(entities.Sentence("他说。", {k: [] for k in found}, []))
     record = chat("q", text, task="entity_reason", entities=sentence.entities)
     assert entities.REASON_TASK.reward(text, record) == 1.0
     assert entities.REASON_TASK.reward("<think>\n人名：钱其琛\n</think>\n<answer>\n人名：无\n</answer>", record) == 0.0
@@ -253,7 +254,7 @@ def test_preference_pairs_prefer_the_right_answer_in_the_preferred_style():
                   "label" if label == "负面" else "loop" if rejected.endswith("…") else rejected)
     assert kinds == {"style", "label", "loop"}
     sentence = entities.Sentence("钱其琛在伦敦说。", {"person": ["钱其琛"], "place": ["伦敦"], "org": []},
-                                 [("钱其琛", "person"), ("伦敦", "place")], [])
+                                 [("钱其琛", "person"), ("伦敦", "place")])
     names = {"person": ["李鹏"], "place": ["巴黎"], "org": ["新华社"]}
     for _ in range(40):
         record = preference.entity_pair(rng, sentence, names)
@@ -291,6 +292,8 @@ def test_think_format_accepts_only_one_think_then_one_answer():
         "<think>\n\n</think>\n<answer>\n15\n</answer>",  # empty thinking
         "好的。<think>\n3×5=15。\n</think>\n<answer>\n15\n</answer>",  # text before <think>
         good + "还有别的话",  # text after </answer>
+        good.replace("\n</answer>", "\n</think>\n<answer>\n15\n</answer>"),  # a second block inside the answer
+        "<think>\n<think>\n3×5=15。\n</think>\n<answer>\n15\n</answer>",  # <think> twice
     ]
     assert think_format.TASK.score(broken) == {"think_format": 0.0}
     assert think_format.TASK.score([good, broken[0]]) == {"think_format": 0.5}
