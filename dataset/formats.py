@@ -196,16 +196,20 @@ def _chat(messages: list[dict], record: dict, consumed: tuple[str, ...]) -> dict
 
 
 def normalise_chat(record: dict) -> dict:
-    """Any chat shape (MiniMind, OpenAI, ShareGPT, Alpaca) -> {"messages", "tools"?, "meta"}."""
+    """Any chat shape (MiniMind, OpenAI, ShareGPT, Alpaca) -> {"messages", "tools"?, "meta"}. A preference pair (any
+    DPO shape) is its chosen conversation: SFT on the chosen answers, e.g. to replay DPO's data in a later stage."""
     if "conversations" in record:
         return _chat_from_conversations(record)
     if "messages" in record:
         return _chat_from_messages(record)
     if "instruction" in record:
         return _chat_from_alpaca(record)
+    if "chosen" in record or "response_chosen" in record:
+        pair = normalise_dpo(record)
+        return {"messages": pair["prompt"] + pair["chosen"], "meta": pair["meta"]}
     raise _Invalid(
         f"unknown chat record shape (keys seen: {sorted(record)}); expected 'conversations' (MiniMind or "
-        "ShareGPT), 'messages' (OpenAI) or 'instruction'/'input'/'output' (Alpaca)"
+        "ShareGPT), 'messages' (OpenAI), 'instruction'/'input'/'output' (Alpaca) or a preference pair ('chosen')"
     )
 
 

@@ -48,9 +48,10 @@ stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --
 # lowest smoothed loss near 5e-3): think_format 0.99 after 110 steps against 0.52 at the script's 2e-4 and 0.62 at
 # 1e-3 (docs/demo_experiments.md). The four tags weigh 5x (the script's default is 2): pretraining and SFT never see
 # them, and at 2x one run's distilled model wrote `</think>` twice where `<answer>` belongs (think_format 0.354; 0.940
-# at 5x from the same DPO model). 150 steps (were 110): from two chains' DPO models, 0.954 / 0.812 after 110 steps,
-# 0.986 / 0.890 after 150.
-stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 150)" --learning_rate 5e-4 \
+# at 5x from the same DPO model). 130 steps (were 110): from two chains' DPO models, 0.954 / 0.812 after 110 steps,
+# 0.986 / 0.890 after 150; 0.992 after 130 from a third. The script replays DPO's chosen answers (not SFT's chats,
+# which un-taught DPO's preference: 0.973 -> 0.847).
+stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 130)" --learning_rate 5e-4 \
                     --tag_weight 5
 stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
@@ -60,7 +61,7 @@ stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # RL on sentiment alone wiped out the reasoning answers' think/answer format (0.52 -> 0.01).
 stage grpo      python train_grpo.py --seed "$seed" --max_steps "$(steps 14)" --batch_size 8 --max_new_tokens 24 \
                     --warmup_steps 2 --pass_at_k 1 --eval_every 0 --sample_every 4 --replay_coef 4 --replay_rows 1 \
-                    --replay_data dataset/demo/reason.jsonl:0.8,dataset/demo/sft.jsonl:0.2
+                    --replay_data dataset/demo/reason.jsonl:0.8,dataset/demo/dpo.jsonl:0.2
 stage eval      python eval_model.py --metrics --json out/eval.json --report out/report.md
 
 printf '\n\033[1m== demo finished in %ss\033[0m\n' "$(( $(date +%s) - start ))"

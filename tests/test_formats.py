@@ -138,6 +138,20 @@ def test_dpo_message_pairs_split_at_last_user_turn():
     }
 
 
+@pytest.mark.parametrize("name", ["dpo_messages.jsonl", "dpo_prompt_chosen_rejected.jsonl",
+                                  "dpo_question_response.jsonl"])
+def test_preference_pairs_read_as_chats_of_their_chosen_answers(name):
+    """Replaying DPO's data in a later stage: every DPO shape read as chat data is its prompt plus chosen reply."""
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.skip("shared fixtures absent")
+    pairs, chats = load_records(str(path), "dpo"), load_records(str(path), "chat")
+    assert len(chats) == len(pairs) > 0
+    for pair, chat in zip(pairs, chats):
+        assert chat["messages"] == pair["prompt"] + pair["chosen"]
+        assert not any(m == pair["rejected"][-1] for m in chat["messages"])
+
+
 def test_dpo_pairs_with_different_prompts_are_rejected():
     record = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
               "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}
