@@ -141,6 +141,21 @@ def render_chat(messages: list[dict], tools: list | None = None, add_generation_
     return "".join(text for text, _ in chat_segments(messages, tools, add_generation_prompt))
 
 
+def document_segments(text: str) -> list[tuple[str, bool]]:
+    """Pretraining text in a chat stage's data (a {"text"} record): `<|endoftext|>text<|endoftext|>`, the text and
+    its closing `<|endoftext|>` trained on, as pretraining and the news perplexity (evals/perplexity.py) see a
+    document. Mixed into SFT by weight, it keeps the language model the chats would otherwise overwrite."""
+    return [(ENDOFTEXT, False), (text + ENDOFTEXT, True)]
+
+
+def record_segments(record: dict) -> list[tuple[str, bool]]:
+    """A canonical chat record (dataset/formats.py) as (text, is_trained_on) pieces: a conversation's chat_segments,
+    or a document's document_segments."""
+    if "text" in record:
+        return document_segments(record["text"])
+    return chat_segments(record["messages"], record.get("tools"))
+
+
 def tokenize_chat(
     tokenizer: PreTrainedTokenizerFast, messages: list[dict], tools: list | None = None, max_len: int | None = None
 ) -> tuple[list[int], list[int]]:
@@ -149,7 +164,13 @@ def tokenize_chat(
     System, user and tool turns and the `<|im_start|>assistant\\n` headers get 0, so the model is trained to
     answer, not to predict the prompt. Both lists are cut to max_len when given.
     """
-    segments = chat_segments(messages, tools)
+    return tokenize_segments(tokenizer, chat_segments(messages, tools), max_len)
+
+
+def tokenize_segments(
+    tokenizer: PreTrainedTokenizerFast, segments: list[tuple[str, bool]], max_len: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of the pieces one after the other, and their mask (1 on the tokens of trained-on pieces)."""
     pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
     input_ids: list[int] = []
     mask: list[int] = []

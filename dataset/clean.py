@@ -95,7 +95,7 @@ def _normalised(text: str) -> str:
 
 def record_texts(record: dict, kind: str) -> tuple[str, str]:
     """(the text quality is judged on, the text duplicates are judged on) of a canonical record."""
-    if kind == "pretrain":
+    if kind == "pretrain" or "text" in record:  # a chat file may hold documents (pretraining text to replay)
         return record["text"], record["text"]
     said = [part for m in record["messages"] if m["role"] == "assistant"
             for part in (m.get("reasoning_content", ""), m["content"]) if part]

@@ -3,7 +3,8 @@
 Canonical records, by kind:
 
 - ``pretrain``: ``{"text": str}``
-- ``chat`` (SFT / LoRA / distillation): ``{"messages": [msg, ...], "tools"?: list, "meta": dict}``
+- ``chat`` (SFT / LoRA / distillation): ``{"messages": [msg, ...], "tools"?: list, "meta": dict}``, or a document
+  ``{"text": str, "meta": dict}`` (pretraining text replayed in a chat stage, trained on every token)
 - ``dpo``: ``{"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...], "meta": dict}``
 - ``rl`` (GRPO / PPO prompts): ``{"messages": [msg, ...] ending with the user's turn, "meta": dict}``
 
@@ -197,7 +198,9 @@ def _chat(messages: list[dict], record: dict, consumed: tuple[str, ...]) -> dict
 
 def normalise_chat(record: dict) -> dict:
     """Any chat shape (MiniMind, OpenAI, ShareGPT, Alpaca) -> {"messages", "tools"?, "meta"}. A preference pair (any
-    DPO shape) is its chosen conversation: SFT on the chosen answers, e.g. to replay DPO's data in a later stage."""
+    DPO shape) is its chosen conversation: SFT on the chosen answers, e.g. to replay DPO's data in a later stage.
+    Pretraining text ({"text"}) stays a document, {"text", "meta"}, trained on every token (dataset/chat.py's
+    record_segments): a chat stage replays pretraining this way."""
     if "conversations" in record:
         return _chat_from_conversations(record)
     if "messages" in record:
@@ -207,9 +210,12 @@ def normalise_chat(record: dict) -> dict:
     if "chosen" in record or "response_chosen" in record:
         pair = normalise_dpo(record)
         return {"messages": pair["prompt"] + pair["chosen"], "meta": pair["meta"]}
+    if "text" in record:
+        return {"text": normalise_pretrain(record)["text"], "meta": _meta(record, ("text",))}
     raise _Invalid(
         f"unknown chat record shape (keys seen: {sorted(record)}); expected 'conversations' (MiniMind or "
-        "ShareGPT), 'messages' (OpenAI), 'instruction'/'input'/'output' (Alpaca) or a preference pair ('chosen')"
+        "ShareGPT), 'messages' (OpenAI), 'instruction'/'input'/'output' (Alpaca), a preference pair ('chosen') or "
+        "pretraining text ('text')"
     )
 
 

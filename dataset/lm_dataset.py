@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.chat import IGNORE_INDEX, tokenize_chat
+from dataset.chat import IGNORE_INDEX, record_segments, tokenize_chat, tokenize_segments
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import iter_records
 from dataset.io import atomic_path
 from dataset.mixing import mix_indices, parse_data_path
-from dataset.prepared import PreparedFiles, clip_budget, clip_long_texts, prepare
+from dataset.prepared import PreparedFiles, clip_budget, clip_long_texts, clip_record, prepare
 
 
 class PretrainDataset(Dataset):
@@ -222,6 +222,8 @@ class SFTDataset(_ChatData):
     tokenized, see clip_long_texts); those left with no assistant token are dropped.
     With `system_prompt_ratio` > 0 that share of conversations without a system turn gets one drawn from
     `system_prompts` (seeded). `.stats` counts conversations, rows, tokens and the padding share.
+    A document among the records (pretraining text, {"text"}: dataset.chat.document_segments) packs like a
+    conversation, every token of it trained on: mixed in by weight, it replays pretraining in a chat stage.
 
     `cache_dir` keeps the prepared files for the next run (None: a temporary directory, removed with the dataset);
     `path` may mix sources by weight (`a.jsonl:0.7,b.jsonl:0.3`, dataset/mixing.py). Packing needs only the
@@ -307,10 +309,12 @@ class SFTDataset(_ChatData):
         truncated = dropped = 0
         budget = clip_budget(tokenizer, max_seq_len)
         for record in iter_records(",".join(files), "chat", skip_bad, skipped):
-            messages = clip_long_texts(record["messages"], budget)
-            if system_prompt_ratio > 0 and messages[0]["role"] != "system" and rng.random() < system_prompt_ratio:
-                messages = [{"role": "system", "content": rng.choice(prompts)}, *messages]
-            ids, mask = tokenize_chat(tokenizer, messages, record.get("tools"))
+            record = clip_record(record, budget)
+            if "messages" in record and system_prompt_ratio > 0 and record["messages"][0]["role"] != "system" \
+                    and rng.random() < system_prompt_ratio:
+                record = {**record, "messages": [{"role": "system", "content": rng.choice(prompts)},
+                                                 *record["messages"]]}
+            ids, mask = tokenize_segments(tokenizer, record_segments(record))
             if len(ids) > max_seq_len + 1:
                 ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
                 truncated += 1

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from dataset import chat
 from dataset.bins import _read_chunks
-from dataset.chat import chat_segments
+from dataset.chat import chat_segments, record_segments
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import file_format, parse_record
 from dataset.io import atomic_path, atomic_write_json
@@ -66,7 +66,7 @@ def tokenizer_digest(tokenizer) -> str:
 def template_digest() -> str:
     """A hash of the chat template as both renderings define it: the Jinja string and the Python code."""
     parts = [chat.CHAT_TEMPLATE, chat.TOOLS_INTRO, chat.TOOLS_OUTRO, inspect.getsource(chat.chat_segments),
-             inspect.getsource(chat._assistant_body)]
+             inspect.getsource(chat._assistant_body), inspect.getsource(chat.document_segments)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -97,6 +97,14 @@ def clip_long_texts(messages: list[dict], budget: int) -> list[dict]:
         return messages  # the usual case: nothing to clip, no copies
     return [{**m, **{key: clip(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
             for m in messages]
+
+
+def clip_record(record: dict, budget: int) -> dict:
+    """A canonical chat record with clip_long_texts applied: to its messages, or to a document's text."""
+    if "text" in record:
+        text = record["text"]
+        return record if len(text) <= 2 * budget else {**record, "text": text[:budget] + text[-budget:]}
+    return {**record, "messages": clip_long_texts(record["messages"], budget)}
 
 
 # --- worker processes ---------------------------------------------------------------------------------------------
@@ -147,8 +155,8 @@ def _sft_chunk(chunk: tuple) -> dict:
     source, records, progress = chunk
     window, budget, dtype = _options["window"], _options["budget"], _options["dtype"]
     parsed, errors = _parse(records, source, lambda p, s, n, w: parse_record(p, "chat", s, n, w))
-    conversations = [(clip_long_texts(r["messages"], budget), r.get("tools")) for r in parsed]
-    ids, mask, lengths = _encode([chat_segments(m, t) for m, t in conversations], dtype)
+    conversations = [clip_record(r, budget) for r in parsed]
+    ids, mask, lengths = _encode([record_segments(r) for r in conversations], dtype)
     starts = np.cumsum(lengths) - lengths
     position = np.arange(len(ids)) - np.repeat(starts, lengths)
     owner = np.repeat(np.arange(len(lengths)), lengths)
@@ -156,8 +164,10 @@ def _sft_chunk(chunk: tuple) -> dict:
     trained = np.bincount(owner[in_window & (position >= 1) & (mask == 1)], minlength=len(lengths))
     kept = trained > 0
     keep = in_window & kept[owner]
-    eligible = np.array([m[0]["role"] != "system" for m, _ in conversations], dtype=bool)
-    tools = {i: (m, t) for i, (m, t) in enumerate(conversations) if t and eligible[i]} if _options["draws"] else {}
+    # A document (pretraining text) never gets a system prompt.
+    eligible = np.array(["messages" in r and r["messages"][0]["role"] != "system" for r in conversations], dtype=bool)
+    tools = {i: (r["messages"], r["tools"]) for i, r in enumerate(conversations) if r.get("tools") and eligible[i]} \
+        if _options["draws"] else {}
     return {"tokens": ids[keep], "mask": mask[keep], "lengths": np.minimum(lengths, window), "kept": kept,
             "full_lengths": lengths, "eligible": eligible, "tools": tools, "errors": errors, "progress": progress,
             "source": source}

@@ -152,6 +152,16 @@ def test_preference_pairs_read_as_chats_of_their_chosen_answers(name):
         assert not any(m == pair["rejected"][-1] for m in chat["messages"])
 
 
+def test_pretraining_text_read_as_chat_data_is_a_document():
+    """Replaying pretraining in a chat stage: a {"text"} record stays text (its other keys in meta); empty is bad."""
+    assert normalise({"text": "人民日报消息。", "source": "news"}, "chat") == {"text": "人民日报消息。",
+                                                                             "meta": {"source": "news"}}
+    with pytest.raises(DataError, match="empty text"):
+        normalise({"text": "  "}, "chat", "a.jsonl", 3)
+    with pytest.raises(DataError, match="pretraining text"):  # the shapes the error lists include it
+        normalise({"txt": "x"}, "chat")
+
+
 def test_dpo_pairs_with_different_prompts_are_rejected():
     record = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
               "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}

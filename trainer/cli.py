@@ -364,7 +364,9 @@ def first_record(path: str, kind: str) -> tuple[dict | None, str | None]:
     file = parse_data_path(path)[0][0]
     line, where, payload = next(iter(raw_records(file)))  # a missing or empty file: DataError, as the reader says
     try:
-        return parse_record(payload, kind, file, line, where), None
+        record = parse_record(payload, kind, file, line, where)
+        if not (kind == "chat" and "text" in record):  # a chat stage replays documents, but not on their own
+            return record, None
     except DataError:
         pass
     for other in (k for k in KINDS if k in SCRIPT_FOR_KIND):
@@ -404,9 +406,11 @@ def check_data_kind(args: argparse.Namespace, given: set[str]) -> None:
     except DataError:  # missing or unreadable: the stage's reader says so, with its file and line
         record, other = None, None
     if record is None and other is not None:
+        replay = " (or replay it after chat data: --data_path chats.jsonl:0.8,TEXT.jsonl:0.2)" \
+            if kind == "chat" and other == "pretrain" else ""
         raise UsageError(f"--data_path {args.data_path} holds {KIND_WORDS[other]}, not the {KIND_WORDS[kind]} "
                          f"{args.stage} trains on; train on it with `python {SCRIPT_FOR_KIND[other]} --data_path "
-                         f"{args.data_path}`")
+                         f"{args.data_path}`{replay}")
     if args.sample_prompt is None:
         source = args.val_data_path or args.data_path
         prompt = None
