@@ -8,6 +8,9 @@ The data, packing and loss are SFT's (assistant tokens only); what differs is th
 gets an adapter (model/lora.py), only adapter weights train, and out_dir receives only the adapter, in PEFT's layout
 (adapter_config.json + adapter_model.safetensors), never a copy of the base weights. `eval_model.py --lora out/lora`
 evaluates it on top of its base.
+
+The demo replays pretraining as SFT does (2% of the items are pretraining documents): from one SFT model, the adapted
+model's news perplexity was 11,884 without them and 1,100 with them, lora_acc 0.740 / 0.770, preference 0.610 / 0.780.
 """
 
 from evals import lora_style
@@ -31,7 +34,8 @@ def add_flags(p):
 
 @exit_cleanly_on_bad_input
 def main():
-    demo = dict(data_path="dataset/demo/lora.jsonl", val_data_path="dataset/demo/lora_eval.jsonl")
+    demo = dict(data_path="dataset/demo/lora.jsonl:0.98,dataset/demo/pretrain.jsonl:0.02",
+                val_data_path="dataset/demo/lora_eval.jsonl")
     args = parse_args("lora", dict(**demo, learning_rate=1e-3, weight_decay=0.01, epochs=2, batch_size=16,
                                    max_seq_len=256, warmup_steps=10, eval_every=0, save_every=100,
                                    sample_prompt=lora_style.PROMPTS[0].format(review="房间很干净，服务也周到，下次还来住。"),

@@ -61,7 +61,7 @@ stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # RL on sentiment alone wiped out the reasoning answers' think/answer format (0.52 -> 0.01).
 stage grpo      python train_grpo.py --seed "$seed" --max_steps "$(steps 14)" --batch_size 8 --max_new_tokens 24 \
                     --warmup_steps 2 --pass_at_k 1 --eval_every 0 --sample_every 4 --replay_coef 4 --replay_rows 1 \
-                    --replay_data dataset/demo/reason.jsonl:0.8,dataset/demo/dpo.jsonl:0.2
+                    --replay_data dataset/demo/reason.jsonl:0.8,dataset/demo/dpo.jsonl:0.2,dataset/demo/pretrain.jsonl:0.02
 stage eval      python eval_model.py --metrics --json out/eval.json --report out/report.md
 
 printf '\n\033[1m== demo finished in %ss\033[0m\n' "$(( $(date +%s) - start ))"
