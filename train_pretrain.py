@@ -90,7 +90,7 @@ def model_config(args, vocab_size: int) -> LMConfig | MoEConfig:
 def main():
     demo = dict(data_path="dataset/demo/pretrain.jsonl", val_data_path="dataset/demo/pretrain_val.jsonl")
     # Muon on the matrices: at the demo's 360 steps it ended at news perplexity 504 [479, 528] against AdamW's 688 [661,
-    # 716], for ~5% more time per step (docs/demo_experiments.md).
+    # 716], for 5-12% more time per step (docs/demo_experiments.md).
     args = parse_args("pretrain", dict(**demo, optimizer="muon", max_seq_len=256, batch_size=16, learning_rate=2e-3,
                                        warmup_steps=100, eval_every=200, sample_every=200, sample_prompt="中国人民",
                                        save_every=200),
