@@ -84,26 +84,27 @@ def clip_budget(tokenizer, max_seq_len: int) -> int:
     return (max_seq_len + 1 + 64) * max(map(len, tokenizer.get_vocab()))
 
 
+def clip_text(text: str, budget: int) -> str:
+    """A text longer than 2 * budget characters keeps only its first and last `budget` characters."""
+    return text if len(text) <= 2 * budget else text[:budget] + text[-budget:]
+
+
 def clip_long_texts(messages: list[dict], budget: int) -> list[dict]:
     """Messages whose content or reasoning is longer than 2 * budget characters keep only their first and last
-    `budget` characters. Tokenizing a 10 MB message takes seconds and every token past the window is cut anyway;
-    with both ends kept, the tokens a window can hold are the same whether it keeps a text's start (SFT, DPO) or,
-    for a long DPO prompt, its end."""
-    def clip(text: str) -> str:
-        return text if len(text) <= 2 * budget else text[:budget] + text[-budget:]
-
+    `budget` characters (clip_text). Tokenizing a 10 MB message takes seconds and every token past the window is cut
+    anyway; with both ends kept, the tokens a window can hold are the same whether it keeps a text's start (SFT, DPO)
+    or, for a long DPO prompt, its end."""
     if all(len(m.get("content") or "") <= 2 * budget and len(m.get("reasoning_content") or "") <= 2 * budget
            for m in messages):
         return messages  # the usual case: nothing to clip, no copies
-    return [{**m, **{key: clip(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
-            for m in messages]
+    return [{**m, **{key: clip_text(m[key], budget) for key in ("content", "reasoning_content")
+                     if isinstance(m.get(key), str)}} for m in messages]
 
 
 def clip_record(record: dict, budget: int) -> dict:
     """A canonical chat record with clip_long_texts applied: to its messages, or to a document's text."""
     if "text" in record:
-        text = record["text"]
-        return record if len(text) <= 2 * budget else {**record, "text": text[:budget] + text[-budget:]}
+        return {**record, "text": clip_text(record["text"], budget)}
     return {**record, "messages": clip_long_texts(record["messages"], budget)}
 
 
