@@ -27,6 +27,8 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
                  false positives and misses summed over items), then the mean over the three types;
                  entity_f1_person / _place / _org are the per-type scores
   arith_em       share of reason_eval arithmetic problems whose <answer> holds the right number
+  arith_plan     share of them whose <think> writes the reference's equations' operators in order (× then -),
+                 whatever numbers: the steps chosen, graded apart from copying and computing the numbers
   think_format   share of reason_eval outputs (arithmetic and entity traces) that are exactly
                  `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (a blank line may follow </think>, as the
                  chat template writes reasoning_content; trailing whitespace allowed)
@@ -39,10 +41,10 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
                  over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
 
 Every metric comes with its 95% confidence interval over the held-out items (evals/intervals.py): Wilson for the
-shares of right answers (sentiment_acc, arith_em, lora_acc, think_format), a percentile bootstrap over items for
-the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over documents, distinct2 over
-answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds "<metric>_ci":
-[low, high].
+shares of right answers (sentiment_acc, arith_em, arith_plan, lora_acc, think_format), a percentile bootstrap over
+items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over documents,
+distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds
+"<metric>_ci": [low, high].
 
 answer_kind counts, for each chat model, how many of the default side-by-side prompts got an answer of the right
 kind, as the tasks' parsers read it: a label for the sentiment prompt, at least one name for the entity prompt, a

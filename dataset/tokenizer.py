@@ -45,7 +45,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     from dataset.chat import CHAT_TEMPLATE  # here, not at the top: dataset.chat imports this module's tokens
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Every digit a piece of its own, then GPT-2's split (SmolLM's pre-tokenizer, llama.cpp's "starcoder"): "128" is
+    # always 1, 2, 8, so a sum is learnt digit by digit rather than as a table of whichever whole numbers BPE happened
+    # to merge ("24" one token, "108" as "10" + "8"). docs/demo_experiments.md measures what it did to arithmetic.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -2,7 +2,7 @@
 
     sentiment.py     review sentiment (正面 / 负面): sentiment_acc
     entities.py      persons, places, organisations of a news sentence: entity_f1; and their think traces
-    arithmetic.py    2-3 step word problems with think traces: arith_em
+    arithmetic.py    2-3 step word problems with think traces: arith_em, arith_plan
     lora_style.py    the LoRA task, a review's verdict in one word (推荐 / 不推荐): lora_acc
     preference.py    chosen / rejected pairs scored by the model's log-probs: pref_acc
     perplexity.py    held-out news: val_ppl

@@ -121,15 +121,26 @@ def parse_arith_answer(text: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+# An equation of a trace, "7×12=" or "84 - 23 =": its operator is a step of the plan.
+_EQUATION = re.compile(r"(?<!\d)\d+\s*([+\-×])\s*\d+\s*=")
+
+
+def plan(text: str) -> list[str]:
+    """The operators of the equations a trace writes before </think>, in order (["×", "-"]), numbers right or not."""
+    return _EQUATION.findall(text.split("</think>")[0])
+
+
 class Arithmetic(GenerationTask):
-    """arith_em: the share of answers whose <answer> holds the record's result."""
+    """arith_em: the share of answers whose <answer> holds the record's result. arith_plan: the share whose trace
+    takes the reference's steps (its operators, in order) whatever numbers it writes: what a model too small to
+    copy and compute numbers in the demo's budget still learns from the traces (docs/demo_experiments.md)."""
 
     name = "arith"
     eval_file = "reason_eval.jsonl"
     record_kind = "chat"
     record_task = "arith"
     max_new_tokens = 96
-    metrics = ("arith_em",)
+    metrics = ("arith_em", "arith_plan")
 
     def parse(self, text: str) -> int | None:
         return parse_arith_answer(text)
@@ -137,6 +148,10 @@ class Arithmetic(GenerationTask):
     def reward(self, text: str, record: dict) -> float:
         """1.0 when the <answer> ends with the record's result, else 0.0."""
         return float(parse_arith_answer(text) == record["meta"]["answer"])
+
+    def item_metrics(self, text: str, record: dict) -> dict[str, float]:
+        reference = next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
+        return {"arith_em": self.reward(text, record), "arith_plan": float(plan(text) == plan(reference))}
 
 
 TASK = Arithmetic()

@@ -73,10 +73,14 @@ class GenerationTask(Task):
         """The answer a completion states (None when it states none)."""
         raise NotImplementedError
 
+    def item_metrics(self, text: str, record: dict) -> dict[str, float]:
+        """One answer's score on each metric that is a mean over answers: by default its reward."""
+        return {self.metrics[0]: self.reward(text, record)}
+
     def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
-        """The task's metric: by default the mean reward (the accuracy when rewards are 0 or 1)."""
-        rewards = [self.reward(text, record) for text, record in zip(outputs, records)]
-        return {self.metrics[0]: sum(rewards) / len(rewards) if rewards else 0.0}
+        """The task's metrics: by default the mean of item_metrics (accuracies when they are 0 or 1)."""
+        items = [self.item_metrics(text, record) for text, record in zip(outputs, records)]
+        return {metric: sum(item[metric] for item in items) / len(items) if items else 0.0 for metric in self.metrics}
 
 
 class LikelihoodTask(Task):

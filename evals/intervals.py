@@ -2,9 +2,9 @@
 
 Two methods, chosen per metric by what it is:
 
-- Wilson score interval for a share of items that pass (sentiment_acc, arith_em, lora_acc, think_format): the
-  metric is the mean of 0/1 per-item rewards. Unlike the normal approximation it stays inside [0, 1] and is not
-  empty at 0 or 1 (0 of 300 right: [0, 0.013]).
+- Wilson score interval for a share of items that pass (sentiment_acc, arith_em, arith_plan, lora_acc,
+  think_format): the metric is the mean of 0/1 per-item scores. Unlike the normal approximation it stays inside
+  [0, 1] and is not empty at 0 or 1 (0 of 300 right: [0, 0.013]).
 - Percentile bootstrap over items for everything else (entity_f1 and its per-type scores, pref_acc, val_ppl over
   documents, distinct2 over answers): resample the items with replacement, recompute the metric exactly as the
   task does, take the 2.5th and 97.5th percentiles. A pair (pref_acc) or a document (val_ppl) is one item.
@@ -75,18 +75,22 @@ def generation_intervals(task: GenerationTask, outputs: list[str], records: list
     (entity F1: each answer parsed once, then entity_f1 of every resample)."""
     if not metrics or not outputs:
         return {}
-    if len(metrics) == 1:
-        (metric, value), = metrics.items()
-        rewards = [task.reward(text, record) for text, record in zip(outputs, records)]
-        if binary_share(rewards, value):
-            return {metric: wilson_interval(sum(rewards), len(rewards))}
     if isinstance(task, EntityTask):
         predicted = [task.parse(text) for text in outputs]
         gold = [record["meta"]["entities"] for record in records]
         return bootstrap_intervals(lambda idx: entity_f1([predicted[i] for i in idx], [gold[i] for i in idx]),
                                    len(outputs), draws)
-    return bootstrap_intervals(lambda idx: task.score([outputs[i] for i in idx], [records[i] for i in idx]),
-                               len(outputs), draws)
+    items = [task.item_metrics(text, record) for text, record in zip(outputs, records)]
+    intervals = {}
+    for metric, value in metrics.items():
+        values = [item[metric] for item in items]
+        if binary_share(values, value):
+            intervals[metric] = wilson_interval(sum(values), len(values))
+    if len(intervals) == len(metrics):
+        return intervals
+    resampled = bootstrap_intervals(lambda idx: task.score([outputs[i] for i in idx], [records[i] for i in idx]),
+                                    len(outputs), draws)
+    return {**resampled, **intervals}
 
 
 def likelihood_intervals(task: LikelihoodTask, logps: list[tuple[float, int]], records: list[dict],

@@ -251,9 +251,9 @@ def write_report(path: str | Path, *, models: dict[str, Path], environment: dict
         "## Held-out metrics",
         "",
         f"Items per task: {counts}. 95% intervals: Wilson for shares of right answers (sentiment_acc, arith_em, "
-        "lora_acc, think_format), percentile bootstrap over items for the rest (entity_f1 over sentences, pref_acc "
-        "and pref_style_acc over pairs, val_ppl over documents, distinct2 over answers; a bootstrap interval of "
-        "[0, 0] means no item scored at all). answer_kind: side-by-side answers of the right kind / default prompts "
+        "arith_plan, lora_acc, think_format), percentile bootstrap over items for the rest (entity_f1 over sentences, "
+        "pref_acc and pref_style_acc over pairs, val_ppl over documents, distinct2 over answers; a bootstrap interval "
+        "of [0, 0] means no item scored at all). answer_kind: side-by-side answers of the right kind / default prompts "
         "asked (chat models).",
         "",
         metrics_table(results, intervals, kinds),

@@ -3,10 +3,11 @@
 What llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel) would write for a Llama directory, without
 needing it: architecture "llama"; tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), with the
 query and key rows permuted back from Hugging Face's rotate-half RoPE layout to the interleaved pairs that
-llama.cpp rotates; the byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with pre-tokenizer "gpt-2"
-(the GPT-2 split regex that our ByteLevel pre-tokenizer and MiniMind's both use: llama.cpp's converter stops at
-"BPE pre-tokenizer was not recognized" because it looks tokenizers up by a hash of known models'
-outputs); the chat template; and the special token ids.
+llama.cpp rotates; the byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with the llama.cpp
+pre-tokenizer that splits text as its tokenizer.json does: "starcoder" (every digit alone, then GPT-2's regex)
+for ours, "gpt-2" for MiniMind's (llama.cpp's converter stops at "BPE pre-tokenizer was not recognized" for
+both, because it looks tokenizers up by a hash of known models' outputs); the chat template; and the special
+token ids.
 """
 
 import json
@@ -67,12 +68,20 @@ def pre_tokenizer_type(tokenizer_json: dict) -> str:
     if tokenizer_json.get("model", {}).get("type") != "BPE":
         raise ValueError("only BPE tokenizers are exported (tokenizer.json's model is "
                          f"{tokenizer_json.get('model', {}).get('type')!r})")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space") \
-            and normalizer is None:
-        return "gpt-2"  # the GPT-2 regex over raw text: llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2
+    if normalizer is None and _gpt2_byte_level(pre):
+        return "gpt-2"  # the GPT-2 regex over raw text: llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2 (MiniMind's tokenizer)
+    digits, *rest = pre.get("pretokenizers") or [{}]
+    if normalizer is None and pre.get("type") == "Sequence" and len(rest) == 1 and _gpt2_byte_level(rest[0]) \
+            and digits == {"type": "Digits", "individual_digits": True}:
+        return "starcoder"  # each digit alone, then GPT-2's regex: LLAMA_VOCAB_PRE_TYPE_STARCODER (danlu's tokenizer)
     raise ValueError(f"no llama.cpp pre-tokenizer known to match pre_tokenizer={json.dumps(pre)} with "
-                     f"normalizer={json.dumps(normalizer)}; only byte-level BPE with the GPT-2 regex (danlu's and "
-                     "MiniMind's tokenizers) is supported")
+                     f"normalizer={json.dumps(normalizer)}; only byte-level BPE with GPT-2's regex (MiniMind's "
+                     "tokenizer), optionally after splitting off every digit (danlu's), is supported")
+
+
+def _gpt2_byte_level(pre: dict) -> bool:
+    """Whether pre is a ByteLevel pre-tokenizer that splits by GPT-2's regex, without a prefix space."""
+    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
 
 
 def _vocabulary(tokenizer, tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:

@@ -51,6 +51,14 @@ def test_accuracy_tasks_get_wilson_entity_f1_a_bootstrap():
     assert generation_intervals(TASKS["sentiment"], outputs, records, scores) == {
         "sentiment_acc": wilson_interval(150, 300)}
 
+    trace = "<think>\n先算：12-5=7。再加上：7+8=15。\n</think>\n<answer>\n现在有15个苹果。\n</answer>"
+    records = [chat("q", trace, task="arith", answer=15) for _ in range(300)]
+    outputs = [trace.replace("15个", "16个") if i % 3 else trace for i in range(300)]  # steps all right, 1/3 right
+    scores = TASKS["arith"].score(outputs, records)
+    assert scores == pytest.approx({"arith_em": 1 / 3, "arith_plan": 1.0})
+    assert generation_intervals(TASKS["arith"], outputs, records, scores) == {
+        "arith_em": wilson_interval(100, 300), "arith_plan": wilson_interval(300, 300)}
+
     gold = {"person": ["王建国"], "place": ["上海"], "org": []}
     records = [chat("q", "a", task="entity", entities=gold) for _ in range(100)]
     right, wrong = "人名：王建国\n地名：上海\n机构：无", "人名：王建国\n地名：北京\n机构：无"

@@ -28,8 +28,8 @@ def test_registry_order_is_the_report_order():
     assert list(evals.TASKS) == ["news", "sentiment", "entity", "arith", "entity_reason", "think_format", "lora",
                                  "pref", "repetition"]
     assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
-                             "entity_f1_org", "arith_em", "think_format", "lora_acc", "pref_acc", "pref_style_acc",
-                             "distinct2")
+                             "entity_f1_org", "arith_em", "arith_plan", "think_format", "lora_acc", "pref_acc",
+                             "pref_style_acc", "distinct2")
     assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "arith", "entity_reason", "lora"]
     assert {t.name: t.max_new_tokens for t in evals.GENERATION_TASKS} == {
         "sentiment": 16, "entity": 48, "arith": 96, "entity_reason": 160, "lora": 8}
@@ -171,7 +171,19 @@ def test_arith_reward_and_score():
     assert arithmetic.TASK.reward(TRACE, record) == 1.0
     assert arithmetic.TASK.reward(TRACE.replace("15个", "16个"), record) == 0.0
     assert arithmetic.TASK.reward("现在有15个苹果。", record) == 0.0  # no <answer> block
-    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 0.5}
+    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 0.5, "arith_plan": 0.5}
+
+
+def test_arith_plan_is_the_steps_taken_whatever_the_numbers():
+    assert arithmetic.plan(TRACE) == ["-", "+"]
+    assert arithmetic.plan("<think>\n有：2×8=31人。走后：9 - 3 = 3人。\n</think>\n<answer>\n12-5=7") == ["×", "-"]
+    record = chat("题目", TRACE, task="arith", answer=15)
+    wrong_numbers = "<think>\n先算：11-10=12。再加上：12+10=12。\n</think>\n<answer>\n现在有12个。\n</answer>"
+    wrong_steps = "<think>\n先算：12+5=17。再加上：17+8=25。\n</think>\n<answer>\n现在有25个。\n</answer>"
+    one_step = "<think>\n先算：12-5=7。\n</think>\n<answer>\n现在有7个。\n</answer>"
+    assert [arithmetic.TASK.item_metrics(text, record)["arith_plan"] for text in
+            (TRACE, wrong_numbers, wrong_steps, one_step, "现在有15个苹果。")] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert arithmetic.TASK.reward(wrong_numbers, record) == 0.0  # the RL reward stays the exact answer
 
 
 def test_arith_records_are_distinct_and_keep_their_result():

@@ -89,7 +89,7 @@ def test_metadata_and_tokenizer(chat_checkpoint, exported):
     assert field(reader, "llama.rope.freq_base") == pytest.approx(config["rope_parameters"]["rope_theta"])
     assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(config["rms_norm_eps"])
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.pre") == "starcoder"
     tokens = field(reader, "tokenizer.ggml.tokens")
     vocab = {i: t for t, i in tokenizer.get_vocab().items()}
     assert tokens == [vocab[i] for i in range(config["vocab_size"])]
@@ -166,11 +166,14 @@ def test_permutation_turns_rotate_half_into_adjacent_pairs():
 
 def test_pre_tokenizer_for_ours_and_minimind(tokenizer_dir):
     ours = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
-    assert pre_tokenizer_type(ours) == "gpt-2"
+    assert pre_tokenizer_type(ours) == "starcoder"
     if MINIMIND.is_dir():
         assert pre_tokenizer_type(json.loads((MINIMIND / "tokenizer.json").read_text())) == "gpt-2"
     with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer"):
         pre_tokenizer_type({**ours, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}})
+    runs_of_digits = [{"type": "Digits", "individual_digits": False}, ours["pre_tokenizer"]["pretokenizers"][1]]
+    with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer"):
+        pre_tokenizer_type({**ours, "pre_tokenizer": {"type": "Sequence", "pretokenizers": runs_of_digits}})
 
 
 @pytest.mark.slow
@@ -213,6 +216,7 @@ def test_llama_cpp_decodes_as_we_do(chat_checkpoint, tmp_path):
     llm = llama_cpp.Llama(model_path=str(tmp_path / "trained.gguf"), n_ctx=512, logits_all=True, verbose=False,
                           n_threads=1)
     texts = ["质量很好，物流很快！ Hello world's 3.14", "<think>\n想想\n</think>\n\n好评\n\n  \t 空格",
+             "共1234个，2024年１月２３日 12+345=357 x2",
              render_chat([{"role": "user", "content": "这条评论是好评还是差评？质量很好"}], add_generation_prompt=True)]
     for text in texts:
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
