@@ -8,7 +8,7 @@ trace shows every step, the answer sentence ends with the result. arith_em is th
 import random
 import re
 
-from evals.base import GenerationTask, chat_record
+from evals.base import GenerationTask, chat_record, reference_answer
 from evals.think_format import answer_block, trace
 
 NAMES = ["小明", "小红", "小刚", "小丽", "小华", "小芳", "小军", "小兰", "小强", "小雨", "小林", "小杰"]
@@ -150,8 +150,8 @@ class Arithmetic(GenerationTask):
         return float(parse_arith_answer(text) == record["meta"]["answer"])
 
     def item_metrics(self, text: str, record: dict) -> dict[str, float]:
-        reference = next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
-        return {"arith_em": self.reward(text, record), "arith_plan": float(plan(text) == plan(reference))}
+        right_steps = plan(text) == plan(reference_answer(record))
+        return {"arith_em": self.reward(text, record), "arith_plan": float(right_steps)}
 
 
 TASK = Arithmetic()

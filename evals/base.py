@@ -28,11 +28,19 @@ def chat_record(turns: list[Turn], **fields: Any) -> dict:
     return {"conversations": conversations, **fields}
 
 
+def _last_answer(messages: Messages) -> int:
+    """The index of the last assistant turn."""
+    return max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+
+
 def prompt_messages(record: dict) -> Messages:
     """The conversation up to (not including) its last assistant turn: what the model must answer."""
-    messages = record["messages"]
-    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-    return messages[:last]
+    return record["messages"][:_last_answer(record["messages"])]
+
+
+def reference_answer(record: dict) -> str:
+    """The record's own answer to that prompt: its last assistant turn."""
+    return record["messages"][_last_answer(record["messages"])]["content"]
 
 
 def share(flags: Iterable[bool]) -> float:

@@ -135,7 +135,6 @@ def test_bpe_learned_merges(tokenizer):
     assert len(tokenizer.encode("天气很好", add_special_tokens=False)) <= 3  # 12 UTF-8 bytes
 
 
-
 def test_every_digit_is_its_own_token(tokenizer):
     # The corpus is full of numbers up to 2000, which GPT-2's split alone would merge into whole-number tokens.
     text = "共1234个，2024年1月23日，3.14 and 100%"
@@ -143,7 +142,7 @@ def test_every_digit_is_its_own_token(tokenizer):
     assert tokenizer.decode(ids) == text
     pieces = [tokenizer.decode([i]) for i in ids]
     assert [p for p in pieces if any(c.isdigit() for c in p)] == list("12342024123314100")
-    assert len(tokenizer.encode("天气很好", add_special_tokens=False)) <= 3  # letters still merge
+
 
 def test_saved_dir_loads_in_transformers(tokenizer, saved_dir):
     config = json.loads((saved_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
