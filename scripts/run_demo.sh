@@ -49,13 +49,12 @@ stage lora      python train_lora.py --seed "$seed" --max_steps "$(steps 120)" -
 stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --learning_rate 1e-4 --rpo_alpha 2.0
 # Distillation at 5e-4, the min/10 rule of its range test (`train_distill_reason.py --lr_find` from out/dpo:
 # lowest smoothed loss near 5e-3): think_format 0.99 after 110 steps against 0.52 at the script's 2e-4 and 0.62 at
-# 1e-3 (docs/demo_experiments.md). The four tags weigh 5x (the script's default is 2): pretraining and SFT never see
-# them, and at 2x one run's distilled model wrote `</think>` twice where `<answer>` belongs (think_format 0.354; 0.940
-# at 5x from the same DPO model). 130 steps (were 110): from two chains' DPO models, 0.954 / 0.812 after 110 steps,
-# 0.986 / 0.890 after 150; 0.992 after 130 from a third. The script replays DPO's chosen answers (not SFT's chats,
-# which un-taught DPO's preference: 0.973 -> 0.847).
-stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 130)" --learning_rate 5e-4 \
-                    --tag_weight 5
+# 1e-3 (docs/demo_experiments.md). 130 steps (were 110): from two chains' DPO models, 0.954 / 0.812 after 110 steps,
+# 0.986 / 0.890 after 150; 0.992 after 130 from a third. The four tags weigh 2x (the script's default; the demo ran
+# 5x until the digit tokenizer): from one DPO model with two distillation seeds, 0.976 / 0.982 at 2x against 0.908 /
+# 0.928 at 5x, whose model learnt `无\n</answer>` so well that it wrote it inside <think>. The script replays DPO's
+# chosen answers (not SFT's chats, which un-taught DPO's preference: 0.973 -> 0.847).
+stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 130)" --learning_rate 5e-4
 stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
 # answers are right 17-50% of the time, so groups of 8 answers differ and RL has something to raise. The script's
