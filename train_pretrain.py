@@ -46,7 +46,7 @@ SHAPE_HELP = {"hidden_size": "width of the residual stream", "num_hidden_layers"
 
 
 def add_flags(p):
-    p.add_argument("--preset", choices=list(PRESETS), default="mini",
+    p.add_argument("--preset", choices=list(PRESETS), default="demo",
                    help="model size of a new model (model/config.py); not with --init_from")
     for name, meaning in SHAPE_HELP.items():
         p.add_argument(f"--{name}", type=at_least(1), help=f"{meaning} (default: the preset's)")

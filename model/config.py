@@ -17,9 +17,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few hundred thousand parameters, most of them the embedding.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=192, max_position_embeddings=512),
-    # The demo model, sized for the 15-minute demo on a 2-core CPU (docs/performance.md: the demo's shape).
+    # The demo's model until its shape sweep; the benchmarks' small CPU model (docs/performance.md: the demo's shape).
     "mini": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
                  intermediate_size=512, max_position_embeddings=1024),
+    # The demo model: wider and shallower than mini at about its work per token (1.05x). In the demo's 1.5M
+    # pretraining tokens width buys more than depth: news perplexity 372 against mini's 454 (docs/demo_experiments.md).
+    # 7 query heads share one key/value head (head_dim 32).
+    "demo": dict(hidden_size=224, num_hidden_layers=3, num_attention_heads=7, num_key_value_heads=1,
+                 intermediate_size=608, max_position_embeddings=1024),
     # MiniMind-small: 26M parameters.
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=1408, max_position_embeddings=32768),

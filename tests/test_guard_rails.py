@@ -305,7 +305,7 @@ def test_a_bad_value_stops_the_script_before_any_work(tmp_path, chat_checkpoint)
 @pytest.mark.slow
 @pytest.mark.parametrize("script, expect", [
     ("train_tokenizer.py", ["--vocab_size VOCAB_SIZE", "(default: 6400)", "(default: out/tokenizer)"]),
-    ("train_pretrain.py", ["(default: 256)", "(default: mini)", "OUT_DIR/../bins", "(default: 0.002)"]),
+    ("train_pretrain.py", ["(default: 256)", "(default: demo)", "OUT_DIR/../bins", "(default: 0.002)"]),
     ("train_sft.py", ["(default: out/pretrain)", "(default: out/sft)", "(default: 1)"]),
     ("train_lora.py", ["(default: 2)", "(default: 8)"]),
     ("train_dpo.py", ["(default: 2e-05)", "(default: 0.1)"]),
