@@ -17,7 +17,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: a few hundred thousand parameters, most of them the embedding.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=192, max_position_embeddings=512),
-    # The demo's model until its shape sweep; the benchmarks' small CPU model (docs/performance.md: the demo's shape).
+    # The demo's model until its shape sweep; earlier figures in the docs name it (docs/performance.md).
     "mini": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
                  intermediate_size=512, max_position_embeddings=1024),
     # The demo model: wider and shallower than mini at about its work per token (1.05x). In the demo's 1.5M
