@@ -40,17 +40,21 @@ def tag_token_ids(tokenizer) -> list[int]:
 
 
 def make_loss_fn(tag_ids: list[int], tag_weight: float):
-    """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w); and sum(w) per batch."""
-    def weights(labels):
-        return token_weights(labels, tag_ids, tag_weight) if tag_ids and tag_weight != 1 else None
+    """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w); and sum(w) per batch. Under
+    --prompt_loss_weight the batch's loss_weights multiply the tags' weights."""
+    def weights(batch):
+        w = batch.get("loss_weights")
+        if tag_ids and tag_weight != 1:
+            tags = token_weights(batch["labels"], tag_ids, tag_weight)
+            w = tags if w is None else w * tags
+        return w
 
     def loss_fn(model, batch):
-        return weighted_token_loss(packed_logits(model, batch), batch["labels"], weights(batch["labels"]))
+        return weighted_token_loss(packed_logits(model, batch), batch["labels"], weights(batch))
 
     def loss_items(batch):
-        labels = batch["labels"]
-        w = weights(labels)
-        return assistant_tokens(batch) if w is None else w[labels != IGNORE_INDEX].sum()
+        w = weights(batch)
+        return assistant_tokens(batch) if w is None else w[batch["labels"] != IGNORE_INDEX].sum()
 
     return loss_fn, loss_items
 

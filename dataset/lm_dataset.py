@@ -209,7 +209,7 @@ class SFTDataset(_ChatData):
     once, cached, memory-mapped) or, with `in_memory=True`, tokenized here as the files are read.
 
     A row holds max_seq_len + 1 tokens: several whole conversations packed together (best-fit, so padding is a
-    few percent), or one per row with `pack=False`. An item is four [max_seq_len] tensors:
+    few percent), or one per row with `pack=False`. An item is four [max_seq_len] tensors (five, see below):
 
     - input_ids: the row's first max_seq_len tokens (pad id after the last conversation);
     - labels: labels[t] is token t+1 where that token is assistant output (every assistant turn's body and its
@@ -217,6 +217,12 @@ class SFTDataset(_ChatData):
     - segment_ids: 1, 2, ... per packed conversation, 0 on padding, so that no token attends across
       conversations (the model's `segment_ids` argument);
     - position_ids: restarting at 0 with each conversation, as if it were alone.
+
+    With `prompt_loss_weight` w > 0 the prompt is trained on too, at weight w (OpenAI's fine-tuning API had the same
+    knob): labels cover every token of a conversation after its first (system and user turns, the chat template's
+    headers), and a fifth tensor, loss_weights, is 1.0 where the target is assistant output and w elsewhere
+    (trainer.chat_stage.assistant_loss divides the weighted sum by the weights' sum). The prompts are text in the
+    corpus's language: a little loss on them keeps the language model that training on answers alone wears away.
 
     Conversations longer than max_seq_len + 1 tokens are cut (a message far longer than that is clipped before it is
     tokenized, see clip_long_texts); those left with no assistant token are dropped.
@@ -235,11 +241,13 @@ class SFTDataset(_ChatData):
     def __init__(self, path: str, tokenizer, max_seq_len: int, skip_bad: bool = False,
                  system_prompts: list[str] | None = None, system_prompt_ratio: float = 0.0, seed: int = 0,
                  pack: bool = True, quiet: bool = False, cache_dir: str | Path | None = None, num_workers: int = 0,
-                 in_memory: bool = False):
+                 in_memory: bool = False, prompt_loss_weight: float = 0.0):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        if not 0 <= prompt_loss_weight <= 1:
+            raise ValueError(f"prompt_loss_weight must be in [0, 1], got {prompt_loss_weight}")
         say = (lambda *a: None) if quiet else print
-        self.max_seq_len, self.pack = max_seq_len, pack
+        self.max_seq_len, self.pack, self.prompt_loss_weight = max_seq_len, pack, prompt_loss_weight
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         options = dict(max_seq_len=max_seq_len, skip_bad=skip_bad, system_prompt_ratio=system_prompt_ratio,
                        system_prompts=system_prompts, seed=seed)
@@ -351,6 +359,8 @@ class SFTDataset(_ChatData):
         line = (f"{path}: {s['conversations']:,} conversations -> {s['rows']:,} rows of {self.max_seq_len} tokens "
                 f"({layout}), {s['tokens']:,} tokens, {s['assistant_tokens']:,} trained on, "
                 f"padding {s['padding']:.1%}")
+        if self.prompt_loss_weight:
+            line += f"; the prompts trained on too, at weight {self.prompt_loss_weight:g}"
         if s["truncated"] or s["dropped"]:
             line += (f"; {s['truncated']} cut at max_seq_len, {s['dropped']} dropped for having no assistant "
                      "token left")
@@ -377,9 +387,15 @@ class SFTDataset(_ChatData):
             positions[at:at + n] = np.arange(n)
             at += n
         same_conversation = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
-        labels = np.where(targets[1:] & same_conversation, tokens[1:], IGNORE_INDEX)
-        return {"input_ids": torch.from_numpy(tokens[:-1]), "labels": torch.from_numpy(labels),
-                "segment_ids": torch.from_numpy(segments[:-1]), "position_ids": torch.from_numpy(positions[:-1])}
+        # With a prompt loss weight every next token of the same conversation is scored, the prompt's at that weight.
+        scored = same_conversation if self.prompt_loss_weight else targets[1:] & same_conversation
+        row = {"input_ids": torch.from_numpy(tokens[:-1]),
+               "labels": torch.from_numpy(np.where(scored, tokens[1:], IGNORE_INDEX)),
+               "segment_ids": torch.from_numpy(segments[:-1]), "position_ids": torch.from_numpy(positions[:-1])}
+        if self.prompt_loss_weight:
+            weights = np.where(targets[1:], 1.0, self.prompt_loss_weight).astype(np.float32)
+            row["loss_weights"] = torch.from_numpy(weights)
+        return row
 
 
 class DPODataset(_ChatData):

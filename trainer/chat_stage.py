@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.chat import IGNORE_INDEX
+from dataset.errors import UsageError
 from dataset.lm_dataset import SFTDataset
 from dataset.prepared import once_per_node
 from dataset.tokenizer import load_tokenizer
@@ -25,6 +26,7 @@ from .cli import between, require_vocab_fits
 from .config import TrainConfig
 from .kd import distillation
 from .loop import train
+from .losses import weighted_token_loss
 from .progress import format_summary
 from .runtime import Runtime, setup, teardown
 from .sampling import make_sample_fn
@@ -35,6 +37,9 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system_prompt_ratio", type=between(0, 1), default=0.0,
                    help="share of conversations without a system turn that get a random one")
     p.add_argument("--no_pack", action="store_true", help="one conversation per row, padded (for comparison)")
+    p.add_argument("--prompt_loss_weight", type=between(0, 1), default=0.0,
+                   help="loss weight of the prompt's tokens (system and user turns, template headers) against the "
+                        "answer's 1: 0 trains on answers only; a little keeps the language model (the demo: 0.1)")
 
 
 def packed_logits(model, batch: dict) -> torch.Tensor:
@@ -43,29 +48,36 @@ def packed_logits(model, batch: dict) -> torch.Tensor:
 
 
 def assistant_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over assistant tokens (labels are already the next tokens, IGNORE_INDEX elsewhere)."""
+    """Mean cross-entropy over assistant tokens (labels are already the next tokens, IGNORE_INDEX elsewhere); with
+    --prompt_loss_weight the batch's loss_weights weigh every scored token: sum(w * nll) / sum(w)."""
     logits = packed_logits(model, batch)
+    if "loss_weights" in batch:
+        return weighted_token_loss(logits, batch["labels"], batch["loss_weights"])
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def assistant_tokens(batch: dict) -> torch.Tensor:
-    """How many tokens assistant_loss averages over: the trainer weighs micro-batches and ranks by it."""
-    return (batch["labels"] != IGNORE_INDEX).sum()
+    """What assistant_loss averages over, the number of assistant tokens (or the weights' sum): the trainer weighs
+    micro-batches and ranks by it."""
+    scored = batch["labels"] != IGNORE_INDEX
+    return scored.sum() if "loss_weights" not in batch else batch["loss_weights"][scored].sum()
 
 
 def chat_rows(path: str, args: argparse.Namespace, tokenizer, run: Runtime, system_prompt_ratio: float = 0.0,
-              pack: bool = True) -> SFTDataset:
+              pack: bool = True, prompt_loss_weight: float = 0.0) -> SFTDataset:
     """The chats of `path` as rows of --max_seq_len tokens, prepared once per node into the `prepared` folder beside
     --out_dir (dataset/prepared.py); only rank 0 prints their stats."""
     return once_per_node(lambda: SFTDataset(
         path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=system_prompt_ratio,
-        seed=args.seed, pack=pack, quiet=not run.is_main, cache_dir=Path(args.out_dir).parent / "prepared"),
-        run.local_rank, run.barrier)
+        seed=args.seed, pack=pack, quiet=not run.is_main, cache_dir=Path(args.out_dir).parent / "prepared",
+        prompt_loss_weight=prompt_loss_weight), run.local_rank, run.barrier)
 
 
 def chat_data(args: argparse.Namespace, tokenizer, run: Runtime) -> tuple[SFTDataset, SFTDataset | None]:
-    """The train and (optional) validation datasets of chat rows (packed unless --no_pack)."""
-    train_data = chat_rows(args.data_path, args, tokenizer, run, args.system_prompt_ratio, pack=not args.no_pack)
+    """The train and (optional) validation datasets of chat rows (packed unless --no_pack). Validation scores the
+    answers alone whatever --prompt_loss_weight is, so val loss compares across runs."""
+    train_data = chat_rows(args.data_path, args, tokenizer, run, args.system_prompt_ratio, pack=not args.no_pack,
+                           prompt_loss_weight=args.prompt_loss_weight)
     val_data = chat_rows(args.val_data_path, args, tokenizer, run, pack=not args.no_pack) if args.val_data_path \
         else None
     return train_data, val_data
@@ -102,7 +114,9 @@ def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
     loss_fn, loss_items = make_loss(tokenizer, run) if make_loss else (assistant_loss, assistant_tokens)
     if getattr(args, "teacher", None):  # --teacher (trainer/kd.py): CE and KL on the same assistant tokens
         if make_loss is not None:
-            raise ValueError(f"{args.stage}: --teacher replaces the assistant cross-entropy, not a stage's own loss")
+            raise UsageError(f"{args.stage}: --teacher replaces the assistant cross-entropy, not a stage's own loss")
+        if args.prompt_loss_weight:
+            raise UsageError(f"{args.stage}: --teacher distils on the answers; it takes no --prompt_loss_weight")
         loss_fn = distillation(args, model, tokenizer, run, packed_logits)
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
