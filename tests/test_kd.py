@@ -139,6 +139,11 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tokenizer_dir, c
     result = run_script("train_sft.py", *args, "--teacher", tmp_path / "nowhere", check=False)
     assert result.returncode == 2 and "--teacher" in result.stderr and "does not exist" in result.stderr
 
+    # KD scores the answers only: a prompt loss weight with it is refused in one line, not silently dropped.
+    result = run_script("train_sft.py", *args, "--teacher", student, "--prompt_loss_weight", "0.1", check=False)
+    assert result.returncode == 2 and "takes no --prompt_loss_weight" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
 
 @pytest.mark.slow
 def test_sft_and_pretrain_with_a_teacher(tmp_path, corpus, tokenizer_dir, chat_checkpoint):
