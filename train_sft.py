@@ -7,8 +7,8 @@
 Data: chat JSONL in any shape dataset/formats.py reads (MiniMind, OpenAI, ShareGPT, Alpaca; reasoning_content,
 tools and tool calls included), rendered with the ChatML template. The loss covers assistant tokens: every assistant
 turn of a conversation and its <|im_end|> (with --prompt_loss_weight W, the rest of the conversation too, at weight
-W). Conversations are tokenized once and packed several to a
-row, each attending only to itself, so padding does not eat the batch.
+W). Conversations are tokenized once and packed several to a row, each attending only to itself, so padding does not
+eat the batch.
 
 The demo replays pretraining: 5% of its items are pretraining documents (`{"text"}` records, trained on every
 token). Without them the chats overwrite the language model: the held-out news perplexity went from pretraining's
