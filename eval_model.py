@@ -80,7 +80,7 @@ from model import LM
 from model.generation import generate_batch, length_batches
 from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
 from trainer.cli import DEMO_DIR, dtype_name
-from trainer.losses import token_logps
+from trainer.losses import label_logps
 from trainer.runtime import keep_freed_memory, resolve_device, resolve_dtype
 from trainer.stages import MODEL_STAGES, STAGES
 
@@ -234,8 +234,7 @@ def scored_logps(model: LM, sequences: list[tuple[list[int], list[int]]], runner
         labels = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
                                + [IGNORE_INDEX] * (width - len(ids) + 1) for ids, mask in cut], device=runner.device)
         with runner.autocast():
-            logits = model(input_ids).logits
-        logps, scored = token_logps(logits, labels)
+            logps, scored = label_logps(model, input_ids, labels)  # the output layer only where there is a label
         for i, total, count in zip(rows, logps.sum(-1).tolist(), scored.sum(-1).tolist()):
             results[i] = (total, int(count))
     return results

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from dataset.chat import IGNORE_INDEX
 from trainer import above, exit_cleanly_on_bad_input, parse_args
-from trainer.chat_stage import add_chat_flags, assistant_tokens, packed_logits, run_chat_stage
-from trainer.losses import token_weights, weighted_token_loss
+from trainer.chat_stage import add_chat_flags, assistant_loss, assistant_tokens, run_chat_stage
+from trainer.losses import token_weights
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -51,7 +51,7 @@ def make_loss_fn(tag_ids: list[int], tag_weight: float):
         return w
 
     def loss_fn(model, batch):
-        return weighted_token_loss(packed_logits(model, batch), batch["labels"], weights(batch))
+        return assistant_loss(model, batch, weights(batch))
 
     def loss_items(batch):
         w = weights(batch)

@@ -55,7 +55,7 @@ from trainer import (
 )
 from trainer.data import move_to
 from trainer.fsdp import shard_model
-from trainer.losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps, token_counts
+from trainer.losses import LOSS_TYPES, chosen_nll, dpo_loss, label_logps, token_counts
 
 DEMO = dict(data_path="dataset/demo/dpo.jsonl", val_data_path="dataset/demo/dpo_eval.jsonl",
             batch_size=8, learning_rate=2e-5, warmup_steps=20, eval_every=100, sample_every=100, save_every=200,
@@ -78,8 +78,9 @@ def add_flags(p):
 
 def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(response | prompt) summed over each row's response tokens [2B], and each row's response length [2B]."""
-    logits = model(batch["input_ids"]).logits  # right padding: causal attention keeps pads out of real positions
-    return sequence_logps(logits, batch["labels"]), token_counts(batch["labels"])
+    # right padding: causal attention keeps pads out of real positions; the output layer runs on responses only
+    logps, _ = label_logps(model, batch["input_ids"], batch["labels"])
+    return logps.sum(-1), token_counts(batch["labels"])
 
 
 def scored(sums: torch.Tensor, counts: torch.Tensor, loss_type: str) -> torch.Tensor:

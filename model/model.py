@@ -378,12 +378,17 @@ class LM(PreTrainedModel):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         segment_ids: torch.LongTensor | None = None,
+        logits_at: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """As LlamaForCausalLM: `labels` are the input ids (shifted inside; -100 ignored).
         attention_mask (batch, past + seq) marks real tokens with 1 and padding with 0. For packed
         rows pass segment_ids instead (1, 2, ... per sequence, 0 on padding; see visibility_mask)
-        with position_ids restarting at 0 in each sequence."""
+        with position_ids restarting at 0 in each sequence. logits_at, a (batch, seq) bool mask, runs the
+        output layer only where it is True and returns those logits as (N, vocab), in row order: a loss that
+        scores a few positions of each row (answers, responses) skips most of the output layer's work."""
+        if logits_at is not None and (labels is not None or logits_to_keep):
+            raise ValueError("logits_at selects the positions itself: pass neither labels nor logits_to_keep with it")
         batch, seq = input_ids.shape
         if use_cache and past_key_values is None:
             past_key_values = KVCache(self.config, batch, seq, input_ids.device, self.dtype)
@@ -400,7 +405,11 @@ class LM(PreTrainedModel):
         hidden = self.model(input_ids, position_ids, attn_mask, past_key_values)
         if past_key_values is not None:
             past_key_values.seq_len += seq
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
 
         loss = None
         if labels is not None:

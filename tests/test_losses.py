@@ -1,18 +1,19 @@
 """Preference and token losses against values computed by hand with math.log / math.exp."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from trainer.chat_stage import assistant_loss
 from trainer.losses import (
     chosen_nll,
     dpo_loss,
-    sequence_logps,
+    label_logps,
     token_counts,
     token_logps,
     token_weights,
-    weighted_token_loss,
 )
 
 
@@ -35,27 +36,56 @@ def pair_tensors():
     return tuple(torch.tensor(v, dtype=torch.float64) for v in (PC, PR, RC, RR))
 
 
-def test_sequence_logps_by_hand():
+class GivenLogits(torch.nn.Module):
+    """A stand-in model whose logits are given; logits_at selects positions as LM.forward does. It counts the
+    positions it was asked for, to show which path label_logps took."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.positions = logits, []
+
+    def forward(self, input_ids, logits_at=None, **inputs):
+        self.positions.append(int(logits_at.sum()) if logits_at is not None else self.logits.shape[:2].numel())
+        return SimpleNamespace(logits=self.logits if logits_at is None else self.logits[logits_at])
+
+
+def test_label_logps_by_hand():
     logits, labels = torch.tensor(LOGITS), torch.tensor(LABELS)
     first, last = log_softmax_at(LOGITS[0][0], 1), log_softmax_at(LOGITS[0][2], 0)
-    torch.testing.assert_close(sequence_logps(logits, labels), torch.tensor([first + last]))
-    torch.testing.assert_close(sequence_logps(logits, labels, average=True), torch.tensor([(first + last) / 2]))
-    # An extra loss mask drops position 2 as well.
-    mask = torch.tensor([[1, 1, 0]])
-    torch.testing.assert_close(sequence_logps(logits, labels, loss_mask=mask), torch.tensor([first]))
+    # one position of six labelled: the output layer runs there alone
+    model = GivenLogits(torch.cat([logits, torch.zeros(1, 3, 4)], dim=1))
+    sparse = torch.tensor([[-100, -100, 0, -100, -100, -100]])
+    logps, mask = label_logps(model, sparse.clamp(min=0), sparse)
+    torch.testing.assert_close(logps, torch.tensor([[0.0, 0.0, last, 0.0, 0.0, 0.0]]))
+    assert mask.tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]] and model.positions == [1]
+    # two of three (more than DENSE_SHARE): the whole output layer, the same figures
+    model = GivenLogits(logits)
+    logps, mask = label_logps(model, labels.clamp(min=0), labels)
+    torch.testing.assert_close(logps, torch.tensor([[first, 0.0, last]]))
+    assert mask.tolist() == [[1.0, 0.0, 1.0]] and model.positions[-1] == 3
     assert token_counts(labels).tolist() == [2]
 
 
-def test_sequence_logps_bf16_matches_fp32_and_keeps_grad():
-    logits = torch.randn(2, 5, 11)
-    labels = torch.randint(0, 11, (2, 5))
-    labels[0, :2] = -100
-    half = logits.bfloat16().requires_grad_()
-    result = sequence_logps(half, labels)
-    assert result.dtype == torch.float32
-    torch.testing.assert_close(result, sequence_logps(half.detach().float(), labels))
-    result.sum().backward()
-    assert half.grad[0, :2].abs().sum() == 0 and half.grad[1].abs().sum() > 0
+def test_label_logps_equals_token_logps_of_a_real_model_in_bf16_with_gradients():
+    from model import LM, LMConfig
+
+    torch.manual_seed(0)
+    model = LM(LMConfig.from_preset("tiny", vocab_size=300))
+    ids = torch.randint(0, 300, (3, 40))
+    labels = torch.where(torch.rand(3, 40) < 0.2, torch.randint(0, 300, (3, 40)), torch.tensor(-100))
+    results = []
+    for fn in (lambda: token_logps(model(ids).logits, labels), lambda: label_logps(model, ids, labels)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, mask = fn()
+        assert logps.dtype == torch.float32
+        model.zero_grad()
+        (logps * mask).sum().backward()
+        results.append((logps.detach(), mask, [p.grad.clone() for p in model.parameters()]))
+    (full, full_mask, full_grads), (sparse, sparse_mask, sparse_grads) = results
+    assert torch.equal(full_mask, sparse_mask) and (sparse[sparse_mask == 0] == 0).all()
+    torch.testing.assert_close(sparse, full, atol=2e-2, rtol=1e-2)  # bf16 matmuls of different shapes
+    for a, b in zip(full_grads, sparse_grads):
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=5e-2)
 
 
 def test_token_logps_zero_where_masked():
@@ -128,21 +158,29 @@ def test_chosen_nll():
     assert chosen_nll(torch.tensor([-1.0, -3.0])).item() == pytest.approx(2.0)
 
 
-def test_weighted_token_loss_by_hand():
+def chat_batch(labels: torch.Tensor, **fields) -> dict:
+    return dict(input_ids=labels.clamp(min=0), labels=labels, segment_ids=torch.ones_like(labels),
+                position_ids=torch.arange(labels.shape[1])[None], **fields)
+
+
+def test_assistant_loss_by_hand():
     logits, labels = torch.tensor(LOGITS), torch.tensor(LABELS)
     nll_first, nll_last = -log_softmax_at(LOGITS[0][0], 1), -log_softmax_at(LOGITS[0][2], 0)
-    assert weighted_token_loss(logits, labels).item() == pytest.approx((nll_first + nll_last) / 2, abs=1e-6)
+    model = GivenLogits(logits)
+    assert assistant_loss(model, chat_batch(labels)).item() == pytest.approx((nll_first + nll_last) / 2, abs=1e-6)
     plain = torch.nn.functional.cross_entropy(logits.view(-1, 4), labels.view(-1))
-    torch.testing.assert_close(weighted_token_loss(logits, labels), plain)
+    torch.testing.assert_close(assistant_loss(model, chat_batch(labels)), plain)
     # Weight 3 on the first target token (id 1); the ignored position's weight must not count.
     weights = token_weights(labels, [1], 3.0)
     assert weights.tolist() == [[3.0, 1.0, 1.0]]
     expected = (3 * nll_first + nll_last) / 4
-    assert weighted_token_loss(logits, labels, weights).item() == pytest.approx(expected, abs=1e-6)
+    assert assistant_loss(model, chat_batch(labels), weights).item() == pytest.approx(expected, abs=1e-6)
+    # --prompt_loss_weight's loss_weights are the default weights
+    assert assistant_loss(model, chat_batch(labels, loss_weights=weights)).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_weighted_token_loss_with_no_targets_is_zero():
+def test_assistant_loss_with_no_targets_is_zero():
     logits = torch.randn(1, 3, 4, requires_grad=True)
-    loss = weighted_token_loss(logits, torch.full((1, 3), -100))
+    loss = assistant_loss(GivenLogits(logits), chat_batch(torch.full((1, 3), -100)))
     assert loss.item() == 0
     loss.backward()

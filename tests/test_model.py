@@ -74,6 +74,27 @@ def test_packed_rows_equal_separate_sequences(tmp_path):
         assert torch.allclose(out[:, 7:12], ours(b).logits, atol=1e-5)
 
 
+def test_logits_at_gives_the_full_logits_at_those_positions_and_their_gradients(tmp_path):
+    """logits_at (the training losses' way to skip the output layer where nothing is scored) returns exactly the
+    selected rows of the full logits, in row order, on packed rows too, and the same gradients reach the weights."""
+    ours, _ = make_pair(tmp_path, **SHAPES["gqa2-tied"])
+    ids = torch.randint(3, VOCAB, (2, 9))
+    segments = torch.tensor([[1] * 4 + [2] * 5, [1] * 7 + [0] * 2])
+    positions = torch.tensor([list(range(4)) + list(range(5)), list(range(7)) + [0, 1]])
+    at = torch.zeros(2, 9, dtype=torch.bool)
+    at[0, [1, 5, 8]] = at[1, [0, 6]] = True
+    full = ours(ids, segment_ids=segments, position_ids=positions).logits
+    picked = ours(ids, segment_ids=segments, position_ids=positions, logits_at=at).logits
+    assert picked.shape == (5, VOCAB)
+    torch.testing.assert_close(picked, full[at], atol=1e-6, rtol=1e-5)
+    weights = torch.randn(5, VOCAB)
+    grads = [torch.autograd.grad((logits * weights).sum(), list(ours.parameters())) for logits in (full[at], picked)]
+    for from_full, from_picked in zip(*grads):
+        torch.testing.assert_close(from_picked, from_full, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="logits_at"):
+        ours(ids, labels=ids, logits_at=at)
+
+
 def test_checkpoint_names_the_llama_architecture(tmp_path):
     """vLLM and llama.cpp's converter dispatch on config.json's "architectures": it must name LlamaForCausalLM,
     not our class, and the directory must still load in both classes."""

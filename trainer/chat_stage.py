@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dataset.chat import IGNORE_INDEX
 from dataset.errors import UsageError
@@ -26,7 +25,7 @@ from .cli import between, require_vocab_fits
 from .config import TrainConfig
 from .kd import distillation
 from .loop import train
-from .losses import weighted_token_loss
+from .losses import label_logps
 from .progress import format_summary
 from .runtime import Runtime, setup, teardown
 from .sampling import make_sample_fn
@@ -47,13 +46,16 @@ def packed_logits(model, batch: dict) -> torch.Tensor:
     return model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"]).logits
 
 
-def assistant_loss(model, batch: dict) -> torch.Tensor:
+def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over assistant tokens (labels are already the next tokens, IGNORE_INDEX elsewhere); with
-    --prompt_loss_weight the batch's loss_weights weigh every scored token: sum(w * nll) / sum(w)."""
-    logits = packed_logits(model, batch)
-    if "loss_weights" in batch:
-        return weighted_token_loss(logits, batch["labels"], batch["loss_weights"])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    weights [B, T] (default: the batch's loss_weights under --prompt_loss_weight) sum(w * nll) / sum(w). The
+    output layer runs only at the scored positions (trainer/losses.py's label_logps)."""
+    logps, mask = label_logps(model, batch["input_ids"], batch["labels"], segment_ids=batch["segment_ids"],
+                              position_ids=batch["position_ids"])
+    weights = batch.get("loss_weights") if weights is None else weights
+    if weights is not None:
+        mask = mask * weights.to(mask.dtype)
+    return -(logps * mask).sum() / mask.sum().clamp(min=1e-8)
 
 
 def assistant_tokens(batch: dict) -> torch.Tensor:
