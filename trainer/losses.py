@@ -63,8 +63,8 @@ def label_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
         return token_logps(model(input_ids, **inputs).logits, labels)
     logits = model(input_ids, logits_at=mask, **inputs).logits  # [N, V]
     targets = labels[mask].unsqueeze(-1)
-    # in chunks: without gradients (a reference's or the old policy's log-probs) an fp32 copy of all N x V logits
-    # never exists at once, as token_logps goes row by row
+    # in chunks: without gradients (DPO's reference, eval) an fp32 copy of all N x V logits never exists at once,
+    # as token_logps goes row by row
     logps = torch.cat([torch.log_softmax(chunk.float(), dim=-1).gather(-1, target).squeeze(-1)
                        for chunk, target in zip(logits.split(LOGPS_CHUNK), targets.split(LOGPS_CHUNK))])
     placed = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)

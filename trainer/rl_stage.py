@@ -24,7 +24,7 @@ from model.heads import ScalarModel
 
 from .chat_stage import chat_rows
 from .cli import require_checkpoint, require_vocab_fits
-from .losses import label_logps
+from .losses import token_logps
 from .rl import Prompt, Replay, Reward, chunked, load_prompts
 
 REWARD_FUNCS = ("task", "think_format", "repetition", "length")
@@ -156,7 +156,7 @@ def frozen_reference(policy: LM, beta: float, device: torch.device) -> LM | None
 def chunked_logps(model, rows_per_chunk: int):
     """fn(batch) -> the log-probs [N, L] of the batch's labels under `model`, computed in chunks of rows."""
     def fn(batch):
-        return chunked(lambda b: label_logps(model, b["input_ids"], b["labels"])[0], batch, rows_per_chunk)
+        return chunked(lambda b: token_logps(model(b["input_ids"]).logits, b["labels"])[0], batch, rows_per_chunk)
     return fn
 
 
