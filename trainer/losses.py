@@ -26,16 +26,13 @@ DENSE_SHARE = 0.25  # label_logps runs the whole output layer when more than thi
 LOGPS_CHUNK = 256  # positions per fp32 log-softmax in label_logps (a few MB: faster than one large one on CPU)
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log p(labels[t] | prefix) in fp32 [B, T], zero where masked, and the 0/1 mask [B, T].
 
     log p = logit[label] - logsumexp(logits). Low-precision logits are converted to fp32 one sequence at a time, so
     the fp32 copy of the [B, T, V] logits never exists all at once.
     """
     mask = labels != IGNORE_INDEX
-    if loss_mask is not None:
-        mask = mask & loss_mask.bool()
     index = labels.masked_fill(~mask, 0).unsqueeze(-1)
     if logits.dtype in (torch.float32, torch.float64):
         logps = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -71,12 +68,9 @@ def label_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
     return placed, mask.to(logps.dtype)
 
 
-def token_counts(labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+def token_counts(labels: torch.Tensor) -> torch.Tensor:
     """Number of scored positions per sequence [B] (at least 1, so dividing by it is always safe)."""
-    mask = labels != IGNORE_INDEX
-    if loss_mask is not None:
-        mask = mask & loss_mask.bool()
-    return mask.sum(-1).clamp(min=1)
+    return (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
 
 
 def dpo_loss(
