@@ -23,22 +23,24 @@ from dataset.chat import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 DENSE_SHARE = 0.25  # label_logps runs the whole output layer when more than this share of positions is scored
-LOGPS_CHUNK = 256  # positions per fp32 log-softmax in label_logps (a few MB: faster than one large one on CPU)
+LOGPS_CHUNK = 256  # positions per fp32 log-softmax in token_logps (a few MB: faster than one large one on CPU)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log p(labels[t] | prefix) in fp32 [B, T], zero where masked, and the 0/1 mask [B, T].
 
-    log p = logit[label] - logsumexp(logits). Low-precision logits are converted to fp32 one sequence at a time, so
-    the fp32 copy of the [B, T, V] logits never exists all at once.
+    log p = logit[label] - logsumexp(logits). Low-precision logits are converted to fp32 LOGPS_CHUNK positions of a
+    row at a time, so the fp32 copy of the [B, T, V] logits never exists all at once.
     """
     mask = labels != IGNORE_INDEX
     index = labels.masked_fill(~mask, 0).unsqueeze(-1)
     if logits.dtype in (torch.float32, torch.float64):
         logps = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     else:
-        logps = torch.stack([torch.log_softmax(row.float(), dim=-1).gather(-1, row_index).squeeze(-1)
-                             for row, row_index in zip(logits, index)])
+        logps = torch.stack([
+            torch.cat([torch.log_softmax(piece.float(), dim=-1).gather(-1, at).squeeze(-1)
+                       for piece, at in zip(row.split(LOGPS_CHUNK), row_index.split(LOGPS_CHUNK))])
+            for row, row_index in zip(logits, index)])
     mask = mask.to(logps.dtype)
     return logps * mask, mask
 
@@ -59,12 +61,8 @@ def label_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
     if mask.float().mean() > DENSE_SHARE:
         return token_logps(model(input_ids, **inputs).logits, labels)
     logits = model(input_ids, logits_at=mask, **inputs).logits  # [N, V]
-    targets = labels[mask].unsqueeze(-1)
-    # in chunks: without gradients (DPO's reference, eval) an fp32 copy of all N x V logits never exists at once,
-    # as token_logps goes row by row
-    logps = torch.cat([torch.log_softmax(chunk.float(), dim=-1).gather(-1, target).squeeze(-1)
-                       for chunk, target in zip(logits.split(LOGPS_CHUNK), targets.split(LOGPS_CHUNK))])
-    placed = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
+    logps, _ = token_logps(logits[None], labels[mask][None])  # the N labelled positions as one row
+    placed = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps[0])
     return placed, mask.to(logps.dtype)
 
 
