@@ -40,9 +40,10 @@ def tag_token_ids(tokenizer) -> list[int]:
     return [vocab[tag] for tag in TAGS if tag in vocab]
 
 
-def make_loss_fn(tag_ids: list[int], tag_weight: float):
+def make_loss_fn(tag_ids: list[int], tag_weight: float, base_loss=assistant_loss):
     """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w); and sum(w) per batch. Under
-    --prompt_loss_weight the batch's loss_weights multiply the tags' weights."""
+    --prompt_loss_weight the batch's loss_weights multiply the tags' weights. base_loss(model, batch, weights) is
+    run_chat_stage's (assistant_loss, anchored under --replay_kl)."""
     def weights(batch):
         w = batch.get("loss_weights")
         if tag_ids and tag_weight != 1:
@@ -51,7 +52,7 @@ def make_loss_fn(tag_ids: list[int], tag_weight: float):
         return w
 
     def loss_fn(model, batch):
-        return assistant_loss(model, batch, weights(batch))
+        return base_loss(model, batch, weights(batch))
 
     def loss_items(batch):
         w = weights(batch)
@@ -62,12 +63,12 @@ def make_loss_fn(tag_ids: list[int], tag_weight: float):
 
 def tag_weighted_loss(tag_weight: float):
     """make_loss_fn for run_chat_stage: looks the tags up in the stage's tokenizer and says which it weights."""
-    def make(tokenizer, run):
+    def make(tokenizer, run, base_loss):
         tag_ids = tag_token_ids(tokenizer)
         missing = [tag for tag in TAGS if tag not in tokenizer.get_vocab()]
         run.print(f"tag weight {tag_weight} on {len(tag_ids)} tag tokens"
                   + (f" (the tokenizer has no {', '.join(missing)} token)" if missing else ""))
-        return make_loss_fn(tag_ids, tag_weight)
+        return make_loss_fn(tag_ids, tag_weight, base_loss)
 
     return make
 
