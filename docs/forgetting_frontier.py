@@ -18,9 +18,9 @@ sft = [  # label, ppl, sentiment, group
     ("anchor 3", 405, 0.790, "this section"), ("anchor 10", 387, 0.677, "this section"),
     ("embeddings frozen", 391, 0.697, "this section"), ("WiSE-FT 0.8", 401, 0.683, "this section"),
     ("10,000 reviews", 437, 0.817, "this section"),
-    ("before: 0.1, 5%", 427, 0.810, "the recipe before"),
+    ("kept: 0.1, 5%", 427, 0.810, "kept"),
     ("KL 1", 380, 0.660, "KL to the start on the replayed text"),
-    ("kept: 0.1, 5%, KL 0.3", 390, 0.777, "kept"),
+    ("KL 0.3", 390, 0.777, "KL to the start on the replayed text"),
 ]
 dist = [
     ("before: answers only, 5%", 505, 0.976, "the recipe before"),

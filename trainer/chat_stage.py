@@ -48,9 +48,15 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
                         "tokens (0: off; the demo's distillation: 1)")
 
 
+def packing(batch: dict, rows: torch.Tensor | slice = slice(None)) -> dict:
+    """The model's keyword arguments for a batch of packed rows (or some of its rows): each conversation attends only
+    to itself (segment_ids) and its positions restart at 0 (position_ids)."""
+    return dict(segment_ids=batch["segment_ids"][rows], position_ids=batch["position_ids"][rows])
+
+
 def packed_logits(model, batch: dict) -> torch.Tensor:
-    """Logits of a batch of packed rows: each conversation attends only to itself, positions restart per one."""
-    return model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"]).logits
+    """Logits of a batch of packed rows."""
+    return model(batch["input_ids"], **packing(batch)).logits
 
 
 class TextAnchor:
@@ -81,8 +87,7 @@ class TextAnchor:
         """Mean KL(start || model) over the document positions, given the model's logits there [N, V]."""
         rows = documents.any(dim=1)  # the starting model runs on the rows that hold a document only
         with torch.no_grad():
-            start = self.model(batch["input_ids"][rows], segment_ids=batch["segment_ids"][rows],
-                               position_ids=batch["position_ids"][rows], logits_at=documents[rows]).logits
+            start = self.model(batch["input_ids"][rows], logits_at=documents[rows], **packing(batch, rows)).logits
             start = F.log_softmax(start.float(), dim=-1)
         return F.kl_div(F.log_softmax(logits.float(), dim=-1), start, log_target=True, reduction="batchmean")
 
@@ -96,16 +101,14 @@ def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
     weights = batch.get("loss_weights") if weights is None else weights
     documents = anchor.documents(batch) if anchor is not None and model.training else None
     if documents is None or not documents.any():
-        logps, mask = label_logps(model, batch["input_ids"], batch["labels"], segment_ids=batch["segment_ids"],
-                                  position_ids=batch["position_ids"])
+        logps, mask = label_logps(model, batch["input_ids"], batch["labels"], **packing(batch))
         if weights is not None:
             mask = mask * weights.to(mask.dtype)
         return -(logps * mask).sum() / mask.sum().clamp(min=1e-8)
     # The anchor needs the model's whole distribution at the documents' positions: one forward gives the logits at
     # every scored position, for the cross-entropy and, at the documents', the KL.
     scored = batch["labels"] != IGNORE_INDEX
-    logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"],
-                   logits_at=scored).logits
+    logits = model(batch["input_ids"], logits_at=scored, **packing(batch)).logits
     logps, _ = token_logps(logits[None], batch["labels"][scored][None])
     w = torch.ones_like(logps[0]) if weights is None else weights[scored].to(logps.dtype)
     ce = -(logps[0] * w).sum() / w.sum().clamp(min=1e-8)
