@@ -46,11 +46,11 @@ stage tokenizer python train_tokenizer.py --max_chars 1500000
 stage pretrain  python train_pretrain.py --seed "$seed" --max_steps "$(steps 360)" --eval_every 0
 # SFT at 1e-3, twice the script's 5e-4 (its range test from out/pretrain bottoms out near 4e-3): held-out sentiment
 # 0.78 against 0.59 after the same 300 steps (docs/demo_experiments.md).
-# --replay_kl 1 (LoRA and distillation) holds the model's distribution on the replayed documents to the stage's
-# starting model's: from the same models, the news perplexity after LoRA 433 against 451, after distillation 455
-# against 505 with the format 0.994 against 0.976 (seed 7's DPO model: 454 / 0.978 against 512 / 0.984). SFT at 0.3
-# reached 390 (427 without), but seed 7's chain through it lost distillation's format (0.876; docs/demo_experiments.md:
-# the anchor on the replayed text).
+# --replay_kl (LoRA 1, distillation 10: documents are three quarters of LoRA's scored tokens and a tenth of
+# distillation's) holds the model's distribution on the replayed documents to the stage's starting model's: from the
+# same models, the news perplexity after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974
+# against 0.976 (seed 7's DPO model: 459 / 0.976 against 512 / 0.984). SFT anchored reached 390 (427 without), but seed
+# 7's chain through it lost distillation's format (0.876; docs/demo_experiments.md: the anchor on the replayed text).
 stage sft       python train_sft.py --seed "$seed" --max_steps "$(steps 300)" --eval_every 0 --learning_rate 1e-3 \
                     --prompt_loss_weight 0.1
 # LoRA 120 steps (were 80): in 80 one seed's adapter never got past answering one verdict for every review (lora_acc
@@ -68,7 +68,7 @@ stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --
 # 0.928 at 5x, whose model learnt `无\n</answer>` so well that it wrote it inside <think>. The script replays DPO's
 # chosen answers (not SFT's chats, which un-taught DPO's preference: 0.973 -> 0.847).
 stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 130)" --learning_rate 5e-4 \
-                    --replay_kl 1
+                    --replay_kl 10
 stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
 # answers are right 17-50% of the time, so groups of 8 answers differ and RL has something to raise. The script's

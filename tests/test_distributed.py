@@ -158,3 +158,20 @@ def test_torn_shard_falls_back_to_the_previous_sharded_state(pretrain_runs, corp
                                                           "--resume", "--fsdp"))
     assert "step_00000010 is unreadable" in result.stdout and "at step 5" in result.stdout
     assert max_weight_difference(out, pretrain_runs["single"]["out"]) < 1e-5
+
+
+def test_replay_kl_two_ranks_match_one_rank_with_double_batch(chat_checkpoint, corpus, tmp_path):
+    """--replay_kl sums each document token's KL into the loss's numerator, so two ranks (DDP, or FSDP with the
+    starting model sharded and run on every batch of every rank) train as one rank with their batches together."""
+    args = ["--data_path", f"{chat_checkpoint['chats']}:0.5,{corpus['train']}:0.5", "--init_from",
+            chat_checkpoint["model"], *CHAT]
+    run_script("train_sft.py", *args, "--replay_kl", "2", "--out_dir", tmp_path / "one", "--batch_size", "4")
+    run_script("train_sft.py", *args, "--out_dir", tmp_path / "plain", "--batch_size", "4")
+    one = metric_losses(tmp_path / "one")
+    assert max(abs(a - b) for a, b in zip(one, metric_losses(tmp_path / "plain"))) > 1e-3  # the anchor is in the loss
+    torchrun("train_sft.py", *args, "--replay_kl", "2", "--out_dir", tmp_path / "ddp", "--batch_size", "2")
+    assert_same_trajectory(one, metric_losses(tmp_path / "ddp"))
+    result = torchrun("train_sft.py", *args, "--replay_kl", "2", "--out_dir", tmp_path / "fsdp", "--batch_size", "2",
+                      "--fsdp")
+    assert "the starting model sharded" in result.stdout
+    assert_same_trajectory(one, metric_losses(tmp_path / "fsdp"))

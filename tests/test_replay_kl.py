@@ -27,14 +27,14 @@ def packed_batch() -> dict:
                 position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], list(range(10))]))
 
 
-def by_hand_kl(model: LM, start: LM, batch: dict, at: torch.Tensor) -> torch.Tensor:
+def by_hand_kl_sum(model: LM, start: LM, batch: dict, at: torch.Tensor) -> torch.Tensor:
     inputs = dict(segment_ids=batch["segment_ids"], position_ids=batch["position_ids"])
     ours = F.log_softmax(model(batch["input_ids"], **inputs).logits[at], dim=-1)
     theirs = F.log_softmax(start(batch["input_ids"], **inputs).logits[at], dim=-1)
-    return (theirs.exp() * (theirs - ours)).sum(-1).mean()
+    return (theirs.exp() * (theirs - ours)).sum()
 
 
-def test_the_anchor_adds_the_kl_to_the_starting_model_on_the_documents_alone():
+def test_the_anchor_adds_the_kl_to_the_starting_model_on_each_document_token():
     torch.manual_seed(1)
     model = LM(LMConfig.from_preset("tiny", vocab_size=VOCAB)).train()
     start = copy.deepcopy(model).eval().requires_grad_(False)
@@ -51,12 +51,14 @@ def test_the_anchor_adds_the_kl_to_the_starting_model_on_the_documents_alone():
 
     plain = assistant_loss(model, batch)
     anchored = assistant_loss(model, batch, anchor=anchor)
-    kl = by_hand_kl(model, start, batch, documents)
+    kl = by_hand_kl_sum(model, start, batch, documents)
     assert kl.item() > 1e-3
-    torch.testing.assert_close(anchored, plain + 0.7 * kl, rtol=1e-5, atol=1e-5)
+    scored = batch["labels"] != -100  # 13 positions: the loss is a sum over them / 13, the KL summed into it
+    torch.testing.assert_close(anchored, plain + 0.7 * kl / scored.sum(), rtol=1e-5, atol=1e-5)
     weights = torch.rand(2, 10)  # a stage's weights (distillation's tags) weigh the cross-entropy, not the KL
     torch.testing.assert_close(assistant_loss(model, batch, weights, anchor=anchor),
-                               assistant_loss(model, batch, weights) + 0.7 * kl, rtol=1e-5, atol=1e-5)
+                               assistant_loss(model, batch, weights) + 0.7 * kl / weights[scored].sum(),
+                               rtol=1e-5, atol=1e-5)
     anchored.backward()
     assert all(p.grad is None for p in start.parameters())
     assert model.lm_head.weight.grad.abs().sum() > 0

@@ -44,8 +44,8 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
                         "answer's 1: 0 trains on answers only; a little keeps the language model (the demo: 0.1)")
     p.add_argument("--replay_kl", type=at_least(0, float), default=0.0,
                    help="on the documents ({\"text\"} records) mixed into the data, add this times KL(starting model "
-                        "|| model): the model keeps its own next-token distribution on plain text, not only the text's "
-                        "tokens (0: off; the demo's distillation: 1)")
+                        "|| model) to each position's cross-entropy: the model keeps its own next-token distribution "
+                        "on plain text, not only the text's tokens (0: off; the demo: 1 in LoRA, 10 in distillation)")
 
 
 def packing(batch: dict, rows: torch.Tensor | slice = slice(None)) -> dict:
@@ -64,15 +64,17 @@ class TextAnchor:
 
     Replaying pretraining documents with their tokens as targets slows the forgetting of the language model but
     does not stop it: in the demo, reasoning distillation with 5% documents still took the news perplexity from
-    434 to 505. On those same documents the anchored loss adds `weight * KL(start || model)`, the mean over their
-    positions of the KL between the starting model's next-token distribution and the model's: the whole
-    distribution is the target, not one token per position, which is Learning without Forgetting (Li & Hoiem
-    2016) applied to the replayed text alone (distillation from the same model: 454, the format unharmed). The
-    chats, where the stage is meant to change the model, are not anchored.
+    434 to 505. On those same documents each position's loss gets `weight * KL(start || model)` added to its
+    cross-entropy, the KL from the starting model's next-token distribution to the model's: the whole distribution
+    is the target, not one token, which is Learning without Forgetting (Li & Hoiem 2016) applied to the replayed
+    text alone (distillation from the same model at weight 10: 456, the format unharmed). The chats, where the stage
+    is meant to change the model, are not anchored. The KL is summed per position into the loss's numerator, whose
+    denominator stays the weights' sum, so micro-batches and ranks still add up to one larger batch exactly.
     """
 
-    def __init__(self, model: LM, weight: float, document_start: int):
+    def __init__(self, model: LM, weight: float, document_start: int, sharded: bool = False):
         self.model, self.weight, self.document_start = model, weight, document_start
+        self.sharded = sharded  # under FSDP every rank must run the starting model on every batch, documents or not
 
     def documents(self, batch: dict) -> torch.Tensor:
         """[B, T] bool: the scored positions of the packed segments that are documents, those that begin with
@@ -83,13 +85,14 @@ class TextAnchor:
         first_token = batch["input_ids"].gather(1, segment_start)
         return (first_token == self.document_start) & (batch["labels"] != IGNORE_INDEX)
 
-    def kl(self, batch: dict, documents: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Mean KL(start || model) over the document positions, given the model's logits there [N, V]."""
-        rows = documents.any(dim=1)  # the starting model runs on the rows that hold a document only
+    def kl_sum(self, batch: dict, documents: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(start || model) summed over the document positions, given the model's logits there [N, V]."""
+        # The starting model runs on the rows that hold a document (on all of them when sharded).
+        rows = slice(None) if self.sharded else documents.any(dim=1)
         with torch.no_grad():
             start = self.model(batch["input_ids"][rows], logits_at=documents[rows], **packing(batch, rows)).logits
             start = F.log_softmax(start.float(), dim=-1)
-        return F.kl_div(F.log_softmax(logits.float(), dim=-1), start, log_target=True, reduction="batchmean")
+        return F.kl_div(F.log_softmax(logits.float(), dim=-1), start, log_target=True, reduction="sum")
 
 
 def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
@@ -97,10 +100,11 @@ def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
     """Mean cross-entropy over assistant tokens (labels are already the next tokens, IGNORE_INDEX elsewhere); with
     weights [B, T] (default: the batch's loss_weights under --prompt_loss_weight) sum(w * nll) / sum(w). The
     output layer runs only at the scored positions (trainer/losses.py's label_logps). With an anchor (--replay_kl),
-    in training, plus its weight times its KL on the batch's documents; validation stays the cross-entropy."""
+    in training: (sum(w * nll) + anchor.weight * the KL summed over the documents' positions) / sum(w); validation
+    stays the cross-entropy."""
     weights = batch.get("loss_weights") if weights is None else weights
     documents = anchor.documents(batch) if anchor is not None and model.training else None
-    if documents is None or not documents.any():
+    if documents is None or not (documents.any() or anchor.sharded):
         logps, mask = label_logps(model, batch["input_ids"], batch["labels"], **packing(batch))
         if weights is not None:
             mask = mask * weights.to(mask.dtype)
@@ -111,8 +115,8 @@ def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
     logits = model(batch["input_ids"], logits_at=scored, **packing(batch)).logits
     logps, _ = token_logps(logits[None], batch["labels"][scored][None])
     w = torch.ones_like(logps[0]) if weights is None else weights[scored].to(logps.dtype)
-    ce = -(logps[0] * w).sum() / w.sum().clamp(min=1e-8)
-    return ce + anchor.weight * anchor.kl(batch, documents, logits[documents[scored]])
+    kl = anchor.kl_sum(batch, documents, logits[documents[scored]])
+    return (-(logps[0] * w).sum() + anchor.weight * kl) / w.sum().clamp(min=1e-8)
 
 
 def assistant_tokens(batch: dict) -> torch.Tensor:
@@ -156,11 +160,12 @@ def text_anchor(args: argparse.Namespace, tokenizer, run: Runtime) -> TextAnchor
     """--replay_kl's anchor: the starting model (--init_from) loaded once more, frozen (sharded under --fsdp, as the
     student is), with a one-line description."""
     model = LM.from_pretrained(args.init_from).to(run.device).eval().requires_grad_(False)
-    if args.fsdp and run.distributed:
+    sharded = bool(args.fsdp and run.distributed)
+    if sharded:
         shard_model(model)
-    run.print(f"replay KL: {args.replay_kl:g} * KL({args.init_from} || model) on the documents in the data "
-              "(the chats are not anchored)")
-    return TextAnchor(model, args.replay_kl, tokenizer.convert_tokens_to_ids(ENDOFTEXT))
+    run.print(f"replay KL: {args.replay_kl:g} * KL({args.init_from} || model) added to each document token's "
+              f"cross-entropy (the chats are not anchored{'; the starting model sharded' if sharded else ''})")
+    return TextAnchor(model, args.replay_kl, tokenizer.convert_tokens_to_ids(ENDOFTEXT), sharded)
 
 
 LossMaker = Callable[[object, Runtime, Callable], tuple[Callable, Callable]]
