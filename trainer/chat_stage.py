@@ -67,7 +67,7 @@ class TextAnchor:
     434 to 505. On those same documents each position's loss gets `weight * KL(start || model)` added to its
     cross-entropy, the KL from the starting model's next-token distribution to the model's: the whole distribution
     is the target, not one token, which is Learning without Forgetting (Li & Hoiem 2016) applied to the replayed
-    text alone (distillation from the same model at weight 10: 456, the format unharmed). The chats, where the stage
+    text alone (distillation from the same model at weight 10: 455, the format unharmed). The chats, where the stage
     is meant to change the model, are not anchored. The KL is summed per position into the loss's numerator, whose
     denominator stays the weights' sum, so micro-batches and ranks still add up to one larger batch exactly.
     """
