@@ -15,9 +15,8 @@ three answer styles DPO chose one of). A fifth of DPO's pairs, read as chats of 
 (0.953; sentiment 0.787 -> 0.783). Pretraining documents, 5% of the items as in SFT, keep the news perplexity, the
 more so with --replay_kl 10 (on their tokens, the KL to the DPO model's next-token distribution; they are a tenth of
 the scored tokens): from one DPO model at 434, 455 against 505 without, the format 0.974 against 0.976. The demo does
-not train on the prompts here
-(--prompt_loss_weight, as SFT does): they end in one fixed instruction, and at 0.2 the distilled model wrote it into
-its answers. docs/demo_experiments.md has the figures.
+not train on the prompts here (--prompt_loss_weight, as SFT does): they end in one fixed instruction, and at 0.2 the
+distilled model wrote it into its answers. docs/demo_experiments.md has the figures.
 """
 
 import os
