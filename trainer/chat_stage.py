@@ -9,6 +9,7 @@ A chat stage script is then its flags, its loss (or its change to the model), an
 """
 
 import argparse
+import copy
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from .config import TrainConfig
 from .fsdp import shard_model
 from .kd import distillation
 from .loop import train
-from .losses import label_logps, token_logps
+from .losses import label_logps, logps_at
 from .progress import format_summary
 from .runtime import Runtime, setup, teardown
 from .sampling import make_sample_fn
@@ -104,19 +105,19 @@ def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
     stays the cross-entropy."""
     weights = batch.get("loss_weights") if weights is None else weights
     documents = anchor.documents(batch) if anchor is not None and model.training else None
-    if documents is None or not (documents.any() or anchor.sharded):
+    if documents is not None and (documents.any() or anchor.sharded):
+        # The anchor needs the model's whole distribution at the documents' positions: one forward gives the logits
+        # at every scored position, for the cross-entropy and, at the documents', the KL.
+        scored = batch["labels"] != IGNORE_INDEX
+        logits = model(batch["input_ids"], logits_at=scored, **packing(batch)).logits
+        logps, mask = logps_at(logits, batch["labels"], scored)
+        kl = anchor.weight * anchor.kl_sum(batch, documents, logits[documents[scored]])
+    else:
         logps, mask = label_logps(model, batch["input_ids"], batch["labels"], **packing(batch))
-        if weights is not None:
-            mask = mask * weights.to(mask.dtype)
-        return -(logps * mask).sum() / mask.sum().clamp(min=1e-8)
-    # The anchor needs the model's whole distribution at the documents' positions: one forward gives the logits at
-    # every scored position, for the cross-entropy and, at the documents', the KL.
-    scored = batch["labels"] != IGNORE_INDEX
-    logits = model(batch["input_ids"], logits_at=scored, **packing(batch)).logits
-    logps, _ = token_logps(logits[None], batch["labels"][scored][None])
-    w = torch.ones_like(logps[0]) if weights is None else weights[scored].to(logps.dtype)
-    kl = anchor.kl_sum(batch, documents, logits[documents[scored]])
-    return (-(logps[0] * w).sum() + anchor.weight * kl) / w.sum().clamp(min=1e-8)
+        kl = 0.0
+    if weights is not None:
+        mask = mask * weights.to(mask.dtype)
+    return (kl - (logps * mask).sum()) / mask.sum().clamp(min=1e-8)
 
 
 def assistant_tokens(batch: dict) -> torch.Tensor:
@@ -156,10 +157,10 @@ def load_checkpoint(args: argparse.Namespace, tokenizer, run: Runtime) -> LM:
     return model
 
 
-def text_anchor(args: argparse.Namespace, tokenizer, run: Runtime) -> TextAnchor:
-    """--replay_kl's anchor: the starting model (--init_from) loaded once more, frozen (sharded under --fsdp, as the
-    student is), with a one-line description."""
-    model = LM.from_pretrained(args.init_from).to(run.device).eval().requires_grad_(False)
+def text_anchor(args: argparse.Namespace, start: LM, tokenizer, run: Runtime) -> TextAnchor:
+    """--replay_kl's anchor: a frozen copy of the starting model as loaded (before LoRA's adapters; sharded under
+    --fsdp, as the student is), with a one-line description."""
+    model = copy.deepcopy(start).to(run.device).eval().requires_grad_(False)
     sharded = bool(args.fsdp and run.distributed)
     if sharded:
         shard_model(model)
@@ -185,6 +186,7 @@ def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
     tokenizer = load_tokenizer(args.tokenizer_dir)
     train_data, val_data = chat_data(args, tokenizer, run)
     model = load_checkpoint(args, tokenizer, run)
+    anchor = text_anchor(args, model, tokenizer, run) if args.replay_kl else None
     if adapt_model is not None:
         adapt_model(model, run)
     if getattr(args, "teacher", None):  # --teacher (trainer/kd.py): CE and KL on the same assistant tokens
@@ -192,12 +194,11 @@ def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
             raise UsageError(f"{args.stage}: --teacher replaces the assistant cross-entropy, not a stage's own loss")
         if args.prompt_loss_weight:
             raise UsageError(f"{args.stage}: --teacher distils on the answers; it takes no --prompt_loss_weight")
-        if args.replay_kl:
+        if anchor is not None:
             raise UsageError(f"{args.stage}: --teacher replaces the loss --replay_kl adds to; use one of the two")
         loss_fn, loss_items = distillation(args, model, tokenizer, run, packed_logits), assistant_tokens
     else:
-        base_loss = functools.partial(assistant_loss, anchor=text_anchor(args, tokenizer, run)) if args.replay_kl \
-            else assistant_loss
+        base_loss = functools.partial(assistant_loss, anchor=anchor) if anchor is not None else assistant_loss
         loss_fn, loss_items = make_loss(tokenizer, run, base_loss) if make_loss else (base_loss, assistant_tokens)
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)

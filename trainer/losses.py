@@ -60,10 +60,15 @@ def label_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
     # (the demo's distillation: 2.1 GB peak against 1.3). LoRA's answers are 2-8% of their rows, DPO's ~15%.
     if mask.float().mean() > DENSE_SHARE:
         return token_logps(model(input_ids, **inputs).logits, labels)
-    logits = model(input_ids, logits_at=mask, **inputs).logits  # [N, V]
-    logps, _ = token_logps(logits[None], labels[mask][None])  # the N labelled positions as one row
-    placed = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps[0])
-    return placed, mask.to(logps.dtype)
+    return logps_at(model(input_ids, logits_at=mask, **inputs).logits, labels, mask)
+
+
+def logps_at(logits: torch.Tensor, labels: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logps of logits [N, V] taken at the N positions where `at` [B, T] is True (LM.forward's logits_at), put
+    back in place: [B, T] in fp32, zero elsewhere, and `at` as the 0/1 mask."""
+    logps, _ = token_logps(logits[None], labels[at][None])  # the N positions as one row
+    placed = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device).masked_scatter(at, logps[0])
+    return placed, at.to(logps.dtype)
 
 
 def token_counts(labels: torch.Tensor) -> torch.Tensor:
