@@ -96,9 +96,7 @@ DEFAULT_PROMPTS = [
 PROMPT_KINDS = {
     DEFAULT_PROMPTS[0]: ("a sentiment label", lambda text: TASKS["sentiment"].parse(text) is not None),
     DEFAULT_PROMPTS[1]: ("entity names", lambda text: any(TASKS["entity"].parse(text).values())),
-    # a chat model that does not reason answers without an <answer> block: then the whole answer is read as one
-    DEFAULT_PROMPTS[2]: ("a number", lambda text: TASKS["arith"].parse(
-        text if "<answer>" in text else f"<answer>{text}") is not None),
+    DEFAULT_PROMPTS[2]: ("a number", lambda text: TASKS["arith"].parse(text) is not None),
 }
 
 

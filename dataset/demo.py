@@ -28,7 +28,7 @@ from evals import arithmetic, entities, lora_style, preference, sentiment
 from evals.base import Turn, chat_record
 from evals.entities import ENTITY_LABELS, Entities, Sentence
 
-VERSION = 5
+VERSION = 6
 
 NEWS_HELDOUT_FRACTION = 0.03
 REVIEWS_HELDOUT_PER_LABEL = 600
@@ -40,7 +40,7 @@ SENTENCE_CHARS = (15, 100)
 NO_ENTITY_FRACTION = 0.15
 
 SIZES = {
-    "sft_sentiment": 6000, "sft_entity": 4000, "sft_identity": 300, "sft_multiturn": 500,
+    "sft_sentiment": 6000, "sft_entity": 4000, "sft_identity": 300, "sft_multiturn": 500, "sft_arith": 1000,
     "eval_sentiment": 400, "eval_entity": 300, "eval_identity": 20,
     "lora": 1500, "lora_eval": 300,
     "dpo": 3000, "dpo_eval": 300,
@@ -445,6 +445,11 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
     files["rl"] = [sentiment.eval_record(rng, _clip(text), label)
                    for text, label in train.balanced_reviews(SIZES["rl_sentiment"], rng)]
     files["rl_eval"] = [record for record in files["sft_eval"] if record.get("task") == "sentiment"]
+    # SFT's word problems, made last for the same reason: answered with the answer sentence alone, no trace (a chat
+    # model that does not reason still answers with a number; without them SFT answered the side-by-side problem with
+    # a sentiment label), none of them a held-out or a reasoning stage's problem.
+    files["sft"] += arithmetic.records(rng, SIZES["sft_arith"], taken, reason=False)
+    rng.shuffle(files["sft"])
     return files
 
 

@@ -2,7 +2,9 @@
 
 Templates with seeded numbers (a held-out problem never repeats a training problem's template and numbers); the
 trace shows every step, the answer sentence ends with the result. arith_em is the share of held-out problems
-(reason_eval.jsonl, task "arith") whose <answer> holds the right number.
+(reason_eval.jsonl, task "arith") whose answer holds the right number: the <answer> block of a trace, the whole
+text of a plain answer. SFT's problems are answered plainly (the answer sentence alone): a chat model that does not
+reason still answers a word problem with a number, as the distilled one answers it with a trace.
 """
 
 import random
@@ -98,16 +100,17 @@ def problem(rng: random.Random) -> tuple[tuple, str, str, str, int]:
     return (template, numbers), question, think, "答：" + answer, result
 
 
-def records(rng: random.Random, n: int, taken: set[tuple], **fields) -> list[dict]:
-    """n problems as trace chats, whose (template, numbers) are in neither `taken` nor each other; adds their keys
-    to `taken`. With fields (a held-out file), each record also keeps its result as "answer"."""
+def records(rng: random.Random, n: int, taken: set[tuple], reason: bool = True, **fields) -> list[dict]:
+    """n problems as trace chats (reason=False: answered with the answer sentence alone), whose (template, numbers)
+    are in neither `taken` nor each other; adds their keys to `taken`. With fields (a held-out file), each record
+    also keeps its result as "answer"."""
     found = []
     while len(found) < n:
         key, question, think, answer, result = problem(rng)
         if key in taken:
             continue
         taken.add(key)
-        record = chat_record([(question, trace(think, answer))], **fields)
+        record = chat_record([(question, trace(think, answer) if reason else answer)], **fields)
         if fields:
             record["answer"] = result
         found.append(record)
@@ -115,8 +118,11 @@ def records(rng: random.Random, n: int, taken: set[tuple], **fields) -> list[dic
 
 
 def parse_arith_answer(text: str) -> int | None:
-    """The last integer of the <answer> block (None without one): the checkable result of an arithmetic trace."""
+    """The last integer of the <answer> block, or of the whole text of a plain answer (neither <think> nor
+    <answer>); None without one, and for a trace that never reached its <answer>."""
     block = answer_block(text)
+    if block is None and "<think>" not in text:
+        block = text
     numbers = re.findall(r"(?<!\d)-?\d+", block or "")
     return int(numbers[-1]) if numbers else None
 
@@ -131,9 +137,10 @@ def plan(text: str) -> list[str]:
 
 
 class Arithmetic(GenerationTask):
-    """arith_em: the share of answers whose <answer> holds the record's result. arith_plan: the share whose trace
-    takes the reference's steps (its operators, in order) whatever numbers it writes: what a model too small to
-    copy and compute numbers in the demo's budget still learns from the traces (docs/demo_experiments.md)."""
+    """arith_em: the share of answers (a trace's <answer>, or a plain answer) that end with the record's result.
+    arith_plan: the share whose trace takes the reference's steps (its operators, in order) whatever numbers it
+    writes: what a model too small to copy and compute numbers in the demo's budget still learns from the traces
+    (docs/demo_experiments.md). A plain answer takes no steps."""
 
     name = "arith"
     eval_file = "reason_eval.jsonl"
@@ -146,7 +153,7 @@ class Arithmetic(GenerationTask):
         return parse_arith_answer(text)
 
     def reward(self, text: str, record: dict) -> float:
-        """1.0 when the <answer> ends with the record's result, else 0.0."""
+        """1.0 when the answer (parse_arith_answer) ends with the record's result, else 0.0."""
         return float(parse_arith_answer(text) == record["meta"]["answer"])
 
     def item_metrics(self, text: str, record: dict) -> dict[str, float]:

