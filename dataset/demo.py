@@ -28,7 +28,7 @@ from evals import arithmetic, entities, lora_style, preference, sentiment
 from evals.base import Turn, chat_record
 from evals.entities import ENTITY_LABELS, Entities, Sentence
 
-VERSION = 6
+VERSION = 7
 
 NEWS_HELDOUT_FRACTION = 0.03
 REVIEWS_HELDOUT_PER_LABEL = 600

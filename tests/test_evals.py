@@ -93,6 +93,13 @@ def test_parse_entity_answer_is_tolerant():
     assert entities.parse_entity_answer("我不知道") == {"person": [], "place": [], "org": []}
 
 
+def test_entity_answer_has_a_line_per_kind_found_and_never_writes_none():
+    found = {"person": ["李鹏"], "place": [], "org": ["新华社"]}
+    assert entities.format_entity_answer(found) == "人名：李鹏\n机构：新华社"
+    assert entities.format_entity_answer({"person": [], "place": [], "org": []}) == entities.NONE_FOUND
+    assert entities.parse_entity_answer(entities.NONE_FOUND) == {"person": [], "place": [], "org": []}
+
+
 names = st.lists(st.text(alphabet="江泽民李鹏北京上海新华社中国政府", min_size=1, max_size=5), unique=True, max_size=4)
 
 
@@ -100,7 +107,8 @@ names = st.lists(st.text(alphabet="江泽民李鹏北京上海新华社中国政
 def test_entity_answer_round_trip(person, place, org):
     found = {"person": person, "place": place, "org": org}
     answer = entities.format_entity_answer(found)
-    assert len(answer.splitlines()) == 3
+    assert len(answer.splitlines()) == max(1, sum(map(bool, found.values())))  # a line per kind found
+    assert entities.NO_ENTITY not in answer
     assert entities.parse_entity_answer(answer) == found
 
 
