@@ -1,5 +1,5 @@
-"""Named entities: the persons, places and organisations of a news sentence, one line per kind found
-(`人名：A、B\\n地名：C`), or `没有人名、地名或机构名。` when there is none.
+"""Named entities: the persons, places and organisations of a news sentence, as three lines
+`人名：A、B\\n地名：C\\n机构：无`.
 
 Two tasks share the prompts, the answer and its parser: `entity` (SFT answers directly; entity_f1 on
 sft_eval.jsonl) and `entity_reason` (distillation answers with a think trace that counts the entities, then names
@@ -16,18 +16,17 @@ from evals.think_format import answer_block, trace
 Entities = dict[str, list[str]]  # kind -> names, in order of first appearance
 
 ENTITY_LABELS = {"person": "人名", "place": "地名", "org": "机构"}  # kind -> its line's label in the answer
-NO_ENTITY = "无"  # what an answer may write for a kind it found none of (`机构：无`); the demo's answers omit the line
-NONE_FOUND = "没有人名、地名或机构名。"
+NO_ENTITY = "无"
 PROMPTS = [
     "请找出下面这句话中的人名、地名和机构名：\n{sentence}",
     "从这句新闻里抽取人名、地名和机构名称。\n{sentence}",
     "{sentence}\n这句话提到了哪些人物、地点和组织机构？",
     "阅读下面的句子，列出其中出现的人名、地名和机构：{sentence}",
     "帮我标出这句新闻里的人名、地名、机构名：「{sentence}」",
-    "下面的新闻句子中有哪些人名、地名和机构？按人名、地名、机构分行回答。\n{sentence}",
+    "下面的新闻句子中有哪些人名、地名和机构？按人名、地名、机构三行回答。\n{sentence}",
 ]
 # The reasoning stage's entity questions end with a request to reason first: without it the same question had two
-# answers (SFT's lines, distillation's trace), and the distilled model answered every plain entity question
+# answers (SFT's three lines, distillation's trace), and the distilled model answered every plain entity question
 # with a trace that the 48-token budget cut before its <answer> (entity F1 0.192 -> 0.000; with the cue 0.177,
 # docs/demo_experiments.md). Plain questions get plain answers, asked ones a trace: as Qwen3's thinking switch.
 REASON_CUE = "\n请先逐个分析，再给出答案。"
@@ -54,14 +53,9 @@ class Sentence:
 
 
 def format_entity_answer(entities: Entities) -> str:
-    """The answer SFT teaches and evaluation parses: a line per kind found, `人名：A、B\\n地名：C`, or NONE_FOUND.
-
-    A kind found nowhere gets no line, not `机构：无`. With that line in nearly every answer, 无 was the likeliest
-    word wherever a name belongs to a model that cannot copy one from the question yet, and distilled models wrote it
-    where a trace's first name belongs, then ran on into the answer's ending
-    (`1. “无\\n地名：无\\n机构：无\\n</answer>`: think_format 0.88-0.92; docs/demo_experiments.md)."""
-    lines = [f"{label}：{'、'.join(entities[kind])}" for kind, label in ENTITY_LABELS.items() if entities.get(kind)]
-    return "\n".join(lines) or NONE_FOUND
+    """The three-line answer `人名：A、B\\n地名：C\\n机构：无` that SFT teaches and evaluation parses."""
+    lines = [f"{label}：{'、'.join(entities.get(kind, [])) or NO_ENTITY}" for kind, label in ENTITY_LABELS.items()]
+    return "\n".join(lines)
 
 
 _ENTITY_LINE = re.compile(r"\s*(人名|地名|机构名?|组织机构|组织)\s*[：:]\s*(.*)")
@@ -69,8 +63,8 @@ _LINE_KINDS = {"人名": "person", "地名": "place", "机构": "org", "机构�
 
 
 def parse_entity_answer(text: str) -> Entities:
-    """Entities from an answer's lines (or the <answer> block of a trace); tolerant of spaces, ASCII colons,
-    `,`/`，` separators, `无` and missing lines (a missing line means no entities of that kind)."""
+    """Entities from a three-line answer (or the <answer> block of a trace); tolerant of spaces, ASCII colons,
+    `,`/`，` separators and missing lines (a missing line means no entities of that kind)."""
     found: Entities = {kind: [] for kind in ENTITY_LABELS}
     block = answer_block(text)
     for line in (text if block is None else block).splitlines():
@@ -105,7 +99,7 @@ def entity_f1(predicted: list[Entities], gold: list[Entities]) -> dict[str, floa
 
 
 def turn(rng: random.Random, sentence: Sentence, prompts: list[str] = PROMPTS) -> Turn:
-    """A training turn: one of the prompts around the sentence, the answer's lines."""
+    """A training turn: one of the prompts around the sentence, the three-line answer."""
     return rng.choice(prompts).format(sentence=sentence.text), format_entity_answer(sentence.entities)
 
 
@@ -137,11 +131,14 @@ def wrong_entities(rng: random.Random, sentence: Sentence, names: dict[str, list
 
 def reason_trace(sentence: Sentence) -> str:
     """Think: how many entities, then each one numbered with why it is a person / place / organisation; answer: the
-    answer's lines. The count and the numbers tell a small model where the list ends: traces that listed entities (and
-    two common nouns) without them looped on one name until the token limit (docs/demo_experiments.md)."""
+    three lines. The count and the numbers tell a small model where the list ends: traces that listed entities (and
+    two common nouns) without them looped on one name until the token limit (docs/demo_experiments.md). A sentence
+    without entities opens the same way, 专有名词共0个: when its trace began otherwise, the count was where a model
+    unsure of the sentence said 1, and then wrote 无 where the name belongs and ran on into the answer's ending
+    (`1. “无\\n地名：无\\n机构：无\\n</answer>`; 24 of 43 such sentences, docs/demo_experiments.md)."""
     mentions = sentence.mentions
     if not mentions:
-        lines = ["句中没有人名、地名或机构名。"]
+        lines = ["专有名词共0个，句中没有人名、地名或机构名。"]
     else:
         lines = [f"专有名词共{len(mentions)}个，逐个判断类别："]
         lines += [f"{i}. “{name}”{REASONS[kind]}。" for i, (name, kind) in enumerate(mentions, 1)]

@@ -54,8 +54,6 @@ def entity_pair(rng: random.Random, sentence: Sentence, names: dict[str, list[st
     repetition loop (entities.wrong_entities says why never a missed entity)."""
     chosen = format_entity_answer(sentence.entities)
     wrong = None if rng.random() < 0.1 else wrong_entities(rng, sentence, names)
-    while wrong is None and not sentence.has_entities:  # a loop of "没有人名…" names nobody: right by its F1
-        wrong = wrong_entities(rng, sentence, names)
     rejected = degenerate(chosen, rng) if wrong is None else format_entity_answer(wrong)
     return pair(rng.choice(entities.PROMPTS).format(sentence=sentence.text), chosen, rejected, **fields)
 

@@ -106,8 +106,7 @@ def test_sizes(records):
     assert all(len(r["conversations"]) in (4, 6) for r in multi_turn)
     labels = [sentiment.parse_sentiment_answer(_answer(r)) for r in single_turn]
     assert labels.count("正面") == labels.count("负面") == sizes["sft_sentiment"] // 2
-    entity_answers = [_answer(r) for r in single_turn
-                      if _answer(r) == entities.NONE_FOUND or re.match("(人名|地名|机构)：", _answer(r))]
+    entity_answers = [_answer(r) for r in single_turn if _answer(r).startswith("人名")]
     assert len(entity_answers) == sizes["sft_entity"]
     empty = entity_answers.count(entities.format_entity_answer({}))
     assert 0.1 < empty / len(entity_answers) < 0.2
@@ -164,8 +163,7 @@ def test_eval_labels_agree_with_reference_answers(records):
 def test_only_the_reasoning_files_ask_for_reasoning(records):
     """An entity question answered with a trace asks for one (entities.REASON_CUE); SFT's plain ones never do, so the
     distilled model keeps answering those plainly."""
-    traced = [_user(r) for name in ("reason", "reason_eval") for r in records[name]
-              if "逐个判断类别" in _answer(r) or entities.NONE_FOUND in _answer(r)]
+    traced = [_user(r) for name in ("reason", "reason_eval") for r in records[name] if "人名" in _answer(r)]
     assert len(traced) >= 1500 and all(user.endswith(entities.REASON_CUE) for user in traced)
     plain = [m["content"] for name in ("sft", "sft_eval", "dpo", "dpo_eval") for r in records[name]
              for m in _messages(r) if m["role"] == "user"]
@@ -227,10 +225,10 @@ def test_arithmetic_traces_are_correct_and_eval_problems_are_new(records):
 def test_dpo_rejected_answers_are_wrong_or_in_another_style(records):
     for record in records["dpo"] + records["dpo_eval"]:
         chosen, rejected = record["chosen"][1]["content"], record["rejected"][1]["content"]
-        if chosen in preference.PREFERRED_SENTIMENT.values():
-            assert rejected != chosen
-        else:
+        if chosen.startswith("人名"):
             assert entities.parse_entity_answer(rejected) != entities.parse_entity_answer(chosen)
+        else:
+            assert chosen in preference.PREFERRED_SENTIMENT.values() and rejected != chosen
 
 
 def test_run_demo_chains_the_stages_in_the_tables_order():

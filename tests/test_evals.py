@@ -93,13 +93,6 @@ def test_parse_entity_answer_is_tolerant():
     assert entities.parse_entity_answer("我不知道") == {"person": [], "place": [], "org": []}
 
 
-def test_entity_answer_has_a_line_per_kind_found_and_never_writes_none():
-    found = {"person": ["李鹏"], "place": [], "org": ["新华社"]}
-    assert entities.format_entity_answer(found) == "人名：李鹏\n机构：新华社"
-    assert entities.format_entity_answer({"person": [], "place": [], "org": []}) == entities.NONE_FOUND
-    assert entities.parse_entity_answer(entities.NONE_FOUND) == {"person": [], "place": [], "org": []}
-
-
 names = st.lists(st.text(alphabet="江泽民李鹏北京上海新华社中国政府", min_size=1, max_size=5), unique=True, max_size=4)
 
 
@@ -107,8 +100,7 @@ names = st.lists(st.text(alphabet="江泽民李鹏北京上海新华社中国政
 def test_entity_answer_round_trip(person, place, org):
     found = {"person": person, "place": place, "org": org}
     answer = entities.format_entity_answer(found)
-    assert len(answer.splitlines()) == max(1, sum(map(bool, found.values())))  # a line per kind found
-    assert entities.NO_ENTITY not in answer
+    assert len(answer.splitlines()) == 3
     assert entities.parse_entity_answer(answer) == found
 
 
@@ -154,7 +146,8 @@ def test_entity_trace_names_each_entity_and_parses_back():
     text = entities.reason_trace(sentence)
     assert think_format.is_think_format(text)
     assert "专有名词共3个" in text and "\n2. “伦敦”是地点的名称，属于地名。\n3. “新华社”" in text
-    assert "句中没有人名" in entities.reason_trace(entities.Sentence("他说。", {k: [] for k in found}, []))
+    none = entities.reason_trace(entities.Sentence("他说。", {k: [] for k in found}, []))
+    assert none.startswith("<think>\n专有名词共0个，句中没有人名") and "1. " not in none  # the count says it first
     record = chat("q", text, task="entity_reason", entities=sentence.entities)
     assert entities.REASON_TASK.reward(text, record) == 1.0
     assert entities.REASON_TASK.reward("<think>\n人名：钱其琛\n</think>\n<answer>\n人名：无\n</answer>", record) == 0.0
