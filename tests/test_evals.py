@@ -147,7 +147,9 @@ def test_entity_trace_names_each_entity_and_parses_back():
     assert think_format.is_think_format(text)
     assert "专有名词共3个" in text and "\n2. “伦敦”是地点的名称，属于地名。\n3. “新华社”" in text
     none = entities.reason_trace(entities.Sentence("他说。", {k: [] for k in found}, []))
-    assert none.startswith("<think>\n专有名词共0个，句中没有人名") and "1. " not in none  # the count says it first
+    # a sentence without entities goes the same way, and 无 where a name belongs is its trace, not a dead end
+    assert none.startswith("<think>\n专有名词共0个，逐个判断类别：\n1. “无”——句中没有人名")
+    assert think_format.is_think_format(none) and entities.parse_entity_answer(none) == {k: [] for k in found}
     record = chat("q", text, task="entity_reason", entities=sentence.entities)
     assert entities.REASON_TASK.reward(text, record) == 1.0
     assert entities.REASON_TASK.reward("<think>\n人名：钱其琛\n</think>\n<answer>\n人名：无\n</answer>", record) == 0.0
