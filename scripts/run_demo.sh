@@ -46,13 +46,13 @@ stage tokenizer python train_tokenizer.py --max_chars 1500000
 stage pretrain  python train_pretrain.py --seed "$seed" --max_steps "$(steps 360)" --eval_every 0
 # SFT at 1e-3, twice the script's 5e-4 (its range test from out/pretrain bottoms out near 4e-3): held-out sentiment
 # 0.78 against 0.59 after the same 300 steps (docs/demo_experiments.md).
-# --replay_kl (LoRA 1, distillation 10: documents are three quarters of LoRA's scored tokens and a tenth of
-# distillation's) holds the model's distribution on the replayed documents to the stage's starting model's: from the
-# same models, the news perplexity after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974
-# against 0.976 (seed 7's DPO model: 459 / 0.976 against 512 / 0.984). SFT anchored reached 390 (427 without), but seed
-# 7's chain through it lost distillation's format (0.876; docs/demo_experiments.md: the anchor on the replayed text).
+# --replay_kl (SFT 2, LoRA 1, distillation 10: documents are a quarter of SFT's scored tokens, three quarters of
+# LoRA's and a tenth of distillation's) holds the model's distribution on the replayed documents to the stage's
+# starting model's: from the same models, the news perplexity after SFT 390 against 433 (sentiment 0.747 against
+# 0.770), after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974 against 0.976
+# (docs/demo_experiments.md: the anchor on the replayed text).
 stage sft       python train_sft.py --seed "$seed" --max_steps "$(steps 300)" --eval_every 0 --learning_rate 1e-3 \
-                    --prompt_loss_weight 0.1
+                    --prompt_loss_weight 0.1 --replay_kl 2
 # LoRA 120 steps (were 80): in 80 one seed's adapter never got past answering one verdict for every review (lora_acc
 # 0.500 with seed 7; 0.827 in 120 steps from the same SFT model and seed). Twice the rate did it too (0.803), but sent
 # the adapted model's news perplexity to 1e7-1e8 (docs/demo_experiments.md).
