@@ -14,11 +14,10 @@ The demo replays pretraining: 5% of its items are pretraining documents (`{"text
 token). Without them the chats overwrite the language model: the held-out news perplexity went from pretraining's
 688 to 10,493 in 300 steps (an earlier model); with 2%, 1,085. The demo also trains on the prompts at a tenth of the
 answers' weight (--prompt_loss_weight 0.1, run_demo.sh): from the `demo` model's 372, SFT ends at 427 against 587
-with 2% alone, sentiment within its interval. With --replay_kl 0.3 the documents also carry the pretrained model's
-whole next-token distribution (0.3 * KL(pretrained || model) on them, trainer/chat_stage.py's TextAnchor): 390,
-inside pretraining's interval, sentiment 0.777 against 0.810 (within its interval), for ~20% more time per step;
-not the demo's yet: seed 7's chain through that SFT model lost distillation's format (0.876). docs/demo_experiments.md
-has the figures.
+with 2% alone, sentiment within its interval. With --replay_kl 2 (the demo's) the documents also carry the
+pretrained model's whole next-token distribution (2 * KL(pretrained || model) at each of their tokens,
+trainer/chat_stage.py's TextAnchor): 390 against 433, inside pretraining's interval [349, 396], sentiment 0.747
+against 0.770 (within each other's intervals), for ~15% more time per step. docs/demo_experiments.md has the figures.
 
 With --teacher DIR the loss is knowledge distillation on the same assistant tokens (trainer/kd.py):
 (1 - kd_alpha) * CE + kd_alpha * T^2 * KL(teacher || student), logged as ce and kl.
