@@ -9,6 +9,7 @@ alike. docs/demo_experiments.md ("Copying") has the demo's figures.
 
 import json
 import random
+import statistics
 import sys
 
 import torch
@@ -39,9 +40,10 @@ def main():
         spans = [ids[:SPAN] for ids in (tokenizer(doc)["input_ids"] for doc in docs) if len(ids) >= SPAN][:SPANS]
         news = [repeat_losses(model, span) for span in spans]
         noise = [repeat_losses(model, [rng.randrange(100, len(tokenizer)) for _ in range(SPAN)]) for _ in spans]
-        mean = lambda pairs, k: sum(pair[k] for pair in pairs) / len(pairs)  # noqa: E731
-        print(f"{path}: news first {mean(news, 0):.2f}, repeat {mean(news, 1):.2f} | "
-              f"random tokens first {mean(noise, 0):.2f}, repeat {mean(noise, 1):.2f} nats")
+        (news_first, news_repeat), (noise_first, noise_repeat) = (map(statistics.fmean, zip(*pairs))
+                                                                  for pairs in (news, noise))
+        print(f"{path}: news first {news_first:.2f}, repeat {news_repeat:.2f} | "
+              f"random tokens first {noise_first:.2f}, repeat {noise_repeat:.2f} nats")
 
 
 if __name__ == "__main__":
