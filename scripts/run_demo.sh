@@ -31,7 +31,8 @@ stage clean     python -m scripts.clean_data --kind pretrain --script cjk --data
 stage tokenizer python train_tokenizer.py --max_chars 1500000
 # Validation runs once, at the end of each stage (--eval_every 0): mid-run passes cost ~25 s of the 15 minutes.
 # 360 pretraining and 14 GRPO steps (were 400 and 16): the chain took 13m15s on a quiet 2-core AMD EPYC (with LoRA's
-# earlier 80 steps; 120 add ~16 s) and 16-18 minutes when the same machine was busy; 320 pretraining + 280 SFT steps
+# earlier 80 steps; 120 add ~16 s) and 16-18 minutes when the same machine was busy (at 5875cd6, the demo model and
+# the anchors: 12m28s / 12m45s on seeds 42 / 7, quiet); 320 pretraining + 280 SFT steps
 # took 13m38s but left LoRA at chance and GRPO without a gain (docs/demo_experiments.md).
 # Pretraining uses Muon (train_pretrain.py's default): news perplexity 504 against AdamW's 688 in the same 360 steps.
 # The model is the `demo` preset (train_pretrain.py's default): hidden 224, 3 layers, at 1.05x mini's work per token;
