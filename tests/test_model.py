@@ -78,6 +78,7 @@ def test_logits_at_gives_the_full_logits_at_those_positions_and_their_gradients(
     """logits_at (the training losses' way to skip the output layer where nothing is scored) returns exactly the
     selected rows of the full logits, in row order, on packed rows too, and the same gradients reach the weights."""
     ours, _ = make_pair(tmp_path, **SHAPES["gqa2-tied"])
+    torch.manual_seed(0)  # the same ids and weights whatever ran before
     ids = torch.randint(3, VOCAB, (2, 9))
     segments = torch.tensor([[1] * 4 + [2] * 5, [1] * 7 + [0] * 2])
     positions = torch.tensor([list(range(4)) + list(range(5)), list(range(7)) + [0, 1]])
@@ -90,7 +91,8 @@ def test_logits_at_gives_the_full_logits_at_those_positions_and_their_gradients(
     weights = torch.randn(5, VOCAB)
     grads = [torch.autograd.grad((logits * weights).sum(), list(ours.parameters())) for logits in (full[at], picked)]
     for from_full, from_picked in zip(*grads):
-        torch.testing.assert_close(from_picked, from_full, atol=1e-6, rtol=1e-5)
+        # the same sums in another order (the head's matmul over 5 rows, not 18): fp32 rounding, no more
+        torch.testing.assert_close(from_picked, from_full, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="logits_at"):
         ours(ids, labels=ids, logits_at=at)
 
