@@ -46,6 +46,11 @@ items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over p
 distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds
 "<metric>_ci": [low, high].
 
+The table's last column, `anchors`, is no model: it is what a classical method scores on the same held-out records
+(evals/anchors.py), fitted on the training files of --data_dir: a TF-IDF character 1-3-gram logistic regression for
+sentiment_acc (on sft.jsonl's reviews) and lora_acc (on lora.jsonl's), a gazetteer of sft.jsonl's tagged entities for
+entity_f1. --no_anchors leaves it out; a task whose training file is missing has none.
+
 answer_kind counts, for each chat model, how many of the default side-by-side prompts got an answer of the right
 kind, as the tasks' parsers read it: a label for the sentiment prompt, at least one name for the entity prompt, a
 number for the arithmetic one (right or not).
@@ -73,6 +78,7 @@ from dataset.formats import iter_records
 from dataset.io import atomic_write_text
 from dataset.tokenizer import load_tokenizer
 from evals import GENERATION_TASKS, LIKELIHOOD_TASKS, METRICS, OUTPUT_CHECKS, TASKS
+from evals.anchors import COLUMN as ANCHORS
 from evals.base import GenerationTask, LikelihoodTask
 from evals.intervals import DRAWS, check_intervals, generation_intervals, likelihood_intervals
 from evals.report import Interval, environment, metric_cell, write_report
@@ -180,6 +186,8 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
     names = [name for name, _ in pairs]
     if len(set(names)) < len(names):
         raise UsageError(f"model names must differ, got {names}; name them: --models NAME=DIR,...")
+    if ANCHORS in names:
+        raise UsageError(f"no model may be named {ANCHORS!r}: the metrics table's column of the anchors has it")
     return [model_spec(name, directory, args.base) for name, directory in pairs]
 
 
@@ -300,6 +308,28 @@ def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
     return {m: metrics[m] for m in ordered}, {m: intervals[m] for m in ordered if m in intervals}
 
 
+def anchor_metrics(data_dir: str | Path, sets: dict[str, list[dict]],
+                   draws: int = DRAWS) -> tuple[dict[str, float], dict[str, Interval]]:
+    """The anchors' metrics and intervals (evals/anchors.py): every task with an anchor whose training file is in
+    data_dir answers its held-out records with its anchor, and is scored as a model's answers are."""
+    metrics: dict[str, float] = {}
+    intervals: dict[str, Interval] = {}
+    training: dict[Path, list[dict]] = {}
+    for task in GENERATION_TASKS:
+        path = Path(data_dir, task.anchor_file) if task.anchor_file else None
+        if path is None or not path.is_file() or not sets.get(task.name):
+            continue
+        if path not in training:
+            training[path] = list(iter_records(str(path), "chat"))
+        answers = task.anchor_answers(training[path], sets[task.name])
+        if answers is not None:
+            scores = task.score(answers, sets[task.name])
+            metrics.update(scores)
+            intervals.update(generation_intervals(task, answers, sets[task.name], scores, draws))
+    ordered = [metric for metric in METRICS if metric in metrics]
+    return {m: metrics[m] for m in ordered}, {m: intervals[m] for m in ordered if m in intervals}
+
+
 def answer_kinds(prompts: list[str], answers: list[str]) -> dict[str, bool]:
     """For each default side-by-side prompt among `prompts`: whether the answer to it is of the kind it asks for."""
     return {prompt: PROMPT_KINDS[prompt][1](answer) for prompt, answer in zip(prompts, answers)
@@ -373,6 +403,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write {model: {metric: value}} to this file (implies --metrics)")
     p.add_argument("--data_dir", default=DEMO_DIR, help="folder with the held-out *_eval.jsonl files")
     p.add_argument("--limit", type=int, default=300, help="held-out items per task (0: all)")
+    p.add_argument("--no_anchors", action="store_true",
+                   help="leave out the anchors' column (a TF-IDF logistic regression and a gazetteer fitted on the "
+                        "training files of --data_dir: evals/anchors.py)")
     p.add_argument("--ci_draws", type=int, default=DRAWS, help="bootstrap resamples per confidence interval")
     p.add_argument("--report", nargs="?", const="out/report.md",
                    help="write the report card here (default out/report.md) and its loss curves beside it as .png "
@@ -429,6 +462,13 @@ def main() -> None:
         del model
 
     print(format_answers(args.prompts, answers))
+    if args.metrics and not args.no_anchors:
+        start = time.time()
+        metrics, anchor_intervals = anchor_metrics(args.data_dir, sets, args.ci_draws)
+        if metrics:
+            results[ANCHORS], intervals[ANCHORS] = metrics, anchor_intervals
+            log(f"{ANCHORS} (evals/anchors.py, fitted on the training files of {args.data_dir}): "
+                f"{time.time() - start:.1f}s")
     if args.metrics:
         counts = ", ".join(f"{name} {len(records)}" for name, records in sets.items())
         print(f"\n== metrics with 95% intervals (held-out sets in {args.data_dir}, items per task: {counts})")

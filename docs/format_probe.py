@@ -15,6 +15,7 @@ import sys
 import torch
 
 import eval_model
+from evals import TASKS
 from evals.think_format import is_think_format
 
 
@@ -24,13 +25,12 @@ def main():
     runner = eval_model.Runner(torch.device("cpu"), torch.bfloat16, 32)
     sets = eval_model.load_eval_sets("dataset/demo", 0)
     rows = []
-    for task in eval_model.GENERATION_TASKS:
-        if task.name in ("arith", "entity_reason"):
-            answers = eval_model.generate_answers(model, tokenizer, task, sets[task.name], runner)
-            for record, answer in zip(sets[task.name], answers):
-                entities = record["meta"].get("entities")
-                rows.append({"task": task.name, "ok": is_think_format(answer), "answer": answer,
-                             "entities": None if entities is None else sum(map(len, entities.values()))})
+    for task in (TASKS["arith"], TASKS["entity_reason"]):
+        answers = eval_model.generate_answers(model, tokenizer, task, sets[task.name], runner)
+        for record, answer in zip(sets[task.name], answers):
+            entities = record["meta"].get("entities")
+            rows.append({"task": task.name, "ok": is_think_format(answer), "answer": answer,
+                         "entities": None if entities is None else sum(map(len, entities.values()))})
     failed = [row for row in rows if not row["ok"]]
     why = collections.Counter("no </answer>" if "</answer>" not in row["answer"] else "a tag missing or repeated"
                               for row in failed)

@@ -72,6 +72,7 @@ class GenerationTask(Task):
     """A task the model answers: the prompt is the record's conversation before its last assistant turn."""
 
     max_new_tokens: int  # answer budget (greedy); an answer cut off at the limit is scored as it stands
+    anchor_file: str | None = None  # the training file of the demo folder its anchor is fitted on (evals/anchors.py)
 
     def prompt_messages(self, record: dict) -> Messages:
         """The messages the model completes."""
@@ -84,6 +85,11 @@ class GenerationTask(Task):
     def item_metrics(self, text: str, record: dict) -> dict[str, float]:
         """One answer's score on each metric that is a mean over answers: by default its reward."""
         return {self.metrics[0]: self.reward(text, record)}
+
+    def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
+        """The anchor's answer to each held-out record, fitted on anchor_file's records (evals/anchors.py); None when
+        they hold nothing to fit on."""
+        raise NotImplementedError(f"task {self.name} has no anchor")
 
     def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
         """The task's metrics: by default the mean of item_metrics (accuracies when they are 0 or 1)."""

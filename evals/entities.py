@@ -10,6 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from evals.anchors import Gazetteer, last_user_text, template_field, user_answer_turns
 from evals.base import GenerationTask, Turn, chat_record
 from evals.think_format import answer_block, trace
 
@@ -94,6 +95,11 @@ def entity_f1(predicted: list[Entities], gold: list[Entities]) -> dict[str, floa
     return {"entity_f1": sum(scores.values()) / len(scores), **scores}
 
 
+def sentence_of(question: str) -> str | None:
+    """The sentence an entity question (one of PROMPTS or FOLLOWUPS) asks about; None for any other text."""
+    return template_field(PROMPTS + FOLLOWUPS, question, "sentence")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Records
 
@@ -172,6 +178,7 @@ class EntityTask(GenerationTask):
     record_task = "entity"
     max_new_tokens = 48
     metrics = ("entity_f1", *(f"entity_f1_{kind}" for kind in ENTITY_LABELS))
+    anchor_file = "sft.jsonl"
 
     def parse(self, text: str) -> Entities:
         return parse_entity_answer(text)
@@ -184,6 +191,17 @@ class EntityTask(GenerationTask):
         """entity_f1 of this one answer: 1.0 when exactly the record's entities, partial credit per type."""
         return entity_f1([parse_entity_answer(text)], [record["meta"]["entities"]])["entity_f1"]
 
+    def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
+        """The three lines of a gazetteer's finds (evals/anchors.py): every name the training chats' entity answers
+        tag, under the kind it was tagged with most often, found in the held-out sentence by the longest match."""
+        tagged = [parse_entity_answer(answer) for record in train_records
+                  for question, answer in user_answer_turns(record["messages"]) if sentence_of(question) is not None]
+        if not any(names for entities in tagged for names in entities.values()):
+            return None
+        gazetteer = Gazetteer(tagged)
+        return [format_entity_answer(gazetteer.find(sentence_of(last_user_text(record)) or "", ENTITY_LABELS))
+                for record in records]
+
 
 class EntityReasonTask(EntityTask):
     """Entity traces: scored by their format (evals.format) and repetition; the reward is the <answer>'s F1."""
@@ -193,6 +211,7 @@ class EntityReasonTask(EntityTask):
     record_task = "entity_reason"
     max_new_tokens = 160
     metrics = ()
+    anchor_file = None
 
     def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
         """No metric of its own (the report has none): its answers count in think_format and distinct2."""

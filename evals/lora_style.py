@@ -12,6 +12,7 @@ demo_experiments.md). Both verdicts here are tokens the model already knows, so 
 
 import random
 
+from evals.anchors import fit_classifier, last_user_text, template_field, user_answer_turns
 from evals.base import GenerationTask, chat_record
 
 PROMPTS = ["看了这条评论，你会推荐它评价的东西吗？只回答：推荐 或 不推荐。\n{review}",
@@ -44,6 +45,7 @@ class LoraSentiment(GenerationTask):
     record_kind = "chat"
     max_new_tokens = 8
     metrics = ("lora_acc",)
+    anchor_file = "lora.jsonl"
 
     def parse(self, text: str) -> str | None:
         return parse_verdict(text)
@@ -51,6 +53,18 @@ class LoraSentiment(GenerationTask):
     def reward(self, text: str, record: dict) -> float:
         """1.0 when the answer names the record's verdict (and not the other), else 0.0."""
         return float(parse_verdict(text) == record["meta"]["label"])
+
+    def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
+        """The verdict of a TF-IDF character 1-3-gram logistic regression (evals/anchors.py), fitted on the reviews
+        and verdicts of the training chats (the adapter's own training set)."""
+        classifier = fit_classifier([(review, verdict) for record in train_records
+                                     for question, answer in user_answer_turns(record["messages"])
+                                     if (review := template_field(PROMPTS, question, "review")) is not None
+                                     and (verdict := parse_verdict(answer)) is not None])
+        if classifier is None:
+            return None
+        return classifier.predict([template_field(PROMPTS, last_user_text(record), "review") or ""
+                                   for record in records])
 
 
 TASK = LoraSentiment()

@@ -8,6 +8,7 @@ whose answer parses to the right label.
 import random
 import re
 
+from evals.anchors import fit_classifier, last_user_text, template_field, user_answer_turns
 from evals.base import GenerationTask, Turn, chat_record
 
 LABELS = ("正面", "负面")
@@ -54,6 +55,11 @@ def parse_sentiment_answer(text: str) -> str | None:
     return labels.pop() if len(labels) == 1 else None
 
 
+def review_of(question: str) -> str | None:
+    """The review a sentiment question (one of PROMPTS or FOLLOWUPS) asks about; None for any other text."""
+    return template_field(PROMPTS + FOLLOWUPS, question, "review")
+
+
 class Sentiment(GenerationTask):
     """sentiment_acc: the share of answers that parse to the record's label."""
 
@@ -63,6 +69,7 @@ class Sentiment(GenerationTask):
     record_task = "sentiment"
     max_new_tokens = 16
     metrics = ("sentiment_acc",)
+    anchor_file = "sft.jsonl"
 
     def parse(self, text: str) -> str | None:
         return parse_sentiment_answer(text)
@@ -70,6 +77,18 @@ class Sentiment(GenerationTask):
     def reward(self, text: str, record: dict) -> float:
         """1.0 when the answer states the record's label, else 0.0."""
         return float(parse_sentiment_answer(text) == record["meta"]["label"])
+
+    def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
+        """The label of a TF-IDF character 1-3-gram logistic regression (evals/anchors.py), fitted on the reviews
+        of the training chats' sentiment turns, as the reference answer sentence."""
+        classifier = fit_classifier([(review, label) for record in train_records
+                                     for question, answer in user_answer_turns(record["messages"])
+                                     if (review := review_of(question)) is not None
+                                     and (label := parse_sentiment_answer(answer)) is not None])
+        if classifier is None:
+            return None
+        labels = classifier.predict([review_of(last_user_text(record)) or "" for record in records])
+        return [CORE_ANSWERS[label] for label in labels]
 
 
 TASK = Sentiment()
