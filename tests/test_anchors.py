@@ -121,7 +121,9 @@ def test_cli_shows_the_anchors_column_unless_told_not_to(tmp_path, chat_checkpoi
     folder = anchor_folder(tmp_path / "demo")
     common = ["--models", f"sft={chat_checkpoint['model']}", "--data_dir", folder, "--dtype", "fp32",
               "--max_new_tokens", "4", "--threads", "1", "--ci_draws", "50", "--prompts", "你是谁？"]
-    result = run_script("eval_model.py", *common, "--json", tmp_path / "a.json")
+    result = run_script("eval_model.py", *common, "--json", tmp_path / "a.json", "--report", tmp_path / "r.md")
+    page = (tmp_path / "r.md").read_text()
+    assert f"| metric (95% interval) | sft | {eval_model.ANCHORS} |" in page and "column is no model" in page
     results = json.loads((tmp_path / "a.json").read_text())
     assert list(results) == ["sft", eval_model.ANCHORS]
     assert results[eval_model.ANCHORS]["sentiment_acc"] == 1.0 and "sentiment_acc_ci" in results[eval_model.ANCHORS]
