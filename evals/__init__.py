@@ -10,7 +10,8 @@
     repetition.py    distinct character bigrams of any answer: distinct2
 
 dataset/demo.py writes the records, eval_model.py runs TASKS in order (their metrics are the report's rows, in
-this order), and an RL reward is TASKS[name].reward(completion_text, record).
+this order), and an RL reward is TASKS[name].reward(completion_text, record). Sentiment, entities and the LoRA task
+also answer with an anchor, a classical method fitted on a training file (anchors.py: the table's last column).
 """
 
 from evals import arithmetic, entities, lora_style, perplexity, preference, repetition, sentiment, think_format
