@@ -304,6 +304,12 @@ def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
             scores = check.score(texts)
             metrics.update(scores)
             intervals.update(check_intervals(check, texts, scores, draws))
+    return in_report_order(metrics, intervals)
+
+
+def in_report_order(metrics: dict[str, float],
+                    intervals: dict[str, Interval]) -> tuple[dict[str, float], dict[str, Interval]]:
+    """The metrics and their intervals in METRICS order (the report's rows)."""
     ordered = [metric for metric in METRICS if metric in metrics]
     return {m: metrics[m] for m in ordered}, {m: intervals[m] for m in ordered if m in intervals}
 
@@ -326,8 +332,7 @@ def anchor_metrics(data_dir: str | Path, sets: dict[str, list[dict]],
             scores = task.score(answers, sets[task.name])
             metrics.update(scores)
             intervals.update(generation_intervals(task, answers, sets[task.name], scores, draws))
-    ordered = [metric for metric in METRICS if metric in metrics]
-    return {m: metrics[m] for m in ordered}, {m: intervals[m] for m in ordered if m in intervals}
+    return in_report_order(metrics, intervals)
 
 
 def answer_kinds(prompts: list[str], answers: list[str]) -> dict[str, bool]:

@@ -17,27 +17,17 @@ from sklearn.linear_model import LogisticRegression
 import eval_model
 from dataset.formats import iter_records
 from evals import lora_style, sentiment
-from evals.anchors import TfidfLogisticRegression, last_user_text, template_field, user_answer_turns
-
-
-def examples(path: str, text_of, label_of) -> list[tuple[str, str]]:
-    """(text, label) of every training turn the task's anchor fits on."""
-    return [(text, label) for record in iter_records(path, "chat")
-            for question, answer in user_answer_turns(record["messages"])
-            if (text := text_of(question)) is not None and (label := label_of(answer)) is not None]
+from evals.anchors import TfidfLogisticRegression, labelled_turns, last_user_text
 
 
 def main():
     sets = eval_model.load_eval_sets("dataset/demo", 300)
 
-    def lora_review(question):
-        return template_field(lora_style.PROMPTS, question, "review")
-
     cases = {
-        "sentiment": (examples("dataset/demo/sft.jsonl", sentiment.review_of, sentiment.parse_sentiment_answer),
-                      sentiment.review_of, sets["sentiment"]),
-        "lora": (examples("dataset/demo/lora.jsonl", lora_review, lora_style.parse_verdict), lora_review,
-                 sets["lora"]),
+        "sentiment": (labelled_turns(iter_records("dataset/demo/sft.jsonl", "chat"), sentiment.review_of,
+                                     sentiment.parse_sentiment_answer), sentiment.review_of, sets["sentiment"]),
+        "lora": (labelled_turns(iter_records("dataset/demo/lora.jsonl", "chat"), lora_style.review_of,
+                                lora_style.parse_verdict), lora_style.review_of, sets["lora"]),
     }
     for name, (train, text_of, records) in cases.items():
         texts, labels = zip(*train)

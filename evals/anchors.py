@@ -14,7 +14,8 @@ its features against the formulas, docs/demo_experiments.md its predictions agai
 import math
 import re
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -140,6 +141,25 @@ class Gazetteer:
             else:
                 i += 1
         return found
+
+
+def labelled_turns(records: Iterable[dict], text_of: Callable[[str], str | None],
+                   label_of: Callable[[str], Any]) -> list[tuple[str, Any]]:
+    """(text_of(question), label_of(answer)) of every user turn and its answer in the records where both are found
+    (not None): a task's labelled training examples."""
+    return [(text, label) for record in records for question, answer in user_answer_turns(record["messages"])
+            if (text := text_of(question)) is not None and (label := label_of(answer)) is not None]
+
+
+def classify(train_records: Iterable[dict], records: Sequence[dict], text_of: Callable[[str], str | None],
+             label_of: Callable[[str], Hashable]) -> list[Hashable] | None:
+    """TfidfLogisticRegression fitted on the training records' labelled turns (labelled_turns), and its label for
+    the text of each held-out record's question (an empty text where text_of finds none); None when the turns do
+    not hold two labels."""
+    classifier = fit_classifier(labelled_turns(train_records, text_of, label_of))
+    if classifier is None:
+        return None
+    return classifier.predict([text_of(last_user_text(record)) or "" for record in records])
 
 
 def fit_classifier(examples: Sequence[tuple[str, Hashable]]) -> TfidfLogisticRegression | None:

@@ -10,7 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from evals.anchors import Gazetteer, last_user_text, template_field, user_answer_turns
+from evals.anchors import Gazetteer, labelled_turns, last_user_text, template_field
 from evals.base import GenerationTask, Turn, chat_record
 from evals.think_format import answer_block, trace
 
@@ -194,8 +194,7 @@ class EntityTask(GenerationTask):
     def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
         """The three lines of a gazetteer's finds (evals/anchors.py): every name the training chats' entity answers
         tag, under the kind it was tagged with most often, found in the held-out sentence by the longest match."""
-        tagged = [parse_entity_answer(answer) for record in train_records
-                  for question, answer in user_answer_turns(record["messages"]) if sentence_of(question) is not None]
+        tagged = [found for _, found in labelled_turns(train_records, sentence_of, parse_entity_answer)]
         if not any(names for entities in tagged for names in entities.values()):
             return None
         gazetteer = Gazetteer(tagged)

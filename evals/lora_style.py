@@ -12,7 +12,7 @@ demo_experiments.md). Both verdicts here are tokens the model already knows, so 
 
 import random
 
-from evals.anchors import fit_classifier, last_user_text, template_field, user_answer_turns
+from evals.anchors import classify, template_field
 from evals.base import GenerationTask, chat_record
 
 PROMPTS = ["看了这条评论，你会推荐它评价的东西吗？只回答：推荐 或 不推荐。\n{review}",
@@ -26,6 +26,11 @@ def record(rng: random.Random, review: str, label: str, heldout: bool = False) -
     user = rng.choice(PROMPTS).format(review=review)
     fields = {"task": "lora_sentiment", "label": LABELS[label]} if heldout else {}
     return chat_record([(user, LABELS[label])], **fields)
+
+
+def review_of(question: str) -> str | None:
+    """The review a LoRA-task question (one of PROMPTS) asks about; None for any other text."""
+    return template_field(PROMPTS, question, "review")
 
 
 def parse_verdict(text: str) -> str | None:
@@ -57,14 +62,7 @@ class LoraSentiment(GenerationTask):
     def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
         """The verdict of a TF-IDF character 1-3-gram logistic regression (evals/anchors.py), fitted on the reviews
         and verdicts of the training chats (the adapter's own training set)."""
-        classifier = fit_classifier([(review, verdict) for record in train_records
-                                     for question, answer in user_answer_turns(record["messages"])
-                                     if (review := template_field(PROMPTS, question, "review")) is not None
-                                     and (verdict := parse_verdict(answer)) is not None])
-        if classifier is None:
-            return None
-        return classifier.predict([template_field(PROMPTS, last_user_text(record), "review") or ""
-                                   for record in records])
+        return classify(train_records, records, review_of, parse_verdict)
 
 
 TASK = LoraSentiment()

@@ -8,7 +8,7 @@ whose answer parses to the right label.
 import random
 import re
 
-from evals.anchors import fit_classifier, last_user_text, template_field, user_answer_turns
+from evals.anchors import classify, template_field
 from evals.base import GenerationTask, Turn, chat_record
 
 LABELS = ("正面", "负面")
@@ -81,14 +81,8 @@ class Sentiment(GenerationTask):
     def anchor_answers(self, train_records: list[dict], records: list[dict]) -> list[str] | None:
         """The label of a TF-IDF character 1-3-gram logistic regression (evals/anchors.py), fitted on the reviews
         of the training chats' sentiment turns, as the reference answer sentence."""
-        classifier = fit_classifier([(review, label) for record in train_records
-                                     for question, answer in user_answer_turns(record["messages"])
-                                     if (review := review_of(question)) is not None
-                                     and (label := parse_sentiment_answer(answer)) is not None])
-        if classifier is None:
-            return None
-        labels = classifier.predict([review_of(last_user_text(record)) or "" for record in records])
-        return [CORE_ANSWERS[label] for label in labels]
+        labels = classify(train_records, records, review_of, parse_sentiment_answer)
+        return None if labels is None else [CORE_ANSWERS[label] for label in labels]
 
 
 TASK = Sentiment()
