@@ -13,7 +13,10 @@ import sys
 import torch
 
 import eval_model
+from dataset.formats import normalise_chat
 from evals import TASKS
+from evals.anchors import last_user_text
+from evals.base import chat_record
 from evals.intervals import wilson_interval
 from evals.lora_style import LABELS, review_of
 from evals.sentiment import CORE_ANSWERS, PROMPTS
@@ -23,9 +26,8 @@ from trainer.runtime import resolve_dtype
 def sentiment_record(review: str, verdict: str) -> dict:
     """The sentiment question about a LoRA held-out review, labelled with the sentiment its verdict stands for."""
     label = next(label for label, said in LABELS.items() if said == verdict)
-    return {"messages": [{"role": "user", "content": PROMPTS[0].format(review=review)},
-                         {"role": "assistant", "content": CORE_ANSWERS[label]}],
-            "meta": {"task": "sentiment", "label": label}}
+    return normalise_chat(chat_record([(PROMPTS[0].format(review=review), CORE_ANSWERS[label])],
+                                      task="sentiment", label=label))
 
 
 def main():
@@ -34,7 +36,7 @@ def main():
     runner = eval_model.Runner(device, resolve_dtype("auto", device), 64)
     records = eval_model.load_eval_sets("dataset/demo", 0)["lora"]
     verdicts = [record["meta"]["label"] for record in records]
-    questions = [sentiment_record(review_of(record["messages"][0]["content"]), verdict)
+    questions = [sentiment_record(review_of(last_user_text(record)), verdict)
                  for record, verdict in zip(records, verdicts)]
 
     model, tokenizer = eval_model.load_model(eval_model.model_spec("base", base), device)
