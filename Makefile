@@ -19,15 +19,13 @@ $(VENV)/installed: requirements.txt
 demo: $(VENV)/installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/run_demo.sh
 
-# The suite on two pytest-xdist workers: most of a test's time is a script's start (importing torch and transformers,
-# ~4.5 s, one core), so two at once on 2 cores took 11m55s against 18m29s one at a time (AMD EPYC, the same tree).
-# TEST_WORKERS=0 runs them in this process, one after the other.
-TEST_WORKERS ?= 2
+# One process, not pytest-xdist: two workers took 11m55s against 18m29s on 2 AMD EPYC cores, but one run of four stalled
+# ~7 minutes in the interrupted-preparation test (dataset/prepared.py's Pool.terminate, the pool forked from an xdist
+# worker), and a hung CI is a red one.
 test: $(VENV)/installed
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest
 
-# The edit-test loop: everything but the tests marked slow (end-to-end runs, torchrun, benchmarks). One process:
-# two workers gave these in-process tests nothing (73 s against 70 s).
+# The edit-test loop: everything but the tests marked slow (end-to-end runs, torchrun, benchmarks).
 test-fast: $(VENV)/installed
 	$(PY) -m pytest -m "not slow"
 
