@@ -14,9 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
 from collections.abc import Iterator
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from dataset.errors import DataError, SkipCounter
 from dataset.formats import file_format, parse_record, raw_records
 from dataset.io import atomic_path, atomic_write_json
 from dataset.tokenizer import ENDOFTEXT
+from dataset.workers import ordered_results
 
 EOT_TOKEN = ENDOFTEXT
 LINES_PER_CHUNK = 2048
@@ -124,21 +123,6 @@ def _read_chunks(path: str) -> Iterator[tuple[list[RawRecord], int]]:
         yield records, progress
 
 
-def _tokenized_chunks(chunks: Iterator, pool, window: int) -> Iterator[tuple]:
-    """Results of _tokenize_chunk in input order, at most `window` chunks in flight. (Pool.imap would read the
-    whole input into its task queue whenever the workers fall behind; a multi-GB file must not.)"""
-    if pool is None:
-        yield from map(_tokenize_chunk, chunks)
-        return
-    pending = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
 def tokenizer_hash(tokenizer_file: Path) -> str:
     """First 16 hex digits of the sha256 of tokenizer.json's bytes."""
     return hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()[:16]
@@ -227,37 +211,31 @@ def prepare_bins(
     streamed = file_format(data_path) == "jsonl"  # progress in bytes, else in records
     bar = dict(total=source_stat.st_size, unit="B", unit_scale=True) if streamed else dict(unit=" records")
     init_args = (str(tokenizer_file), str(data_path), eot_id)
-    pool = Pool(num_workers, initializer=_init_worker, initargs=init_args) if num_workers > 1 else None
-    if pool is None:
-        _init_worker(*init_args)
-    try:
-        # Written aside and renamed into place when complete: a bin under its real name is always whole.
-        with atomic_path(bin_path) as tmp_bin:
-            # disable=None: no bar when stderr is not a terminal (in a log every redraw would be another line)
-            with open(tmp_bin, "wb") as out, tqdm(desc=source.name, disable=quiet or None, **bar) as progress:
-                results = _tokenized_chunks(_read_chunks(data_path), pool, window=2 * num_workers + 2)
-                for tokens, lengths, hashes, errors, done in results:
-                    progress.update(done)
-                    for lineno, reason in errors:
-                        err = DataError(data_path, lineno, reason)
-                        if not skip_bad:
-                            raise err
-                        skipped.add(err)
-                    keep = np.ones(len(lengths), dtype=bool)
-                    for i, text_hash in enumerate(hashes.tolist()):
-                        keep[i] = text_hash not in seen
-                        seen.add(text_hash)
-                    if not keep.all():
-                        tokens = tokens[np.repeat(keep, lengths)]
-                    out.write(tokens.tobytes())
-                    n_docs += int(keep.sum())
-                    n_duplicates += int((~keep).sum())
-                    n_tokens += len(tokens)
-            if n_docs == 0:
-                raise DataError(data_path, 0, f"no usable documents; {skipped.summary()}")
-    finally:
-        if pool is not None:
-            pool.terminate()
+    # Written aside and renamed into place when complete: a bin under its real name is always whole.
+    with atomic_path(bin_path) as tmp_bin:
+        # disable=None: no bar when stderr is not a terminal (in a log every redraw would be another line)
+        with (open(tmp_bin, "wb") as out, tqdm(desc=source.name, disable=quiet or None, **bar) as progress,
+              ordered_results(_tokenize_chunk, _read_chunks(data_path), num_workers, _init_worker,
+                              init_args) as results):
+            for tokens, lengths, hashes, errors, done in results:
+                progress.update(done)
+                for lineno, reason in errors:
+                    err = DataError(data_path, lineno, reason)
+                    if not skip_bad:
+                        raise err
+                    skipped.add(err)
+                keep = np.ones(len(lengths), dtype=bool)
+                for i, text_hash in enumerate(hashes.tolist()):
+                    keep[i] = text_hash not in seen
+                    seen.add(text_hash)
+                if not keep.all():
+                    tokens = tokens[np.repeat(keep, lengths)]
+                out.write(tokens.tobytes())
+                n_docs += int(keep.sum())
+                n_duplicates += int((~keep).sum())
+                n_tokens += len(tokens)
+        if n_docs == 0:
+            raise DataError(data_path, 0, f"no usable documents; {skipped.summary()}")
     seconds = time.perf_counter() - start
     index = {
         "source": str(source.resolve()),

@@ -7,6 +7,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 # Details that differ from line to line but not from one kind of problem to another: the JSON column, the
@@ -100,7 +101,8 @@ class SkipCounter:
 
 
 def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
-    """Run an entry point's main(); a bad record or user mistake prints `error: ...` and exits 2, no traceback."""
+    """Run an entry point's main(); a bad record or user mistake prints `error: ...` and exits 2, Ctrl-C prints
+    `interrupted` and exits 130 (as a shell reports it), no traceback either way."""
 
     @functools.wraps(main)
     def wrapper():
@@ -116,5 +118,13 @@ def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
                   "renamed, so the last complete one is intact: free space, then run again (training: --resume)",
                   file=sys.stderr)
             sys.exit(2)
+        except BrokenProcessPool:  # dataset/workers.py: a tokenizer process was killed
+            print("error: a worker process died while preparing data (killed, or out of memory?); nothing half-done "
+                  "was kept: run again, with a smaller --num_workers if memory is short", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves a checkpoint first; see trainer/)
+            print("interrupted: every file is written aside and renamed when complete, so nothing half-written is "
+                  "left under its real name", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

