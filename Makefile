@@ -19,11 +19,13 @@ $(VENV)/installed: requirements.txt
 demo: $(VENV)/installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/run_demo.sh
 
-# One process, not pytest-xdist: two workers took 11m55s against 18m29s on 2 AMD EPYC cores, but one run of four stalled
-# ~7 minutes in the interrupted-preparation test (dataset/prepared.py's Pool.terminate, the pool forked from an xdist
-# worker), and a hung CI is a red one.
+# The suite on two pytest-xdist workers: most of a test's time is a script's start (importing torch and transformers,
+# ~4.5 s, one core), so two at once on 2 cores take ~12 minutes against ~18 one at a time (AMD EPYC). (Tried once
+# before and reverted: one run stalled 7 minutes in multiprocessing.Pool.terminate, which dataset/workers.py no
+# longer uses.) TEST_WORKERS=0 runs the tests in this process, one after the other.
+TEST_WORKERS ?= 2
 test: $(VENV)/installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 # The edit-test loop: everything but the tests marked slow (end-to-end runs, torchrun, benchmarks).
 test-fast: $(VENV)/installed
