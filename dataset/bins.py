@@ -202,7 +202,6 @@ def prepare_bins(
     if eot_id is None:
         raise DataError(str(tokenizer_file), 0, f"no {EOT_TOKEN} token to separate documents")
 
-    num_workers = num_workers or min(4, os.cpu_count() or 1)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     skipped = SkipCounter()
     seen: set[int] = set()

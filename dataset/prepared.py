@@ -27,7 +27,6 @@ import hashlib
 import inspect
 import itertools
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -295,7 +294,6 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
     paths["index"].unlink(missing_ok=True)  # from here on, nothing under this name is trusted until the new index
     start = time.perf_counter()
     writer = _Writer(stage, tokenizer, options, max_seq_len, system_prompt_ratio, seed, skip_bad)
-    num_workers = num_workers or min(4, os.cpu_count() or 1)
     worker_options = {**options, "dtype": dtype, "window": max_seq_len + 1, "draws": system_prompt_ratio > 0}
     init_args = (tokenizer.backend_tokenizer.to_str(), worker_options)
     total = sum(s["size"] for s in sources)

@@ -9,6 +9,7 @@ chunk in hand, the parent alone stops, chunks not yet started are cancelled, and
 worker that dies anyway (out of memory, kill -9) raises BrokenProcessPool in the parent instead of hanging.
 """
 
+import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,9 +37,10 @@ def _in_order(pool: ProcessPoolExecutor, fn: Callable, chunks: Iterable, window:
 @contextmanager
 def ordered_results(fn: Callable, chunks: Iterable, num_workers: int, initializer: Callable,
                     initargs: tuple) -> Iterator[Iterator]:
-    """An iterator of fn(chunk) for each chunk, in input order, computed in `num_workers` processes that each ran
-    initializer(*initargs) first (at most 2 * num_workers + 2 chunks in flight); with one worker, in this process.
-    Leaving the block, however it is left, cancels what has not started and joins the workers."""
+    """An iterator of fn(chunk) for each chunk, in input order, computed in `num_workers` processes (0: min(4, CPUs))
+    that each ran initializer(*initargs) first (at most 2 * num_workers + 2 chunks in flight); with one worker, in
+    this process. Leaving the block, however it is left, cancels what has not started and joins the workers."""
+    num_workers = num_workers or min(4, os.cpu_count() or 1)
     if num_workers <= 1:
         initializer(*initargs)
         yield map(fn, chunks)

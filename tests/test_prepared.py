@@ -261,6 +261,14 @@ def test_an_interrupted_preparation_leaves_nothing_that_is_trusted(tmp_path, tok
                       SFTDataset(str(path), tokenizer, 96, quiet=True, in_memory=True))
 
 
+def wait_until_writing(proc: subprocess.Popen, cache) -> None:
+    """Until the preparation in `proc` has written into its temporary files in `cache` (or ended, or 2 minutes)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(
+            ".tmp-" in p.name and p.stat().st_size > 0 for p in cache.glob("*")):
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_a_killed_preparation_is_never_used(tmp_path, tokenizer, tokenizer_dir):
     """SIGKILL (no cleanup at all) while the files are being written: what is left is hidden temporary files
@@ -276,10 +284,7 @@ def test_a_killed_preparation_is_never_used(tmp_path, tokenizer, tokenizer_dir):
                                  max_seq_len=96, num_workers=1, quiet=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not any(
-            ".tmp-" in p.name and p.stat().st_size > 0 for p in cache.glob("*")):
-        time.sleep(0.01)
+    wait_until_writing(proc, cache)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the preparation finished before it could be killed"
@@ -313,10 +318,7 @@ def test_a_stopped_preparation_with_workers_exits_cleanly(tmp_path, tokenizer_di
                             text=True, start_new_session=True,  # its own process group, as a shell gives a job
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not any(
-                ".tmp-" in p.name and p.stat().st_size > 0 for p in cache.glob("*")):
-            time.sleep(0.01)
+        wait_until_writing(proc, cache)
         if stop == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
         else:
