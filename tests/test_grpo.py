@@ -1,6 +1,7 @@
 """GRPO: a tiny model learns a cheap behaviour, train_grpo.py end to end on prompt files (every prompt shape, reward
 functions and a reward model, the logged metrics), 2 ranks = 1 rank x double batch, exact resume after kill -9."""
 
+import json
 import math
 from argparse import Namespace
 
@@ -193,6 +194,22 @@ def test_resumes_bitwise_after_kill(tmp_path, chat_checkpoint, prompt_files):
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert metric_losses(killed) == metric_losses(straight)
+
+
+@pytest.mark.slow
+def test_a_fresh_run_replaces_an_earlier_runs_states(tmp_path, chat_checkpoint, prompt_files):
+    """A run that does not --resume starts over in its out_dir: its first save removes the earlier run's train states,
+    so a later --resume continues this run, not the earlier one's step 4."""
+    args = ["--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"], *RL_TINY,
+            "--save_every", "2", "--sample_every", "0", "--out_dir", tmp_path]
+    run_script("train_grpo.py", *args, "--max_steps", "4")
+    assert sorted(p.name for p in (tmp_path / "train_state").iterdir()) == ["step_00000002", "step_00000004"]
+    run_script("train_grpo.py", *args, "--max_steps", "2")
+    assert sorted(p.name for p in (tmp_path / "train_state").iterdir()) == ["step_00000002"]
+    state = json.loads((tmp_path / "train_state" / "step_00000002" / "state.json").read_text())
+    assert state["stage"] == "grpo" and state["shape"]["hidden_size"] == LM.from_pretrained(tmp_path).config.hidden_size
+    result = run_script("train_grpo.py", *args, "--max_steps", "4", "--resume")
+    assert "at step 2" in result.stdout
 
 
 def test_prompts_keep_their_reward_fields(prompt_files, tokenizer_dir):

@@ -155,12 +155,13 @@ class Checkpointer:
     (rank 0, or every rank's shard under --fsdp). Collective: every rank calls save()."""
 
     def __init__(self, out_dir: str, trainable, optimizer, scaler, run, tokenizer=None, export_fn=None,
-                 metrics=None, title: str = "", stage: str = "", fresh: bool = False):
-        """`stage` and the model's shape go into every state.json (what check_output_dir compares); `fresh`: this
-        run did not resume, so its first state replaces any earlier run's states in out_dir."""
+                 metrics=None, title: str = "", stage: str = "", fresh: bool = False, shape: dict | None = None):
+        """`stage` and the model's shape (`shape`, default the trainable model's) go into every state.json (what
+        check_output_dir compares); `fresh`: this run did not resume, so its first state replaces any earlier run's
+        states in out_dir."""
         self.out_dir, self.trainable, self.optimizer, self.scaler, self.run = out_dir, trainable, optimizer, scaler, run
         self.tokenizer, self.export_fn, self.metrics, self.title = tokenizer, export_fn, metrics, title
-        self.meta = {"stage": stage, "shape": model_shape(trainable.raw.config)} if stage else {}
+        self.meta = {"stage": stage, "shape": shape or model_shape(trainable.raw.config)} if stage else {}
         self.replace_earlier = fresh
 
     def save(self, progress: dict) -> None:

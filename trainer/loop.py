@@ -2,9 +2,9 @@
 
 A stage hands over its model, its dataset and a loss function `loss_fn(model, batch)` returning the loss (or
 `(loss, {name: tensor})` of extra metrics); `train()` does the rest with the parts an RL loop composes too:
-`prepare_model` (device, DDP / FSDP, compile), `build_optimizer` + `lr_at`, `restore` (--resume), `optimizer_step`
-(accumulation, token-weighted loss across ranks, clipping), `evaluate`, `Checkpointer`, `MetricsLog` + `LogWindow`
-(metrics.jsonl, loss.png, the progress bar), `StopRequest` (SIGTERM / Ctrl-C).
+`prepare_model` (device, DDP / FSDP, compile), `build_optimizer` + `lr_at`, `start_run` (the sampler, `restore` under
+--resume, `MetricsLog`, `Checkpointer`), `optimizer_step` (accumulation, token-weighted loss across ranks, clipping),
+`evaluate`, `LogWindow` (metrics.jsonl, loss.png, the progress bar), `StopRequest` (SIGTERM / Ctrl-C).
 """
 
 import math
@@ -127,6 +127,29 @@ def training_parts(model: torch.nn.Module, run: Runtime, c: TrainConfig, fsdp: b
     return trainable, optimizer, scaler
 
 
+def start_run(c: TrainConfig, run: Runtime, trainable, optimizer, scaler, n_items: int, items: str, *,
+              shuffle: bool = True, tokenizer=None, export_fn: Callable | None = None, shape: dict | None = None):
+    """What every loop sets up before its first step, supervised or RL: the sampler over n_items (`items` names
+    them in the error when they fill less than one global batch), the optimizer steps per epoch and in all, where
+    the run stands (restored under --resume), the metrics log, and the checkpointer. Its states name this stage and
+    the model's shape (`shape`: default the trainable model's), and in a fresh run its first save replaces an earlier
+    run's states."""
+    sampler = ResumableSampler(n_items, c.batch_size, c.seed, shuffle, run.rank, run.world_size)
+    if sampler.batches_per_epoch() < 1:
+        raise UsageError(f"the training data has {n_items} {items}, fewer than one global batch "
+                         f"({sampler.global_batch} = batch_size x processes); lower --batch_size or add {items}")
+    steps_per_epoch = max(1, sampler.batches_per_epoch() // c.accumulation_steps)
+    total_steps = c.max_steps or c.epochs * steps_per_epoch
+    progress = restore(c.out_dir, trainable, optimizer, scaler, run) if c.resume else new_progress()
+    metrics = MetricsLog(c.out_dir, enabled=run.is_main, resume=c.resume and progress["step"] > 0,
+                         wandb_run=start_wandb(c) if run.is_main and c.wandb else None)
+    metrics.truncate_after(progress["step"])
+    checkpointer = Checkpointer(c.out_dir, trainable, optimizer, scaler, run, tokenizer, export_fn, metrics,
+                                title=f"{c.stage}: {c.out_dir}", stage=c.stage, fresh=progress["step"] == 0,
+                                shape=shape)
+    return sampler, steps_per_epoch, total_steps, progress, metrics, checkpointer
+
+
 def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfig, *, val_data=None,
           collate_fn=None, tokenizer=None, sample_fn: Callable | None = None, export_fn: Callable | None = None,
           shuffle: bool = True, perplexity: bool = True, loss_items: Callable | None = None) -> dict:
@@ -146,19 +169,9 @@ def train(model, train_data, loss_fn: Callable, run: Runtime, config: TrainConfi
         run.print("validation: none (no --val_data_path): val_loss is not measured")
     trainable, optimizer, scaler = training_parts(model, run, c, fsdp=c.fsdp)
 
-    sampler = ResumableSampler(len(train_data), c.batch_size, c.seed, shuffle, run.rank, run.world_size)
-    if sampler.batches_per_epoch() < 1:
-        raise UsageError(f"the training data has {len(train_data)} samples, fewer than one global batch "
-                         f"({sampler.global_batch} = batch_size x processes); lower --batch_size or add data")
-    steps_per_epoch = max(1, sampler.batches_per_epoch() // c.accumulation_steps)
-    total_steps = c.max_steps or c.epochs * steps_per_epoch
-    progress = restore(c.out_dir, trainable, optimizer, scaler, run) if c.resume else new_progress()
-
-    metrics = MetricsLog(c.out_dir, enabled=run.is_main, resume=c.resume and progress["step"] > 0,
-                         wandb_run=start_wandb(c) if run.is_main and c.wandb else None)
-    metrics.truncate_after(progress["step"])
-    checkpointer = Checkpointer(c.out_dir, trainable, optimizer, scaler, run, tokenizer, export_fn, metrics,
-                                title=f"{c.stage}: {c.out_dir}", stage=c.stage, fresh=progress["step"] == 0)
+    sampler, steps_per_epoch, total_steps, progress, metrics, checkpointer = start_run(
+        c, run, trainable, optimizer, scaler, len(train_data), "samples", shuffle=shuffle, tokenizer=tokenizer,
+        export_fn=export_fn)
     stream = micro_batches(train_data, sampler, progress["epoch"], progress["position"],
                            dict(collate_fn=collate_fn, num_workers=c.num_workers,
                                 pin_memory=run.device.type == "cuda"))

@@ -16,8 +16,8 @@ One step of `train_rl`:
   5. the shared parts for the rest: metrics rows, samples, validation on held-out prompts, checkpoints, resume,
      SIGTERM.
 
-The same parts as trainer/loop.py's supervised train(): training_parts (prepare_model, build_optimizer), lr_at, restore,
-optimizer_step, Checkpointer, MetricsLog + LogWindow, StopRequest.
+The same parts as trainer/loop.py's supervised train(): training_parts (prepare_model, build_optimizer), start_run
+(sampler, --resume, metrics log, checkpointer), lr_at, optimizer_step, LogWindow, StopRequest.
 """
 
 import hashlib
@@ -38,11 +38,9 @@ from dataset.formats import iter_records
 from model.generation import Completion, generate_batch
 
 from .chat_stage import assistant_loss
-from .checkpoint import Checkpointer, check_free_space, new_progress, restore
+from .checkpoint import check_free_space, model_shape
 from .config import TrainConfig
-from .data import ResumableSampler
-from .loop import PLAIN_EVERY, count_skipped, save_or_stop, summarize, training_parts
-from .metrics import MetricsLog, start_wandb
+from .loop import PLAIN_EVERY, count_skipped, save_or_stop, start_run, summarize, training_parts
 from .optim import lr_at
 from .progress import LogWindow, ProgressBar, StopRequest
 from .runtime import Runtime
@@ -424,19 +422,11 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     if run.is_main:
         check_free_space(c.out_dir, model)
     trainable, optimizer, scaler = training_parts(model, run, c, fsdp=False)
-    sampler = ResumableSampler(len(prompts), c.batch_size, c.seed, True, run.rank, run.world_size)
-    if sampler.batches_per_epoch() < 1:
-        raise UsageError(f"the training data has {len(prompts)} prompts, fewer than one global batch "
-                         f"({sampler.global_batch} = batch_size x processes); lower --batch_size or add prompts")
-    steps_per_epoch = sampler.batches_per_epoch()
-    total_steps = c.max_steps or c.epochs * steps_per_epoch
-    progress = restore(c.out_dir, trainable, optimizer, scaler, run) if c.resume else new_progress()
-    metrics = MetricsLog(c.out_dir, enabled=run.is_main, resume=c.resume and progress["step"] > 0,
-                         wandb_run=start_wandb(c) if run.is_main and c.wandb else None)
-    metrics.truncate_after(progress["step"])
-    checkpointer = Checkpointer(c.out_dir, trainable, optimizer, scaler, run, tokenizer, export_fn, metrics,
-                                title=f"{c.stage}: {c.out_dir}")
-    pad_id = algorithm.policy(trainable.raw).config.pad_token_id or 0
+    policy_config = algorithm.policy(trainable.raw).config  # PPO trains a policy and a critic: the policy is saved
+    sampler, steps_per_epoch, total_steps, progress, metrics, checkpointer = start_run(
+        c, run, trainable, optimizer, scaler, len(prompts), "prompts", tokenizer=tokenizer, export_fn=export_fn,
+        shape=model_shape(policy_config))
+    pad_id = policy_config.pad_token_id or 0
     check_finite = c.skip_nonfinite or run.device.type == "cpu"
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else str
     loss_fn = replay.wrap(algorithm.loss, algorithm.policy(trainable.raw)) if replay else algorithm.loss
