@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,63 @@ async def _run(server: Server, request: Request, prompt: list[int], params: Samp
             seq.cancel()
 
 
+class Reply:
+    """One request's n answers as the engine makes them, collected or streamed, and what every response to it names:
+    its id, its time and its token usage. `kind`, `chunk_kind`: the response's and a stream chunk's "object"."""
+
+    def __init__(self, server: Server, request: Request, body: dict, prompt: list[int], params: SamplingParams,
+                 n: int, kind: str, chunk_kind: str, id_prefix: str, **answer_options: bool):
+        stop = _stop(body)
+        self.stream = _get(body, "stream", bool, False)
+        self.include_usage = bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        self.answers = [AnswerStream(server.loaded.tokenizer, stop, params.stop_token_ids, **answer_options)
+                        for _ in range(n)]
+        self.server, self.request, self.prompt, self.params, self.n = server, request, prompt, params, n
+        self.kind, self.chunk_kind = kind, chunk_kind
+        self.id, self.created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def events(self) -> AsyncIterator[tuple[int, list[dict], str | None]]:
+        return _run(self.server, self.request, self.prompt, self.params, self.n, self.answers)
+
+    async def finish_reasons(self) -> dict[int, str]:
+        """Generate every answer to its end (no stream); the reason each one finished."""
+        finish: dict[int, str] = {}
+        async for index, _, reason in self.events():
+            if reason:
+                finish[index] = reason
+        return {i: finish.get(i, "stop") for i in range(self.n)}
+
+    def usage(self) -> dict:
+        completion = sum(a.completion_tokens for a in self.answers)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
+                "total_tokens": len(self.prompt) + completion}
+
+    def response(self, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.server.model_id,
+                "choices": choices, "usage": self.usage()}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        """A stream chunk; with stream_options.include_usage every chunk has "usage" (null but in the last)."""
+        return _chunk(self.chunk_kind, self.id, self.created, self.server.model_id, choices,
+                      **({"usage": usage} if self.include_usage else {}))
+
+    def streaming(self, chunks: Callable[[], AsyncIterator[str]]) -> StreamingResponse:
+        """Server-sent events: the chunks, an error event if generation fails midway, the usage chunk when asked
+        for, and [DONE]."""
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for text in chunks():
+                    yield text
+            except APIError as exc:  # headers are gone: report in the stream, as OpenAI does
+                yield _error_event(exc)
+            if self.include_usage:
+                yield self.chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -336,58 +393,32 @@ def create_app(server: Server) -> FastAPI:
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
         prompt = await asyncio.to_thread(server.tokenize, text)  # a long prompt must not stall the loop
         params, n = server.sampling(body, len(prompt))
-        stop = _stop(body)
-        stream = _get(body, "stream", bool, False)
-        include_usage = bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
-        answers = [AnswerStream(server.loaded.tokenizer, stop, params.stop_token_ids, tools=bool(tools))
-                   for _ in range(n)]
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def usage() -> dict:
-            completion = sum(a.completion_tokens for a in answers)
-            return {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                    "total_tokens": len(prompt) + completion}
-
-        if not stream:
-            finish: dict[int, str] = {}
-            async for index, _, reason in _run(server, request, prompt, params, n, answers):
-                if reason:
-                    finish[index] = reason
+        reply = Reply(server, request, body, prompt, params, n, "chat.completion", "chat.completion.chunk",
+                      "chatcmpl", tools=bool(tools))
+        if not reply.stream:
+            finish = await reply.finish_reasons()
             choices = []
-            for i, answer in enumerate(answers):
+            for i, answer in enumerate(reply.answers):
                 message: dict[str, Any] = {"role": "assistant", "content": answer.content}
                 if answer.reasoning:
                     message["reasoning_content"] = answer.reasoning
                 if answer.tool_calls:
                     message["tool_calls"] = answer.tool_calls
                     message["content"] = answer.content or None
-                choices.append({"index": i, "message": message, "logprobs": None,
-                                "finish_reason": finish.get(i, "stop")})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_id,
-                    "choices": choices, "usage": usage()}
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish[i]})
+            return reply.response(choices)
 
-        extra = {"usage": None} if include_usage else {}
-
-        async def events() -> AsyncIterator[str]:
-            def chunk(choices: list[dict]) -> str:
-                return _chunk("chat.completion.chunk", rid, created, server.model_id, choices, **extra)
+        async def chunks() -> AsyncIterator[str]:
             for i in range(n):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            try:
-                async for index, deltas, reason in _run(server, request, prompt, params, n, answers):
-                    for delta in deltas:
-                        yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
-                    if reason:
-                        yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
-            except APIError as exc:  # headers are gone: report in the stream, as OpenAI does
-                yield _error_event(exc)
-            if include_usage:
-                yield _chunk("chat.completion.chunk", rid, created, server.model_id, [], usage())
-            yield "data: [DONE]\n\n"
+                yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}])
+            async for index, deltas, reason in reply.events():
+                for delta in deltas:
+                    yield reply.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                if reason:
+                    yield reply.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return reply.streaming(chunks)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -412,46 +443,20 @@ def create_app(server: Server) -> FastAPI:
         params, n = server.sampling(body, len(prompt))
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
-        stop = _stop(body)
-        stream = _get(body, "stream", bool, False)
-        include_usage = bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
-        answers = [AnswerStream(server.loaded.tokenizer, stop, params.stop_token_ids, split_think=False)
-                   for _ in range(n)]
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        reply = Reply(server, request, body, prompt, params, n, "text_completion", "text_completion", "cmpl",
+                      split_think=False)
+        if not reply.stream:
+            finish = await reply.finish_reasons()
+            return reply.response([{"index": i, "text": a.content, "logprobs": None, "finish_reason": finish[i]}
+                                   for i, a in enumerate(reply.answers)])
 
-        def usage() -> dict:
-            completion = sum(a.completion_tokens for a in answers)
-            return {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                    "total_tokens": len(prompt) + completion}
+        async def chunks() -> AsyncIterator[str]:
+            async for index, deltas, reason in reply.events():
+                text = "".join(d.get("content", "") for d in deltas)
+                if text or reason:
+                    yield reply.chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": reason}])
 
-        if not stream:
-            finish: dict[int, str] = {}
-            async for index, _, reason in _run(server, request, prompt, params, n, answers):
-                if reason:
-                    finish[index] = reason
-            return {"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
-                    "choices": [{"index": i, "text": a.content, "logprobs": None,
-                                 "finish_reason": finish.get(i, "stop")} for i, a in enumerate(answers)],
-                    "usage": usage()}
-
-        extra = {"usage": None} if include_usage else {}
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for index, deltas, reason in _run(server, request, prompt, params, n, answers):
-                    text = "".join(d.get("content", "") for d in deltas)
-                    if text or reason:
-                        yield _chunk("text_completion", rid, created, server.model_id,
-                                     [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
-                                     **extra)
-            except APIError as exc:
-                yield _error_event(exc)
-            if include_usage:
-                yield _chunk("text_completion", rid, created, server.model_id, [], usage())
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return reply.streaming(chunks)
 
     return app
 

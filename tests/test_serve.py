@@ -228,6 +228,10 @@ def test_completions_endpoint(client, model_id):
     assert answer.usage.completion_tokens <= 5
     stream = client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == answer.choices[0].text
+    chunks = list(client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == answer.usage.model_dump()  # the same tokens in, the same out
 
 
 @pytest.mark.slow
