@@ -180,9 +180,7 @@ def prepare_bins(
     source_stat = source.stat()
     cached = _cached_index(index_path, bin_path, source_stat, digest)
     if cached is not None:
-        skipped = SkipCounter.from_dict(cached.get("skipped", {}))
-        if skipped.total and not skip_bad:
-            raise skipped.first
+        skipped = SkipCounter.of_cache(cached, skip_bad)
         say(f"{data_path}: cached -> {bin_path} ({cached['n_tokens']:,} tokens)")
         if skipped.total:
             say(f"{data_path}: {skipped.summary()}")

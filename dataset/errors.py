@@ -99,6 +99,15 @@ class SkipCounter:
             counter.first = DataError(*data["first"])
         return counter
 
+    @classmethod
+    def of_cache(cls, cached: dict, skip_bad: bool) -> "SkipCounter":
+        """What a cached preparation (one made with --skip_bad) skipped; without --skip_bad this run stops at its
+        first bad line, as it would have without the cache."""
+        skipped = cls.from_dict(cached.get("skipped", {}))
+        if skipped.total and not skip_bad:
+            raise skipped.first
+        return skipped
+
 
 def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:
     """Run an entry point's main(); a bad record or user mistake prints `error: ...` and exits 2, Ctrl-C prints

@@ -282,9 +282,7 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
 
     cached = _cached(paths, sources)
     if cached is not None:
-        skipped = SkipCounter.from_dict(cached.get("skipped", {}))
-        if skipped.total and not skip_bad:
-            raise skipped.first
+        skipped = SkipCounter.of_cache(cached, skip_bad)
         say(f"{name}: cached -> {paths['index']} ({cached['n_tokens']:,} tokens)")
         if skipped.total:
             say(f"{name}: {skipped.summary()}")
