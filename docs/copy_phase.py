@@ -13,14 +13,12 @@ need. The saved directory holds the tokenizer of --tokenizer_dir, so train_pretr
 """
 
 import argparse
-import shutil
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dataset.tokenizer import BOS_ID
+from dataset.tokenizer import BOS_ID, load_tokenizer, save_tokenizer
 from model import LM, LMConfig
 from trainer.optim import build_optimizer, lr_at
 
@@ -90,9 +88,7 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.save_pretrained(args.out_dir)
-    for path in Path(args.tokenizer_dir).iterdir():
-        if path.is_file() and path.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(path, args.out_dir)
+    save_tokenizer(load_tokenizer(args.tokenizer_dir), args.out_dir)
     print(f"saved {args.out_dir}")
 
 
