@@ -422,14 +422,14 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     if run.is_main:
         check_free_space(c.out_dir, model)
     trainable, optimizer, scaler = training_parts(model, run, c, fsdp=False)
-    policy_config = algorithm.policy(trainable.raw).config  # PPO trains a policy and a critic: the policy is saved
+    policy = algorithm.policy(trainable.raw)  # PPO trains a policy and a critic: the policy is saved
     sampler, steps_per_epoch, total_steps, progress, metrics, checkpointer = start_run(
         c, run, trainable, optimizer, scaler, len(prompts), "prompts", tokenizer=tokenizer, export_fn=export_fn,
-        shape=model_shape(policy_config))
-    pad_id = policy_config.pad_token_id or 0
+        shape=model_shape(policy.config))
+    pad_id = policy.config.pad_token_id or 0
     check_finite = c.skip_nonfinite or run.device.type == "cpu"
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else str
-    loss_fn = replay.wrap(algorithm.loss, algorithm.policy(trainable.raw)) if replay else algorithm.loss
+    loss_fn = replay.wrap(algorithm.loss, policy) if replay else algorithm.loss
 
     def prompt_batches():
         epoch, position = progress["epoch"], progress["position"]
@@ -444,15 +444,14 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
     def log_eval(step: int) -> dict:
         if not val_prompts:
             return {}
-        result = evaluate_prompts(algorithm.policy(trainable.raw), val_prompts, rewards, rl, run)
+        result = evaluate_prompts(policy, val_prompts, rewards, rl, run)
         metrics.log({"step": step, **result})
         if run.is_main:
             tqdm.write(f"[step {step}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
     def log_pass_at_k(step: int, prefix: str, before: list[float] | None = None) -> tuple[dict, list[float]]:
-        measured, rates = measure_pass_at_k(algorithm.policy(trainable.raw), val_prompts, rewards, rl, run,
-                                            rl.pass_at_k, c.seed, prefix, before)
+        measured, rates = measure_pass_at_k(policy, val_prompts, rewards, rl, run, rl.pass_at_k, c.seed, prefix, before)
         if measured:
             metrics.log({"step": step, **measured})
             run.print(f"the {'starting' if prefix == 'start' else 'trained'} policy on the held-out prompts: "
@@ -478,8 +477,7 @@ def train_rl(model: nn.Module, prompts: list[Prompt], rewards: list[Reward], alg
             indices, epoch, position = next(stream)
 
             t0 = time.time()
-            rows, completions = rollout(algorithm.policy(trainable.raw), [prompts[i] for i in indices], indices, rl,
-                                        run, c.seed, step)
+            rows, completions = rollout(policy, [prompts[i] for i in indices], indices, rl, run, c.seed, step)
             stats.add(rollout_tokens=sum(len(x.tokens) for x in completions), rollout_seconds=time.time() - t0)
             total, parts = score(rewards, rows, completions, run.device)
             batch = rollout_batch(rows, completions, rl.mask_truncated, pad_id, run.device)
