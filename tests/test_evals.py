@@ -195,6 +195,22 @@ def test_arith_plan_is_the_steps_taken_whatever_the_numbers():
     assert arithmetic.TASK.reward(wrong_numbers, record) == 0.0  # the RL reward stays the exact answer
 
 
+def test_arith_probe_counts_copying_and_computing_apart():
+    from docs.arith_probe import count
+
+    question = "小华有17颗糖，小强比小华多6颗，小丽比小强少18颗，小丽有几颗糖？"
+    reference = "<think>\n小强有：17+6=23。小丽比小强少18颗：23-18=5。\n</think>\n<answer>\n答：5\n</answer>"
+    # 23 is the first step's result, not a number to copy; the answer block's equation is not the trace's
+    assert count(question, reference + "2+2=5") == dict(equations=2, right=2, digit_facts=0, digit_facts_right=0,
+                                                       operands=3, copied=3)
+    copied_wrong_sum = "<think>\n小强有：17+6=22。小丽比小强少18颗：22-18=4。\n</think>"  # copies, cannot add
+    assert count(question, copied_wrong_sum) == dict(equations=2, right=1, digit_facts=0, digit_facts_right=0,
+                                                     operands=3, copied=3)
+    made_up = "<think>\n小林有：4×5=12。小林比小林少3个：11-3=8。\n</think>"  # numbers from nowhere, one sum right
+    assert count(question, made_up) == dict(equations=2, right=1, digit_facts=1, digit_facts_right=0,
+                                            operands=4, copied=0)
+
+
 def test_arith_records_are_distinct_and_keep_their_result():
     taken: set[tuple] = set()
     heldout = arithmetic.records(random.Random(1), 30, taken, task="arith")
