@@ -15,6 +15,7 @@ Shares with 95% Wilson intervals; arith_em (the answer's number right) alongside
 docs/demo_experiments.md quotes its output.
 """
 
+import collections
 import re
 import sys
 
@@ -42,11 +43,12 @@ def count(question: str, answer: str) -> dict[str, int]:
     results = set()
     for a, op, b, c in EQUATION.findall(answer.split("</think>")[0]):
         a, b, c = int(a), int(b), int(c)
+        right = OPERATIONS[op](a, b) == c
         counts["equations"] += 1
-        counts["right"] += OPERATIONS[op](a, b) == c
+        counts["right"] += right
         if a < 10 and b < 10 and op in "+×":
             counts["digit_facts"] += 1
-            counts["digit_facts_right"] += OPERATIONS[op](a, b) == c
+            counts["digit_facts_right"] += right
         for operand in (a, b):
             if operand not in results:  # an earlier step's result (right or not) is the trace's own number
                 counts["operands"] += 1
@@ -62,11 +64,9 @@ def main():
     for path in sys.argv[1:]:
         model, tokenizer = eval_model.load_model(eval_model.model_spec(path, path), torch.device("cpu"))
         answers = eval_model.generate_answers(model, tokenizer, task, records, runner)
-        totals: dict[str, int] = {}
+        totals = collections.Counter()
         for record, answer in zip(records, answers):
-            question = record["messages"][0]["content"]
-            for key, value in count(question, answer).items():
-                totals[key] = totals.get(key, 0) + value
+            totals.update(count(record["messages"][0]["content"], answer))
         exact = sum(task.reward(answer, record) for record, answer in zip(records, answers))
         print(f"{path}: {len(records)} problems, {totals['equations']} equations")
         print(f"  copying: operands that are the question's numbers {share(totals['copied'], totals['operands'])}")
