@@ -4,6 +4,7 @@ import math
 import random
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -209,6 +210,37 @@ def test_arith_probe_counts_copying_and_computing_apart():
     made_up = "<think>\n小林有：4×5=12。小林比小林少3个：11-3=8。\n</think>"  # numbers from nowhere, one sum right
     assert count(question, made_up) == dict(equations=2, right=1, digit_facts=1, digit_facts_right=0,
                                             operands=4, copied=0)
+
+
+@pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.1])
+def test_weighted_tokens_pick_the_digits_and_the_tokens_copied_from_the_prompt(tmp_path, tokenizer_dir,
+                                                                               prompt_loss_weight):
+    from dataset.lm_dataset import SFTDataset
+    from docs.weighted_tokens import copied_rule, digit_rule
+
+    from .conftest import write_jsonl
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    answer = {"role": "assistant", "content": "王建国有：17+6=23。"}
+    chats = [[{"role": "user", "content": "王建国有17颗糖，又买了6颗。"}, answer],
+             [{"role": "user", "content": "李明有40颗糖，又买了5颗。"}, answer]]
+    data = SFTDataset(str(write_jsonl(tmp_path / "c.jsonl", [{"conversations": c} for c in chats])), tokenizer, 160,
+                      quiet=True, prompt_loss_weight=prompt_loss_weight)
+    batch = {key: value[None] for key, value in data[0].items()}
+    assert batch["segment_ids"].max() == 2  # both conversations packed into one row
+    scored = (batch["labels"] != -100) & (batch.get("loss_weights", torch.ones(1)) >= 1)
+    targets = batch["labels"][scored].tolist()
+    assert tokenizer.decode(targets) == "王建国有：17+6=23。<|im_end|>" * 2
+
+    def picked(rule) -> str:
+        weights = rule(tokenizer, 4.0)(batch)
+        assert set(weights.unique().tolist()) <= {1.0, 4.0}
+        return tokenizer.decode([t for t, w in zip(targets, weights[scored].tolist()) if w == 4.0])
+
+    assert picked(digit_rule) == "17623" * 2
+    # the first answer copies the name, 有, the question's numbers and the full stop from its prompt (：, +, = and the
+    # computed 23 are not there); the second only 有 and 。 from its own prompt, none of the first's
+    assert picked(copied_rule) == "王建国有176。" + "有。"
 
 
 def test_arith_records_are_distinct_and_keep_their_result():
