@@ -53,9 +53,9 @@ stage pretrain  python train_pretrain.py --seed "$seed" --max_steps "$(steps 360
 # 0.770), after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974 against 0.976
 # (docs/demo_experiments.md: the anchor on the replayed text).
 # --token_weight: the verdict of a sentiment answer (正 or 负 of 这条评论是正面的，属于好评。) counts 4x; the rest of
-# the answer is the same in every answer. Held-out sentiment after SFT 0.820 / 0.820 against 0.787 / 0.783 (seeds 42 /
-# 7), higher at every later stage too, and LoRA's verdict 0.813 / 0.807 against 0.750 / 0.820 (docs/demo_experiments.md:
-# the verdict's weight).
+# the answer repeats in every answer of its style or follows from it. Held-out sentiment after SFT 0.820 / 0.820
+# against 0.787 / 0.783 (seeds 42 / 7), higher at every later stage too, and LoRA's verdict 0.813 / 0.807 against
+# 0.750 / 0.820 (docs/demo_experiments.md: the verdict's weight).
 stage sft       python train_sft.py --seed "$seed" --max_steps "$(steps 300)" --eval_every 0 --learning_rate 1e-3 \
                     --prompt_loss_weight 0.1 --replay_kl 2 --token_weight 正:4,负:4
 # LoRA 120 steps (were 80): in 80 one seed's adapter never got past answering one verdict for every review (lora_acc
