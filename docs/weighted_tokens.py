@@ -27,17 +27,13 @@ import torch
 import trainer.chat_stage as chat_stage
 from dataset.chat import IGNORE_INDEX
 from dataset.tokenizer import load_tokenizer
+from trainer.losses import token_weights
 
 
 def digit_rule(tokenizer, weight: float):
-    """The digits' positions get `weight`."""
-    digits = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
-
-    def weights(batch: dict) -> torch.Tensor:
-        labels = batch["labels"]
-        return torch.isin(labels, digits.to(labels.device)).float() * (weight - 1) + 1
-
-    return weights
+    """The digits' positions get `weight` (trainer.losses.token_weights, as --tag_weight's tags)."""
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    return lambda batch: token_weights(batch["labels"], digits, weight)
 
 
 def copied_rule(tokenizer, weight: float):
