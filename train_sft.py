@@ -14,10 +14,11 @@ The demo replays pretraining: 5% of its items are pretraining documents (`{"text
 token). Without them the chats overwrite the language model: the held-out news perplexity went from pretraining's
 688 to 10,493 in 300 steps (an earlier model); with 2%, 1,085. The demo also trains on the prompts at a tenth of the
 answers' weight (--prompt_loss_weight 0.1, run_demo.sh): from the `demo` model's 372, SFT ends at 427 against 587
-with 2% alone, sentiment within its interval. With --replay_kl 2 (the demo's) the documents also carry the
+with 2% alone, sentiment within its interval. With --replay_kl 2 the documents also carry the
 pretrained model's whole next-token distribution (2 * KL(pretrained || model) at each of their tokens,
 trainer/chat_stage.py's TextAnchor): 390 against 433, inside pretraining's interval [349, 396], sentiment 0.747
-against 0.770 (within each other's intervals), for ~15% more time per step. With --token_weight 正:4,负:4 (the demo's)
+against 0.770 (within each other's intervals), for ~15% more time per step; the demo's 4 (with the weight below)
+gives 382 / 385 against 2's 392 / 394 on two seeds. With --token_weight 正:4,负:4 (the demo's)
 the one token of a sentiment answer that is its verdict counts four times: held-out sentiment 0.820 against 0.787 /
 0.783 on two seeds, and LoRA's verdict from it 0.813 / 0.807. docs/demo_experiments.md has the figures.
 

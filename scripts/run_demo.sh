@@ -47,17 +47,19 @@ stage tokenizer python train_tokenizer.py --max_chars 1500000
 stage pretrain  python train_pretrain.py --seed "$seed" --max_steps "$(steps 360)" --eval_every 0
 # SFT at 1e-3, twice the script's 5e-4 (its range test from out/pretrain bottoms out near 4e-3): held-out sentiment
 # 0.78 against 0.59 after the same 300 steps (docs/demo_experiments.md).
-# --replay_kl (SFT 2, LoRA 1, distillation 10: documents are a quarter of SFT's scored tokens, three quarters of
+# --replay_kl (SFT 4, LoRA 1, distillation 10: documents are a quarter of SFT's scored tokens, three quarters of
 # LoRA's and a tenth of distillation's) holds the model's distribution on the replayed documents to the stage's
-# starting model's: from the same models, the news perplexity after SFT 390 against 433 (sentiment 0.747 against
-# 0.770), after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974 against 0.976
-# (docs/demo_experiments.md: the anchor on the replayed text).
+# starting model's: from the same models, the news perplexity after SFT 390 at 2 against 433 without (sentiment 0.747
+# against 0.770), after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974 against 0.976
+# (docs/demo_experiments.md: the anchor on the replayed text). SFT at 4 (was 2): news perplexity 382 / 385 against
+# 392 / 394 on seeds 42 / 7, 9-11 lower at every later stage, the tasks inside their intervals (docs/demo_experiments.md:
+# the verdict's weight, and a stronger anchor).
 # --token_weight: the verdict of a sentiment answer (正 or 负 of 这条评论是正面的，属于好评。) counts 4x; the rest of
 # the answer repeats in every answer of its style or follows from it. Held-out sentiment after SFT 0.820 / 0.820
 # against 0.787 / 0.783 (seeds 42 / 7), higher at every later stage too, and LoRA's verdict 0.813 / 0.807 against
 # 0.750 / 0.820 (docs/demo_experiments.md: the verdict's weight).
 stage sft       python train_sft.py --seed "$seed" --max_steps "$(steps 300)" --eval_every 0 --learning_rate 1e-3 \
-                    --prompt_loss_weight 0.1 --replay_kl 2 --token_weight 正:4,负:4
+                    --prompt_loss_weight 0.1 --replay_kl 4 --token_weight 正:4,负:4
 # LoRA 120 steps (were 80): in 80 one seed's adapter never got past answering one verdict for every review (lora_acc
 # 0.500 with seed 7; 0.827 in 120 steps from the same SFT model and seed). Twice the rate did it too (0.803), but sent
 # the adapted model's news perplexity to 1e7-1e8 (docs/demo_experiments.md).

@@ -50,7 +50,7 @@ def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay_kl", type=at_least(0, float), default=0.0,
                    help="on the documents ({\"text\"} records) mixed into the data, add this times KL(starting model "
                         "|| model) to each position's cross-entropy: the model keeps its own next-token distribution "
-                        "on plain text, not only the text's tokens (0: off; the demo: 2 in SFT, 1 in LoRA, 10 in "
+                        "on plain text, not only the text's tokens (0: off; the demo: 4 in SFT, 1 in LoRA, 10 in "
                         "distillation)")
 
 
