@@ -52,7 +52,7 @@ stage pretrain  python train_pretrain.py --seed "$seed" --max_steps "$(steps 360
 # starting model's: from the same models, the news perplexity after SFT 390 at 2 against 433 without (sentiment 0.747
 # against 0.770), after LoRA 433 against 451, after distillation 455 against 505 with the format 0.974 against 0.976
 # (docs/demo_experiments.md: the anchor on the replayed text). SFT at 4 (was 2): news perplexity 382 / 385 against
-# 392 / 394 on seeds 42 / 7, 9-11 lower at every later stage, the tasks inside their intervals (docs/demo_experiments.md:
+# 392 / 394 on seeds 42 / 7, 9-12 lower at every later stage, the tasks inside their intervals (docs/demo_experiments.md:
 # the verdict's weight, and a stronger anchor).
 # --token_weight: the verdict of a sentiment answer (正 or 负 of 这条评论是正面的，属于好评。) counts 4x; the rest of
 # the answer repeats in every answer of its style or follows from it. Held-out sentiment after SFT 0.820 / 0.820
