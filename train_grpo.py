@@ -117,7 +117,7 @@ def main():
               f"{run.device} {str(run.dtype).split('.')[-1]} x {run.world_size} process(es)")
     summary = train_rl(policy, prompts, rewards, GRPO(args, reference), run, TrainConfig.from_args(args),
                        RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer,
-                       replay=load_replay(args, tokenizer, run))
+                       replay=load_replay(args, tokenizer, run, policy, reference))
     run.print(format_summary(summary))
     if held_out := format_held_out(summary):
         run.print(held_out)

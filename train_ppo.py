@@ -170,7 +170,7 @@ def main():
               f"{str(run.dtype).split('.')[-1]} x {run.world_size} process(es)")
     summary = train_rl(model, prompts, rewards, PPO(args, reference), run, TrainConfig.from_args(args),
                        RLConfig.from_args(args), val_prompts=val_prompts, tokenizer=tokenizer, export_fn=export_policy,
-                       replay=load_replay(args, tokenizer, run))
+                       replay=load_replay(args, tokenizer, run, policy, reference))
     run.print(format_summary(summary))
     if held_out := format_held_out(summary):
         run.print(held_out)

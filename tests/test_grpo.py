@@ -58,30 +58,56 @@ def test_grpo_learns_to_answer_with_one_token(tmp_path):
     assert any(row["clip_frac"] > 0 for row in rows)  # several updates per rollout batch: the clip acts
 
 
-def test_replay_adds_the_sft_loss_of_earlier_chats(tmp_path):
-    """With a constant reward every advantage is 0, so only the replayed chat's SFT loss moves the policy: its
-    cross-entropy falls from about ln 16, and the logged loss is the RL loss (0) plus coef x that cross-entropy."""
+REPLAYED_IDS = torch.tensor([1, 3, 4, 9, 10, 11, 2, 0])  # a chat, its answer 9 10 11 and the end token 2, one pad
+REPLAYED_CHAT = {"input_ids": REPLAYED_IDS, "labels": torch.tensor([-100, -100, 9, 10, 11, 2, -100, -100]),
+                 "segment_ids": (REPLAYED_IDS != 0).long(), "position_ids": torch.arange(8)}
+
+
+def replay_only_run(out_dir, coef: float, kl: float = 0.0) -> tuple[list[dict], Replay]:
+    """8 GRPO steps of a random 16-token model with a constant reward, so every advantage is 0 and only the replay of
+    REPLAYED_CHAT (with the KL to the starting policy when kl > 0) moves the policy: the logged rows."""
     torch.manual_seed(0)
     policy = LM(LMConfig.from_preset("tiny", vocab_size=16))
-    ids = torch.tensor([1, 3, 4, 9, 10, 11, 2, 0])  # a chat, its answer 9 10 11 and the end token 2, one pad
-    chat = {"input_ids": ids, "labels": torch.tensor([-100, -100, 9, 10, 11, 2, -100, -100]),
-            "segment_ids": (ids != 0).long(), "position_ids": torch.arange(8)}
+    start = LM(policy.config).eval().requires_grad_(False)
+    start.load_state_dict(policy.state_dict())
     prompts = [Prompt([1, 3 + i % 9, 4], {"messages": [], "meta": {}}) for i in range(8)]
     args = Namespace(group_size=4, micro_batch_size=64, clip_eps=0.2, clip_eps_high=None, beta=0.0,
                      loss_type="dapo", max_new_tokens=4, scale_rewards="auto")
-    config = TrainConfig(stage="grpo", out_dir=str(tmp_path), batch_size=4, max_steps=8, learning_rate=1e-2,
+    out_dir.mkdir(exist_ok=True)
+    config = TrainConfig(stage="grpo", out_dir=str(out_dir), batch_size=4, max_steps=8, learning_rate=1e-2,
                          min_lr=1e-2, warmup_steps=0, weight_decay=0.0, log_every=1, eval_every=0, save_every=0)
     rl = RLConfig(group_size=4, max_new_tokens=4, ppo_epochs=2, num_mini_batches=2, micro_batch_size=64)
     constant = Reward("task", lambda prompts, completions: [1.0] * len(completions))
-    replay = Replay(data=[chat] * 3, coef=0.5, rows=2)
+    replay = Replay(data=[REPLAYED_CHAT] * 3, coef=coef, rows=2, kl=kl, start=start if kl else None)
     train_rl(policy, prompts, [constant], GRPO(args, None), Runtime(torch.device("cpu"), torch.float32), config, rl,
              replay=replay)
-    rows = [row for row in rows_of(tmp_path) if "replay_ce" in row]
+    return [row for row in rows_of(out_dir) if "replay_ce" in row], replay
+
+
+def test_replay_adds_the_sft_loss_of_earlier_chats(tmp_path):
+    """Only the replayed chat's SFT loss moves the policy: its cross-entropy falls from about ln 16, and the logged
+    loss is the RL loss (0) plus coef x that cross-entropy."""
+    rows, replay = replay_only_run(tmp_path, coef=0.5)
     print(f"\nreplay cross-entropy by step: {[round(row['replay_ce'], 2) for row in rows]}")
     assert len(rows) == 8 and rows[0]["replay_ce"] > 2.0 and rows[-1]["replay_ce"] < 0.5
     assert all(row["loss"] == pytest.approx(0.5 * row["replay_ce"], abs=2e-6) for row in rows)
     generator = replay.draws(seed=0, step=3, rank=0)
-    assert replay.attach({}, generator)["replay_input_ids"].tolist() == [ids.tolist()] * 2
+    assert replay.attach({}, generator)["replay_input_ids"].tolist() == [REPLAYED_IDS.tolist()] * 2
+
+
+def test_replay_kl_holds_the_replayed_chats_where_the_policy_started(tmp_path):
+    """The same run with the KL to the starting policy on the replayed tokens (--replay_kl): the logged loss is
+    coef x cross-entropy + kl x that KL; the KL is above 0 at every step (the anchor is the starting policy, not the
+    moving one) but stays small, and the cross-entropy falls far less than without the anchor."""
+    free, _ = replay_only_run(tmp_path / "free", coef=0.5)
+    anchored, _ = replay_only_run(tmp_path / "anchored", coef=0.5, kl=5.0)
+    print(f"\nreplay cross-entropy by step, free: {[round(row['replay_ce'], 2) for row in free]}, anchored: "
+          f"{[round(row['replay_ce'], 2) for row in anchored]}; KL: {[round(row['replay_kl'], 3) for row in anchored]}")
+    assert len(anchored) == 8
+    assert all(row["loss"] == pytest.approx(0.5 * row["replay_ce"] + 5.0 * row["replay_kl"], abs=1e-5)
+               for row in anchored)
+    assert all(0.01 < row["replay_kl"] < 0.2 for row in anchored)  # the cross-entropy pulls, the anchor holds
+    assert free[-1]["replay_ce"] < 0.5 and 1.5 < anchored[-1]["replay_ce"] < anchored[0]["replay_ce"]
 
 
 def test_pass_at_k_by_hand():
@@ -139,10 +165,14 @@ def test_train_grpo_end_to_end(tmp_path, chat_checkpoint, prompt_files):
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
 def test_loss_types_and_no_reference(tmp_path, chat_checkpoint, prompt_files, loss_type):
+    """Without a reference model (--beta 0) there is no KL penalty; --replay_kl then anchors the replayed chats to
+    a frozen copy of the starting policy of its own."""
     done = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"],
-                      "--out_dir", tmp_path, *RL_TINY, "--max_steps", "1", "--loss_type", loss_type, "--beta", "0")
-    assert "reference: none" in done.stdout
-    assert all("kl" not in row for row in rows_of(tmp_path) if "reward" in row)
+                      "--out_dir", tmp_path, *RL_TINY, "--max_steps", "1", "--loss_type", loss_type, "--beta", "0",
+                      "--replay_data", chat_checkpoint["chats"], "--replay_coef", "0", "--replay_kl", "2")
+    assert "reference: none" in done.stdout and "weight 0, KL to the starting policy x 2" in done.stdout
+    logged = [row for row in rows_of(tmp_path) if "reward" in row]
+    assert logged and all("kl" not in row and row["replay_kl"] >= 0 and row["replay_ce"] > 0 for row in logged)
 
 
 @pytest.mark.slow
@@ -155,6 +185,11 @@ def test_bad_reward_flags_are_refused(tmp_path, chat_checkpoint, prompt_files):
     result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", untasked,
                         "--out_dir", tmp_path, *RL_TINY, check=False)
     assert result.returncode == 2 and "no reward function" in result.stderr + result.stdout
+    for flags, message in ((["--replay_kl", "1"], "give --replay_data too"),
+                           (["--replay_data", chat_checkpoint["chats"], "--replay_coef", "0"], "no weight")):
+        result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path",
+                            prompt_files["train"], "--out_dir", tmp_path, *RL_TINY, *flags, check=False)
+        assert result.returncode == 2 and message in result.stderr + result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------------

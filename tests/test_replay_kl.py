@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model import LM, LMConfig
 from tests.conftest import CHAT_TINY, VOCAB, run_script
-from trainer.chat_stage import TextAnchor, assistant_loss
+from trainer.chat_stage import TextAnchor, anchored_chat_loss, assistant_loss
 
 EOT, IM_START = 0, 1
 
@@ -70,6 +70,28 @@ def test_the_anchor_adds_the_kl_to_the_starting_model_on_each_document_token():
     torch.testing.assert_close(assistant_loss(model, chats_only, anchor=anchor), assistant_loss(model, chats_only))
     model.eval()
     torch.testing.assert_close(assistant_loss(model, batch, anchor=anchor), assistant_loss(model, batch))
+
+
+def test_the_rl_replay_anchors_every_scored_token():
+    """anchored_chat_loss (the RL stages' --replay_kl): the batch's mean cross-entropy, as assistant_loss gives it,
+    and the KL to the starting model averaged over every scored position, the chat's answer and the document alike."""
+    torch.manual_seed(2)
+    model = LM(LMConfig.from_preset("tiny", vocab_size=VOCAB)).train()
+    start = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = packed_batch()
+    scored = batch["labels"] != -100
+    ce, kl = anchored_chat_loss(model, start, batch)
+    torch.testing.assert_close(ce, assistant_loss(model, batch), rtol=1e-5, atol=1e-5)
+    expected = by_hand_kl_sum(model, start, batch, scored) / scored.sum()
+    assert expected.item() > 1e-3
+    torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-6)
+    kl.backward()
+    assert all(p.grad is None for p in start.parameters()) and model.lm_head.weight.grad.abs().sum() > 0
+    _, itself = anchored_chat_loss(model, copy.deepcopy(model), batch)
+    assert itself.abs().item() < 1e-5
 
 
 @pytest.mark.slow

@@ -122,11 +122,17 @@ class TextAnchor:
     def kl_sum(self, batch: dict, documents: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """KL(start || model) summed over the document positions, given the model's logits there [N, V]."""
         # The starting model runs on the rows that hold a document (on all of them when sharded).
-        rows = slice(None) if self.sharded else documents.any(dim=1)
-        with torch.no_grad():
-            start = self.model(batch["input_ids"][rows], logits_at=documents[rows], **packing(batch, rows)).logits
-            start = F.log_softmax(start.float(), dim=-1)
-        return F.kl_div(F.log_softmax(logits.float(), dim=-1), start, log_target=True, reduction="sum")
+        return kl_sum_from(self.model, batch, documents, logits, rows=slice(None) if self.sharded else None)
+
+
+def kl_sum_from(start: LM, batch: dict, at: torch.Tensor, logits: torch.Tensor, rows=None) -> torch.Tensor:
+    """KL(start || model) summed over the positions `at` [B, T] of a packed batch, given the model's logits there
+    [N, V]. The frozen `start` runs on `rows` of the batch (default: the rows with a position in `at`)."""
+    rows = at.any(dim=1) if rows is None else rows
+    with torch.no_grad():
+        theirs = start(batch["input_ids"][rows], logits_at=at[rows], **packing(batch, rows)).logits
+        theirs = F.log_softmax(theirs.float(), dim=-1)
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), theirs, log_target=True, reduction="sum")
 
 
 def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
@@ -151,6 +157,17 @@ def assistant_loss(model, batch: dict, weights: torch.Tensor | None = None,
     if weights is not None:
         mask = mask * weights.to(mask.dtype)
     return (kl - (logps * mask).sum()) / mask.sum().clamp(min=1e-8)
+
+
+def anchored_chat_loss(model, start: LM, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean cross-entropy over a batch's scored tokens and the mean KL(start || model) there, from one forward
+    of the model: the RL stages' replay under --replay_kl, where every replayed token is anchored, chats and
+    documents alike."""
+    scored = batch["labels"] != IGNORE_INDEX
+    logits = model(batch["input_ids"], logits_at=scored, **packing(batch)).logits
+    logps, mask = logps_at(logits, batch["labels"], scored)
+    count = mask.sum().clamp(min=1)
+    return -(logps * mask).sum() / count, kl_sum_from(start, batch, scored, logits) / count
 
 
 def assistant_tokens(batch: dict) -> torch.Tensor:

@@ -37,7 +37,7 @@ from dataset.errors import SkipCounter, UsageError
 from dataset.formats import iter_records
 from model.generation import Completion, generate_batch
 
-from .chat_stage import assistant_loss
+from .chat_stage import anchored_chat_loss, assistant_loss
 from .checkpoint import check_free_space, model_shape
 from .config import TrainConfig
 from .loop import PLAIN_EVERY, count_skipped, save_or_stop, start_run, summarize, training_parts
@@ -219,15 +219,23 @@ class Replay:
     update also carries `rows` packed rows of `data` (an SFTDataset), and its loss becomes
 
         RL loss + coef * mean cross-entropy of those rows' assistant tokens
+                + kl * mean KL(start || policy) over the same tokens        (with `start`, --replay_kl)
 
     so that RL on one task does not erase what the policy learnt on others (in the demo, GRPO on sentiment prompts
-    alone wiped out the reasoning tasks' <think>/<answer> format: 0.52 -> 0.01). The rows are drawn at random with
-    one generator per (seed, step, rank): a resumed run draws the same ones. Each rank draws its own rows per
-    micro-batch, so with replay 2 ranks no longer follow 1 rank x double batch step for step (the RL part does)."""
+    alone wiped out the reasoning tasks' <think>/<answer> format: 0.52 -> 0.01). The cross-entropy pulls the policy
+    towards the replayed answers; the KL holds its whole next-token distribution on them where the starting policy
+    had it (Learning without Forgetting, as the chat stages' --replay_kl on documents). In the demo the KL alone
+    kept the distilled model's format (0.996 -> 0.996, against 0.982 with the cross-entropy, whose answers teach
+    longer entity lists than the model can end) and the sentiment gain tripled (docs/demo_experiments.md).
+    The rows are drawn at random with one generator per (seed, step, rank): a resumed run draws the same ones. Each
+    rank draws its own rows per micro-batch, so with replay 2 ranks no longer follow 1 rank x double batch step for
+    step (the RL part does)."""
 
     data: object
     coef: float
     rows: int
+    kl: float = 0.0
+    start: nn.Module | None = None  # the starting policy, frozen: the KL's anchor
 
     def draws(self, seed: int, step: int, rank: int) -> torch.Generator:
         return torch.Generator().manual_seed(group_seed(seed, step, -1_000_000 - rank))
@@ -239,13 +247,16 @@ class Replay:
         return {**micro, **{f"replay_{k}": torch.stack([item[k] for item in items]) for k in items[0]}}
 
     def wrap(self, loss_fn: Callable, policy: nn.Module) -> Callable:
-        """loss_fn plus coef x the replay rows' SFT loss under `policy` (the unwrapped module: its gradients are the
-        DDP module's parameters' too, reduced once by the one backward); logged as replay_ce."""
+        """loss_fn plus the replay rows' loss under `policy` (the unwrapped module: its gradients are the DDP module's
+        parameters' too, reduced once by the one backward); logged as replay_ce (and replay_kl)."""
         def loss(model, batch):
             value, extras = unpack(loss_fn(model, batch))
             replay = {k.removeprefix("replay_"): v for k, v in batch.items() if k.startswith("replay_")}
-            ce = assistant_loss(policy, replay)
-            return value + self.coef * ce, {**extras, "replay_ce": ce.detach()}
+            if self.start is None:
+                ce = assistant_loss(policy, replay)
+                return value + self.coef * ce, {**extras, "replay_ce": ce.detach()}
+            ce, kl = anchored_chat_loss(policy, self.start, replay)
+            return value + self.coef * ce + self.kl * kl, {**extras, "replay_ce": ce.detach(), "replay_kl": kl.detach()}
         return loss
 
 

@@ -61,9 +61,14 @@ def add_rl_flags(p, group_size: int, beta: float) -> None:
                    help="length reward: 0 up to max_new_tokens - buffer, then down to -1 at the budget "
                         "(default: a quarter of max_new_tokens)")
     p.add_argument("--replay_data",
-                   help="chats of earlier stages (SFT's formats; a.jsonl:0.7,b.jsonl:0.3 mixes) whose SFT loss is "
-                        "added to every update, so RL on one task does not erase others (PPO-ptx)")
-    p.add_argument("--replay_coef", type=float, default=1.0, help="weight of the replay loss")
+                   help="chats of earlier stages (SFT's formats; a.jsonl:0.7,b.jsonl:0.3 mixes) whose loss "
+                        "(--replay_coef, --replay_kl) is added to every update, so RL on one task does not erase "
+                        "others (PPO-ptx)")
+    p.add_argument("--replay_coef", type=float, default=1.0, help="weight of the replay rows' cross-entropy")
+    p.add_argument("--replay_kl", type=float, default=0.0,
+                   help="weight of KL(starting policy || policy) on the replay rows' tokens: holds the policy's "
+                        "distribution on earlier stages' chats where it started (0: off; with --replay_coef 0 the "
+                        "replay is this anchor alone, as the demo runs it)")
     p.add_argument("--replay_rows", type=int, default=1,
                    help="packed rows of --max_seq_len tokens of replay chats per micro-batch")
 
@@ -148,9 +153,14 @@ def reward_model_fn(path: str, device: torch.device, batch_rows: int = 32):
     return fn
 
 
+def frozen_copy(policy: LM, device: torch.device) -> LM:
+    """A frozen copy of the starting policy."""
+    return copy.deepcopy(policy).to(device).eval().requires_grad_(False)
+
+
 def frozen_reference(policy: LM, beta: float, device: torch.device) -> LM | None:
     """A frozen copy of the starting policy when beta > 0 (else None: no reference kept)."""
-    return copy.deepcopy(policy).to(device).eval().requires_grad_(False) if beta > 0 else None
+    return frozen_copy(policy, device) if beta > 0 else None
 
 
 def chunked_logps(model, rows_per_chunk: int):
@@ -172,20 +182,28 @@ def check_rl_args(args) -> None:
                          f"{args.max_seq_len}")
     if args.beta < 0:
         raise UsageError("--beta must be 0 or more")
-    if args.replay_data and (args.replay_rows < 1 or args.replay_coef < 0):
-        raise UsageError("--replay_rows must be at least 1 and --replay_coef 0 or more")
+    if args.replay_data and (args.replay_rows < 1 or args.replay_coef < 0 or args.replay_kl < 0):
+        raise UsageError("--replay_rows must be at least 1, --replay_coef and --replay_kl 0 or more")
+    if args.replay_data and args.replay_coef == args.replay_kl == 0:
+        raise UsageError("--replay_coef 0 and --replay_kl 0 give the replay rows no weight: raise one, or drop "
+                         "--replay_data")
+    if args.replay_kl and not args.replay_data:
+        raise UsageError("--replay_kl anchors the replay rows: give --replay_data too")
     if not args.data_path:
         raise UsageError("give --data_path: RL prompts as JSONL ({\"prompt\", \"task\", \"answer\"} or chats ending "
                          "with the user's turn)")
 
 
-def load_replay(args, tokenizer, run) -> Replay | None:
-    """--replay_data as packed chat rows (prepared once per node beside --out_dir, as the chat stages do), or None."""
+def load_replay(args, tokenizer, run, policy: LM, reference: LM | None) -> Replay | None:
+    """--replay_data as packed chat rows (prepared once per node beside --out_dir, as the chat stages do), or None.
+    Under --replay_kl the anchor is the starting policy: the reference model when there is one, else a frozen copy."""
     if not args.replay_data:
         return None
     data = chat_rows(args.replay_data, args, tokenizer, run)
-    run.print(f"replay: {args.replay_rows} row(s) of {args.replay_data} per micro-batch, weight {args.replay_coef:g}")
-    return Replay(data, args.replay_coef, args.replay_rows)
+    start = (reference if reference is not None else frozen_copy(policy, run.device)) if args.replay_kl else None
+    run.print(f"replay: {args.replay_rows} row(s) of {args.replay_data} per micro-batch, weight {args.replay_coef:g}"
+              + (f", KL to the starting policy x {args.replay_kl:g}" if start is not None else ""))
+    return Replay(data, args.replay_coef, args.replay_rows, args.replay_kl, start)
 
 
 def load_policy_and_prompts(args, run):
