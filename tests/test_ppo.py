@@ -94,10 +94,13 @@ def test_train_ppo_end_to_end(tmp_path, chat_checkpoint, prompt_files, critic_fr
     done = run_script("train_ppo.py", "--init_from", chat_checkpoint["model"], "--data_path", prompt_files["train"],
                       "--val_data_path", prompt_files["val"], "--out_dir", out, *RL_TINY, "--max_steps", "2",
                       "--reward_funcs", "task", "--reward_model", reward_dir, "--critic_from", critic_from,
-                      "--replay_data", chat_checkpoint["chats"], "--replay_rows", "2")
+                      "--replay_data", chat_checkpoint["chats"], "--replay_rows", "2",
+                      *(["--replay_kl", "0.5"] if critic_from == "reward_model" else []))
     assert f"from the {'policy' if critic_from == 'policy' else 'reward model'}" in done.stdout
     assert f"replay: 2 row(s) of {chat_checkpoint['chats']} per micro-batch, weight 1" in done.stdout
     logged = [row for row in rows_of(out) if "reward" in row]
+    if critic_from == "reward_model":  # the actor's replay anchored to the reference, the frozen starting policy
+        assert "KL to the starting policy x 0.5" in done.stdout and all(row["replay_kl"] >= 0 for row in logged)
     for key in ("loss", "replay_ce", "pg_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy", "kl", "value",
                 "returns", "reward/task", "reward/reward_model", "pass@1", "completion_len", "rollout_tokens_per_sec",
                 "update_tokens_per_sec"):
