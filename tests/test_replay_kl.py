@@ -34,13 +34,19 @@ def by_hand_kl_sum(model: LM, start: LM, batch: dict, at: torch.Tensor) -> torch
     return (theirs.exp() * (theirs - ours)).sum()
 
 
-def test_the_anchor_adds_the_kl_to_the_starting_model_on_each_document_token():
-    torch.manual_seed(1)
+def model_and_start(seed: int) -> tuple[LM, LM]:
+    """A tiny model in training mode and a frozen starting model a little way from it."""
+    torch.manual_seed(seed)
     model = LM(LMConfig.from_preset("tiny", vocab_size=VOCAB)).train()
     start = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():
         for p in start.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return model, start
+
+
+def test_the_anchor_adds_the_kl_to_the_starting_model_on_each_document_token():
+    model, start = model_and_start(1)
     batch = packed_batch()
     anchor = TextAnchor(start, 0.7, document_start=EOT)
 
@@ -75,12 +81,7 @@ def test_the_anchor_adds_the_kl_to_the_starting_model_on_each_document_token():
 def test_the_rl_replay_anchors_every_scored_token():
     """anchored_chat_loss (the RL stages' --replay_kl): the batch's mean cross-entropy, as assistant_loss gives it,
     and the KL to the starting model averaged over every scored position, the chat's answer and the document alike."""
-    torch.manual_seed(2)
-    model = LM(LMConfig.from_preset("tiny", vocab_size=VOCAB)).train()
-    start = copy.deepcopy(model).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in start.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, start = model_and_start(2)
     batch = packed_batch()
     scored = batch["labels"] != -100
     ce, kl = anchored_chat_loss(model, start, batch)
