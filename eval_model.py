@@ -46,6 +46,13 @@ items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over p
 distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds
 "<metric>_ci": [low, high].
 
+What each stage changed is measured on the same items: a second table puts each model against the stage it starts
+from (trainer/stages.py: sft against pretrain, lora and dpo against sft, distill against dpo, grpo against distill;
+--against NAME: every model against NAME), the change in each metric with a 95% interval from a paired bootstrap
+(both models get the same resampled items, so what they get right together cancels out) and * where the interval
+leaves out 0: a change beyond the noise of the items, an effect or a loss. --json adds "compared_with": NAME and
+"<metric>_change": [change, low, high].
+
 The table's last column, `anchors`, is no model: it is what a classical method scores on the same held-out records
 (evals/anchors.py), fitted on the training files of --data_dir: a TF-IDF character 1-3-gram logistic regression for
 sentiment_acc (on sft.jsonl's reviews) and lora_acc (on lora.jsonl's), a gazetteer of sft.jsonl's tagged entities for
@@ -56,7 +63,8 @@ kind, as the tasks' parsers read it: a label for the sentiment prompt, at least 
 number for the arithmetic one (right or not).
 
 --report [PATH] (default out/report.md; implies --metrics) writes the report card: the machine, each stage's time,
-tokens and tokens/s (its summary.json), the metrics table with intervals, the reward model's held-out pair accuracy
+tokens and tokens/s (its summary.json), the metrics table with intervals and the table of changes, the reward
+model's held-out pair accuracy
 (out/reward) and an RL run's sampled pass@1 before and after training (its --pass_at_k), the side-by-side answers,
 and one PNG beside it with every stage's loss curve (its metrics.jsonl).
 """
@@ -80,8 +88,18 @@ from dataset.tokenizer import load_tokenizer
 from evals import GENERATION_TASKS, LIKELIHOOD_TASKS, METRICS, OUTPUT_CHECKS, TASKS
 from evals.anchors import COLUMN as ANCHORS
 from evals.base import GenerationTask, LikelihoodTask
-from evals.intervals import DRAWS, check_intervals, generation_intervals, likelihood_intervals
-from evals.report import Interval, environment, metric_cell, write_report
+from evals.intervals import (
+    DRAWS,
+    Resampler,
+    check_intervals,
+    check_resampler,
+    generation_intervals,
+    generation_resampler,
+    likelihood_intervals,
+    likelihood_resampler,
+    paired_changes,
+)
+from evals.report import Change, Interval, changes_rows, environment, metric_cell, write_report
 from model import LM
 from model.generation import generate_batch, length_batches
 from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
@@ -277,19 +295,22 @@ def likelihood_metrics(model: LM, tokenizer, task: LikelihoodTask, records: list
     return task.score(scored_logps(model, task.sequences(tokenizer, records), runner), records)
 
 
-def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
-             draws: int = DRAWS, chat: bool = True) -> tuple[dict[str, float], dict[str, Interval]]:
+def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner, draws: int = DRAWS,
+             chat: bool = True) -> tuple[dict[str, float], dict[str, Interval], dict[str, Resampler]]:
     """Every metric whose held-out set is present, for one model, in METRICS order (see the module docstring),
-    and its 95% confidence interval (evals/intervals.py; `draws` bootstrap resamples). A base model (chat=False)
-    gets the likelihood metrics only: it cannot answer a chat question, so generating its answers would only spend
-    time (a quarter of the demo's evaluation) on zeros; the table shows `-` there."""
+    its 95% confidence interval (evals/intervals.py; `draws` bootstrap resamples), and what they were computed from,
+    as one resampler per task (to pair the model's items with another model's: evals.intervals.paired_changes). A
+    base model (chat=False) gets the likelihood metrics only: it cannot answer a chat question, so generating its
+    answers would only spend time (a quarter of the demo's evaluation) on zeros; the table shows `-` there."""
     metrics: dict[str, float] = {}
     intervals: dict[str, Interval] = {}
+    items: dict[str, Resampler] = {}
     for task in LIKELIHOOD_TASKS:
         if sets.get(task.name):
             logps = scored_logps(model, task.sequences(tokenizer, sets[task.name]), runner)
             metrics.update(task.score(logps, sets[task.name]))
             intervals.update(likelihood_intervals(task, logps, sets[task.name], draws))
+            items[task.name] = likelihood_resampler(task, logps, sets[task.name])
     outputs = {task.name: generate_answers(model, tokenizer, task, sets[task.name], runner)
                for task in GENERATION_TASKS if chat and sets.get(task.name)}
     for task in GENERATION_TASKS:
@@ -297,6 +318,7 @@ def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
             scores = task.score(outputs[task.name], sets[task.name])
             metrics.update(scores)
             intervals.update(generation_intervals(task, outputs[task.name], sets[task.name], scores, draws))
+            items[task.name] = generation_resampler(task, outputs[task.name], sets[task.name])
     for check in OUTPUT_CHECKS:
         names = [name for name in outputs if check.tasks is None or name in check.tasks]
         if names:
@@ -304,7 +326,8 @@ def evaluate(model: LM, tokenizer, sets: dict[str, list[dict]], runner: Runner,
             scores = check.score(texts)
             metrics.update(scores)
             intervals.update(check_intervals(check, texts, scores, draws))
-    return in_report_order(metrics, intervals)
+            items[f"{check.name}:{','.join(names)}"] = check_resampler(check, texts)  # pairs with the same tasks'
+    return (*in_report_order(metrics, intervals), items)
 
 
 def in_report_order(metrics: dict[str, float],
@@ -379,17 +402,50 @@ def format_table(results: dict[str, dict[str, float]], intervals: dict[str, dict
 
 
 def json_results(results: dict[str, dict[str, float]], intervals: dict[str, dict[str, Interval]],
-                 kinds: dict[str, dict[str, bool]]) -> dict:
-    """{model: {metric: value, ..., metric_ci: [low, high], ..., answer_kind: n, answer_kind_of: m}}: the values
-    under their usual keys, the intervals and the answer-kind count added under their own."""
+                 kinds: dict[str, dict[str, bool]], changes: dict[str, tuple[str, dict[str, Change]]] | None = None
+                 ) -> dict:
+    """{model: {metric: value, ..., metric_ci: [low, high], ..., answer_kind: n, answer_kind_of: m,
+    compared_with: other, metric_change: [change, low, high], ...}}: the values under their usual keys, the
+    intervals, the answer-kind count and the paired changes from the model it is compared with under their own."""
     out = {}
     for name, values in results.items():
         row = dict(values)
         row.update({f"{metric}_ci": [round(lo, 6), round(hi, 6)] for metric, (lo, hi) in intervals[name].items()})
         if kinds.get(name):
             row.update(answer_kind=sum(kinds[name].values()), answer_kind_of=len(kinds[name]))
+        if changes and name in changes:
+            reference, found = changes[name]
+            row["compared_with"] = reference
+            row.update({f"{metric}_change": [round(value, 6), round(lo, 6), round(hi, 6)]
+                        for metric, (value, (lo, hi)) in found.items()})
         out[name] = row
     return out
+
+
+def compared_with(names: list[str], against: str | None = None) -> dict[str, str]:
+    """{model: the model its changes are measured from}: `against` for every other model, else the stage it starts
+    from (trainer/stages.py's init_from: lora and dpo from sft, distill from dpo, ...) when that stage is a column."""
+    if against:
+        if against not in names:
+            raise UsageError(f"--against {against}: no such model (the models: {', '.join(names)})")
+        return {name: against for name in names if name != against}
+    stage_at = {stage.out_dir: name for name, stage in STAGES.items()}
+    pairs = {}
+    for name in names:
+        stage = STAGES.get(name)
+        reference = stage_at.get(stage.init_from) if stage and stage.init_from else None
+        if reference in names:
+            pairs[name] = reference
+    return pairs
+
+
+def format_changes(changes: dict[str, tuple[str, dict[str, Change]]]) -> str:
+    """Rows = metrics, columns = `model - reference`: the paired change, its 95% interval, * beyond the noise."""
+    header, rows = changes_rows(changes)
+    width = max(28, *(len(name) + 2 for name in header))
+    lines = [f"{'metric':<16}" + "".join(f"{name:>{width}}" for name in header)]
+    lines += [f"{row[0]:<16}" + "".join(f"{cell:>{width}}" for cell in row[1:]) for row in rows]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave out the anchors' column (a TF-IDF logistic regression and a gazetteer fitted on the "
                         "training files of --data_dir: evals/anchors.py)")
     p.add_argument("--ci_draws", type=int, default=DRAWS, help="bootstrap resamples per confidence interval")
+    p.add_argument("--against", metavar="NAME",
+                   help="measure every other model's changes from this one (default: each stage from the stage it "
+                        "starts from, when both are columns)")
     p.add_argument("--report", nargs="?", const="out/report.md",
                    help="write the report card here (default out/report.md) and its loss curves beside it as .png "
                         "(implies --metrics)")
@@ -450,7 +509,9 @@ def main() -> None:
     answers: dict[str, list[str]] = {}
     results: dict[str, dict[str, float]] = {}
     intervals: dict[str, dict[str, Interval]] = {}
+    items: dict[str, dict[str, Resampler]] = {}
     kinds: dict[str, dict[str, bool]] = {}
+    pairs = compared_with([spec.name for spec in specs], args.against)  # before the models: a wrong name fails now
     for spec in specs:
         start = time.time()
         model, tokenizer = load_model(spec, device)
@@ -460,8 +521,8 @@ def main() -> None:
         if spec.chat:
             kinds[spec.name] = answer_kinds(args.prompts, answers[spec.name])
         if args.metrics:
-            results[spec.name], intervals[spec.name] = evaluate(model, tokenizer, sets, runner, args.ci_draws,
-                                                                spec.chat)
+            results[spec.name], intervals[spec.name], items[spec.name] = evaluate(model, tokenizer, sets, runner,
+                                                                                  args.ci_draws, spec.chat)
         source = f"{spec.adapter} on {spec.path}" if spec.adapter else str(spec.path)
         log(f"{spec.name} ({source}, {'chat' if spec.chat else 'base'}): {time.time() - start:.1f}s")
         del model
@@ -478,9 +539,16 @@ def main() -> None:
         counts = ", ".join(f"{name} {len(records)}" for name, records in sets.items())
         print(f"\n== metrics with 95% intervals (held-out sets in {args.data_dir}, items per task: {counts})")
         print(format_table(results, intervals, kinds))
+        changes = {name: (reference, paired_changes(items[reference], items[name], args.ci_draws))
+                   for name, reference in pairs.items()}
+        if changes:
+            start = f"from {args.against}" if args.against else "from the one it starts from"
+            print(f"\n== what each model changed {start}: paired on the same held-out items, 95% intervals, "
+                  "* beyond the noise (the interval leaves out 0)")
+            print(format_changes(changes))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(json_results(results, intervals, kinds), indent=1, ensure_ascii=False)
+            text = json.dumps(json_results(results, intervals, kinds, changes), indent=1, ensure_ascii=False)
             atomic_write_text(args.json, text + "\n")
             print(f"wrote {args.json}")
         if args.report:
@@ -490,7 +558,8 @@ def main() -> None:
                                prompts=args.prompts, answers=answers, kinds=kinds,
                                kind_names={p: kind for p, (kind, _) in PROMPT_KINDS.items()},
                                scorers={name: Path(s.out_dir) for name, s in STAGES.items()
-                                        if not s.generates and Path(s.out_dir, "summary.json").is_file()})
+                                        if not s.generates and Path(s.out_dir, "summary.json").is_file()},
+                               changes=changes)
             print(f"wrote {args.report}" + (f" and {png}" if png else ""))
 
 

@@ -12,12 +12,13 @@ the reward an RL rollout gets. Three kinds:
   other tasks.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 Turn = tuple[str, str]  # (user, assistant)
 Messages = list[dict]
 ScoredTokens = tuple[list[int], list[int]]  # token ids, and 1 where a token is scored
+Statistic = Callable[[list[int]], dict[str, float]]  # the metrics on the items at these indices (repeats allowed)
 
 
 def chat_record(turns: list[Turn], **fields: Any) -> dict:
@@ -96,6 +97,14 @@ class GenerationTask(Task):
         items = [self.item_metrics(text, record) for text, record in zip(outputs, records)]
         return {metric: sum(item[metric] for item in items) / len(items) if items else 0.0 for metric in self.metrics}
 
+    def statistic(self, outputs: list[str], records: list[dict]) -> Statistic:
+        """score() on any resample of these answers (evals/intervals.py's bootstraps), each answer read once: by
+        default the means of item_metrics; a task whose score is no mean over answers overrides it."""
+        if type(self).score is not GenerationTask.score:
+            return lambda idx: self.score([outputs[i] for i in idx], [records[i] for i in idx])
+        items = [self.item_metrics(text, record) for text, record in zip(outputs, records)]
+        return lambda idx: {metric: sum(items[i][metric] for i in idx) / len(idx) for metric in self.metrics}
+
 
 class LikelihoodTask(Task):
     """A task scored from the model's log-probabilities of given tokens, without generating."""
@@ -107,6 +116,12 @@ class LikelihoodTask(Task):
     def score(self, logps: list[tuple[float, int]], records: list[dict]) -> dict[str, float]:
         """The metrics from (summed log-prob, scored tokens) of each of sequences()' sequences."""
         raise NotImplementedError
+
+    def statistic(self, logps: list[tuple[float, int]], records: list[dict]) -> Statistic:
+        """score() on any resample of the records (a record's sequences, e.g. a pair's chosen and rejected, move
+        together)."""
+        per = len(logps) // len(records) if records else 0
+        return lambda idx: self.score([logps[i * per + k] for i in idx for k in range(per)], [records[i] for i in idx])
 
 
 class OutputCheck:

@@ -8,10 +8,11 @@ each one's type; reason_eval.jsonl, scored by its format). DPO's entity pairs ar
 
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from evals.anchors import Gazetteer, labelled_turns, last_user_text, template_field
-from evals.base import GenerationTask, Turn, chat_record
+from evals.base import GenerationTask, Statistic, Turn, chat_record
 from evals.think_format import answer_block, trace
 
 Entities = dict[str, list[str]]  # kind -> names, in order of first appearance
@@ -79,20 +80,31 @@ def parse_entity_answer(text: str) -> Entities:
     return found
 
 
+def entity_counts(pred: Entities, true: Entities) -> tuple[int, ...]:
+    """(true positives, false positives, misses) of one answer for each entity type in ENTITY_LABELS order, in one
+    flat tuple."""
+    counts: list[int] = []
+    for kind in ENTITY_LABELS:
+        pred_set, true_set = set(pred.get(kind, [])), set(true.get(kind, []))
+        counts += [len(pred_set & true_set), len(pred_set - true_set), len(true_set - pred_set)]
+    return tuple(counts)
+
+
+def f1_from_counts(counts: Iterable[tuple[int, ...]]) -> dict[str, float]:
+    """entity_f1 and the per-type scores from entity_counts of each item (summed: micro over items)."""
+    totals = [sum(column) for column in zip(*counts)] or [0] * 3 * len(ENTITY_LABELS)
+    scores = {}
+    for k, kind in enumerate(ENTITY_LABELS):
+        tp, fp, fn = totals[3 * k: 3 * k + 3]
+        scores[f"entity_f1_{kind}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"entity_f1": sum(scores.values()) / len(scores), **scores}
+
+
 def entity_f1(predicted: list[Entities], gold: list[Entities]) -> dict[str, float]:
     """F1 per entity type, micro over items (tp, fp, fn summed), and `entity_f1`, their mean over the types.
 
     A type with no gold and no predicted entity in any item scores 1.0 (nothing to find, nothing invented)."""
-    scores = {}
-    for kind in ENTITY_LABELS:
-        tp = fp = fn = 0
-        for pred, true in zip(predicted, gold):
-            pred_set, true_set = set(pred.get(kind, [])), set(true.get(kind, []))
-            tp += len(pred_set & true_set)
-            fp += len(pred_set - true_set)
-            fn += len(true_set - pred_set)
-        scores[f"entity_f1_{kind}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    return {"entity_f1": sum(scores.values()) / len(scores), **scores}
+    return f1_from_counts(entity_counts(pred, true) for pred, true in zip(predicted, gold))
 
 
 def sentence_of(question: str) -> str | None:
@@ -187,6 +199,12 @@ class EntityTask(GenerationTask):
         """entity_f1 and entity_f1_person / _place / _org (see entity_f1)."""
         return entity_f1([parse_entity_answer(text) for text in outputs], [r["meta"]["entities"] for r in records])
 
+    def statistic(self, outputs: list[str], records: list[dict]) -> Statistic:
+        """score() on any resample of the answers, each answer parsed and counted once."""
+        counts = [entity_counts(parse_entity_answer(text), record["meta"]["entities"])
+                  for text, record in zip(outputs, records)]
+        return lambda idx: f1_from_counts(counts[i] for i in idx)
+
     def reward(self, text: str, record: dict) -> float:
         """entity_f1 of this one answer: 1.0 when exactly the record's entities, partial credit per type."""
         return entity_f1([parse_entity_answer(text)], [record["meta"]["entities"]])["entity_f1"]
@@ -215,6 +233,9 @@ class EntityReasonTask(EntityTask):
     def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
         """No metric of its own (the report has none): its answers count in think_format and distinct2."""
         return {}
+
+    def statistic(self, outputs: list[str], records: list[dict]) -> Statistic:
+        return lambda idx: {}
 
 
 TASK = EntityTask()

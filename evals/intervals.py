@@ -10,20 +10,26 @@ Two methods, chosen per metric by what it is:
   task does, take the 2.5th and 97.5th percentiles. A pair (pref_acc) or a document (val_ppl) is one item.
 
 With n items a task, a difference between two models smaller than about the interval's half-width is noise:
-at 300 items an accuracy near 0.8 has a half-width of about 0.045. A bootstrap cannot see past what the items hold:
-an entity F1 of 0 with no entity found in any item gets [0, 0] (every resample is 0 too), which says "no evidence
-of any skill", not "exactly 0"; Wilson's [0, 0.013] at 0/300 is the bound such a share can claim.
+at 300 items an accuracy near 0.8 has a half-width of about 0.045. Two models answer the same items, though, and
+`paired_changes` measures the change between them directly: a bootstrap that gives both models the same resampled
+items, so that what the two get right together (most of it, between consecutive stages) cancels out. Its interval
+is narrower than two separate ones suggest when the models agree item by item, and wider when they do not.
+
+A bootstrap cannot see past what the items hold: an entity F1 of 0 with no entity found in any item gets [0, 0]
+(every resample is 0 too), which says "no evidence of any skill", not "exactly 0"; Wilson's [0, 0.013] at 0/300 is
+the bound such a share can claim.
 """
 
 import math
 import random
 from collections.abc import Callable, Sequence
 
-from evals.base import GenerationTask, LikelihoodTask, OutputCheck
-from evals.entities import EntityTask, entity_f1
+from evals.base import GenerationTask, LikelihoodTask, OutputCheck, Statistic
+from evals.entities import EntityTask
 from evals.repetition import Repetition, distinct2_ratio
 
 Interval = tuple[float, float]
+Resampler = tuple[int, Statistic]  # (how many items, their statistic)
 Z95 = 1.959964  # the standard normal's 97.5th percentile
 DRAWS = 1000  # bootstrap resamples: the percentiles move by well under 0.01 between seeds at 1000
 
@@ -76,10 +82,7 @@ def generation_intervals(task: GenerationTask, outputs: list[str], records: list
     if not metrics or not outputs:
         return {}
     if isinstance(task, EntityTask):
-        predicted = [task.parse(text) for text in outputs]
-        gold = [record["meta"]["entities"] for record in records]
-        return bootstrap_intervals(lambda idx: entity_f1([predicted[i] for i in idx], [gold[i] for i in idx]),
-                                   len(outputs), draws)
+        return bootstrap_intervals(task.statistic(outputs, records), len(outputs), draws)
     items = [task.item_metrics(text, record) for text, record in zip(outputs, records)]
     intervals = {}
     for metric, value in metrics.items():
@@ -88,8 +91,7 @@ def generation_intervals(task: GenerationTask, outputs: list[str], records: list
             intervals[metric] = wilson_interval(sum(values), len(values))
     if len(intervals) == len(metrics):
         return intervals
-    resampled = bootstrap_intervals(lambda idx: task.score([outputs[i] for i in idx], [records[i] for i in idx]),
-                                    len(outputs), draws)
+    resampled = bootstrap_intervals(task.statistic(outputs, records), len(outputs), draws)
     return {**resampled, **intervals}
 
 
@@ -98,12 +100,7 @@ def likelihood_intervals(task: LikelihoodTask, logps: list[tuple[float, int]], r
     """A bootstrap over records (a record's sequences, e.g. a pair's chosen and rejected, move together)."""
     if not records:
         return {}
-    per = len(logps) // len(records)
-
-    def statistic(idx: list[int]) -> dict[str, float]:
-        return task.score([logps[i * per + k] for i in idx for k in range(per)], [records[i] for i in idx])
-
-    return bootstrap_intervals(statistic, len(records), draws)
+    return bootstrap_intervals(task.statistic(logps, records), len(records), draws)
 
 
 def check_intervals(check: OutputCheck, outputs: list[str], metrics: dict[str, float],
@@ -122,3 +119,60 @@ def check_intervals(check: OutputCheck, outputs: list[str], metrics: dict[str, f
             return {metric: (value, value)}
         return bootstrap_intervals(lambda idx: {metric: sum(ratios[i] for i in idx) / len(idx)}, len(ratios), draws)
     return bootstrap_intervals(lambda idx: check.score([outputs[i] for i in idx]), len(outputs), draws)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two models on the same items
+
+
+def likelihood_resampler(task: LikelihoodTask, logps: list[tuple[float, int]], records: list[dict]) -> Resampler:
+    """The task's metrics over a resample of its records (the task's own statistic)."""
+    return len(records), task.statistic(logps, records)
+
+
+def generation_resampler(task: GenerationTask, outputs: list[str], records: list[dict]) -> Resampler:
+    """The task's metrics over a resample of its answers (the task's own statistic: each answer read once)."""
+    return len(outputs), task.statistic(outputs, records)
+
+
+def check_resampler(check: OutputCheck, outputs: list[str]) -> Resampler:
+    """An output check's metric over a resample of the answers (every answer, so that two models' answers pair up:
+    distinct2 averages the ratios of the resampled answers long enough to have one)."""
+    (metric,) = check.metrics
+    if isinstance(check, Repetition):
+        ratios = [distinct2_ratio(text) for text in outputs]
+
+        def statistic(idx: list[int]) -> dict[str, float]:
+            found = [ratios[i] for i in idx if ratios[i] is not None]
+            return {metric: sum(found) / len(found) if found else 1.0}
+
+        return len(outputs), statistic
+    rewards = [check.reward(text) for text in outputs]
+    if binary_share(rewards, check.score(outputs)[metric]):
+        return len(outputs), lambda idx: {metric: sum(rewards[i] for i in idx) / len(idx)}
+    return len(outputs), lambda idx: check.score([outputs[i] for i in idx])
+
+
+def paired_changes(before: dict[str, Resampler], after: dict[str, Resampler], draws: int = DRAWS,
+                   seed: int = 0) -> dict[str, tuple[float, Interval]]:
+    """after - before on every metric both models have, over the same held-out items: {metric: (change on all the
+    items, its 95% percentile interval)}. Each resample gives both models the same items (a paired bootstrap), so
+    an interval that leaves out 0 is a change beyond what another draw of items could give. Item sets of different
+    sizes (another --limit) are not paired."""
+    def difference(old: Statistic, new: Statistic) -> Statistic:
+        def statistic(idx: list[int]) -> dict[str, float]:
+            first, second = old(idx), new(idx)
+            return {metric: second[metric] - first[metric] for metric in second if metric in first}
+
+        return statistic
+
+    changes: dict[str, tuple[float, Interval]] = {}
+    for group, (n, statistic_after) in after.items():
+        if group not in before or before[group][0] != n or n == 0:
+            continue
+        change = difference(before[group][1], statistic_after)
+        intervals = bootstrap_intervals(change, n, draws, seed)
+        for metric, value in change(list(range(n))).items():
+            if metric in intervals:
+                changes[metric] = (value, intervals[metric])
+    return changes

@@ -15,7 +15,7 @@ import random
 
 from dataset.chat import tokenize_chat
 from evals import entities, sentiment
-from evals.base import LikelihoodTask, ScoredTokens, share
+from evals.base import LikelihoodTask, ScoredTokens, Statistic, share
 from evals.entities import Sentence, entity_f1, format_entity_answer, parse_entity_answer, wrong_entities
 from evals.sentiment import parse_sentiment_answer
 
@@ -84,13 +84,21 @@ class Preference(LikelihoodTask):
 
     def score(self, logps: list[tuple[float, int]], records: list[dict]) -> dict[str, float]:
         """pref_acc (and pref_style_acc) from the (summed log-prob, tokens) of sequences()' sequences."""
+        return self.statistic(logps, records)(list(range(len(records))))
+
+    def statistic(self, logps: list[tuple[float, int]], records: list[dict]) -> Statistic:
+        """score() on any resample of the pairs, each pair judged once."""
         means = [total / max(count, 1) for total, count in logps]
         wins = [chosen > rejected for chosen, rejected in zip(means[0::2], means[1::2])]
-        metrics = {"pref_acc": share(wins)}
-        style = [win for win, record in zip(wins, records) if is_style_pair(record)]
-        if style:
-            metrics["pref_style_acc"] = share(style)
-        return metrics
+        style = [is_style_pair(record) for record in records]
+
+        def statistic(idx: list[int]) -> dict[str, float]:
+            metrics = {"pref_acc": share(wins[i] for i in idx)}
+            if any(style[i] for i in idx):
+                metrics["pref_style_acc"] = share(wins[i] for i in idx if style[i])
+            return metrics
+
+        return statistic
 
     def reward(self, text: str, record: dict) -> float:
         """How well an answer to the pair's question states what its chosen answer states, judged as the pair's

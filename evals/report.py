@@ -22,7 +22,8 @@ from evals import METRICS
 from evals.anchors import COLUMN as ANCHORS
 from evals.intervals import Interval
 
-__all__ = ["Interval", "environment", "format_interval", "metric_cell", "stage_summary", "write_report"]
+__all__ = ["Change", "Interval", "beyond_noise", "change_cell", "changes_rows", "environment", "format_interval",
+           "metric_cell", "stage_summary", "write_report"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,6 +49,36 @@ def metric_cell(metric: str, value: float | None, interval: Interval | None = No
         return "-"
     text = format_value(metric, value)
     return text if interval is None else f"{text} {format_interval(metric, interval)}"
+
+
+Change = tuple[float, Interval]  # a metric's change from one model to another and its paired 95% interval
+
+
+def beyond_noise(interval: Interval) -> bool:
+    """Whether a change's interval leaves out 0: a change another draw of the held-out items would not undo."""
+    return interval[0] > 0 or interval[1] < 0
+
+
+def change_cell(metric: str, change: Change | None, marked: str = "{}*") -> str:
+    """`+0.050 [+0.02, +0.08]*`: the change and its interval, put in `marked` when the interval leaves out 0; `-`
+    without a change."""
+    if change is None:
+        return "-"
+    value, (low, high) = change
+    if metric == "val_ppl":
+        text = f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
+    else:
+        text = f"{value:+.3f} [{low:+.2f}, {high:+.2f}]"
+    return marked.format(text) if beyond_noise((low, high)) else text
+
+
+def changes_rows(changes: dict[str, tuple[str, dict[str, Change]]],
+                 marked: str = "{}*") -> tuple[list[str], list[list[str]]]:
+    """(column headers `model - reference`, one row per metric with a change): the paired-change table's cells."""
+    header = [f"{name} - {reference}" for name, (reference, _) in changes.items()]
+    rows = [[metric] + [change_cell(metric, found.get(metric), marked) for _, found in changes.values()]
+            for metric in METRICS if any(metric in found for _, found in changes.values())]
+    return header, rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,6 +215,23 @@ def metrics_table(results: dict[str, dict[str, float]], intervals: dict[str, dic
     return markdown_table(["metric (95% interval)"] + names, rows)
 
 
+def changes_section(changes: dict[str, tuple[str, dict[str, Change]]]) -> list[str]:
+    if not changes:
+        return []
+    header, rows = changes_rows(changes, marked="**{}**")
+    return [
+        "## What each stage changed",
+        "",
+        "Each model against the one it starts from, on the same held-out items: the change in each metric and its "
+        "95% interval from a paired bootstrap (both models get the same resampled items). **Bold**: the interval "
+        "leaves out 0, a change beyond the noise of the items. val_ppl is better lower; an adapter (LoRA) answers "
+        "every prompt as its one task, so its other tasks fall to 0 by design (its base is unchanged).",
+        "",
+        markdown_table(["metric (change, 95% interval)"] + header, rows),
+        "",
+    ]
+
+
 def answers_section(prompts: list[str], answers: dict[str, list[str]], kinds: dict[str, dict[str, bool]],
                     kind_names: dict[str, str]) -> str:
     parts = []
@@ -225,10 +273,12 @@ def write_report(path: str | Path, *, models: dict[str, Path], environment: dict
                  results: dict[str, dict[str, float]], intervals: dict[str, dict[str, Interval]],
                  items: dict[str, int], prompts: list[str], answers: dict[str, list[str]],
                  kinds: dict[str, dict[str, bool]], kind_names: dict[str, str],
-                 scorers: dict[str, Path] | None = None) -> Path | None:
+                 scorers: dict[str, Path] | None = None,
+                 changes: dict[str, tuple[str, dict[str, Change]]] | None = None) -> Path | None:
     """Write the report card to `path` and its loss curves to `path` with .png; returns the PNG's path (None when no
     model has a metrics.jsonl). `models` are the directories (an adapter's own directory for LoRA); `scorers` reward
-    model directories, whose held-out pair accuracy the card reports."""
+    model directories, whose held-out pair accuracy the card reports; `changes` {model: (the model it is compared
+    with, {metric: paired change})}, the table of what each stage changed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     png = path.with_suffix(".png")
@@ -262,6 +312,7 @@ def write_report(path: str | Path, *, models: dict[str, Path], environment: dict
         "",
         metrics_table(results, intervals, kinds),
         "",
+        *changes_section(changes or {}),
         *reward_and_rl_section(models, scorers or {}),
         "## Side-by-side answers",
         "",

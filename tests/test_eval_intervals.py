@@ -8,12 +8,17 @@ from pathlib import Path
 import pytest
 
 import eval_model
+from dataset.errors import UsageError
 from evals import TASKS
 from evals.intervals import (
     bootstrap_intervals,
     check_intervals,
+    check_resampler,
     generation_intervals,
+    generation_resampler,
     likelihood_intervals,
+    likelihood_resampler,
+    paired_changes,
     wilson_interval,
 )
 
@@ -134,3 +139,80 @@ def test_default_limit_gives_300_items_a_task_where_the_demo_has_them():
     sizes = {name: len(records) for name, records in sets.items()}
     assert sizes == {"news": 300, "sentiment": 300, "entity": 300, "arith": 300, "entity_reason": 200, "lora": 300,
                      "pref": 300}  # reason_eval.jsonl holds only 200 entity traces
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two models on the same items
+
+
+def sentiment_items(n: int = 300) -> list[dict]:
+    return [chat("q", "a", task="sentiment", label="正面" if i % 2 else "负面") for i in range(n)]
+
+
+def answers_right_on(records: list[dict], right: set[int]) -> list[str]:
+    """Sentiment answers right on the items in `right`, wrong on the rest."""
+    flip = {"正面": "负面", "负面": "正面"}
+    return [f"这条评论是{r['meta']['label'] if i in right else flip[r['meta']['label']]}的。"
+            for i, r in enumerate(records)]
+
+
+def test_paired_changes_see_what_two_separate_intervals_cannot():
+    records, task = sentiment_items(), TASKS["sentiment"]
+    before = answers_right_on(records, set(range(150)))  # 0.50
+    after = answers_right_on(records, set(range(165)))  # 0.55: the same 150 right, and 15 more
+    first, second = (generation_intervals(task, out, records, task.score(out, records)) for out in (before, after))
+    assert second["sentiment_acc"][0] < first["sentiment_acc"][1]  # the two intervals overlap: "inside the noise"
+    found = paired_changes({"sentiment": generation_resampler(task, before, records)},
+                           {"sentiment": generation_resampler(task, after, records)}, draws=400)
+    change, (low, high) = found["sentiment_acc"]
+    assert change == pytest.approx(0.05) and 0 < low < change < high  # paired: every resample gains, so it is real
+
+    shuffled = answers_right_on(records, set(range(135, 300)))  # 0.55 too, but right on other items
+    change, (low, high) = paired_changes({"sentiment": generation_resampler(task, before, records)},
+                                         {"sentiment": generation_resampler(task, shuffled, records)},
+                                         draws=400)["sentiment_acc"]
+    assert change == pytest.approx(0.05) and low < 0 < high  # the same change, from models that disagree: noise
+
+    same = paired_changes({"sentiment": generation_resampler(task, before, records)},
+                          {"sentiment": generation_resampler(task, before, records)}, draws=50)
+    assert same == {"sentiment_acc": (0.0, (0.0, 0.0))}
+
+
+def test_paired_changes_pair_items_whole_and_skip_what_one_model_lacks():
+    documents = [{"text": str(i)} for i in range(60)]
+    old = [(-20.0, 10)] * 60  # mean NLL 2 everywhere
+    new = [(-19.0, 10)] * 60  # 1.9: lower perplexity on every document
+    found = paired_changes({"news": likelihood_resampler(TASKS["news"], old, documents)},
+                           {"news": likelihood_resampler(TASKS["news"], new, documents),
+                            "sentiment": (300, lambda idx: {"sentiment_acc": 1.0})}, draws=100)
+    assert set(found) == {"val_ppl"}  # the base model answered no sentiment question: no change to measure
+    change, (low, high) = found["val_ppl"]
+    assert change == pytest.approx(math.exp(1.9) - math.exp(2.0)) and high < 0
+
+    gold = {"person": ["王建国"], "place": ["上海"], "org": []}
+    records = [chat("q", "a", task="entity", entities=gold) for _ in range(100)]
+    right, wrong = "人名：王建国\n地名：上海\n机构：无", "人名：王建国\n地名：北京\n机构：无"
+    outputs = [wrong if i % 4 else right for i in range(100)]
+    n, statistic = generation_resampler(TASKS["entity"], outputs, records)
+    assert n == 100 and statistic(list(range(100))) == TASKS["entity"].score(outputs, records)
+    assert statistic([0, 0, 1]) == TASKS["entity"].score([outputs[0], outputs[0], outputs[1]], records[:3])
+    assert paired_changes({"entity": (100, statistic)}, {"entity": (99, statistic)}) == {}  # other items: no pairs
+
+    texts = ["<think>\nx\n</think>\n<answer>\ny\n</answer>"] * 30 + ["no format"] * 70
+    n, statistic = check_resampler(TASKS["think_format"], texts)
+    assert statistic(list(range(100))) == {"think_format": 0.3} and statistic([0, 99]) == {"think_format": 0.5}
+    texts = ["这条评论是正面的。", "好好好好好好好好", "ab", "a"]
+    n, statistic = check_resampler(TASKS["repetition"], texts)
+    assert statistic(list(range(4))) == TASKS["repetition"].score(texts)  # "a" has no bigram: left out of both
+    assert statistic([3, 3]) == {"distinct2": 1.0}
+
+
+def test_each_stage_is_compared_with_the_stage_it_starts_from():
+    names = ["pretrain", "sft", "lora", "dpo", "distill", "grpo", "anchors"]
+    assert eval_model.compared_with(names) == {"sft": "pretrain", "lora": "sft", "dpo": "sft", "distill": "dpo",
+                                                "grpo": "distill"}
+    assert eval_model.compared_with(["sft", "distill", "mine"]) == {}  # dpo is not a column: distill has no pair
+    assert eval_model.compared_with(["distill", "d200", "grpo"], against="distill") == {"d200": "distill",
+                                                                                          "grpo": "distill"}
+    with pytest.raises(UsageError, match="--against sft: no such model"):
+        eval_model.compared_with(["distill", "d200"], against="sft")

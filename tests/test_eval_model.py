@@ -181,12 +181,23 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     results = json.loads(out.read_text())
     assert list(results) == ["pretrain", "sft", "lora"]
     likelihood = {metric for task in LIKELIHOOD_TASKS for metric in task.metrics}
+    references = {"sft": "pretrain", "lora": "sft"}  # each stage against the stage it starts from
     for name, row in results.items():
         metrics = {key: value for key, value in row.items() if key in eval_model.METRICS}
         expected = [m for m in eval_model.METRICS if name != "pretrain" or m in likelihood]
         assert list(metrics) == expected, name  # the values keep their keys; intervals are added; a base model gets
         # the likelihood metrics only (it cannot answer a chat question: no generation spent on zeros)
-        assert set(row) - set(metrics) == {f"{metric}_ci" for metric in metrics}, name  # prompts of one's own
+        added = {f"{metric}_ci" for metric in metrics}
+        if name in references:  # the paired changes, on the metrics both models have
+            reference = results[references[name]]
+            compared = [m for m in metrics if m in reference]
+            added |= {"compared_with"} | {f"{m}_change" for m in compared}
+            assert row["compared_with"] == references[name]
+            for m in compared:
+                change, low, high = row[f"{m}_change"]
+                assert change == pytest.approx(metrics[m] - reference[m], abs=1e-5), (name, m)
+                assert low - 1e-6 <= change <= high + 1e-6, (name, m)
+        assert set(row) - set(metrics) == added, name  # no answer_kind: the prompts are the test's own
         assert metrics["val_ppl"] > 1
         assert all(0 <= value <= 1 for metric, value in metrics.items() if metric != "val_ppl"), metrics
         assert all(row[f"{m}_ci"][0] - 1e-6 <= value <= row[f"{m}_ci"][1] + 1e-6 for m, value in metrics.items()), row
@@ -195,8 +206,9 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     stdout = result.stdout
     assert "== 1. 你是谁？" in stdout and "== 2. 新华社北京一月一日电" in stdout
     assert stdout.count("[pretrain]") == 2 and stdout.count("[lora]") == 2
-    header = next(line for line in stdout.splitlines() if line.startswith("metric"))
+    header, changes = [line for line in stdout.splitlines() if line.startswith("metric")]
     assert header.split() == ["metric", "pretrain", "sft", "lora"]
+    assert changes.split() == ["metric", "sft", "-", "pretrain", "lora", "-", "sft"]
     for metric in eval_model.METRICS:
         assert any(line.split()[:1] == [metric] for line in stdout.splitlines()), metric
     assert "lora (" in result.stderr and "on " + str(checkpoints["sft"]) in result.stderr

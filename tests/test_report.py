@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evals.report import cpu_model, environment, metric_cell, write_report
+from evals.report import change_cell, cpu_model, environment, metric_cell, write_report
 from tests.conftest import run_script, tiny_checkpoint, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +30,10 @@ def test_cells_and_environment():
     assert metric_cell("val_ppl", 612.34, (590.2, 640.9)) == "612.34 [590, 641]"
     assert metric_cell("sentiment_acc", 0.7, (0.646, 0.749)) == "0.700 [0.65, 0.75]"
     assert metric_cell("sentiment_acc", None) == "-"
+    assert change_cell("sentiment_acc", (0.05, (0.021, 0.08))) == "+0.050 [+0.02, +0.08]*"  # leaves out 0
+    assert change_cell("sentiment_acc", (-0.02, (-0.05, 0.01))) == "-0.020 [-0.05, +0.01]"  # noise
+    assert change_cell("val_ppl", (-0.3, (-0.44, -0.12)), "**{}**") == "**-0.3 [-0.4, -0.1]**"
+    assert change_cell("val_ppl", None) == "-"
     assert cpu_model() not in ("", None)
     env = environment(torch.device("cpu"), torch.bfloat16)
     assert env["torch"] == torch.__version__ and env["eval device / precision"] == "cpu / bfloat16"
@@ -48,11 +52,16 @@ def test_report_page_and_loss_panels(tmp_path):
                        answers={"pretrain": ["很好很好", "你是"], "sft": ["这条评论是正面的。", "我是丹炉。"],
                                 "other": ["", "x"]},
                        kinds={"sft": {prompts[0]: True}, "other": {prompts[0]: False}},
-                       kind_names={prompts[0]: "a sentiment label"})
+                       kind_names={prompts[0]: "a sentiment label"},
+                       changes={"sft": ("pretrain", {"sentiment_acc": (0.8, (0.75, 0.84))}),
+                                "other": ("sft", {"sentiment_acc": (-0.3, (-0.35, 0.01))})})
     assert png == tmp_path / "out" / "report.png" and png.read_bytes().startswith(PNG_MAGIC)
     page = (tmp_path / "out" / "report.md").read_text()
-    for heading in ("## Environment", "## Stages", "## Held-out metrics", "## Side-by-side answers"):
+    for heading in ("## Environment", "## Stages", "## Held-out metrics", "## What each stage changed",
+                    "## Side-by-side answers"):
         assert heading in page
+    assert "| metric (change, 95% interval) | sft - pretrain | other - sft |" in page
+    assert "| sentiment_acc | **+0.800 [+0.75, +0.84]** | -0.300 [-0.35, +0.01] |" in page  # bold: beyond the noise
     assert "- CPU: Test CPU" in page and "![loss curves](report.png)" in page
     assert "| pretrain | " + str(models["pretrain"]) + " | 30 | 12 | 123,456 | 9,876 | 4.250 | 4.500 |" in page
     assert "| other | " + str(models["other"]) + " | - | - | - | - | - | - |" in page
