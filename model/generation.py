@@ -89,9 +89,14 @@ def apply_penalties(logits: torch.Tensor, seen: torch.LongTensor, generated: tor
     return logits
 
 
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per row
+
+
 def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.LongTensor:
-    """Pick the next token per row from logits (batch, vocab), with transformers' semantics."""
+                      top_p: float = 1.0, generator: Generators = None) -> torch.LongTensor:
+    """Pick the next token per row from logits (batch, vocab), with transformers' semantics. `generator` may be one
+    generator per row: consecutive rows that share one draw together, as that generator alone would draw for them
+    (so a group of rows sampled in a larger batch gets what it gets alone)."""
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -103,7 +108,15 @@ def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperat
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token is already enough
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    probs = logits.softmax(-1)
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    tokens, start = [], 0
+    for end in range(1, len(generator) + 1):
+        if end == len(generator) or generator[end] is not generator[start]:
+            tokens.append(torch.multinomial(probs[start:end], 1, generator=generator[start]))
+            start = end
+    return torch.cat(tokens).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +143,7 @@ def stream(
     presence_penalty: float = 0.0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Iterator[torch.LongTensor]:
     """Yield the next token of every row, (batch,), until each row has produced an eos or max_new_tokens is
     reached; rows that finished yield pad. Prompts of different lengths are left-padded and passed with their
@@ -212,7 +225,7 @@ def generate_batch(model: "LM", prompts: list[list[int]], max_new_tokens: int, *
     """Complete token-id prompts of any lengths, each row stopping at its own stop token (default: the
     generation_config's eos ids). Prompts run in batches of similar length, each at most max_batch_rows rows
     and max_batch_tokens KV-cache positions (rows x (longest prompt + max_new_tokens)). `sampling` takes the
-    sampling arguments of `stream` (do_sample, temperature, ..., generator)."""
+    sampling arguments of `stream` (do_sample, temperature, ..., generator; a list of generators is one per prompt)."""
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i} is empty: give every prompt at least one token (e.g. the bos token)")
@@ -226,7 +239,10 @@ def generate_batch(model: "LM", prompts: list[list[int]], max_new_tokens: int, *
                                  device=model.device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows],
                             device=model.device)
-        steps = list(stream(model, input_ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stop, **sampling))
+        generator = sampling.get("generator")
+        per_row = {"generator": [generator[i] for i in rows]} if isinstance(generator, list) else {}
+        steps = list(stream(model, input_ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                            **{**sampling, **per_row}))
         new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
         for i, tokens in zip(rows, new):
             end = next((n for n, token in enumerate(tokens) if token in stop), None)

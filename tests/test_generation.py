@@ -168,6 +168,24 @@ def test_generate_batch_equals_one_prompt_at_a_time(tmp_path, batching, sampling
         assert completion == Completion(alone[0, len(prompt):].tolist(), "length", len(prompt))
 
 
+def test_groups_sampled_together_draw_as_each_group_alone(tmp_path):
+    """RL's rollouts: each prompt's group of rows has its own generator; sampled in one batch (a list of generators,
+    one per row), every group gets exactly what it gets from its generator alone."""
+    ours, group = varied_model(tmp_path), 3
+    seeds = [11, 22, 33, 44][:len(PROMPTS)]
+    rows = [prompt for prompt in PROMPTS for _ in range(group)]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    batched = generate_batch(ours, rows, 10, stop_token_ids=[], do_sample=True, top_k=20,
+                             generator=[generators[i // group] for i in range(len(rows))])
+    for g, (prompt, seed) in enumerate(zip(PROMPTS, seeds)):
+        alone = generate_batch(ours, [prompt] * group, 10, stop_token_ids=[], do_sample=True, top_k=20,
+                               generator=torch.Generator().manual_seed(seed))
+        assert batched[g * group:(g + 1) * group] == alone, g
+    one_generator = generate_batch(ours, rows, 10, stop_token_ids=[], do_sample=True, top_k=20,
+                                   generator=torch.Generator().manual_seed(seeds[0]))
+    assert [c.tokens for c in one_generator] != [c.tokens for c in batched]  # the per-row list is what did it
+
+
 def test_generate_batch_stops_each_row_on_its_own(tmp_path):
     ours = varied_model(tmp_path)
     free = [c.tokens for c in generate_batch(ours, PROMPTS, 10, stop_token_ids=[])]

@@ -140,18 +140,21 @@ def group_seed(seed: int, step: int, index: int) -> int:
 def rollout(policy: nn.Module, prompts: list[Prompt], indices: list[int], rl: RLConfig, run: Runtime, seed: int,
             step: int) -> tuple[list[Prompt], list[Completion]]:
     """group_size sampled completions of each prompt: (the prompt of each row, the completions), prompt i's group at
-    rows i*G ... i*G+G-1."""
+    rows i*G ... i*G+G-1. The groups are sampled together (generate_batch, about rl.val_max_batch_rows rows at a time,
+    never splitting a group), each group's rows drawing from the group's own generator."""
     was_training = policy.training
     policy.eval()
-    rows, completions = [], []
-    for prompt, index in zip(prompts, indices):
-        generator = torch.Generator(device=run.device).manual_seed(group_seed(seed, step, index))
-        with run.autocast():
-            completions += generate_batch(policy, [prompt.ids] * rl.group_size, rl.max_new_tokens,
+    rows = [prompt for prompt in prompts for _ in range(rl.group_size)]
+    generators = [torch.Generator(device=run.device).manual_seed(group_seed(seed, step, index)) for index in indices]
+    per_call = max(1, rl.val_max_batch_rows // rl.group_size) * rl.group_size
+    completions = []
+    for start in range(0, len(rows), per_call):
+        end = min(start + per_call, len(rows))
+        with run.autocast():  # generate_batch sorts rows by length, stably: a group's rows stay together, in order
+            completions += generate_batch(policy, [prompt.ids for prompt in rows[start:end]], rl.max_new_tokens,
                                           stop_token_ids=rl.stop_token_ids, do_sample=True,
                                           temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
-                                          generator=generator)
-        rows += [prompt] * rl.group_size
+                                          generator=[generators[i // rl.group_size] for i in range(start, end)])
     policy.train(was_training)
     return rows, completions
 
