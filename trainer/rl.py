@@ -3,8 +3,9 @@
 One step of `train_rl`:
 
   1. rollout   this rank's share of the step's prompts (batch_size per rank), group_size completions each, sampled
-               by model/generation.py (KV cache, per-row stop). Each group has its own generator, seeded by (seed,
-               step, prompt), so the rollouts are the same under any number of ranks and after --resume.
+               by model/generation.py (KV cache, per-row stop), all groups in one batch. Each group has its own
+               generator, seeded by (seed, step, prompt), so the rollouts are the same under any number of ranks
+               and after --resume (up to the bf16 rounding of a different batch).
   2. rewards   a weighted sum of reward functions of (prompt record, completion): a task's reward from evals/, a
                format check, a reward model ... (the stage script builds them)
   3. prepare   the algorithm adds what its loss needs, without gradients: advantages, the rollout policy's
