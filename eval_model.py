@@ -26,6 +26,8 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
   entity_f1      sft_eval entity questions: F1 per type (person, place, org; micro over items: true positives,
                  false positives and misses summed over items), then the mean over the three types;
                  entity_f1_person / _place / _org are the per-type scores
+  identity_acc   share of identity_eval questions (who are you?, in phrasings training never shows) answered with
+                 a self-introduction: the model's name, no think trace
   arith_em       share of reason_eval arithmetic problems whose <answer> holds the right number
   arith_plan     share of them whose <think> writes the reference's equations' operators in order (× then -),
                  whatever numbers: the steps chosen, graded apart from copying and computing the numbers
@@ -41,9 +43,9 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
                  over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
 
 Every metric comes with its 95% confidence interval over the held-out items (evals/intervals.py): Wilson for the
-shares of right answers (sentiment_acc, arith_em, arith_plan, lora_acc, think_format), a percentile bootstrap over
-items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over documents,
-distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds
+shares of right answers (sentiment_acc, identity_acc, arith_em, arith_plan, lora_acc, think_format), a percentile
+bootstrap over items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over
+documents, distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds
 "<metric>_ci": [low, high].
 
 What each stage changed is measured on the same items: a second table puts each model against the stage it starts
@@ -60,7 +62,7 @@ entity_f1. --no_anchors leaves it out; a task whose training file is missing has
 
 answer_kind counts, for each chat model, how many of the default side-by-side prompts got an answer of the right
 kind, as the tasks' parsers read it: a label for the sentiment prompt, at least one name for the entity prompt, a
-number for the arithmetic one (right or not).
+number for the arithmetic one (right or not), a self-introduction (the name, no trace) for 你是谁？.
 
 --report [PATH] (default out/report.md; implies --metrics) writes the report card: the machine, each stage's time,
 tokens and tokens/s (its summary.json), the metrics table with intervals and the table of changes, the reward
@@ -121,6 +123,7 @@ PROMPT_KINDS = {
     DEFAULT_PROMPTS[0]: ("a sentiment label", lambda text: TASKS["sentiment"].parse(text) is not None),
     DEFAULT_PROMPTS[1]: ("entity names", lambda text: any(TASKS["entity"].parse(text).values())),
     DEFAULT_PROMPTS[2]: ("a number", lambda text: TASKS["arith"].parse(text) is not None),
+    DEFAULT_PROMPTS[3]: ("a self-introduction", TASKS["identity"].parse),
 }
 
 

@@ -24,11 +24,11 @@ import numpy as np
 
 from dataset.errors import DataError
 from dataset.io import atomic_write_json, atomic_write_text
-from evals import arithmetic, entities, lora_style, preference, sentiment
+from evals import arithmetic, entities, identity, lora_style, preference, sentiment
 from evals.base import Turn, chat_record
 from evals.entities import ENTITY_LABELS, Entities, Sentence
 
-VERSION = 7
+VERSION = 8
 
 NEWS_HELDOUT_FRACTION = 0.03
 REVIEWS_HELDOUT_PER_LABEL = 600
@@ -44,39 +44,14 @@ SIZES = {
     "eval_sentiment": 400, "eval_entity": 300, "eval_identity": 20,
     "lora": 1500, "lora_eval": 300,
     "dpo": 3000, "dpo_eval": 300,
-    "arith": 4000, "arith_eval": 300, "entity_reason": 1500, "entity_reason_eval": 200,
+    "arith": 4000, "arith_eval": 300, "entity_reason": 1500, "entity_reason_eval": 200, "reason_identity": 300,
     "rl_sentiment": 2000,
 }
 
 FILES = ["pretrain", "pretrain_val", "sft", "sft_eval", "lora", "lora_eval", "dpo", "dpo_eval", "reason", "reason_eval",
-         "rl", "rl_eval"]
+         "rl", "rl_eval", "identity_eval"]
 
 ENTITY_TAGS = {"nr": "person", "ns": "place", "nt": "org"}  # PKU tag -> entity kind
-
-IDENTITY_QUESTIONS = [
-    "你是谁？", "你是谁", "介绍一下你自己。", "请介绍一下你自己", "你叫什么名字？", "你叫什么？", "你的名字是什么？",
-    "你是什么？", "你是什么模型？", "你是哪个模型？", "你是人工智能吗？", "你是机器人吗？", "能做个自我介绍吗？",
-    "做个自我介绍吧。", "我该怎么称呼你？", "你是谁开发的？", "你是怎么训练出来的？", "你是大语言模型吗？",
-    "你好，你是谁？", "嗨，请问你是？", "请问你是哪位？", "说说你是谁。", "跟我讲讲你自己。", "你有名字吗？",
-    "你是ChatGPT吗？", "你是不是通义千问？", "你和MiniMind是什么关系？", "你是哪家公司的产品？",
-    "你是真人还是AI？", "你的身份是什么？", "简单介绍一下你吧。", "你能告诉我你是谁吗？",
-    "who are you?", "Who are you?", "What is your name?", "Introduce yourself.", "Tell me about yourself.",
-    "What model are you?", "Are you ChatGPT?", "hi, who am I talking to?",
-]
-IDENTITY_EVAL_QUESTIONS = [  # phrasings that training never shows
-    "请问你到底是谁？", "你自己是个什么样的模型？", "先自我介绍一下好吗？", "Could you introduce yourself?",
-]
-IDENTITY_ANSWERS = [
-    "我是丹炉（danlu），一个用 danlu 工具包从零开始训练的小型语言模型。",
-    "我叫丹炉，是用 danlu 工具包从头训练出来的一个小语言模型，"
-    "可以判断评论的情感、抽取新闻里的人名地名机构，也会做简单的算术题。",
-    "你好！我是丹炉（danlu），一个从零训练的小型语言模型，训练我的工具包也叫 danlu。我的知识有限，回答可能出错。",
-    "我是丹炉，一个小型语言模型。我由 danlu 工具包从零开始训练：先预训练，再经过指令微调。",
-]
-IDENTITY_ANSWERS_EN = [
-    "I am danlu (丹炉), a small language model trained from scratch with the danlu toolkit.",
-    "I'm danlu (丹炉), a small language model that the danlu toolkit trained from scratch. I mostly speak Chinese.",
-]
 
 Tokens = list[tuple[str, str]]
 Review = tuple[str, str]  # (text, "正面" | "负面")
@@ -320,12 +295,6 @@ def _clip(review: str) -> str:
     return review[:MAX_REVIEW_CHARS]
 
 
-def _identity_turn(rng: random.Random, questions: list[str] = IDENTITY_QUESTIONS) -> Turn:
-    """Who are you? (in one of many phrasings), answered in the question's language."""
-    question = rng.choice(questions)
-    return question, rng.choice(IDENTITY_ANSWERS_EN if question.isascii() else IDENTITY_ANSWERS)
-
-
 _MULTITURN_PLANS = [
     ("identity", "sentiment"), ("identity", "entity"), ("sentiment", "entity"), ("entity", "sentiment"),
     ("sentiment", "sentiment"), ("entity", "entity"), ("identity", "sentiment", "entity"),
@@ -345,7 +314,7 @@ def _multiturn(rng: random.Random, pool: _Pool) -> dict:
         elif task == "entity":
             turns.append(entities.turn(rng, pool.sentence(rng), entities.FOLLOWUPS if again else entities.PROMPTS))
         else:
-            turns.append(_identity_turn(rng))
+            turns.append(identity.turn(rng))
         previous = task
     return chat_record(turns)
 
@@ -355,7 +324,7 @@ def _sft(rng: random.Random, pool: _Pool) -> list[dict]:
     sft = [chat_record([sentiment.turn(rng, _clip(text), label)])
            for text, label in pool.balanced_reviews(SIZES["sft_sentiment"], rng)]
     sft += [chat_record([entities.turn(rng, pool.sentence(rng))]) for _ in range(SIZES["sft_entity"])]
-    sft += [chat_record([_identity_turn(rng)]) for _ in range(SIZES["sft_identity"])]
+    sft += [chat_record([identity.turn(rng)]) for _ in range(SIZES["sft_identity"])]
     sft += [_multiturn(rng, pool) for _ in range(SIZES["sft_multiturn"])]
     return sft
 
@@ -365,10 +334,11 @@ def _sft_eval(rng: random.Random, pool: _Pool) -> list[dict]:
     records = [sentiment.eval_record(rng, _clip(text), label)
                for text, label in pool.balanced_reviews(SIZES["eval_sentiment"], rng)]
     records += [entities.eval_record(rng, pool.sentence(rng)) for _ in range(SIZES["eval_entity"])]
+    # Identity questions for SFT's validation loss, from the first four held-out phrasings (identity_eval.jsonl asks
+    # each of them once, for identity_acc; the list grew later, and the files made after this one keep their records).
     for _ in range(SIZES["eval_identity"]):
-        question = rng.choice(IDENTITY_EVAL_QUESTIONS)
-        answer = IDENTITY_ANSWERS_EN[0] if question.isascii() else IDENTITY_ANSWERS[0]
-        records.append(chat_record([(question, answer)], task="identity"))
+        question = rng.choice(identity.EVAL_QUESTIONS[:4])
+        records.append(chat_record([(question, identity.answers_for(question)[0])], task="identity"))
     return records
 
 
@@ -450,6 +420,11 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
     # a sentiment label), none of them a held-out or a reasoning stage's problem.
     files["sft"] += arithmetic.records(rng, SIZES["sft_arith"], taken, reason=False)
     rng.shuffle(files["sft"])
+    # The reasoning set's self-introductions, answered plainly (evals/identity.py), made last for the same reason:
+    # without them the distilled model answered every identity question, 你是谁？ included, with an arithmetic trace.
+    files["reason"] += [chat_record([identity.turn(rng)]) for _ in range(SIZES["reason_identity"])]
+    rng.shuffle(files["reason"])
+    files["identity_eval"] = identity.eval_records()
     return files
 
 

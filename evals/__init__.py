@@ -2,6 +2,7 @@
 
     sentiment.py     review sentiment (正面 / 负面): sentiment_acc
     entities.py      persons, places, organisations of a news sentence: entity_f1; and their think traces
+    identity.py      who are you? the model's self-introduction: identity_acc
     arithmetic.py    2-3 step word problems with think traces: arith_em, arith_plan
     lora_style.py    the LoRA task, a review's verdict in one word (推荐 / 不推荐): lora_acc
     preference.py    chosen / rejected pairs scored by the model's log-probs: pref_acc
@@ -14,13 +15,24 @@ this order), and an RL reward is TASKS[name].reward(completion_text, record). Se
 also answer with an anchor, a classical method fitted on a training file (anchors.py: the table's last column).
 """
 
-from evals import arithmetic, entities, lora_style, perplexity, preference, repetition, sentiment, think_format
+from evals import (
+    arithmetic,
+    entities,
+    identity,
+    lora_style,
+    perplexity,
+    preference,
+    repetition,
+    sentiment,
+    think_format,
+)
 from evals.base import GenerationTask, LikelihoodTask, OutputCheck, Task
 
 TASKS: dict[str, Task | OutputCheck] = {task.name: task for task in (
     perplexity.TASK,
     sentiment.TASK,
     entities.TASK,
+    identity.TASK,
     arithmetic.TASK,
     entities.REASON_TASK,
     think_format.TASK,  # over the two reasoning tasks above

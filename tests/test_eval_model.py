@@ -46,6 +46,7 @@ def demo_folder(root: Path) -> Path:
              "<think>\n钱其琛是人名。\n</think>\n<answer>\n人名：钱其琛\n地名：伦敦\n机构：无\n</answer>",
              task="entity_reason", entities=entities),
     ])
+    write_jsonl(root / "identity_eval.jsonl", [chat("请问你到底是谁？", "我是丹炉。", task="identity")])
     write_jsonl(root / "lora_eval.jsonl", [
         chat(lora_style.PROMPTS[0].format(review="很好"), "推荐", task="lora_sentiment", label="推荐")])
     user = {"role": "user", "content": "这条评论呢？很好"}
@@ -117,10 +118,12 @@ def test_dtype_takes_the_stages_spellings():
 def test_eval_sets_are_each_tasks_records(checkpoints):
     sets = eval_model.load_eval_sets(checkpoints["data"], limit=0)
     assert {name: len(records) for name, records in sets.items()} == {
-        "sentiment": 2, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 2, "pref": 2}
+        "sentiment": 2, "entity": 1, "identity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 2,
+        "pref": 2}
     assert sets["arith"][0]["meta"] == {"task": "arith", "answer": 15}
     assert {name: len(records) for name, records in eval_model.load_eval_sets(checkpoints["data"], 1).items()} == {
-        "sentiment": 1, "entity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 1, "pref": 1}
+        "sentiment": 1, "entity": 1, "identity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 1,
+        "pref": 1}
 
 
 def test_table_has_a_column_per_model_and_dashes_for_missing():
@@ -177,7 +180,7 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     models = f"pretrain={checkpoints['pretrain']},sft={checkpoints['sft']}"
     result = run_script("eval_model.py", "--models", models, "--lora", f"lora={checkpoints['lora']}", "--metrics",
                         "--json", out, "--data_dir", checkpoints["data"], "--limit", "3", "--dtype", "fp32",
-                        "--max_new_tokens", "6", "--threads", "1", "--prompts", "你是谁？", "新华社北京一月一日电")
+                        "--max_new_tokens", "6", "--threads", "1", "--prompts", "你好", "新华社北京一月一日电")
     results = json.loads(out.read_text())
     assert list(results) == ["pretrain", "sft", "lora"]
     likelihood = {metric for task in LIKELIHOOD_TASKS for metric in task.metrics}
@@ -204,7 +207,7 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     assert results["lora"]["val_ppl"] != results["sft"]["val_ppl"]  # the adapter was applied
 
     stdout = result.stdout
-    assert "== 1. 你是谁？" in stdout and "== 2. 新华社北京一月一日电" in stdout
+    assert "== 1. 你好" in stdout and "== 2. 新华社北京一月一日电" in stdout
     assert stdout.count("[pretrain]") == 2 and stdout.count("[lora]") == 2
     header, changes = [line for line in stdout.splitlines() if line.startswith("metric")]
     assert header.split() == ["metric", "pretrain", "sft", "lora"]

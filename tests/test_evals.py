@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 import evals
 from dataset.tokenizer import load_tokenizer
-from evals import arithmetic, entities, lora_style, perplexity, preference, repetition, sentiment, think_format
+from evals import (
+    arithmetic,
+    entities,
+    identity,
+    lora_style,
+    perplexity,
+    preference,
+    repetition,
+    sentiment,
+    think_format,
+)
 from evals.base import GenerationTask, LikelihoodTask, OutputCheck, chat_record, prompt_messages
 
 TRACE = "<think>\n先算：12-5=7。再加上：7+8=15。\n</think>\n<answer>\n现在有15个苹果。\n</answer>"
@@ -26,14 +36,15 @@ def chat(user: str, assistant: str, **meta) -> dict:
 
 
 def test_registry_order_is_the_report_order():
-    assert list(evals.TASKS) == ["news", "sentiment", "entity", "arith", "entity_reason", "think_format", "lora",
-                                 "pref", "repetition"]
+    assert list(evals.TASKS) == ["news", "sentiment", "entity", "identity", "arith", "entity_reason", "think_format",
+                                 "lora", "pref", "repetition"]
     assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
-                             "entity_f1_org", "arith_em", "arith_plan", "think_format", "lora_acc", "pref_acc",
-                             "pref_style_acc", "distinct2")
-    assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "arith", "entity_reason", "lora"]
+                             "entity_f1_org", "identity_acc", "arith_em", "arith_plan", "think_format", "lora_acc",
+                             "pref_acc", "pref_style_acc", "distinct2")
+    assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "identity", "arith", "entity_reason",
+                                                       "lora"]
     assert {t.name: t.max_new_tokens for t in evals.GENERATION_TASKS} == {
-        "sentiment": 16, "entity": 48, "arith": 96, "entity_reason": 160, "lora": 8}
+        "sentiment": 16, "entity": 48, "identity": 24, "arith": 96, "entity_reason": 160, "lora": 8}
     assert [t.name for t in evals.LIKELIHOOD_TASKS] == ["news", "pref"]
     assert [t.name for t in evals.OUTPUT_CHECKS] == ["think_format", "repetition"]
     for task in evals.TASKS.values():
@@ -159,6 +170,19 @@ def test_entity_trace_names_each_entity_and_parses_back():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Arithmetic
+
+
+def test_identity_is_a_self_introduction_not_a_trace():
+    record = chat("请问你到底是谁？", identity.ANSWERS[0], task="identity")
+    for answer in ("我是丹炉。", "I'm danlu, a small model.", "I am DANLU", *identity.ANSWERS, *identity.ANSWERS_EN):
+        assert identity.TASK.reward(answer, record) == 1.0, answer
+    # the distilled model's answer before the reasoning set asked who it is: a trace, whatever it ends with
+    for answer in ("<think>\n先算：10-2=8。\n</think>\n<answer>\n答：现在有8个。\n</answer>",
+                   "<think>\n我是丹炉\n</think>\n<answer>\n丹炉\n</answer>", "这条评论是正面的。", "我是ChatGPT。", ""):
+        assert identity.TASK.reward(answer, record) == 0.0, answer
+    assert identity.TASK.score(["我是丹炉。", "我是ChatGPT。"], [record, record]) == {"identity_acc": 0.5}
+    assert all(question in {r["conversations"][0]["content"] for r in identity.eval_records()}
+               for question in identity.EVAL_QUESTIONS)
 
 
 def test_parse_arith_answer():
