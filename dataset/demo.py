@@ -2,8 +2,9 @@
 
 Sources: People's Daily, January 1998 (PKU-tagged: /nr person, /ns place, /nt organisation) and ~17k
 product reviews labelled positive / negative. Output, one train / eval pair of JSONL files per stage in
-dataset/demo/: pretrain, sft, lora, dpo, reason, rl. The train / held-out splits of paragraphs and reviews
-are made first, seeded, and nothing from a held-out paragraph or review reaches any training file.
+dataset/demo/: pretrain, sft, lora, dpo, reason, rl; and identity_eval, the held-out identity questions. The train /
+held-out splits of paragraphs and reviews are made first, seeded, and nothing from a held-out paragraph or review
+reaches any training file.
 
 The tasks' own parts (prompts, answers, traces, preference pairs) come from evals/; this module reads the
 corpus, splits it, and decides how many records of each kind go where.
@@ -28,7 +29,7 @@ from evals import arithmetic, entities, identity, lora_style, preference, sentim
 from evals.base import Turn, chat_record
 from evals.entities import ENTITY_LABELS, Entities, Sentence
 
-VERSION = 8
+VERSION = 9
 
 NEWS_HELDOUT_FRACTION = 0.03
 REVIEWS_HELDOUT_PER_LABEL = 600
@@ -44,7 +45,7 @@ SIZES = {
     "eval_sentiment": 400, "eval_entity": 300, "eval_identity": 20,
     "lora": 1500, "lora_eval": 300,
     "dpo": 3000, "dpo_eval": 300,
-    "arith": 4000, "arith_eval": 300, "entity_reason": 1500, "entity_reason_eval": 200, "reason_identity": 300,
+    "arith": 4000, "arith_eval": 300, "entity_reason": 1500, "entity_reason_eval": 200, "reason_identity": 100,
     "rl_sentiment": 2000,
 }
 
@@ -421,7 +422,8 @@ def _build_records(seed: int) -> dict[str, list[dict]]:
     files["sft"] += arithmetic.records(rng, SIZES["sft_arith"], taken, reason=False)
     rng.shuffle(files["sft"])
     # The reasoning set's self-introductions, answered plainly (evals/identity.py), made last for the same reason:
-    # without them the distilled model answered every identity question, 你是谁？ included, with an arithmetic trace.
+    # without them the distilled model answered every identity question, 你是谁？ included, with an arithmetic trace;
+    # 100 teach it, and cost exact arithmetic half what 300 did (docs/demo_experiments.md: who are you?).
     files["reason"] += [chat_record([identity.turn(rng)]) for _ in range(SIZES["reason_identity"])]
     rng.shuffle(files["reason"])
     files["identity_eval"] = identity.eval_records()

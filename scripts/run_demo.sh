@@ -78,8 +78,9 @@ stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --
 # --replay_kl 20 (was 10): paired against the DPO model on the same held-out documents, the news perplexity moves
 # +1.5 [+0.5, +2.5] / -0.7 [-1.5, +0.1] on seeds 42 / 7 against +17.5 / +15.9 before; the format 0.996 / 0.994, the
 # arithmetic plan 0.960 / 0.940 against 0.973 / 0.987 (docs/demo_experiments.md: the news perplexity, paired).
-# reason.jsonl holds 300 self-introductions answered plainly (dataset/demo.py): without them the distilled model
-# answered every held-out identity question with an arithmetic trace (identity_acc 0 after 1.0 from SFT and DPO).
+# reason.jsonl holds 100 self-introductions answered plainly (dataset/demo.py): without them the distilled model
+# answered every held-out identity question with an arithmetic trace (identity_acc 0 after 1.0 from SFT and DPO);
+# 300 cost exact arithmetic twice what 100 do, in guesses (docs/demo_experiments.md: who are you?).
 stage distill   python train_distill_reason.py --seed "$seed" --max_steps "$(steps 130)" --learning_rate 5e-4 \
                     --replay_kl 20
 stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
