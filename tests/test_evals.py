@@ -181,8 +181,7 @@ def test_identity_is_a_self_introduction_not_a_trace():
                    "<think>\n我是丹炉\n</think>\n<answer>\n丹炉\n</answer>", "这条评论是正面的。", "我是ChatGPT。", ""):
         assert identity.TASK.reward(answer, record) == 0.0, answer
     assert identity.TASK.score(["我是丹炉。", "我是ChatGPT。"], [record, record]) == {"identity_acc": 0.5}
-    assert all(question in {r["conversations"][0]["content"] for r in identity.eval_records()}
-               for question in identity.EVAL_QUESTIONS)
+    assert [r["conversations"][0]["content"] for r in identity.eval_records()] == identity.EVAL_QUESTIONS
 
 
 def test_parse_arith_answer():
