@@ -3,10 +3,11 @@
     python train_distill_reason.py                             # the demo: out/dpo (or out/sft) -> out/distill
     python train_distill_reason.py --data_path r1_mix_1024.jsonl --max_seq_len 1024 --tag_weight 2
 
-The data and the packing are SFT's (trainer/chat_stage.py); what differs is the loss: the tag tokens `<think>`,
-`</think>`, `<answer>`, `</answer>` count --tag_weight times as much as other assistant tokens, so the model
-learns the output format early, as R1-distillation recipes (and MiniMind's train_distill_reason.py) do.
-A tokenizer without some of the tags (MiniMind's has only the think tags) weights those it has.
+The data, the packing and the loss are SFT's (trainer/chat_stage.py); what differs is the weights: the tag tokens
+`<think>`, `</think>`, `<answer>`, `</answer>` count --tag_weight times as much as other assistant tokens (they are
+added to --token_weight's), so the model learns the output format early, as R1-distillation recipes (and MiniMind's
+train_distill_reason.py) do. A tokenizer without some of the tags (MiniMind's has only the think tags) weights those
+it has. Validation, as SFT's, scores every answer token alike.
 
 The demo mixes a fifth of earlier chats back in (replay, `--data_path a.jsonl:0.8,b.jsonl:0.2`): trained on traces
 alone, the model forgot the sentiment task (held-out accuracy 0.77 after DPO, 0.08 after this stage); a fifth of
@@ -24,10 +25,9 @@ distilled model wrote it into its answers. docs/demo_experiments.md has the figu
 import os
 from pathlib import Path
 
-from dataset.chat import IGNORE_INDEX
+from dataset.tokenizer import load_tokenizer
 from trainer import above, exit_cleanly_on_bad_input, parse_args
-from trainer.chat_stage import add_chat_flags, assistant_loss, assistant_tokens, run_chat_stage
-from trainer.losses import token_weights
+from trainer.chat_stage import add_chat_flags, run_chat_stage
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -38,43 +38,10 @@ def add_flags(p):
                    help="loss weight of the <think>/</think>/<answer>/</answer> tokens (1: plain SFT)")
 
 
-def tag_token_ids(tokenizer) -> list[int]:
-    """Ids of the tags that are single tokens in this tokenizer."""
+def tag_weights(tokenizer, tag_weight: float) -> list[tuple[str, float]]:
+    """--tag_weight as --token_weight pairs: the tags that are single tokens of this tokenizer, at that weight."""
     vocab = tokenizer.get_vocab()
-    return [vocab[tag] for tag in TAGS if tag in vocab]
-
-
-def make_loss_fn(tag_ids: list[int], tag_weight: float, base_loss=assistant_loss):
-    """Assistant-token cross-entropy with the tag tokens weighted: sum(w * nll) / sum(w); and sum(w) per batch. Under
-    --prompt_loss_weight the batch's loss_weights multiply the tags' weights. base_loss(model, batch, weights) is
-    run_chat_stage's (assistant_loss, anchored under --replay_kl)."""
-    def weights(batch):
-        w = batch.get("loss_weights")
-        if tag_ids and tag_weight != 1:
-            tags = token_weights(batch["labels"], tag_ids, tag_weight)
-            w = tags if w is None else w * tags
-        return w
-
-    def loss_fn(model, batch):
-        return base_loss(model, batch, weights(batch))
-
-    def loss_items(batch):
-        w = weights(batch)
-        return assistant_tokens(batch) if w is None else w[batch["labels"] != IGNORE_INDEX].sum()
-
-    return loss_fn, loss_items
-
-
-def tag_weighted_loss(tag_weight: float):
-    """make_loss_fn for run_chat_stage: looks the tags up in the stage's tokenizer and says which it weights."""
-    def make(tokenizer, run, base_loss):
-        tag_ids = tag_token_ids(tokenizer)
-        missing = [tag for tag in TAGS if tag not in tokenizer.get_vocab()]
-        run.print(f"tag weight {tag_weight} on {len(tag_ids)} tag tokens"
-                  + (f" (the tokenizer has no {', '.join(missing)} token)" if missing else ""))
-        return make_loss_fn(tag_ids, tag_weight, base_loss)
-
-    return make
+    return [(tag, tag_weight) for tag in TAGS if tag in vocab] if tag_weight != 1 else []
 
 
 @exit_cleanly_on_bad_input
@@ -90,7 +57,14 @@ def main():
                       add_flags)
     if args.init_from == default_init == "out/sft" and os.environ.get("RANK", "0") == "0":
         print("no DPO checkpoint in out/dpo: starting from out/sft")
-    run_chat_stage(args, make_loss=tag_weighted_loss(args.tag_weight))
+    # The tags are answer tokens that count more, as --token_weight's are (SFTDataset's loss_weights).
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    args.token_weight = tag_weights(tokenizer, args.tag_weight) + args.token_weight
+    if os.environ.get("RANK", "0") == "0":
+        missing = [tag for tag in TAGS if tag not in tokenizer.get_vocab()]
+        print(f"tag weight {args.tag_weight} on {len(TAGS) - len(missing)} tag tokens"
+              + (f" (the tokenizer has no {', '.join(missing)} token)" if missing else ""))
+    run_chat_stage(args)
 
 
 if __name__ == "__main__":

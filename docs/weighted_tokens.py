@@ -5,8 +5,8 @@
     python -m docs.weighted_tokens --copied 4 train_sft.py --max_steps 300 --learning_rate 1e-3 ...
 
 Everything after the script's name goes to the script. The stage runs as it always does, but every answer token the
-rule picks counts --digits or --copied times in the cross-entropy, on top of the stage's own weights (the tags'
---tag_weight, --prompt_loss_weight), and the mean is over the weights' sum, as those are:
+rule picks counts --digits or --copied times in the cross-entropy, on top of the stage's own weights (--token_weight
+and the tags' --tag_weight, --prompt_loss_weight), and the mean is over the weights' sum, as those are:
 
 - --digits W: the tokens 0-9 (the demo tokenizer gives every digit its own token), in the traces both the
   question's numbers copied into the equations and the results computed from them;
@@ -27,13 +27,12 @@ import torch
 import trainer.chat_stage as chat_stage
 from dataset.chat import IGNORE_INDEX
 from dataset.tokenizer import load_tokenizer
-from trainer.losses import token_weights
 
 
 def digit_rule(tokenizer, weight: float):
-    """The digits' positions get `weight` (trainer.losses.token_weights, as --tag_weight's tags)."""
-    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
-    return lambda batch: token_weights(batch["labels"], digits, weight)
+    """The digits' positions get `weight`, every other position 1."""
+    digits = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
+    return lambda batch: torch.isin(batch["labels"], digits.to(batch["labels"].device)).float() * (weight - 1) + 1
 
 
 def copied_rule(tokenizer, weight: float):

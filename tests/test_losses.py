@@ -13,7 +13,6 @@ from trainer.losses import (
     label_logps,
     token_counts,
     token_logps,
-    token_weights,
 )
 
 
@@ -171,8 +170,7 @@ def test_assistant_loss_by_hand():
     plain = torch.nn.functional.cross_entropy(logits.view(-1, 4), labels.view(-1))
     torch.testing.assert_close(assistant_loss(model, chat_batch(labels)), plain)
     # Weight 3 on the first target token (id 1); the ignored position's weight must not count.
-    weights = token_weights(labels, [1], 3.0)
-    assert weights.tolist() == [[3.0, 1.0, 1.0]]
+    weights = torch.tensor([[3.0, 1.0, 1.0]])
     expected = (3 * nll_first + nll_last) / 4
     assert assistant_loss(model, chat_batch(labels), weights).item() == pytest.approx(expected, abs=1e-6)
     # --prompt_loss_weight's loss_weights are the default weights

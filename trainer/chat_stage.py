@@ -1,10 +1,10 @@
 """What the chat stages (SFT, LoRA, reasoning distillation) share: packed chat data, the previous stage's model,
 the assistant-token loss, and `run_chat_stage`, which wires them into `train()`.
 
-A chat stage script is then its flags, its loss (or its change to the model), and one call:
+A chat stage script is then its flags, its data's weights (or its change to the model), and one call:
 
     run_chat_stage(args)                                        # SFT (with --teacher: knowledge distillation)
-    run_chat_stage(args, make_loss=tag_weighted(args))          # distillation: another loss (on assistant_loss)
+    run_chat_stage(args)                                        # distillation: its tags in args.token_weight
     run_chat_stage(args, adapt_model=add_adapters, export_fn=save_adapter)   # LoRA: another model
 """
 
@@ -221,17 +221,12 @@ def text_anchor(args: argparse.Namespace, start: LM, tokenizer, run: Runtime) ->
     return TextAnchor(model, args.replay_kl, tokenizer.convert_tokens_to_ids(ENDOFTEXT), sharded)
 
 
-LossMaker = Callable[[object, Runtime, Callable], tuple[Callable, Callable]]
-
-
-def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
-                   adapt_model: Callable[[LM, Runtime], None] | None = None,
+def run_chat_stage(args: argparse.Namespace, adapt_model: Callable[[LM, Runtime], None] | None = None,
                    export_fn: Callable | None = None) -> dict:
     """Everything a chat stage does: load data and model, train, report. Returns train()'s summary.
 
-    `make_loss(tokenizer, run, base_loss)` gives (loss_fn(model, batch), loss_items(batch)), the total weight
-    loss_fn's mean is over (default: assistant_loss over assistant_tokens); base_loss(model, batch, weights) is
-    assistant_loss, anchored under --replay_kl. `adapt_model(model, run)` changes the loaded model in
+    The loss is assistant_loss (anchored under --replay_kl; --teacher's distillation instead), its mean over
+    assistant_tokens, the batch's loss_weights' sum. `adapt_model(model, run)` changes the loaded model in
     place before training (LoRA adds its adapters); `export_fn(model, dir)` writes the output directory.
     """
     run = setup(args)
@@ -242,22 +237,19 @@ def run_chat_stage(args: argparse.Namespace, make_loss: LossMaker | None = None,
     if adapt_model is not None:
         adapt_model(model, run)
     if getattr(args, "teacher", None):  # --teacher (trainer/kd.py): CE and KL on the same assistant tokens
-        if make_loss is not None:
-            raise UsageError(f"{args.stage}: --teacher replaces the assistant cross-entropy, not a stage's own loss")
         if args.prompt_loss_weight:
             raise UsageError(f"{args.stage}: --teacher distils on the answers; it takes no --prompt_loss_weight")
         if anchor is not None:
             raise UsageError(f"{args.stage}: --teacher replaces the loss --replay_kl adds to; use one of the two")
         if args.token_weight:
             raise UsageError(f"{args.stage}: --teacher weighs every answer token alike; it takes no --token_weight")
-        loss_fn, loss_items = distillation(args, model, tokenizer, run, packed_logits), assistant_tokens
+        loss_fn = distillation(args, model, tokenizer, run, packed_logits)
     else:
-        base_loss = functools.partial(assistant_loss, anchor=anchor) if anchor is not None else assistant_loss
-        loss_fn, loss_items = make_loss(tokenizer, run, base_loss) if make_loss else (base_loss, assistant_tokens)
+        loss_fn = functools.partial(assistant_loss, anchor=anchor) if anchor is not None else assistant_loss
     sample_fn = make_sample_fn(tokenizer, args.sample_prompt, chat=True, max_new_tokens=args.sample_tokens,
                                autocast=run.autocast)
     summary = train(model, train_data, loss_fn, run, TrainConfig.from_args(args), val_data=val_data,
-                    tokenizer=tokenizer, sample_fn=sample_fn, export_fn=export_fn, loss_items=loss_items)
+                    tokenizer=tokenizer, sample_fn=sample_fn, export_fn=export_fn, loss_items=assistant_tokens)
     run.print(format_summary(summary))
     teardown(run)
     return summary

@@ -129,14 +129,6 @@ def chosen_nll(policy_chosen_logps_avg: torch.Tensor) -> torch.Tensor:
     return -policy_chosen_logps_avg.mean()
 
 
-def token_weights(labels: torch.Tensor, weighted_token_ids: list[int] | torch.Tensor,
-                  weight: float) -> torch.Tensor:
-    """Per-position weights [B, T]: `weight` where the label is one of `weighted_token_ids`, 1 elsewhere."""
-    ids = torch.as_tensor(weighted_token_ids, device=labels.device)
-    weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
-    return weights.masked_fill(torch.isin(labels, ids), weight)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Reward models, GRPO and PPO. Per-token tensors are [B, T] and aligned with `labels` (token_logps' output); `mask` is
 # 1.0 on the completion tokens that count and 0.0 elsewhere (prompt, padding, masked completions).
