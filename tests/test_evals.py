@@ -235,6 +235,15 @@ def test_arith_probe_counts_copying_and_computing_apart():
                                             operands=4, copied=0)
 
 
+def test_repetition_probe_tells_a_loop_from_a_trace():
+    from docs.repetition_probe import is_loop
+
+    trace = "<think>\n小强有：17+6=23。小丽比小强少18颗：23-18=5。\n</think>\n<answer>\n答：小丽有5颗糖。\n</answer>"
+    assert not is_loop(trace) and not is_loop("这条评论是正面的，属于好评。") and not is_loop("好")
+    assert is_loop("人名：无\n地名：" + "美国、" * 20)
+    assert repetition.distinct2([trace]) < repetition.distinct2(["这条评论是正面的，属于好评。"]) == 1.0  # tags repeat
+
+
 @pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.1])
 def test_weighted_tokens_pick_the_digits_and_the_tokens_copied_from_the_prompt(tmp_path, tokenizer_dir,
                                                                                prompt_loss_weight):
