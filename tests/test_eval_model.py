@@ -180,7 +180,7 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     models = f"pretrain={checkpoints['pretrain']},sft={checkpoints['sft']}"
     result = run_script("eval_model.py", "--models", models, "--lora", f"lora={checkpoints['lora']}", "--metrics",
                         "--json", out, "--data_dir", checkpoints["data"], "--limit", "3", "--dtype", "fp32",
-                        "--max_new_tokens", "6", "--threads", "1", "--prompts", "你好", "新华社北京一月一日电")
+                        "--max_new_tokens", "6", "--threads", "1", "--prompts", "你好", "--text_prompts", "新华社北京一月一日电")
     results = json.loads(out.read_text())
     assert list(results) == ["pretrain", "sft", "lora"]
     likelihood = {metric for task in LIKELIHOOD_TASKS for metric in task.metrics}
@@ -207,7 +207,7 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     assert results["lora"]["val_ppl"] != results["sft"]["val_ppl"]  # the adapter was applied
 
     stdout = result.stdout
-    assert "== 1. 你好" in stdout and "== 2. 新华社北京一月一日电" in stdout
+    assert "== 1. 你好" in stdout and "== 2. 新华社北京一月一日电   (raw text: every model continues it)" in stdout
     assert stdout.count("[pretrain]") == 2 and stdout.count("[lora]") == 2
     header, changes = [line for line in stdout.splitlines() if line.startswith("metric")]
     assert header.split() == ["metric", "pretrain", "sft", "lora"]

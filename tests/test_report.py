@@ -2,6 +2,7 @@
 on tiny checkpoints."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,9 @@ def test_report_page_and_loss_panels(tmp_path):
                                 "other": {"sentiment_acc": 0.5}},
                        intervals={"pretrain": {"sentiment_acc": (0.0, 0.0126)}, "sft": {"sentiment_acc": (0.75, 0.84)},
                                   "other": {}},
-                       items={"sentiment": 300}, prompts=prompts,
-                       answers={"pretrain": ["很好很好", "你是"], "sft": ["这条评论是正面的。", "我是丹炉。"],
-                                "other": ["", "x"]},
+                       items={"sentiment": 300}, prompts=prompts, text_prompts=["新华社北京电"],
+                       answers={"pretrain": ["很好很好", "你是", "（记者张）"],
+                                "sft": ["这条评论是正面的。", "我是丹炉。", "（记者王）"], "other": ["", "x", "y"]},
                        kinds={"sft": {prompts[0]: True}, "other": {prompts[0]: False}},
                        kind_names={prompts[0]: "a sentiment label"},
                        changes={"sft": ("pretrain", {"sentiment_acc": (0.8, (0.75, 0.84))}),
@@ -68,6 +69,9 @@ def test_report_page_and_loss_panels(tmp_path):
     assert "| sentiment_acc | 0.000 [0.00, 0.01] | 0.800 [0.75, 0.84] | 0.500 |" in page
     assert "| answer_kind | - | 1/1 | 0/1 |" in page
     assert "| sft | 这条评论是正面的。 | right kind |" in page and "| other | (nothing) | wrong kind |" in page
+    # the text prompt comes last, marked, with no kind verdict
+    assert "**3.** 新华社北京电 (raw text: every model continues it, chat models too)" in page
+    assert "| sft | （记者王） |  |" in page
 
 
 def test_reward_accuracy_and_rl_gain_are_reported(tmp_path):
@@ -107,8 +111,10 @@ def test_cli_report(tmp_path, tokenizer_dir):
         {"conversations": [{"role": "user", "content": "这条评论是正面还是负面？很好"},
                            {"role": "assistant", "content": "这条评论是正面的。"}], "task": "sentiment",
          "label": "正面"}])
+    chat = shutil.copytree(base, tmp_path / "sft")  # the same weights, as a chat model
+    (chat / "args.json").write_text(json.dumps({"stage": "sft"}))
     report = tmp_path / "card" / "report.md"
-    result = run_script("eval_model.py", "--models", f"pretrain={base},chat={base}", "--report", report,
+    result = run_script("eval_model.py", "--models", f"pretrain={base},chat={chat}", "--report", report,
                         "--data_dir", data, "--dtype", "fp32", "--max_new_tokens", "4", "--threads", "1",
                         "--ci_draws", "50")
     page = report.read_text()
@@ -116,5 +122,11 @@ def test_cli_report(tmp_path, tokenizer_dir):
     assert "| pretrain | " in page and "| 20 | 12 | 123,456 | 9,876 |" in page
     assert "val_ppl" in page and "sentiment_acc" in page and "answer_kind" in page
     assert f"wrote {report}" in result.stdout
+    # The same weights as a chat model: its chat prompts get the chat template, the raw-text prompt does not, so its
+    # continuation of the news opener is the base model's
+    raw = page[page.index("新华社北京一月一日电 (raw text"):]
+    rows = {line.split(" | ")[0]: line.split(" | ")[1] for line in raw.splitlines() if line.startswith("| pretrain |")
+            or line.startswith("| chat |")}
+    assert rows["| pretrain"] == rows["| chat"], rows
     header = next(line for line in result.stdout.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "pretrain", "chat"]
