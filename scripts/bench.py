@@ -769,7 +769,8 @@ def format_table(results: dict) -> str:
         rows.append((f"serve ({results['serve']['shape']})", f"server, {row['clients']} client(s)",
                      f"{row['tokens_per_s']:,.1f}", "-", "-",
                      f"tokens/s; {row['requests_per_s']:.2f} requests/s, latency {row['mean_latency_s']} s, "
-                     f"first token {row['mean_ttft_s']} s, {row['errors']} errors"))
+                     f"first token {row['mean_ttft_s']} s, {row['errors']} errors"
+                     + (f" (the first: {row['first_error'][:100]})" if row.get("first_error") else "")))
     if "e2e" in results:
         e2e = results["e2e"]
         factors = e2e["factors"]

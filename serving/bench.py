@@ -3,8 +3,10 @@
 `bench_server(model_dir)` starts a server process on 127.0.0.1 (a free port), lets each client send its
 requests one after another (streaming chat completions of exactly `max_tokens` tokens: `ignore_eos`), and
 reports per client count the request rate, the generated tokens per second, latency and time to first token.
+A server that stops answering is an error naming whether its process exited, with the end of its stderr.
 """
 
+import collections
 import json
 import socket
 import statistics
@@ -23,24 +25,47 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(model_dir: str | Path, lora_dir: str | Path | None, device: str, timeout: float) -> tuple:
-    port = _free_port()
-    code = (f"from serving.api import serve; serve({str(model_dir)!r}, {str(lora_dir) if lora_dir else None!r}, "
-            f"port={port}, device={device!r}, max_batch=64)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+class _Server:
+    """A server process on a free port; its stderr is read as it comes (the last lines kept), so that a full pipe
+    never blocks it and a crash can say why."""
+
+    def __init__(self, model_dir: str | Path, lora_dir: str | Path | None, device: str):
+        port = _free_port()
+        code = (f"from serving.api import serve; serve({str(model_dir)!r}, {str(lora_dir) if lora_dir else None!r}, "
+                f"port={port}, device={device!r}, max_batch=64)")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{port}"
+        self.stderr: collections.deque[str] = collections.deque(maxlen=50)
+        self.reader = threading.Thread(target=self.stderr.extend, args=(self.proc.stderr,), daemon=True)
+        self.reader.start()
+
+    def state(self) -> str:
+        """Whether the process runs, and the end of what it wrote to stderr."""
+        if self.proc.poll() is None:
+            return "its process is still running"
+        self.reader.join(timeout=5)
+        return f"its process exited {self.proc.returncode}: {''.join(self.stderr)[-2000:]}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server did not start: {self.state()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server did not start in {timeout:g} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start in time")
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def _one_request(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
@@ -89,7 +114,8 @@ def _run_clients(url: str, model: str, clients: int, requests_per_client: int, m
         t.join()
     wall = time.perf_counter() - start
     latencies, firsts, tokens = zip(*results) if results else ((), (), ())
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "seconds": round(wall, 3),
+    return {"clients": clients, "requests": len(results), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "seconds": round(wall, 3),
             "requests_per_s": round(len(results) / wall, 2), "tokens_per_s": round(sum(tokens) / wall, 1),
             "mean_latency_s": round(statistics.mean(latencies), 3) if latencies else None,
             "mean_ttft_s": round(statistics.mean(firsts), 3) if firsts else None}
@@ -101,19 +127,20 @@ def bench_server(model_dir: str | Path, clients: tuple[int, ...] = (1, 4, 16), r
     """Start a server on `model_dir` and measure it under each number of concurrent clients.
 
     Returns {"model", "max_tokens", "requests_per_client", "rows": [{clients, requests, errors, seconds,
-    requests_per_s, tokens_per_s, mean_latency_s, mean_ttft_s}, ...], "max_batch_seen"}.
+    first_error, requests_per_s, tokens_per_s, mean_latency_s, mean_ttft_s}, ...], "max_batch_seen"}.
     """
-    proc, url = _start(model_dir, lora_dir, device, timeout)
+    server = _Server(model_dir, lora_dir, device)
+    server.wait_ready(timeout)
+    url = server.url
     try:
         model = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         _one_request(url, model, prompt, 4)  # warm-up
         rows = [_run_clients(url, model, n, requests_per_client, max_tokens, prompt) for n in clients]
         health = requests.get(f"{url}/health", timeout=10).json()
+    except requests.RequestException as err:
+        raise RuntimeError(f"the server at {url} stopped answering ({err.__class__.__name__}); {server.state()}") \
+            from err
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     return {"model": str(model_dir), "max_tokens": max_tokens, "requests_per_client": requests_per_client,
             "rows": rows, "max_batch_seen": health["max_batch_seen"]}

@@ -180,7 +180,8 @@ def test_cli_metrics_json_and_side_by_side(checkpoints, tmp_path):
     models = f"pretrain={checkpoints['pretrain']},sft={checkpoints['sft']}"
     result = run_script("eval_model.py", "--models", models, "--lora", f"lora={checkpoints['lora']}", "--metrics",
                         "--json", out, "--data_dir", checkpoints["data"], "--limit", "3", "--dtype", "fp32",
-                        "--max_new_tokens", "6", "--threads", "1", "--prompts", "你好", "--text_prompts", "新华社北京一月一日电")
+                        "--max_new_tokens", "6", "--threads", "1", "--prompts", "你好",
+                        "--text_prompts", "新华社北京一月一日电")
     results = json.loads(out.read_text())
     assert list(results) == ["pretrain", "sft", "lora"]
     likelihood = {metric for task in LIKELIHOOD_TASKS for metric in task.metrics}

@@ -491,6 +491,32 @@ def test_bench_server_reports_rows(serve_model):
         assert row["errors"] == 0 and row["requests"] == row["clients"]
         assert row["tokens_per_s"] > 0 and row["requests_per_s"] > 0
     assert result["rows"][1]["tokens_per_s"] == pytest.approx(18 / result["rows"][1]["seconds"], rel=0.05)
+    assert all(row["first_error"] is None for row in result["rows"])
+
+
+@pytest.mark.slow
+def test_bench_server_says_why_the_server_stopped(serve_model, tmp_path, monkeypatch):
+    from serving import bench
+
+    stopped = r"(?s)did not start: its process exited 1: .*not a checkpoint directory: no config\.json"
+    with pytest.raises(RuntimeError, match=stopped):
+        bench.bench_server(tmp_path / "no_model", clients=(1,), device="cpu", timeout=120)
+
+    servers, start, run_clients = [], bench._Server.__init__, bench._run_clients
+
+    def remember(self, *args):
+        start(self, *args)
+        servers.append(self)
+
+    def server_dies(url, *args):  # the server process goes away in the middle of the benchmark
+        servers[-1].proc.kill()
+        servers[-1].proc.wait()
+        return run_clients(url, *args)
+
+    monkeypatch.setattr(bench._Server, "__init__", remember)
+    monkeypatch.setattr(bench, "_run_clients", server_dies)
+    with pytest.raises(RuntimeError, match=r"stopped answering \(ConnectionError\); its process exited -9"):
+        bench.bench_server(serve_model, clients=(1,), requests_per_client=1, max_tokens=4, device="cpu")
 
 
 # -- a scripted model behind the real API: reasoning and tool calls as the openai client sees them ----------------
