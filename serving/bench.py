@@ -43,7 +43,7 @@ class _Server:
     def state(self) -> str:
         """Whether the process runs, and the end of what it wrote to stderr."""
         if self.proc.poll() is None:
-            return "its process is still running"
+            return f"its process is still running; its stderr ends: {''.join(self.stderr)[-2000:]}"
         self.reader.join(timeout=5)
         return f"its process exited {self.proc.returncode}: {''.join(self.stderr)[-2000:]}"
 
