@@ -42,13 +42,15 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
   pref_style_acc the same over the pairs whose rejected answer is right too, in a style other than the preferred
                  one (a quarter of the demo's pairs, evals/preference.py): the preference SFT cannot teach
   distinct2      repetition: for each generated answer, distinct character bigrams / character bigrams, averaged
-                 over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats)
+                 over every answer of the tasks above that has at least 2 bigrams (1.0: nothing repeats); a
+                 trace's form lowers it too (its tags and step wording repeat)
+  loop_free      share of those answers that do not loop (at least half their bigrams distinct): the loops alone
 
 Every metric comes with its 95% confidence interval over the held-out items (evals/intervals.py): Wilson for the
-shares of right answers (sentiment_acc, identity_acc, arith_em, arith_plan, lora_acc, think_format), a percentile
-bootstrap over items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over
-documents, distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric: value}} and adds
-"<metric>_ci": [low, high].
+shares of right answers (sentiment_acc, identity_acc, arith_em, arith_plan, lora_acc, think_format, loop_free), a
+percentile bootstrap over items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs,
+val_ppl over documents, distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric:
+value}} and adds "<metric>_ci": [low, high].
 
 What each stage changed is measured on the same items: a second table puts each model against the stage it starts
 from (trainer/stages.py: sft against pretrain, lora and dpo against sft, distill against dpo, grpo against distill;

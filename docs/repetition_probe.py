@@ -18,15 +18,7 @@ import torch
 import eval_model
 from evals import GENERATION_TASKS
 from evals.intervals import wilson_interval
-from evals.repetition import distinct2, distinct2_ratio
-
-LOOP = 0.5  # distinct bigrams / bigrams under this: the answer repeats itself more than it says anything
-
-
-def is_loop(answer: str) -> bool:
-    """Whether an answer repeats itself more than it says anything (too short to tell: no)."""
-    ratio = distinct2_ratio(answer)
-    return ratio is not None and ratio < LOOP
+from evals.repetition import distinct2, is_loop
 
 
 def main():

@@ -8,7 +8,7 @@
     preference.py    chosen / rejected pairs scored by the model's log-probs: pref_acc
     perplexity.py    held-out news: val_ppl
     think_format.py  the <think>/<answer> format of traces: think_format
-    repetition.py    distinct character bigrams of any answer: distinct2
+    repetition.py    distinct character bigrams of any answer: distinct2; the answers that loop: loop_free
 
 dataset/demo.py writes the records, eval_model.py runs TASKS in order (their metrics are the report's rows, in
 this order), and an RL reward is TASKS[name].reward(completion_text, record). Sentiment, entities and the LoRA task
@@ -39,6 +39,7 @@ TASKS: dict[str, Task | OutputCheck] = {task.name: task for task in (
     lora_style.TASK,
     preference.TASK,
     repetition.TASK,  # over every generation task
+    repetition.LOOPS,  # over every generation task
 )}
 GENERATION_TASKS = [task for task in TASKS.values() if isinstance(task, GenerationTask)]
 LIKELIHOOD_TASKS = [task for task in TASKS.values() if isinstance(task, LikelihoodTask)]

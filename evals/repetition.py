@@ -1,7 +1,9 @@
 """Repetition: how much of an answer repeats itself (distinct character bigrams), whatever the task.
 
-A small model falls into loops ("这条评论是这条评论是…"); distinct2 averages over every generated answer, and as a
-reward it penalises loops in RL rollouts.
+A small model falls into loops ("这条评论是这条评论是…", a name listed to the token limit); distinct2 averages over
+every generated answer, and as a reward it penalises loops in RL rollouts. An answer's form moves distinct2 too (a
+think trace repeats its tags and step wording, a one-line verdict repeats nothing), so loop_free counts the loops
+alone: the share of answers with at least half their bigrams distinct.
 """
 
 from collections.abc import Iterable
@@ -13,6 +15,15 @@ def distinct2_ratio(text: str) -> float | None:
     """Distinct character bigrams / character bigrams of one text; None under 2 bigrams (too short to tell)."""
     bigrams = [text[i:i + 2] for i in range(len(text) - 1)]
     return len(set(bigrams)) / len(bigrams) if len(bigrams) >= 2 else None
+
+
+LOOP = 0.5  # distinct bigrams / bigrams under this: the answer repeats itself more than it says anything
+
+
+def is_loop(text: str) -> bool:
+    """Whether an answer repeats itself more than it says anything (too short to tell: no)."""
+    ratio = distinct2_ratio(text)
+    return ratio is not None and ratio < LOOP
 
 
 def distinct2(texts: Iterable[str]) -> float:
@@ -37,4 +48,20 @@ class Repetition(OutputCheck):
         return 1.0 if ratio is None else ratio
 
 
+class Loops(OutputCheck):
+    """loop_free over the answers of every generation task (1.0: no answer loops)."""
+
+    name = "loops"
+    metrics = ("loop_free",)
+
+    def score(self, outputs: list[str]) -> dict[str, float]:
+        """The share of answers that do not loop."""
+        return {"loop_free": sum(not is_loop(text) for text in outputs) / len(outputs) if outputs else 1.0}
+
+    def reward(self, text: str, record: dict | None = None) -> float:
+        """1.0 unless the answer loops."""
+        return 0.0 if is_loop(text) else 1.0
+
+
 TASK = Repetition()
+LOOPS = Loops()

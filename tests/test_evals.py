@@ -22,6 +22,7 @@ from evals import (
     think_format,
 )
 from evals.base import GenerationTask, LikelihoodTask, OutputCheck, chat_record, prompt_messages
+from evals.intervals import check_intervals, wilson_interval
 
 TRACE = "<think>\n先算：12-5=7。再加上：7+8=15。\n</think>\n<answer>\n现在有15个苹果。\n</answer>"
 
@@ -37,16 +38,16 @@ def chat(user: str, assistant: str, **meta) -> dict:
 
 def test_registry_order_is_the_report_order():
     assert list(evals.TASKS) == ["news", "sentiment", "entity", "identity", "arith", "entity_reason", "think_format",
-                                 "lora", "pref", "repetition"]
+                                 "lora", "pref", "repetition", "loops"]
     assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
                              "entity_f1_org", "identity_acc", "arith_em", "arith_plan", "think_format", "lora_acc",
-                             "pref_acc", "pref_style_acc", "distinct2")
+                             "pref_acc", "pref_style_acc", "distinct2", "loop_free")
     assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "identity", "arith", "entity_reason",
                                                        "lora"]
     assert {t.name: t.max_new_tokens for t in evals.GENERATION_TASKS} == {
         "sentiment": 16, "entity": 48, "identity": 24, "arith": 96, "entity_reason": 160, "lora": 8}
     assert [t.name for t in evals.LIKELIHOOD_TASKS] == ["news", "pref"]
-    assert [t.name for t in evals.OUTPUT_CHECKS] == ["think_format", "repetition"]
+    assert [t.name for t in evals.OUTPUT_CHECKS] == ["think_format", "repetition", "loops"]
     for task in evals.TASKS.values():
         assert isinstance(task, GenerationTask | LikelihoodTask | OutputCheck)
 
@@ -235,13 +236,17 @@ def test_arith_probe_counts_copying_and_computing_apart():
                                             operands=4, copied=0)
 
 
-def test_repetition_probe_tells_a_loop_from_a_trace():
-    from docs.repetition_probe import is_loop
-
+def test_loop_free_tells_a_loop_from_a_trace():
+    is_loop = repetition.is_loop
     trace = "<think>\n小强有：17+6=23。小丽比小强少18颗：23-18=5。\n</think>\n<answer>\n答：小丽有5颗糖。\n</answer>"
     assert not is_loop(trace) and not is_loop("这条评论是正面的，属于好评。") and not is_loop("好")
     assert is_loop("人名：无\n地名：" + "美国、" * 20)
     assert repetition.distinct2([trace]) < repetition.distinct2(["这条评论是正面的，属于好评。"]) == 1.0  # tags repeat
+    # loop_free counts the loop and not the trace's form; a share of answers, so its interval is Wilson's
+    answers = [trace, "这条评论是正面的，属于好评。", "人名：无\n地名：" + "美国、" * 20, "好"]
+    assert repetition.LOOPS.score(answers) == {"loop_free": 0.75}
+    assert [repetition.LOOPS.reward(a) for a in answers] == [1.0, 1.0, 0.0, 1.0]
+    assert check_intervals(repetition.LOOPS, answers, {"loop_free": 0.75}) == {"loop_free": wilson_interval(3, 4)}
 
 
 @pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.1])
