@@ -379,9 +379,11 @@ def answer_kinds(prompts: list[str], answers: list[str]) -> dict[str, bool]:
 def side_by_side_ids(tokenizer, prompts: list[str], text_prompts: list[str], chat: bool) -> list[list[int]]:
     """Token ids of the side-by-side prompts, then the text prompts: a chat model gets each prompt as a ChatML user
     turn (the assistant turn opened), a base model as raw text; every model gets the text prompts as raw text."""
-    return ([chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) if chat
-             else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            + [tokenizer(p, add_special_tokens=False)["input_ids"] for p in text_prompts])
+    def raw(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}]) if chat else raw(p) for p in prompts] \
+        + [raw(p) for p in text_prompts]
 
 
 def format_answers(prompts: list[str], answers: dict[str, list[str]], text_prompts: list[str] = ()) -> str:

@@ -56,7 +56,7 @@ class Loops(OutputCheck):
 
     def score(self, outputs: list[str]) -> dict[str, float]:
         """The share of answers that do not loop."""
-        return {"loop_free": sum(not is_loop(text) for text in outputs) / len(outputs) if outputs else 1.0}
+        return {"loop_free": sum(map(self.reward, outputs)) / len(outputs) if outputs else 1.0}
 
     def reward(self, text: str, record: dict | None = None) -> float:
         """1.0 unless the answer loops."""
