@@ -87,10 +87,11 @@ stage reward    python train_reward.py --seed "$seed" --max_steps "$(steps 60)"
 # GRPO on sentiment questions (dataset/demo/rl.jsonl), rewarded by the right label: the distilled model's sampled
 # answers are right about 70% of the time, so groups of answers differ and RL has something to raise. The script's
 # defaults otherwise (lr 2e-5, 2 x 2 updates per rollout batch): 5x that rate drove greedy answers to one label.
-# 16 prompts x 4 answers a step, not the script's 4 x 8: the same 64 rollouts over twice the reviews. From one seed-7
+# 16 prompts x 4 answers a step (8 x 8 until b9d8776): the same 64 rollouts over twice the reviews. From one seed-7
 # distilled model on three GRPO seeds the sampled held-out pass@1 gained +0.029 / +0.029 / +0.032 against +0.017 /
-# +0.011 / +0.032 with 8 x 8, in the same time. --pass_at_k 4 measures it on 4 answers per held-out question (13 s):
-# with 1 the paired interval was +-0.038, wider than the gain (docs/demo_experiments.md: GRPO's gain, measured).
+# +0.011 / +0.032 with 8 x 8, in the same time. --pass_at_k 4 measures it on 4 answers per held-out question (18 s
+# more than 1): with 1 the paired interval was +-0.038, wider than the gain (docs/demo_experiments.md: GRPO's gain,
+# measured).
 # Every update also replays distillation's chats (one row of 512 tokens per micro-batch): without it RL on sentiment
 # alone wiped out the reasoning answers' think/answer format (0.52 -> 0.01). The replay is the KL to the distilled
 # model on those tokens (x 4), not their cross-entropy: the cross-entropy taught entity lists longer than the model
