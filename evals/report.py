@@ -236,9 +236,10 @@ def answers_section(prompts: list[str], answers: dict[str, list[str]], kinds: di
                     kind_names: dict[str, str], text_prompts: list[str] = ()) -> str:
     parts = []
     for i, prompt in enumerate([*prompts, *text_prompts]):
-        asks = f" (asks for {kind_names[prompt]})" if prompt in kind_names else ""
         if i >= len(prompts):
             asks = " (raw text: every model continues it, chat models too)"
+        else:
+            asks = f" (asks for {kind_names[prompt]})" if prompt in kind_names else ""
         parts.append(f"**{i + 1}.** {prompt.replace(chr(10), ' / ')}{asks}\n")
         rows = []
         for name, texts in answers.items():
