@@ -1,18 +1,17 @@
-"""A chat stage with some answer tokens weighted more: the digits, or the tokens copied from the prompt
-(docs/demo_experiments.md, "Weighting the tokens the model has to copy").
+"""A chat stage with the answer tokens copied from the prompt weighted more (docs/demo_experiments.md, "Weighting the
+tokens the model has to copy").
 
-    python -m docs.weighted_tokens --digits 4 train_distill_reason.py --max_steps 390 --learning_rate 5e-4 ...
     python -m docs.weighted_tokens --copied 4 train_sft.py --max_steps 300 --learning_rate 1e-3 ...
 
-Everything after the script's name goes to the script. The stage runs as it always does, but every answer token the
-rule picks counts --digits or --copied times in the cross-entropy, on top of the stage's own weights (--token_weight
-and the tags' --tag_weight, --prompt_loss_weight), and the mean is over the weights' sum, as those are:
-
-- --digits W: the tokens 0-9 (the demo tokenizer gives every digit its own token), in the traces both the
-  question's numbers copied into the equations and the results computed from them;
-- --copied W: the answer tokens that occur earlier in the same conversation's prompt (the names of the entity task,
-  the numbers of the word problems, words of the question), less the chat template's: special tokens and the
-  `user` / `assistant` header lines.
+Everything after the script's name goes to the script. The stage runs as it always does, but every answer token that
+occurs earlier in the same conversation's prompt (the names of the entity task, the numbers of the word problems,
+words of the question; the chat template's tokens aside: special tokens and the `user` / `assistant` header lines)
+counts --copied times in the cross-entropy, on top of the stage's own weights (--token_weight and the tags'
+--tag_weight, --prompt_loss_weight), and the mean is over the weights' sum, as those are. Which tokens are copied
+depends on the conversation, so this is not a --token_weight list. The digits were this script's other rule until
+--token_weight took it: `train_distill_reason.py --token_weight 0:4,1:4,2:4,3:4,4:4,5:4,6:4,7:4,8:4,9:4` trains as
+`--digits 4` did (130 steps from one DPO model: the same train loss and the same `docs.arith_probe` counts; its
+validation loss is unweighted, as every stage's is).
 
 A scratch experiment, not a flag: it swaps trainer.chat_stage.assistant_loss for a weighted one before running the
 script (with one micro-batch per step, as the demo's stages run, the weighting of micro-batches does not change).
@@ -27,12 +26,6 @@ import torch
 import trainer.chat_stage as chat_stage
 from dataset.chat import IGNORE_INDEX
 from dataset.tokenizer import load_tokenizer
-
-
-def digit_rule(tokenizer, weight: float):
-    """The digits' positions get `weight`, every other position 1."""
-    digits = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
-    return lambda batch: torch.isin(batch["labels"], digits.to(batch["labels"].device)).float() * (weight - 1) + 1
 
 
 def copied_rule(tokenizer, weight: float):
@@ -61,16 +54,14 @@ def copied_rule(tokenizer, weight: float):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    rule = p.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--digits", type=float, help="weight of the digit tokens")
-    rule.add_argument("--copied", type=float, help="weight of the answer tokens found in the prompt")
+    p.add_argument("--copied", type=float, required=True, help="weight of the answer tokens found in the prompt")
     p.add_argument("--tokenizer_dir", default="out/tokenizer", help="the stage's tokenizer (for the token ids)")
     p.add_argument("script", help="the stage script (a .py file); everything after it is the script's")
     at = next((i for i, a in enumerate(sys.argv[1:], 1) if a.endswith(".py")), len(sys.argv))
     args, script_args = p.parse_args(sys.argv[1:at + 1]), sys.argv[at + 1:]
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    extra = digit_rule(tokenizer, args.digits) if args.digits else copied_rule(tokenizer, args.copied)
-    print(f"weighted tokens: {'digits' if args.digits else 'copied'} x{args.digits or args.copied}", flush=True)
+    extra = copied_rule(tokenizer, args.copied)
+    print(f"weighted tokens: copied x{args.copied}", flush=True)
     assistant_loss = chat_stage.assistant_loss
 
     def weighted_loss(model, batch, weights=None, anchor=None):

@@ -250,10 +250,9 @@ def test_loop_free_tells_a_loop_from_a_trace():
 
 
 @pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.1])
-def test_weighted_tokens_pick_the_digits_and_the_tokens_copied_from_the_prompt(tmp_path, tokenizer_dir,
-                                                                               prompt_loss_weight):
+def test_weighted_tokens_pick_the_tokens_copied_from_the_prompt(tmp_path, tokenizer_dir, prompt_loss_weight):
     from dataset.lm_dataset import SFTDataset
-    from docs.weighted_tokens import copied_rule, digit_rule
+    from docs.weighted_tokens import copied_rule
 
     from .conftest import write_jsonl
 
@@ -269,15 +268,12 @@ def test_weighted_tokens_pick_the_digits_and_the_tokens_copied_from_the_prompt(t
     targets = batch["labels"][scored].tolist()
     assert tokenizer.decode(targets) == "王建国有：17+6=23。<|im_end|>" * 2
 
-    def picked(rule) -> str:
-        weights = rule(tokenizer, 4.0)(batch)
-        assert set(weights.unique().tolist()) <= {1.0, 4.0}
-        return tokenizer.decode([t for t, w in zip(targets, weights[scored].tolist()) if w == 4.0])
-
-    assert picked(digit_rule) == "17623" * 2
+    weights = copied_rule(tokenizer, 4.0)(batch)
+    assert set(weights.unique().tolist()) == {1.0, 4.0}
+    picked = tokenizer.decode([t for t, w in zip(targets, weights[scored].tolist()) if w == 4.0])
     # the first answer copies the name, 有, the question's numbers and the full stop from its prompt (：, +, = and the
     # computed 23 are not there); the second only 有 and 。 from its own prompt, none of the first's
-    assert picked(copied_rule) == "王建国有176。" + "有。"
+    assert picked == "王建国有176。" + "有。"
 
 
 def test_arith_records_are_distinct_and_keep_their_result():
