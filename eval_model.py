@@ -33,6 +33,9 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
   arith_em       share of reason_eval arithmetic problems whose <answer> holds the right number
   arith_plan     share of them whose <think> writes the reference's equations' operators in order (× then -),
                  whatever numbers: the steps chosen, graded apart from copying and computing the numbers
+  arith_copy     over every equation the traces write: share of their operands (an earlier step's result aside)
+                 that are numbers of the question (0 where no equation is written)
+  arith_calc     share of those equations whose result is right for the numbers written (4×5=20, not 12)
   think_format   share of reason_eval outputs (arithmetic and entity traces) that are exactly
                  `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (a blank line may follow </think>, as the
                  chat template writes reasoning_content; trailing whitespace allowed)
@@ -49,8 +52,8 @@ them to the token budget took a quarter of the demo's evaluation. The metrics (e
 Every metric comes with its 95% confidence interval over the held-out items (evals/intervals.py): Wilson for the
 shares of right answers (sentiment_acc, identity_acc, arith_em, arith_plan, lora_acc, think_format, loop_free), a
 percentile bootstrap over items for the rest (entity_f1 over sentences, pref_acc and pref_style_acc over pairs,
-val_ppl over documents, distinct2 over answers). The table shows `value [low, high]`; --json keeps {model: {metric:
-value}} and adds "<metric>_ci": [low, high].
+val_ppl over documents, distinct2 over answers, arith_copy and arith_calc over problems). The table shows
+`value [low, high]`; --json keeps {model: {metric: value}} and adds "<metric>_ci": [low, high].
 
 What each stage changed is measured on the same items: a second table puts each model against the stage it starts
 from (trainer/stages.py: sft against pretrain, lora and dpo against sft, distill against dpo, grpo against distill;

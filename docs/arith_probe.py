@@ -3,30 +3,28 @@
     python -m docs.arith_probe out/distill out/grpo
 
 Generates as eval_model.py does (greedy, the task's token budget) on reason_eval.jsonl's word problems and reads
-every equation `a op b = c` its trace writes before </think>. Two things must hold for a right answer, and the probe
-counts them apart:
+every equation `a op b = c` its trace writes before </think> (evals/arithmetic.py's step_counts). Two things must
+hold for a right answer, and the probe counts them apart:
 
 - copying: an operand that is not an earlier equation's result should be one of the question's numbers (17 and 6
   of 小华有17颗糖，小强比小华多6颗…); a model that does not copy writes numbers from nowhere;
 - computing: c should be a op b, whatever a and b are (4×5=12 is wrong; 4×5=20 is right even if 4 and 5 were not
   the question's); single-digit sums and products are counted on their own.
 
-Shares with 95% Wilson intervals; arith_em (the answer's number right) alongside, as eval_model.py counts it.
-docs/demo_experiments.md quotes its output.
+Shares with 95% Wilson intervals (over the equations, as if they were independent); arith_em (the answer's number
+right) alongside, as eval_model.py counts it. eval_model.py reports the first two as arith_copy and arith_calc, with
+a bootstrap over problems. docs/demo_experiments.md quotes this probe's output.
 """
 
 import collections
-import re
 import sys
 
 import torch
 
 import eval_model
 from evals import TASKS
+from evals.arithmetic import question, step_counts
 from evals.intervals import wilson_interval
-
-EQUATION = re.compile(r"(?<!\d)(\d+)\s*([+\-×])\s*(\d+)\s*=\s*(\d+)")
-OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
 
 
 def share(successes: int, n: int) -> str:
@@ -34,27 +32,6 @@ def share(successes: int, n: int) -> str:
         return "- (none)"
     low, high = wilson_interval(successes, n)
     return f"{successes / n:.3f} [{low:.2f}, {high:.2f}] ({successes}/{n})"
-
-
-def count(question: str, answer: str) -> dict[str, int]:
-    """Counts for one trace: equations and how many are right, operands and how many are the question's numbers."""
-    numbers = {int(n) for n in re.findall(r"\d+", question)}
-    counts = dict(equations=0, right=0, digit_facts=0, digit_facts_right=0, operands=0, copied=0)
-    results = set()
-    for a, op, b, c in EQUATION.findall(answer.split("</think>")[0]):
-        a, b, c = int(a), int(b), int(c)
-        right = OPERATIONS[op](a, b) == c
-        counts["equations"] += 1
-        counts["right"] += right
-        if a < 10 and b < 10 and op in "+×":
-            counts["digit_facts"] += 1
-            counts["digit_facts_right"] += right
-        for operand in (a, b):
-            if operand not in results:  # an earlier step's result (right or not) is the trace's own number
-                counts["operands"] += 1
-                counts["copied"] += operand in numbers
-        results.add(c)
-    return counts
 
 
 def main():
@@ -66,7 +43,7 @@ def main():
         answers = eval_model.generate_answers(model, tokenizer, task, records, runner)
         totals = collections.Counter()
         for record, answer in zip(records, answers):
-            totals.update(count(record["messages"][0]["content"], answer))
+            totals.update(step_counts(question(record), answer))
         exact = sum(task.reward(answer, record) for record, answer in zip(records, answers))
         print(f"{path}: {len(records)} problems, {totals['equations']} equations")
         print(f"  copying: operands that are the question's numbers {share(totals['copied'], totals['operands'])}")

@@ -3,7 +3,7 @@
     sentiment.py     review sentiment (正面 / 负面): sentiment_acc
     entities.py      persons, places, organisations of a news sentence: entity_f1; and their think traces
     identity.py      who are you? the model's self-introduction: identity_acc
-    arithmetic.py    2-3 step word problems with think traces: arith_em, arith_plan
+    arithmetic.py    2-3 step word problems with think traces: arith_em, arith_plan, arith_copy, arith_calc
     lora_style.py    the LoRA task, a review's verdict in one word (推荐 / 不推荐): lora_acc
     preference.py    chosen / rejected pairs scored by the model's log-probs: pref_acc
     perplexity.py    held-out news: val_ppl

@@ -10,7 +10,9 @@ reason still answers a word problem with a number, as the distilled one answers 
 import random
 import re
 
-from evals.base import GenerationTask, chat_record, reference_answer
+import numpy as np
+
+from evals.base import GenerationTask, Statistic, chat_record, prompt_messages, reference_answer
 from evals.think_format import answer_block, trace
 
 NAMES = ["小明", "小红", "小刚", "小丽", "小华", "小芳", "小军", "小兰", "小强", "小雨", "小林", "小杰"]
@@ -136,18 +138,56 @@ def plan(text: str) -> list[str]:
     return _EQUATION.findall(text.split("</think>")[0])
 
 
+# A whole equation of a trace, "17+6=23": its operands, operator and result.
+_WHOLE_EQUATION = re.compile(r"(?<!\d)(\d+)\s*([+\-×])\s*(\d+)\s*=\s*(\d+)")
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+
+
+def step_counts(question: str, text: str) -> dict[str, int]:
+    """What a trace's equations (before </think>) get right, counted apart. Copying: an operand that is not an earlier
+    equation's result should be one of the question's numbers (17 and 6 of 小华有17颗糖，小强比小华多6颗…); a model
+    that does not copy writes numbers from nowhere. Computing: c should be a op b, whatever a and b are (4×5=12 is
+    wrong, 4×5=20 right even where 4 and 5 are not the question's); single-digit sums and products counted alone."""
+    numbers = {int(n) for n in re.findall(r"\d+", question)}
+    counts = dict(equations=0, right=0, digit_facts=0, digit_facts_right=0, operands=0, copied=0)
+    results = set()
+    for a, op, b, c in _WHOLE_EQUATION.findall(text.split("</think>")[0]):
+        a, b, c = int(a), int(b), int(c)
+        right = OPERATIONS[op](a, b) == c
+        counts["equations"] += 1
+        counts["right"] += right
+        if a < 10 and b < 10 and op in "+×":
+            counts["digit_facts"] += 1
+            counts["digit_facts_right"] += right
+        for operand in (a, b):
+            if operand not in results:  # an earlier step's result (right or not) is the trace's own number
+                counts["operands"] += 1
+                counts["copied"] += operand in numbers
+        results.add(c)
+    return counts
+
+
+def question(record: dict) -> str:
+    """The word problem a record asks (its last user turn)."""
+    return prompt_messages(record)[-1]["content"]
+
+
 class Arithmetic(GenerationTask):
     """arith_em: the share of answers (a trace's <answer>, or a plain answer) that end with the record's result.
     arith_plan: the share whose trace takes the reference's steps (its operators, in order) whatever numbers it
     writes: what a model too small to copy and compute numbers in the demo's budget still learns from the traces
-    (docs/demo_experiments.md). A plain answer takes no steps."""
+    (docs/demo_experiments.md). A plain answer takes no steps.
+    The two things a right answer needs besides the steps, over all the traces' equations (step_counts):
+    arith_copy, the share of their operands (an earlier step's result aside) that are numbers of the question;
+    arith_calc, the share of the equations whose result is right for the numbers they write. Both are 0 for answers
+    that write no equation."""
 
     name = "arith"
     eval_file = "reason_eval.jsonl"
     record_kind = "chat"
     record_task = "arith"
     max_new_tokens = 96
-    metrics = ("arith_em", "arith_plan")
+    metrics = ("arith_em", "arith_plan", "arith_copy", "arith_calc")
 
     def parse(self, text: str) -> int | None:
         return parse_arith_answer(text)
@@ -157,8 +197,38 @@ class Arithmetic(GenerationTask):
         return float(parse_arith_answer(text) == record["meta"]["answer"])
 
     def item_metrics(self, text: str, record: dict) -> dict[str, float]:
-        right_steps = plan(text) == plan(reference_answer(record))
-        return {"arith_em": self.reward(text, record), "arith_plan": float(right_steps)}
+        return self.statistic([text], [record])([0])
+
+    def score(self, outputs: list[str], records: list[dict]) -> dict[str, float]:
+        return self.statistic(outputs, records)(list(range(len(outputs))))
+
+    def statistic(self, outputs: list[str], records: list[dict]) -> Statistic:
+        """arith_em and arith_plan are means over the answers drawn; arith_copy and arith_calc pool the equations of
+        those answers (a trace of three equations weighs three times one of one)."""
+        columns = ("arith_em", "arith_plan", "copied", "operands", "right", "equations")
+
+        def row(text: str, record: dict) -> list[float]:
+            counts = step_counts(question(record), text)
+            right_steps = plan(text) == plan(reference_answer(record))
+            return [self.reward(text, record), float(right_steps), *(counts[key] for key in columns[2:])]
+
+        items = np.array([row(text, record) for text, record in zip(outputs, records)],
+                         dtype=np.float64).reshape(-1, len(columns))
+
+        def metrics(idx: list[int]) -> dict[str, float]:
+            if not idx:
+                return dict.fromkeys(self.metrics, 0.0)
+            total = dict(zip(columns, items[idx].sum(axis=0).tolist()))
+            return {"arith_em": total["arith_em"] / len(idx), "arith_plan": total["arith_plan"] / len(idx),
+                    "arith_copy": ratio(total["copied"], total["operands"]),
+                    "arith_calc": ratio(total["right"], total["equations"])}
+
+        return metrics
+
+
+def ratio(part: int, whole: int) -> float:
+    """part / whole, 0 where there is no whole (no equation written)."""
+    return part / whole if whole else 0.0
 
 
 TASK = Arithmetic()

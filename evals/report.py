@@ -308,8 +308,8 @@ def write_report(path: str | Path, *, models: dict[str, Path], environment: dict
         f"Items per task: {counts}. 95% intervals: Wilson for shares of right answers (sentiment_acc, identity_acc, "
         "arith_em, arith_plan, lora_acc, think_format, loop_free), percentile bootstrap over items for the rest "
         "(entity_f1 over sentences, pref_acc and pref_style_acc over pairs, val_ppl over documents, distinct2 over "
-        "answers; a bootstrap interval of [0, 0] means no item scored at all). answer_kind: side-by-side answers of "
-        "the right kind / default prompts asked (chat models).",
+        "answers, arith_copy and arith_calc over problems; a bootstrap interval of [0, 0] means no item scored at "
+        "all). answer_kind: side-by-side answers of the right kind / default prompts asked (chat models).",
         *([f"The `{ANCHORS}` column is no model: a TF-IDF character 1-3-gram logistic regression (sentiment, the LoRA "
            "verdict) and a gazetteer of the tagged entities (entities), fitted on the same training files and graded "
            "on the same held-out records (evals/anchors.py)."] if ANCHORS in results else []),

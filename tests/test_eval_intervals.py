@@ -59,9 +59,11 @@ def test_accuracy_tasks_get_wilson_entity_f1_a_bootstrap():
     records = [chat("q", trace, task="arith", answer=15) for _ in range(300)]
     outputs = [trace.replace("15个", "16个") if i % 3 else trace for i in range(300)]  # steps all right, 1/3 right
     scores = TASKS["arith"].score(outputs, records)
-    assert scores == pytest.approx({"arith_em": 1 / 3, "arith_plan": 1.0})
+    # the question "q" holds no number to copy; every equation is right
+    assert scores == pytest.approx({"arith_em": 1 / 3, "arith_plan": 1.0, "arith_copy": 0.0, "arith_calc": 1.0})
     assert generation_intervals(TASKS["arith"], outputs, records, scores) == {
-        "arith_em": wilson_interval(100, 300), "arith_plan": wilson_interval(300, 300)}
+        "arith_em": wilson_interval(100, 300), "arith_plan": wilson_interval(300, 300),
+        "arith_copy": wilson_interval(0, 300), "arith_calc": wilson_interval(300, 300)}
 
     gold = {"person": ["王建国"], "place": ["上海"], "org": []}
     records = [chat("q", "a", task="entity", entities=gold) for _ in range(100)]

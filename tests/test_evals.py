@@ -22,7 +22,7 @@ from evals import (
     think_format,
 )
 from evals.base import GenerationTask, LikelihoodTask, OutputCheck, chat_record, prompt_messages
-from evals.intervals import check_intervals, wilson_interval
+from evals.intervals import check_intervals, generation_intervals, wilson_interval
 
 TRACE = "<think>\n先算：12-5=7。再加上：7+8=15。\n</think>\n<answer>\n现在有15个苹果。\n</answer>"
 
@@ -40,7 +40,8 @@ def test_registry_order_is_the_report_order():
     assert list(evals.TASKS) == ["news", "sentiment", "entity", "identity", "arith", "entity_reason", "think_format",
                                  "lora", "pref", "repetition", "loops"]
     assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
-                             "entity_f1_org", "identity_acc", "arith_em", "arith_plan", "think_format", "lora_acc",
+                             "entity_f1_org", "identity_acc", "arith_em", "arith_plan", "arith_copy", "arith_calc",
+                             "think_format", "lora_acc",
                              "pref_acc", "pref_style_acc", "distinct2", "loop_free")
     assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "identity", "arith", "entity_reason",
                                                        "lora"]
@@ -203,9 +204,10 @@ def test_arith_reward_and_score():
     assert arithmetic.TASK.reward(TRACE.replace("15个", "16个"), record) == 0.0
     assert arithmetic.TASK.reward("现在有15个苹果。", record) == 1.0  # a plain answer, right
     assert arithmetic.TASK.reward("现在有16个苹果。", record) == 0.0
-    # a plain "15" is right, but takes no steps
-    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 1.0, "arith_plan": 0.5}
-    assert arithmetic.TASK.score([TRACE, "16"], [record, record]) == {"arith_em": 0.5, "arith_plan": 0.5}
+    # a plain "15" is right, but takes no steps; the question "题目" has no number to copy, TRACE's sums are right
+    steps = {"arith_plan": 0.5, "arith_copy": 0.0, "arith_calc": 1.0}
+    assert arithmetic.TASK.score([TRACE, "15"], [record, record]) == {"arith_em": 1.0, **steps}
+    assert arithmetic.TASK.score([TRACE, "16"], [record, record]) == {"arith_em": 0.5, **steps}
 
 
 def test_arith_plan_is_the_steps_taken_whatever_the_numbers():
@@ -220,9 +222,8 @@ def test_arith_plan_is_the_steps_taken_whatever_the_numbers():
     assert arithmetic.TASK.reward(wrong_numbers, record) == 0.0  # the RL reward stays the exact answer
 
 
-def test_arith_probe_counts_copying_and_computing_apart():
-    from docs.arith_probe import count
-
+def test_step_counts_count_copying_and_computing_apart():
+    count = arithmetic.step_counts
     question = "小华有17颗糖，小强比小华多6颗，小丽比小强少18颗，小丽有几颗糖？"
     reference = "<think>\n小强有：17+6=23。小丽比小强少18颗：23-18=5。\n</think>\n<answer>\n答：5\n</answer>"
     # 23 is the first step's result, not a number to copy; the answer block's equation is not the trace's
@@ -234,6 +235,21 @@ def test_arith_probe_counts_copying_and_computing_apart():
     made_up = "<think>\n小林有：4×5=12。小林比小林少3个：11-3=8。\n</think>"  # numbers from nowhere, one sum right
     assert count(question, made_up) == dict(equations=2, right=1, digit_facts=1, digit_facts_right=0,
                                             operands=4, copied=0)
+
+    # arith_copy and arith_calc pool the equations of the answers: (3 + 3 + 0) of 10 operands, (2 + 1 + 1) of 6
+    record = chat(question, reference, task="arith", answer=5)
+    answers = [reference, copied_wrong_sum, made_up, "答：5"]  # the plain answer writes no equation, and is right
+    scores = arithmetic.TASK.score(answers, [record] * 4)
+    assert scores == pytest.approx({"arith_em": 0.5, "arith_plan": 0.5, "arith_copy": 0.6, "arith_calc": 4 / 6})
+    assert arithmetic.TASK.item_metrics("答：5", record) == {"arith_em": 1.0, "arith_plan": 0.0, "arith_copy": 0.0,
+                                                             "arith_calc": 0.0}
+    # a resample is scored as its own answers: the made-up trace twice copies 0 of 8 operands
+    assert arithmetic.TASK.statistic(answers, [record] * 4)([2, 2]) == {"arith_em": 0.0, "arith_plan": 0.0,
+                                                                        "arith_copy": 0.0, "arith_calc": 0.5}
+    intervals = generation_intervals(arithmetic.TASK, answers * 50, [record] * 200, scores)
+    assert intervals["arith_em"] == wilson_interval(100, 200)  # a share of answers
+    low, high = intervals["arith_copy"]  # pooled over equations: a bootstrap over the problems
+    assert 0.5 < low < 0.6 < high < 0.7
 
 
 def test_loop_free_tells_a_loop_from_a_trace():
