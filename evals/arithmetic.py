@@ -179,8 +179,8 @@ class Arithmetic(GenerationTask):
     (docs/demo_experiments.md). A plain answer takes no steps.
     The two things a right answer needs besides the steps, over all the traces' equations (step_counts):
     arith_copy, the share of their operands (an earlier step's result aside) that are numbers of the question;
-    arith_calc, the share of the equations whose result is right for the numbers they write. Both are 0 for answers
-    that write no equation."""
+    arith_calc, the share of the equations whose result is right for the numbers they write. An answer that writes
+    no equation adds nothing to either; a model whose answers write none scores 0 on both."""
 
     name = "arith"
     eval_file = "reason_eval.jsonl"
