@@ -41,8 +41,7 @@ def test_registry_order_is_the_report_order():
                                  "lora", "pref", "repetition", "loops"]
     assert evals.METRICS == ("val_ppl", "sentiment_acc", "entity_f1", "entity_f1_person", "entity_f1_place",
                              "entity_f1_org", "identity_acc", "arith_em", "arith_plan", "arith_copy", "arith_calc",
-                             "think_format", "lora_acc",
-                             "pref_acc", "pref_style_acc", "distinct2", "loop_free")
+                             "think_format", "lora_acc", "pref_acc", "pref_style_acc", "distinct2", "loop_free")
     assert [t.name for t in evals.GENERATION_TASKS] == ["sentiment", "entity", "identity", "arith", "entity_reason",
                                                        "lora"]
     assert {t.name: t.max_new_tokens for t in evals.GENERATION_TASKS} == {
