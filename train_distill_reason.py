@@ -9,17 +9,17 @@ added to --token_weight's), so the model learns the output format early, as R1-d
 train_distill_reason.py) do. A tokenizer without some of the tags (MiniMind's has only the think tags) weights those
 it has. Validation, as SFT's, scores every answer token alike.
 
-The demo mixes a fifth of earlier chats back in (replay, `--data_path a.jsonl:0.8,b.jsonl:0.2`): trained on traces
-alone, the model forgot the sentiment task (held-out accuracy 0.77 after DPO, 0.08 after this stage); a fifth of
-SFT's chats kept it, but not DPO's preference (held-out preference accuracy 0.973 -> 0.847: SFT's chats teach the
-three answer styles DPO chose one of). A fifth of DPO's pairs, read as chats of their chosen answers, keeps both
-(0.953; sentiment 0.787 -> 0.783). Pretraining documents, 15% of the items, keep the news perplexity where the DPO
-model had it, with --replay_kl 20 (on their tokens, the KL to the DPO model's next-token distribution): measured
-against the DPO model on the same held-out documents (eval_model.py's paired changes), +1.5 [+0.5, +2.5] and
--0.7 [-1.5, +0.1] on two seeds, against +17.5 and +15.9 with 5% at --replay_kl 10, the format 0.996 / 0.994
-(docs/demo_experiments.md: the news perplexity, paired). The demo does
-not train on the prompts here (--prompt_loss_weight, as SFT does): they end in one fixed instruction, and at 0.2 the
-distilled model wrote it into its answers. docs/demo_experiments.md has the figures.
+The demo mixes earlier chats back in (replay, `--data_path a.jsonl:0.8,b.jsonl:0.2`: a fifth of the chats):
+trained on traces alone, the model forgot the sentiment task (held-out accuracy 0.77 after DPO, 0.08 after this
+stage); a fifth of SFT's chats kept it, but not DPO's preference (held-out preference accuracy 0.973 -> 0.847: SFT's
+chats teach the three answer styles DPO chose one of). A fifth of DPO's pairs, read as chats of their chosen answers,
+keeps both (0.953; sentiment 0.787 -> 0.783). Pretraining documents, 13% of the items (weight 0.15), keep the news
+perplexity where the DPO model had it, with --replay_kl 20 (on their tokens, the KL to the DPO model's next-token
+distribution): measured against the DPO model on the same held-out documents (eval_model.py's paired changes),
++1.5 [+0.5, +2.5] and -0.7 [-1.5, +0.1] on two seeds, against +17.5 and +15.9 with weight 0.05 at --replay_kl 10, the
+format 0.996 / 0.994 (docs/demo_experiments.md: the news perplexity, paired). The demo does not train on the prompts
+here (--prompt_loss_weight, as SFT does): they end in one fixed instruction, and at 0.2 the distilled model wrote it
+into its answers. docs/demo_experiments.md has the figures.
 """
 
 import os

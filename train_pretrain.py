@@ -1,6 +1,6 @@
 """Pretraining: next-token prediction on raw text, from randomly initialised weights.
 
-    python train_pretrain.py                                   # the demo: `mini` on the demo corpus
+    python train_pretrain.py                                   # the demo: the `demo` preset on the demo corpus
     python train_pretrain.py --preset small --data_path pretrain_hq.jsonl --tokenizer_dir DIR
     torchrun --nproc_per_node 4 train_pretrain.py ...          # DDP, same flags
 

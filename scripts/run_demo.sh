@@ -38,7 +38,8 @@ stage tokenizer python train_tokenizer.py --max_chars 1500000
 # The model is the `demo` preset (train_pretrain.py's default): hidden 224, 3 layers, at 1.05x mini's work per token;
 # news perplexity 372 against mini's 454 after these 360 steps, arithmetic plan 0.97 / 0.94 against 0.70 / 0.89 after
 # distillation, format 0.962 on both seeds against 0.976 / 0.996 (docs/demo_experiments.md: the demo's shape).
-# SFT takes 5% of its items from pretrain.jsonl, distillation 15%, LoRA and GRPO's replay 2% (their scripts' demo data):
+# SFT takes 5% of its items from pretrain.jsonl, distillation 13% (weight 0.15; weights are normalised), LoRA and
+# GRPO's replay 2% (their scripts' demo data):
 # without them SFT took the news perplexity from 688 to 10,493 (docs/demo_experiments.md). SFT also trains on the
 # prompts (reviews, news sentences, questions) at a tenth of the answers' weight: the news perplexity after SFT 427
 # against 587 with 2% replay alone, the tasks within their intervals. Distillation does not: its prompts end in one
@@ -74,7 +75,7 @@ stage dpo       python train_dpo.py --seed "$seed" --max_steps "$(steps 100)" --
 # 5x until the digit tokenizer): from one DPO model with two distillation seeds, 0.976 / 0.982 at 2x against 0.908 /
 # 0.928 at 5x, whose model learnt `无\n</answer>` so well that it wrote it inside <think>. The script replays DPO's
 # chosen answers (not SFT's chats, which un-taught DPO's preference: 0.973 -> 0.847).
-# Pretraining text is 15% of distillation's items (the script's demo data; 5% until 2026-12-07), anchored at
+# Pretraining text is 13% of distillation's items (weight 0.15, the demo data's; 0.05 until 2026-12-07), anchored at
 # --replay_kl 20 (was 10): paired against the DPO model on the same held-out documents, the news perplexity moves
 # +1.5 [+0.5, +2.5] / -0.7 [-1.5, +0.1] on seeds 42 / 7 against +17.5 / +15.9 before; the format 0.996 / 0.994, the
 # arithmetic plan 0.960 / 0.940 against 0.973 / 0.987 (docs/demo_experiments.md: the news perplexity, paired).
