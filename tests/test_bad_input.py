@@ -170,7 +170,8 @@ def test_unusable_file_stops_even_with_skip_bad(tmp_path, read, stage, name, con
         path.write_bytes(content)
     with pytest.raises(DataError) as info:
         read(stage, path, skip_bad=True)
-    assert str(info.value) == f"{path}:{reason}" if reason[0].isdigit() else f"{path}: {reason}"
+    expected = f"{path}:{reason}" if reason[0].isdigit() else f"{path}: {reason}"
+    assert str(info.value) == expected
 
 
 @pytest.mark.parametrize("stage", STAGES)

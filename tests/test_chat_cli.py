@@ -17,6 +17,8 @@ from dataset.chat import load_tokenizer
 from model import LM
 from model.lora import apply_lora, save_lora
 from serving.chat_format import AnswerStream
+from serving.engine import Engine, SamplingParams, complete
+from serving.loading import load
 from serving.terminal import Conversation, Printer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,20 @@ def test_pipe_commands_and_streamed_answers(chat_checkpoint):
     assert "\x1b[" not in out  # no colours on a pipe
     again = chat(chat_checkpoint["model"], script, "--max_new_tokens", "6", "--temperature", "1")
     assert again.stdout == out  # --seed makes the samples repeatable
+    # The answer itself: what the engine samples for the rendered question with chat.py's parameters and seed, on
+    # the line after the banner.
+    loaded = load(chat_checkpoint["model"], None, "cpu", None)
+    question = "这条评论是好评还是差评？质量很好"
+    prompt, _ = Conversation(loaded.tokenizer, loaded.context_length, "").prompt(question, 6)
+    engine = Engine(loaded.model, max_batch=1, max_context=loaded.context_length).start()
+    try:
+        params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=0,
+                                stop_token_ids=tuple(loaded.stop_token_ids))
+        expected = loaded.tokenizer.decode(complete(engine, prompt, params).tokens, skip_special_tokens=True)
+    finally:
+        engine.close()
+    sampled = chat(chat_checkpoint["model"], question + "\n", "--max_new_tokens", "6", "--temperature", "1")
+    assert expected.strip() and sampled.stdout.split("\n", 1)[1].startswith(expected)
 
 
 @pytest.mark.slow
@@ -80,10 +96,15 @@ def test_base_model_continues_raw_text(chat_checkpoint, tmp_path):
     for f in Path(chat_checkpoint["model"]).iterdir():
         (base / f.name).write_bytes(f.read_bytes())
     (base / "args.json").write_text(json.dumps({"stage": "pretrain"}))
-    result = chat(base, "质量很好\n", "--max_new_tokens", "5")
+    result = chat(base, "质量很好\n", "--max_new_tokens", "5", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert "base model" in result.stdout.splitlines()[0]
-    assert result.stdout.splitlines()[1].startswith("质量很好")
+    tokenizer = load_tokenizer(base)
+    prompt = tokenizer("质量很好", add_special_tokens=False)["input_ids"]
+    new_tokens = LM.from_pretrained(base).eval().generate(torch.tensor([prompt]), max_new_tokens=5,
+                                                          do_sample=False)[0, len(prompt):]
+    continuation = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert continuation.strip() and result.stdout.splitlines()[1].startswith("质量很好" + continuation)
 
 
 @pytest.mark.slow

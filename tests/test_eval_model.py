@@ -167,7 +167,24 @@ def test_perplexity_and_preference_match_direct_computation(checkpoints):
     pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "正面"}],
             "rejected": [{"role": "assistant", "content": "这条评论是负面的，属于差评。"}]}
     swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
-    assert eval_model.likelihood_metrics(model, tokenizer, TASKS["pref"], [pair, swapped], CPU) == {"pref_acc": 0.5}
+    # Each answer's summed log-prob over its tokens and <|im_end|>, after the rendered question (not the question's).
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    direct = []
+    for side in ("chosen", "rejected"):
+        question = eval_model.chat_prompt_ids(tokenizer, prompt)
+        answer = [*tokenizer(pair[side][0]["content"])["input_ids"], im_end]
+        ids = torch.tensor([question + answer])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        direct.append((sum(float(logps[len(question) - 1 + i, t]) for i, t in enumerate(answer)), len(answer)))
+    scored = eval_model.scored_logps(model, TASKS["pref"].sequences(tokenizer, [pair]), CPU)
+    assert [count for _, count in scored] == [count for _, count in direct]
+    assert [total for total, _ in scored] == pytest.approx([total for total, _ in direct], abs=1e-3)
+    chosen_wins = direct[0][0] / direct[0][1] > direct[1][0] / direct[1][1]
+    pref = TASKS["pref"]
+    assert eval_model.likelihood_metrics(model, tokenizer, pref, [pair], CPU) == {"pref_acc": float(chosen_wins)}
+    assert eval_model.likelihood_metrics(model, tokenizer, pref, [swapped], CPU) == {"pref_acc": float(not chosen_wins)}
+    assert eval_model.likelihood_metrics(model, tokenizer, pref, [pair, swapped], CPU) == {"pref_acc": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

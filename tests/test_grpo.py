@@ -158,6 +158,9 @@ def test_train_grpo_end_to_end(tmp_path, chat_checkpoint, prompt_files):
                 "zero_std_groups", "pass@1", "pass@4", "kl", "clip_frac", "entropy", "completion_len", "truncated",
                 "rollout_tokens_per_sec", "update_tokens_per_sec"):
         assert key in logged[-1], key
+    weights = {"task": 1, "think_format": 0.5, "repetition": 0.1, "length": 1, "reward_model": 0.2}
+    for row in logged:  # the reward trained on is the weighted sum of the rewards logged apart
+        assert row["reward"] == pytest.approx(sum(w * row[f"reward/{name}"] for name, w in weights.items()), abs=1e-5)
     assert any("sample" in row for row in rows) and any("val_pass@1" in row for row in rows)
     AutoModelForCausalLM.from_pretrained(out)  # the policy is a transformers Llama directory
 

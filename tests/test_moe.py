@@ -181,3 +181,6 @@ def test_ddp_and_fsdp_train_an_moe_model(tmp_path, tokenizer_dir, chat_checkpoin
         assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / out), MixtralForCausalLM)
     rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert all(key in rows[0] for key in ("ce", "kl", "aux_loss"))
+    # The teacher is the student's start: no KL at the first step, then the student moves away from it.
+    kd_rows = [r for r in rows if "kl" in r and "loss" in r]
+    assert kd_rows[0]["kl"] == pytest.approx(0.0, abs=1e-5) and kd_rows[-1]["kl"] > 1e-6

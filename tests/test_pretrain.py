@@ -13,14 +13,19 @@ from tests.conftest import FIXTURES, kill_after_first_checkpoint, pretrain_args,
 @pytest.mark.slow
 def test_pretrain_mixes_sources_by_weight(tmp_path, corpus, tokenizer_dir):
     """--data_path a:0.9,b:0.1 trains on windows of both token files, in those proportions (dataset/mixing.py)."""
-    out = tmp_path / "pretrain"
-    weighted = f"{corpus['train']}:0.9,{corpus['val']}:0.1"
-    args = pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "2")
-    args[args.index("--data_path") + 1] = weighted
-    result = run_script("train_pretrain.py", *args)
-    assert "windows of 64" in result.stdout
-    saved = json.loads((out / "args.json").read_text())
-    assert saved["data_path"] == weighted
+    losses = {}
+    for a, b in ((0.9, 0.1), (0.1, 0.9)):
+        out = tmp_path / f"pretrain_{a}"
+        weighted = f"{corpus['train']}:{a},{corpus['val']}:{b}"
+        args = pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "2")
+        args[args.index("--data_path") + 1] = weighted
+        result = run_script("train_pretrain.py", *args)
+        assert "windows of 64" in result.stdout
+        saved = json.loads((out / "args.json").read_text())
+        assert saved["data_path"] == weighted
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[a] = [r["loss"] for r in rows if "loss" in r]
+    assert losses[0.9] and losses[0.9] != losses[0.1]  # same seed, other proportions: other windows
 
 
 @pytest.mark.slow

@@ -68,11 +68,15 @@ def test_train_reward_end_to_end_on_every_pair_shape(tmp_path, chat_checkpoint):
     assert "held-out pair accuracy" in done.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("accuracy" in r for r in rows) and any("val_accuracy" in r for r in rows)
-    assert json.loads((out / "summary.json").read_text())["val_accuracy"] >= 0
+    assert 0 <= json.loads((out / "summary.json").read_text())["val_accuracy"] <= 1
     theirs = AutoModelForSequenceClassification.from_pretrained(out).eval()
     ours = ScalarModel.from_pretrained(out).eval()
     tokenizer = load_tokenizer(out)
-    batch = collate_dpo([item for item in DPODataset(fixtures, tokenizer, 96)][:3], pad_id=tokenizer.pad_token_id)
+    pairs = [item for item in DPODataset(fixtures, tokenizer, 96)]
+    files = sorted((FIXTURES / "formats").glob("dpo_*.jsonl"))
+    records = sum(1 for f in files for line in f.read_text().splitlines() if line.strip())
+    assert len(pairs) == records and f"data: {records:,} pairs" in done.stdout  # every shape's pairs read
+    batch = collate_dpo(pairs[:3], pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
         got_theirs = theirs(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         assert (ours.sequence_scores(batch["input_ids"]) - got_theirs).abs().max().item() < 1e-4

@@ -94,9 +94,14 @@ def health(url: str) -> dict:
 
 def greedy_text(model_dir: Path, messages: list[dict], max_new_tokens: int) -> tuple[list[int], str]:
     """What plain greedy generation of our model gives for a chat (the reference for the server's answers)."""
+    return greedy_continuation(model_dir, render_chat(messages, add_generation_prompt=True), max_new_tokens)
+
+
+def greedy_continuation(model_dir: Path, text: str, max_new_tokens: int) -> tuple[list[int], str]:
+    """Plain greedy generation after a text (its tokens, and the text up to a stop token)."""
     tokenizer = load_tokenizer(model_dir)
     model = LM.from_pretrained(model_dir).eval()
-    prompt = tokenizer(render_chat(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
     tokens = out[0, len(prompt):].tolist()
     stops = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
@@ -140,10 +145,8 @@ def test_chat_completion_equals_greedy_generation_with_usage(client, model_id, s
 @pytest.mark.slow
 def test_max_tokens_gives_finish_reason_length(client, model_id):
     answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_completion_tokens=3,
-                                            temperature=0, stop=None)
-    if answer.usage.completion_tokens == 3:
-        assert answer.choices[0].finish_reason == "length"
-    assert answer.usage.completion_tokens <= 3
+                                            temperature=0, stop=None, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 3 and answer.choices[0].finish_reason == "length"
 
 
 @pytest.mark.slow
@@ -222,9 +225,10 @@ def test_n_choices(client, model_id):
 
 
 @pytest.mark.slow
-def test_completions_endpoint(client, model_id):
+def test_completions_endpoint(client, model_id, serve_model):
     answer = client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0)
     assert answer.object == "text_completion" and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.choices[0].text == greedy_continuation(serve_model, "质量很好", 5)[1]  # the raw text, no template
     assert answer.usage.completion_tokens <= 5
     stream = client.completions.create(model=model_id, prompt="质量很好", max_tokens=5, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == answer.choices[0].text
@@ -235,7 +239,7 @@ def test_completions_endpoint(client, model_id):
 
 
 @pytest.mark.slow
-def test_tools_are_rendered(client, model_id):
+def test_tools_are_rendered(client, model_id, serve_model):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
                                                "parameters": {"type": "object", "properties": {
                                                    "city": {"type": "string"}}}}}]
@@ -246,7 +250,11 @@ def test_tools_are_rendered(client, model_id):
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "晴"}]
-    assert client.chat.completions.create(model=model_id, messages=history, tools=tools, max_tokens=2).choices
+    with_history = client.chat.completions.create(model=model_id, messages=history, tools=tools, max_tokens=2)
+    rendered = render_chat(history, tools=tools, add_generation_prompt=True)  # the call and its result in the prompt
+    assert "北京" in rendered and "晴" in rendered
+    in_tokens = len(load_tokenizer(serve_model)(rendered, add_special_tokens=False)["input_ids"])
+    assert with_history.usage.prompt_tokens == in_tokens > answer.usage.prompt_tokens
 
 
 # -- bad requests: OpenAI's error object, never a 500, the server lives on --------------------------------------------
@@ -336,11 +344,9 @@ def test_client_disconnect_stops_generation(server, client, model_id):
     # a greedy answer that runs to max_tokens, so only the disconnect can end it early
     messages = [{"role": "user", "content": "好"}]
     budget = 1500  # a few seconds of decoding: far longer than the server takes to notice the disconnect (0.25 s)
-    full = client.chat.completions.create(model=model_id, messages=messages, max_tokens=budget, temperature=0)
-    if full.choices[0].finish_reason != "length":
-        pytest.skip("this random model stops by itself before the budget")
     before = health(server)
-    body = {"model": model_id, "messages": messages, "max_tokens": budget, "temperature": 0, "stream": True}
+    body = {"model": model_id, "messages": messages, "max_tokens": budget, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     with requests.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                        stream=True, timeout=60) as response:
         for i, _ in enumerate(response.iter_lines()):
@@ -426,6 +432,16 @@ def test_engine_batches_equal_single_generation(chat_checkpoint):
         a = complete(engine, [1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, top_k=20))
         b = complete(engine, [1, 2, 3], SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, top_k=20))
         assert a.tokens == b.tokens and a.finish_reason == "length"
+        # The engine's own sampler against model/generation.py's: the penalties, and top_k / top_p cut to one token.
+        penalties = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
+        penalised = [complete(engine, p, SamplingParams(max_new_tokens=30, temperature=0, **penalties)).tokens
+                     for p in prompts]
+        assert penalised == [model.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=[],
+                                            **penalties)[0, len(p):].tolist() for p in prompts]
+        assert penalised != refs
+        for cut in (dict(top_k=1), dict(top_p=1e-6)):
+            hot = complete(engine, prompts[1], SamplingParams(max_new_tokens=30, temperature=5.0, seed=0, **cut))
+            assert hot.tokens == refs[1], cut
         stop = complete(engine, prompts[0], SamplingParams(max_new_tokens=30, temperature=0,
                                                            stop_token_ids=(refs[0][3],)))
         assert stop.tokens == refs[0][:refs[0].index(refs[0][3]) + 1] and stop.finish_reason == "stop"

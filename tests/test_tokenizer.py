@@ -240,7 +240,8 @@ def test_script_bad_line_stops_or_is_skipped(tmp_path):
 def test_model_ids_come_from_the_tokenizer_module():
     from model.config import BOS_ID, DEFAULTS, EOS_ID, PAD_ID
 
-    assert (PAD_ID, BOS_ID, EOS_ID) == (0, 1, 2) == tuple(SPECIAL_BLOCK.index(t) for t in SPECIAL_BLOCK[:3])
+    named = tuple(SPECIAL_BLOCK.index(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    assert (PAD_ID, BOS_ID, EOS_ID) == (0, 1, 2) == named
     assert (DEFAULTS["pad_token_id"], DEFAULTS["bos_token_id"], DEFAULTS["eos_token_id"]) == (0, 1, 2)
 
 
