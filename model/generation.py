@@ -107,6 +107,7 @@ def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperat
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token is already enough
+        drop[:, 0] = False  # the most likely token always stays (top_p 0 would otherwise leave none)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     if not isinstance(generator, list):

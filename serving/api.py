@@ -59,7 +59,7 @@ def _get(body: dict, name: str, kind: type | tuple, default: Any = None, low: fl
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
+        ok, value = True, float(value) if abs(value) < 2**1023 else math.inf  # a 400 below, not an OverflowError
     if isinstance(value, float) and not math.isfinite(value):
         ok = False
     if not ok:
@@ -100,11 +100,21 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {json.dumps(role)}",
                            f"{where}.role", "invalid_value")
+        if message.get("content") is None and not (role == "assistant" and message.get("tool_calls")):
+            raise APIError(400, f"{where}.content is required (an assistant's may be null with tool_calls)",
+                           f"{where}.content", "missing_required_parameter")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise APIError(400, f"{where}.tool_call_id is required: the id of the call this message answers",
+                           f"{where}.tool_call_id", "missing_required_parameter")
+        if role != "assistant" and message.get("tool_calls") is not None:
+            raise APIError(400, f"{where}.tool_calls: only assistant messages make tool calls", f"{where}.tool_calls",
+                           "invalid_value")
         clean = {"role": "system" if role == "developer" else role,
                  "content": _content_text(message.get("content"), where)}
         if role == "assistant":
-            if isinstance(message.get("reasoning_content"), str):
-                clean["reasoning_content"] = message["reasoning_content"]
+            reasoning = _get(message, "reasoning_content", str)
+            if reasoning is not None:
+                clean["reasoning_content"] = reasoning
             calls = message.get("tool_calls")
             if calls is not None:
                 if not isinstance(calls, list) or not all(
@@ -119,15 +129,22 @@ def _messages(body: dict) -> list[dict]:
 
 
 def _tools(body: dict) -> list[dict] | None:
+    """The request's tools, checked; None without tools or with tool_choice "none". The model decides whether to
+    call one: tool_choice "required" or a named function, which would force a call, is refused."""
     tools = _get(body, "tools", list)
-    if not tools or body.get("tool_choice") == "none":
-        return None
-    for i, tool in enumerate(tools):
+    for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) \
                 or not isinstance(tool["function"].get("name"), str):
             raise APIError(400, f"tools[{i}] must be {{type: function, function: {{name, ...}}}}", f"tools[{i}]",
                            "invalid_type")
-    return tools
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto"):
+        if choice == "required" or isinstance(choice, dict):
+            raise APIError(400, "'tool_choice' that forces a call (\"required\" or a named function) is not "
+                           "supported by this server: use \"auto\" or \"none\"", "tool_choice", "unsupported_parameter")
+        raise APIError(400, f"'tool_choice' must be \"auto\" or \"none\", got {json.dumps(choice)}", "tool_choice",
+                       "invalid_value")
+    return tools if tools and choice != "none" else None
 
 
 def _stop(body: dict) -> list[str]:
@@ -162,12 +179,12 @@ class Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_id}`",
                            "model", "model_not_found")
 
-    def sampling(self, body: dict, prompt_tokens: int) -> tuple[SamplingParams, int]:
+    def sampling(self, body: dict, prompt_tokens: int, prompt_param: str = "messages") -> tuple[SamplingParams, int]:
         """The request's sampling parameters, and n."""
         room = self.loaded.context_length - prompt_tokens
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {self.loaded.context_length} tokens; "
-                           f"the prompt has {prompt_tokens}", "messages", "context_length_exceeded")
+                           f"the prompt has {prompt_tokens}", prompt_param, "context_length_exceeded")
         max_tokens = _get(body, "max_completion_tokens", int, None, 1)
         max_tokens = _get(body, "max_tokens", int, max_tokens, 1)
         if max_tokens is not None and max_tokens > room:
@@ -187,9 +204,17 @@ class Server:
         )
         if params.top_p == 0:
             params.temperature = 0.0
-        for name in ("logprobs", "top_logprobs", "echo", "suffix"):
-            if body.get(name) not in (None, False, 0, ""):
+        for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias"):
+            if body.get(name) not in (None, False, 0, "", {}):
                 raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+        if body.get("best_of") not in (None, 1):
+            raise APIError(400, "'best_of' other than 1 is not supported by this server (n is)", "best_of",
+                           "unsupported_parameter")
+        _get(body, "user", str)  # metadata: checked, not used
+        _get(body, "parallel_tool_calls", bool)
+        if body.get("stream_options") is not None and not _get(body, "stream", bool, False):
+            raise APIError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options",
+                           "invalid_value")
         response_format = body.get("response_format")
         if response_format not in (None, {"type": "text"}):
             raise APIError(400, "'response_format' other than text is not supported by this server",
@@ -228,7 +253,7 @@ async def _run(server: Server, request: Request, prompt: list[int], params: Samp
 
     sequences = []
     for i in range(n):
-        seed = None if params.seed is None else params.seed + i
+        seed = None if params.seed is None else (params.seed + i) % 2**64  # torch takes seeds below 2**64
         sequences.append(server.engine.submit(prompt, SamplingParams(**{**params.__dict__, "seed": seed}),
                                               listener(i)))
     open_choices = set(range(n))
@@ -359,6 +384,13 @@ def create_app(server: Server) -> FastAPI:
     async def read_body(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
+            # JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 reply can hold
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except RecursionError as exc:
+            raise APIError(400, "The request body is nested too deeply", None, "invalid_json") from exc
+        except UnicodeEncodeError as exc:
+            raise APIError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                           "text", None, "invalid_json") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"The request body is not valid JSON: {exc}", None, "invalid_json") from exc
         if not isinstance(body, dict):
@@ -440,7 +472,7 @@ def create_app(server: Server) -> FastAPI:
                            "prompt", "invalid_type")
         if not prompt:
             raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
-        params, n = server.sampling(body, len(prompt))
+        params, n = server.sampling(body, len(prompt), "prompt")
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
         reply = Reply(server, request, body, prompt, params, n, "text_completion", "text_completion", "cmpl",

@@ -23,6 +23,8 @@ from model import LM, KVCache
 
 log = logging.getLogger("danlu.engine")
 
+MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily
+
 
 @dataclass
 class SamplingParams:
@@ -278,7 +280,8 @@ class Engine:
         logits = logits - col([p.frequency_penalty for p in params]) * counts \
             - col([p.presence_penalty for p in params]) * (counts > 0)
         greedy = logits.argmax(dim=-1).tolist()
-        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        # Below MIN_TEMPERATURE sampling is greedy decoding (logits / 1e-50 overflow float32 to inf and NaN).
+        sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
         if not sampled:
             return greedy
         index = torch.tensor(sampled, device=logits.device)
@@ -290,7 +293,9 @@ class Engine:
         probs = ordered.softmax(-1)
         # nucleus (Holtzman et al. 2019): keep the smallest head of the ranking whose mass reaches top_p
         before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before >= col([params[i].top_p for i in sampled]), 0.0)
+        outside = before >= col([params[i].top_p for i in sampled])
+        outside[:, 0] = False  # the most likely token always stays, however small top_p is
+        probs = probs.masked_fill(outside, 0.0)
         for row, i in enumerate(sampled):
             pick = torch.multinomial(probs[row], 1, generator=rows[i].generator)
             greedy[i] = int(order[row, pick])

@@ -6,7 +6,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model import LM, KVCache, LMConfig
-from model.generation import Completion, apply_penalties, generate, generate_batch, length_batches, stream
+from model.generation import (
+    Completion,
+    apply_penalties,
+    generate,
+    generate_batch,
+    length_batches,
+    sample_next_token,
+    stream,
+)
 from tests.conftest import SHAPES, VOCAB, make_pair
 
 
@@ -247,3 +255,11 @@ def test_stream_module_and_method_agree(tmp_path):
     mine = [t.tolist() for t in stream(ours, prompt, mask, max_new_tokens=6, eos_token_id=[])]
     assert mine == [t.tolist() for t in ours.stream(prompt, mask, max_new_tokens=6, eos_token_id=[])]
     assert list(stream(ours, prompt, max_new_tokens=0)) == []
+
+
+def test_top_p_near_zero_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.5, 2.9]])
+    for top_p in (0.0, 1e-50):
+        picked = sample_next_token(logits, do_sample=True, temperature=2.0, top_p=top_p,
+                                   generator=torch.Generator().manual_seed(0))
+        assert picked.tolist() == [1, 0]

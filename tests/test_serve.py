@@ -222,6 +222,11 @@ def test_n_choices(client, model_id):
     stream = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=6, n=2, stream=True)
     finished = {c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
+    # the largest seed: the second choice's seed wraps around (torch takes seeds below 2**64)
+    wrapped = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=3, n=2, temperature=1.0,
+                                             seed=2**64 - 1)
+    assert [c.finish_reason for c in wrapped.choices] in (["length"] * 2, ["length", "stop"], ["stop", "length"],
+                                                          ["stop"] * 2)
 
 
 @pytest.mark.slow
@@ -301,6 +306,30 @@ BAD = [
      400, "context_length_exceeded"),
     ("max_tokens past the context", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                                      "max_tokens": 100000}, 400, "context_length_exceeded"),
+    ("a number too large for a float", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                        "temperature": 10 ** 400}, 400, "invalid_type"),
+    ("a lone surrogate", b'{"model": "MODEL", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "invalid_json"),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("no content", {"model": "MODEL", "messages": [{"role": "user"}]}, 400, "missing_required_parameter"),
+    ("a tool result without its call's id", {"model": "MODEL", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "tool", "content": "晴"}]}, 400, "missing_required_parameter"),
+    ("tool calls from a user", {"model": "MODEL", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+     400, "invalid_value"),
+    ("reasoning_content a number", {"model": "MODEL", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning_content": 5},
+        {"role": "user", "content": "hi"}]}, 400, "invalid_type"),
+    ("tool_choice required", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice":
+                              "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "unsupported_parameter"),
+    ("tool_choice unknown", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "x"},
+     400, "invalid_value"),
+    ("logit_bias", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400,
+     "unsupported_parameter"),
+    ("user a number", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "user": 5}, 400,
+     "invalid_type"),
+    ("stream_options without stream", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                       "stream_options": {"include_usage": True}}, 400, "invalid_value"),
 ]
 
 
@@ -439,9 +468,11 @@ def test_engine_batches_equal_single_generation(chat_checkpoint):
         assert penalised == [model.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=[],
                                             **penalties)[0, len(p):].tolist() for p in prompts]
         assert penalised != refs
-        for cut in (dict(top_k=1), dict(top_p=1e-6)):
+        for cut in (dict(top_k=1), dict(top_p=1e-6), dict(top_p=1e-50)):  # 1e-50 is 0 in float32: the top stays
             hot = complete(engine, prompts[1], SamplingParams(max_new_tokens=30, temperature=5.0, seed=0, **cut))
             assert hot.tokens == refs[1], cut
+        cold = complete(engine, prompts[1], SamplingParams(max_new_tokens=30, temperature=1e-50, seed=0))
+        assert cold.tokens == refs[1]  # a temperature too small to divide by decodes greedily
         stop = complete(engine, prompts[0], SamplingParams(max_new_tokens=30, temperature=0,
                                                            stop_token_ids=(refs[0][3],)))
         assert stop.tokens == refs[0][:refs[0].index(refs[0][3]) + 1] and stop.finish_reason == "stop"
