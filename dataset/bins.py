@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import file_format, parse_record, raw_records
-from dataset.io import atomic_path, atomic_write_json
+from dataset.io import atomic_path, atomic_write_json, make_dir
 from dataset.tokenizer import ENDOFTEXT
 from dataset.workers import ordered_results
 
@@ -200,7 +200,7 @@ def prepare_bins(
     if eot_id is None:
         raise DataError(str(tokenizer_file), 0, f"no {EOT_TOKEN} token to separate documents")
 
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(bin_path.parent, "the token bins' folder (--bin_dir)")
     skipped = SkipCounter()
     seen: set[int] = set()
     n_docs = n_tokens = n_duplicates = 0

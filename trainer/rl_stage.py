@@ -96,6 +96,16 @@ def build_rewards(args, tokenizer, prompts: list[Prompt], device: torch.device, 
             raise UsageError(f"prompts of task(s) {', '.join(missing)} have no reward function in evals/ (tasks: "
                              f"{', '.join(t.name for t in TASKS.values())}); give them a \"task\" field or add "
                              "--reward_model")
+        for number, prompt in enumerate(prompts, 1):  # a field a reward reads, missing, fails now, not hours in
+            task = task_of(prompt.record["meta"].get("task"))
+            if task is None:
+                continue
+            try:
+                task.reward("", prompt.record)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UsageError(f"{args.data_path}: prompt {number} (task {task.name}) lacks what its reward "
+                                 f"reads: {type(exc).__name__} {exc}; its task's records carry it (e.g. "
+                                 "\"answer\" for arith, \"label\" for sentiment)") from None
 
     def texts(completions) -> list[str]:
         return [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
