@@ -39,6 +39,9 @@ def parse_data_path(data_path: str | list[str]) -> list[tuple[str, float | None]
                 raise UsageError(f"--data_path {entry}: a weight must be a positive number")
             parsed.append((match["path"], weight))
         else:
+            path, _, suffix = entry.rpartition(":")
+            if path and suffix and not Path(entry).exists() and Path(path).is_file():  # a.jsonl:-1, a.jsonl:abc
+                raise UsageError(f"--data_path {entry}: a weight must be a positive number, got {suffix!r}")
             parsed.append((entry, None))
     weighted = [w is not None for _, w in parsed]
     if any(weighted) and not all(weighted):

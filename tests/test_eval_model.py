@@ -115,7 +115,11 @@ def test_dtype_takes_the_stages_spellings():
         eval_model.parse_args(["--dtype", "int8"])
 
 
-def test_eval_sets_are_each_tasks_records(checkpoints):
+def test_eval_sets_are_each_tasks_records(checkpoints, tmp_path):
+    with pytest.raises(UsageError, match=r"holds none of the held-out files \(dpo_eval.jsonl, .*sft_eval.jsonl"):
+        eval_model.load_eval_sets(tmp_path, limit=0)  # an empty folder scores nothing: said, not a table of dashes
+    with pytest.raises(UsageError, match="is not a folder"):
+        eval_model.load_eval_sets(tmp_path / "nope", limit=0)
     sets = eval_model.load_eval_sets(checkpoints["data"], limit=0)
     assert {name: len(records) for name, records in sets.items()} == {
         "sentiment": 2, "entity": 1, "identity": 1, "arith": 1, "entity_reason": 1, "lora": 1, "news": 2,

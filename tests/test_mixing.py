@@ -23,6 +23,11 @@ def test_parse_weights_and_plain_lists(tmp_path):
         parse_data_path("a.jsonl:0.7,b.jsonl")
     with pytest.raises(UsageError, match="positive"):
         parse_data_path("a.jsonl:0,b.jsonl:1")
+    real = tmp_path / "real.jsonl"
+    real.write_text("")
+    for bad in ("-1", "abc"):  # an existing file with a suffix no weight reads: the weight is named, not "no such file"
+        with pytest.raises(UsageError, match=f"a weight must be a positive number, got '{bad}'"):
+            parse_data_path(f"{real}:{bad}")
 
 
 def test_counts_add_up_and_follow_the_weights():
