@@ -286,13 +286,14 @@ def load_eval_sets(data_dir: str | Path, limit: int) -> dict[str, list[dict]]:
     if not data_dir.is_dir():
         raise UsageError(f"--data_dir {data_dir} is not a folder (python -m dataset.demo builds dataset/demo)")
     sets: dict[str, list[dict]] = {}
-    for task in (*GENERATION_TASKS, *LIKELIHOOD_TASKS):
+    tasks = (*GENERATION_TASKS, *LIKELIHOOD_TASKS)
+    for task in tasks:
         path = data_dir / task.eval_file
         if path.is_file():
             records = filter(task.selects, iter_records(str(path), task.record_kind))
             sets[task.name] = list(itertools.islice(records, limit or None))
     if not sets:
-        files = sorted({task.eval_file for task in (*GENERATION_TASKS, *LIKELIHOOD_TASKS)})
+        files = sorted({task.eval_file for task in tasks})
         raise UsageError(f"--data_dir {data_dir} holds none of the held-out files ({', '.join(files)}); "
                          "python -m dataset.demo builds dataset/demo")
     return sets

@@ -335,14 +335,19 @@ NORMALISERS: dict[str, Callable[[dict], dict]] = {
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON "\\ud800" escape without its pair decodes to
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    """Whether any string in a decoded JSON value holds a lone UTF-16 surrogate (no tokenizer can encode one)."""
-    if isinstance(value, str):
-        return _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(map(_has_lone_surrogate, value.values()))
-    if isinstance(value, list):
-        return any(map(_has_lone_surrogate, value))
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a decoded JSON value holds a lone UTF-16 surrogate (no tokenizer can encode one).
+    A loop, not recursion: any depth json.loads accepts is walked."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
@@ -354,7 +359,7 @@ def normalise(record: Any, kind: str, path: str = "<record>", lineno: int = 0) -
         if not isinstance(record, dict):
             raise _Invalid(f"record must be a JSON object, got {_type_name(record)}")
         canonical = NORMALISERS[kind](record)
-        if _has_lone_surrogate(canonical):
+        if has_lone_surrogate(canonical):
             raise _Invalid("a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) is not text")
         return canonical
     except _Invalid as err:

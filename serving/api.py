@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dataset.chat import render_chat
+from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, AnswerStream
 from serving.engine import Engine, SamplingParams
 from serving.loading import Loaded, load
@@ -384,15 +385,13 @@ def create_app(server: Server) -> FastAPI:
     async def read_body(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
-            # JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 reply can hold
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
         except RecursionError as exc:
             raise APIError(400, "The request body is nested too deeply", None, "invalid_json") from exc
-        except UnicodeEncodeError as exc:
-            raise APIError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
-                           "text", None, "invalid_json") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"The request body is not valid JSON: {exc}", None, "invalid_json") from exc
+        if has_lone_surrogate(body):  # a "\\ud800" escape without its pair: no tokenizer or UTF-8 reply holds it
+            raise APIError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+                           None, "invalid_json")
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object", None, "invalid_json")
         return body

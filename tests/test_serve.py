@@ -311,6 +311,7 @@ BAD = [
     ("a lone surrogate", b'{"model": "MODEL", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
      "invalid_json"),
     ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("nested as deep as JSON reads", b"[" * 600 + b"]" * 600, 400, "invalid_json"),
     ("no content", {"model": "MODEL", "messages": [{"role": "user"}]}, 400, "missing_required_parameter"),
     ("a tool result without its call's id", {"model": "MODEL", "messages": [
         {"role": "user", "content": "hi"}, {"role": "tool", "content": "晴"}]}, 400, "missing_required_parameter"),
