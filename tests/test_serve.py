@@ -327,6 +327,8 @@ BAD = [
      400, "invalid_value"),
     ("logit_bias", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400,
      "unsupported_parameter"),
+    ("best_of", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400,
+     "unsupported_parameter"),
     ("user a number", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "user": 5}, 400,
      "invalid_type"),
     ("stream_options without stream", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
