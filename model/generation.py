@@ -73,51 +73,68 @@ def token_ids(ids: int | list[int | None] | None) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_penalties(logits: torch.Tensor, seen: torch.LongTensor, generated: torch.LongTensor,
-                    repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                    presence_penalty: float = 0.0) -> torch.Tensor:
-    """Make tokens already used less likely in logits (batch, vocab): the repetition penalty over `seen`
-    (prompt + generated ids, as transformers), the frequency and presence penalties over `generated` only
-    (as OpenAI's API)."""
-    if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): shrink a positive logit, grow a negative one
-        prior = logits.gather(1, seen)
-        prior = torch.where(prior > 0, prior / repetition_penalty, prior * repetition_penalty)
-        logits = logits.scatter(1, seen, prior)
-    if frequency_penalty or presence_penalty:  # a cost per earlier use, and a one-off cost for any use
-        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (logits / 1e-50 overflow float32 to inf, then NaN)
+
+
+def per_row(value: float | list[float] | torch.Tensor, logits: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """A sampling parameter, one number for the batch or one per row, as a (batch, 1) column."""
+    return torch.as_tensor(value, dtype=dtype, device=logits.device).reshape(-1, 1).expand(logits.shape[0], 1)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition_penalty=1.0,
+                    frequency_penalty=0.0, presence_penalty=0.0) -> torch.Tensor:
+    """Make tokens already used less likely in logits (batch, vocab): the repetition penalty over `seen` (batch,
+    vocab; True for a token of the prompt or the output, as transformers), the frequency and presence penalties over
+    `counts` (batch, vocab; how often the output has each token, as OpenAI's API). Each penalty is one number or
+    one per row."""
+    repetition_penalty = per_row(repetition_penalty, logits)
+    if (repetition_penalty != 1.0).any():  # CTRL (Keskar et al. 2019): shrink a positive logit, grow a negative one
+        shifted = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, shifted, logits)
+    frequency_penalty, presence_penalty = per_row(frequency_penalty, logits), per_row(presence_penalty, logits)
+    if frequency_penalty.any() or presence_penalty.any():  # a cost per earlier use, and a one-off cost for any use
         logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
 
-Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per row
+Generators = torch.Generator | list[torch.Generator | None] | None  # one for the batch, or one per row
 
 
-def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, generator: Generators = None) -> torch.LongTensor:
-    """Pick the next token per row from logits (batch, vocab), with transformers' semantics. `generator` may be one
-    generator per row: consecutive rows that share one draw together, as that generator alone would draw for them
-    (so a group of rows sampled in a larger batch gets what it gets alone)."""
-    if not do_sample or temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0,
+                      generator: Generators = None) -> torch.LongTensor:
+    """Pick the next token per row from logits (batch, vocab), with transformers' semantics. temperature, top_k and
+    top_p are one number or one per row (the server batches requests that each have their own); a row whose
+    temperature is below MIN_TEMPERATURE, 0 included, decodes greedily. `generator` may be one generator per row:
+    consecutive rows that share one draw together, as that generator alone would draw for them (so a group of rows
+    sampled in a larger batch gets what it gets alone)."""
+    greedy = logits.argmax(dim=-1)
+    temperature = per_row(temperature, logits)
+    hot = temperature[:, 0] >= MIN_TEMPERATURE
+    if not do_sample or not hot.any():
+        return greedy
+    logits = logits / torch.where(hot[:, None], temperature, 1.0)
+    top_k = per_row(top_k, logits, torch.long)
+    cut = (top_k > 0) & (top_k < logits.shape[-1])
+    if cut.any():  # keep the top_k most likely tokens
+        top_k = torch.where(cut, top_k, 1)
+        kth = torch.topk(logits, int(top_k.max())).values.gather(1, top_k - 1)
+        logits = logits.masked_fill(cut & (logits < kth), float("-inf"))
+    top_p = per_row(top_p, logits)
+    if (top_p < 1.0).any():  # nucleus (Holtzman et al. 2019): the fewest tokens whose probability reaches top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token is already enough
+        drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # the mass before this token is already enough
         drop[:, 0] = False  # the most likely token always stays (top_p 0 would otherwise leave none)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     if not isinstance(generator, list):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.where(hot, torch.multinomial(probs, 1, generator=generator).squeeze(1), greedy)
     tokens, start = [], 0
     for end in range(1, len(generator) + 1):
         if end == len(generator) or generator[end] is not generator[start]:
             tokens.append(torch.multinomial(probs[start:end], 1, generator=generator[start]))
             start = end
-    return torch.cat(tokens).squeeze(1)
+    return torch.where(hot, torch.cat(tokens).squeeze(1), greedy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,12 +182,14 @@ def stream(
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     else:
         position_ids = torch.arange(prompt_len, device=device)[None].expand(batch, -1)
-    seen = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                    logits_to_keep=1).logits[:, -1]
+    # what the penalties read: the tokens of prompt and output (padding too, as transformers), the output's counts
+    seen = torch.zeros(logits.shape, dtype=torch.bool, device=device).scatter_(1, input_ids, True)
+    counts = torch.zeros(logits.shape, device=device)
     for step in range(max_new_tokens):
-        logits = apply_penalties(logits.float(), seen, seen[:, prompt_len:], repetition_penalty, frequency_penalty,
+        logits = apply_penalties(logits.float(), seen, counts, repetition_penalty, frequency_penalty,
                                  presence_penalty)
         token = sample_next_token(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
@@ -179,7 +198,8 @@ def stream(
         finished |= torch.isin(token, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             return  # no forward for a token nobody will read
-        seen = torch.cat([seen, token[:, None]], dim=1)
+        seen.scatter_(1, token[:, None], True)
+        counts.scatter_add_(1, token[:, None], torch.ones_like(counts[:, :1]))
         position_ids = position_ids[:, -1:] + 1
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)

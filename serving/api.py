@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -148,6 +149,18 @@ def _tools(body: dict) -> list[dict] | None:
     return tools if tools and choice != "none" else None
 
 
+def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """logit_bias, checked: token ids (strings, as JSON keys are) to a bias from -100 (bans the token) to 100
+    (forces it), added to the token's logit before sampling, as OpenAI's API does."""
+    out = {}
+    for key, value in _get(body, "logit_bias", dict, {}).items():
+        if not re.fullmatch(r"[0-9]{1,9}", key) or int(key) >= vocab:
+            raise APIError(400, f"'logit_bias' keys must be token ids below {vocab}, this model's vocabulary, got "
+                           f"{json.dumps(key)}", "logit_bias", "invalid_value")
+        out[int(key)] = _get({"logit_bias": value}, "logit_bias", float, None, -100, 100)
+    return out
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -202,10 +215,11 @@ class Server:
             presence_penalty=_get(body, "presence_penalty", float, 0.0, -2, 2),
             seed=_get(body, "seed", int, None, -2**63, 2**64 - 1),
             stop_token_ids=() if _get(body, "ignore_eos", bool, False) else tuple(self.loaded.stop_token_ids),
+            logit_bias=_logit_bias(body, self.loaded.model.config.vocab_size),
         )
         if params.top_p == 0:
             params.temperature = 0.0
-        for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias"):
+        for name in ("logprobs", "top_logprobs", "echo", "suffix"):
             if body.get(name) not in (None, False, 0, "", {}):
                 raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
         if body.get("best_of") not in (None, 1):

@@ -20,11 +20,9 @@ from itertools import count
 import torch
 
 from model import LM, KVCache
+from model.generation import apply_penalties, sample_next_token
 
 log = logging.getLogger("danlu.engine")
-
-MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily
-
 
 @dataclass
 class SamplingParams:
@@ -40,6 +38,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's logit_bias)
 
 
 Event = tuple[int | None, str | None]  # (token, None) for each new token, then (None, finish_reason)
@@ -72,6 +71,7 @@ class Sequence:
         self.next_token = 0
         self.counts: torch.Tensor | None = None  # output token counts (vocab,)
         self.seen: torch.Tensor | None = None  # prompt or output token present (vocab,)
+        self.bias: torch.Tensor | None = None  # logit_bias as a (vocab,) row
 
     def cancel(self) -> None:
         """Stop generating: the engine drops the sequence at its next step (thread-safe)."""
@@ -179,6 +179,9 @@ class Engine:
         seq.counts = torch.zeros(self.vocab, device=self.device)
         seq.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
         seq.seen[ids[0]] = True
+        seq.bias = torch.zeros(self.vocab, device=self.device)
+        for token, bias in seq.params.logit_bias.items():
+            seq.bias[token] = bias
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         token = self._sample(logits, [seq])[0]
@@ -269,37 +272,17 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
         """One token per row from logits (rows, vocab), each row with its own parameters."""
-        logits = logits.float()
         params = [s.params for s in rows]
-        col = lambda values: torch.tensor(values, device=logits.device, dtype=torch.float32)[:, None]  # noqa: E731
-        seen = torch.stack([s.seen for s in rows])
-        counts = torch.stack([s.counts for s in rows])
-        penalty = col([p.repetition_penalty for p in params])
-        # CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it
-        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-        logits = logits - col([p.frequency_penalty for p in params]) * counts \
-            - col([p.presence_penalty for p in params]) * (counts > 0)
-        greedy = logits.argmax(dim=-1).tolist()
-        # Below MIN_TEMPERATURE sampling is greedy decoding (logits / 1e-50 overflow float32 to inf and NaN).
-        sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-        if not sampled:
-            return greedy
-        index = torch.tensor(sampled, device=logits.device)
-        chosen = logits.index_select(0, index) / col([params[i].temperature for i in sampled])
-        ordered, order = chosen.sort(dim=-1, descending=True)
-        top_k = [params[i].top_k if 0 < params[i].top_k < chosen.shape[1] else chosen.shape[1] for i in sampled]
-        kth = ordered.gather(1, torch.tensor(top_k, device=logits.device)[:, None] - 1)
-        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-        probs = ordered.softmax(-1)
-        # nucleus (Holtzman et al. 2019): keep the smallest head of the ranking whose mass reaches top_p
-        before = probs.cumsum(-1) - probs
-        outside = before >= col([params[i].top_p for i in sampled])
-        outside[:, 0] = False  # the most likely token always stays, however small top_p is
-        probs = probs.masked_fill(outside, 0.0)
-        for row, i in enumerate(sampled):
-            pick = torch.multinomial(probs[row], 1, generator=rows[i].generator)
-            greedy[i] = int(order[row, pick])
-        return greedy
+        logits = logits.float()
+        if any(p.logit_bias for p in params):  # added to the model's logits, as OpenAI does, before anything else
+            logits = logits + torch.stack([s.bias for s in rows])
+        logits = apply_penalties(logits, torch.stack([s.seen for s in rows]),
+                                 torch.stack([s.counts for s in rows]), [p.repetition_penalty for p in params],
+                                 [p.frequency_penalty for p in params], [p.presence_penalty for p in params])
+        tokens = sample_next_token(logits, do_sample=True, temperature=[p.temperature for p in params],
+                                   top_k=[p.top_k for p in params], top_p=[p.top_p for p in params],
+                                   generator=[s.generator for s in rows])
+        return tokens.tolist()
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:

@@ -116,10 +116,11 @@ def test_lora_adapter_and_bad_directories(chat_checkpoint, tmp_path):
         if "lora_B" in name:
             param.data.normal_()
     save_lora(model, tmp_path / "lora", base_model_path=str(chat_checkpoint["model"]))
-    result = chat(chat_checkpoint["model"], "你好\n", "--lora", str(tmp_path / "lora"), "--max_new_tokens", "4")
+    greedy = ("--max_new_tokens", "4", "--temperature", "0")
+    result = chat(chat_checkpoint["model"], "你好\n", "--lora", str(tmp_path / "lora"), *greedy)
     assert result.returncode == 0, result.stderr
-    plain = chat(chat_checkpoint["model"], "你好\n", "--max_new_tokens", "4")
-    assert result.stdout != plain.stdout  # the adapter changes the answer
+    plain = chat(chat_checkpoint["model"], "你好\n", *greedy)
+    assert result.stdout != plain.stdout  # the adapter changes the (greedy) answer
     bad = chat(tmp_path / "lora", "")
     assert bad.returncode == 2 and "pass it as --lora" in bad.stderr
     missing = chat(tmp_path / "nothing", "")

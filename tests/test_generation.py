@@ -215,8 +215,9 @@ def test_generate_batch_stops_each_row_on_its_own(tmp_path):
 
 def test_penalties_by_hand():
     logits = torch.tensor([[1.0, 2.0, -1.0, 0.5], [1.0, 2.0, -1.0, 0.5]])
-    seen = torch.tensor([[3, 1, 1, 2], [3, 3, 3, 0]])  # a prompt of one token (3), then three generated
-    generated = seen[:, 1:]
+    ids = torch.tensor([[3, 1, 1, 2], [3, 3, 3, 0]])  # a prompt of one token (3), then three generated
+    seen = torch.zeros(2, 4, dtype=torch.bool).scatter(1, ids, True)
+    generated = torch.zeros(2, 4).scatter_add(1, ids[:, 1:], torch.ones(2, 3))
     # OpenAI: logit - frequency * count - presence * (count > 0), counting generated tokens only (not the
     # prompt's 3). Row 0 counts: token 1 twice, token 2 once; row 1: token 3 twice, token 0 once.
     out = apply_penalties(logits, seen, generated, frequency_penalty=0.5, presence_penalty=0.25)
@@ -228,6 +229,9 @@ def test_penalties_by_hand():
     assert torch.equal(out, torch.tensor([[1.0, 1.0 - 1.0, -2.0 - 0.5, 0.25],
                                           [0.5 - 0.5, 2.0, -1.0, 0.25 - 1.0]]))
     assert torch.equal(apply_penalties(logits, seen, generated), logits)
+    # one penalty per row (the server's rows each have their own): row 0 as above, row 1 untouched
+    out = apply_penalties(logits, seen, generated, repetition_penalty=[2.0, 1.0], frequency_penalty=[0.5, 0.0])
+    assert torch.equal(out, torch.tensor([[1.0, 1.0 - 1.0, -2.0 - 0.5, 0.25], [1.0, 2.0, -1.0, 0.5]]))
 
 
 def test_presence_penalty_counts_generated_tokens_only(tmp_path):
@@ -263,3 +267,22 @@ def test_top_p_near_zero_keeps_the_most_likely_token():
         picked = sample_next_token(logits, do_sample=True, temperature=2.0, top_p=top_p,
                                    generator=torch.Generator().manual_seed(0))
         assert picked.tolist() == [1, 0]
+
+
+def test_sampling_parameters_per_row():
+    """The server samples each row with its own parameters: each row gets what it would get alone."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1)) * 3
+    rows = [dict(temperature=0.0), dict(temperature=5.0, top_k=1), dict(temperature=1e-50),
+            dict(temperature=5.0, top_p=1e-6), dict(temperature=1.5, top_k=10, top_p=0.8)]
+    seeds = [torch.Generator().manual_seed(i) for i in range(5)]
+    picked = sample_next_token(logits, do_sample=True, generator=seeds,
+                               **{k: [r.get(k, d) for r in rows] for k, d in (("temperature", 1.0), ("top_k", 0),
+                                                                               ("top_p", 1.0))})
+    alone = [sample_next_token(logits[i:i + 1], do_sample=True, generator=torch.Generator().manual_seed(i), **r)
+             for i, r in enumerate(rows)]
+    assert picked.tolist() == torch.cat(alone).tolist()
+    assert picked[:4].tolist() == logits[:4].argmax(-1).tolist()  # greedy, top_k 1, too cold, top_p near 0
+    # the last row's draws stay inside its top 10, and differ from greedy somewhere
+    draws = [int(sample_next_token(logits[4:], do_sample=True, temperature=1.5, top_k=10, top_p=0.8,
+                                   generator=torch.Generator().manual_seed(s))) for s in range(40)]
+    assert set(draws) <= set(logits[4].topk(10).indices.tolist()) and len(set(draws)) > 1

@@ -195,6 +195,21 @@ def test_seed_and_sampling_parameters(client, model_id):
 
 
 @pytest.mark.slow
+def test_logit_bias_forces_and_bans_tokens(client, model_id, serve_model):
+    tokenizer = load_tokenizer(serve_model)
+    forced = tokenizer("好", add_special_tokens=False)["input_ids"]
+    assert len(forced) == 1
+
+    def ask(bias, **kw):
+        return client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=4, logit_bias=bias,
+                                              extra_body={"ignore_eos": True}, **kw).choices[0].message.content
+    assert ask({str(forced[0]): 100}, temperature=1.0, seed=0) == "好" * 4
+    tokens, text = greedy_text(serve_model, MESSAGES, 4)
+    assert ask({}, temperature=0) == text
+    assert ask({str(tokens[0]): -100}, temperature=0) != text  # its first token banned, greedy answers otherwise
+
+
+@pytest.mark.slow
 def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
     sampled = dict(model=model_id, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
     deltas = [c.choices[0].delta.content for c in client.chat.completions.create(**sampled, stream=True)
@@ -325,8 +340,16 @@ BAD = [
      "unsupported_parameter"),
     ("tool_choice unknown", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "x"},
      400, "invalid_value"),
-    ("logit_bias", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400,
-     "unsupported_parameter"),
+    ("logit_bias not an object", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                  "logit_bias": [5]}, 400, "invalid_type"),
+    ("logit_bias key not a token id", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                       "logit_bias": {"好": 5}}, 400, "invalid_value"),
+    ("logit_bias key past the vocabulary", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                            "logit_bias": {"99999999": 5}}, 400, "invalid_value"),
+    ("logit_bias above 100", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                              "logit_bias": {"1": 101}}, 400, "invalid_value"),
+    ("logit_bias a string", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                             "logit_bias": {"1": "5"}}, 400, "invalid_type"),
     ("best_of", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400,
      "unsupported_parameter"),
     ("user a number", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "user": 5}, 400,
@@ -476,6 +499,15 @@ def test_engine_batches_equal_single_generation(chat_checkpoint):
             assert hot.tokens == refs[1], cut
         cold = complete(engine, prompts[1], SamplingParams(max_new_tokens=30, temperature=1e-50, seed=0))
         assert cold.tokens == refs[1]  # a temperature too small to divide by decodes greedily
+        # logit_bias: -100 on greedy's first token leaves the next most likely one; +100 forces a token
+        first = model(torch.tensor([prompts[1]])).logits[0, -1].float()
+        first[refs[1][0]] -= 100
+        banned = complete(engine, prompts[1], SamplingParams(max_new_tokens=3, temperature=0,
+                                                             logit_bias={refs[1][0]: -100}))
+        assert banned.tokens[0] == int(first.argmax()) != refs[1][0]
+        forced = complete(engine, prompts[1], SamplingParams(max_new_tokens=5, temperature=1.0, seed=0,
+                                                             logit_bias={7: 100}))
+        assert forced.tokens == [7] * 5
         stop = complete(engine, prompts[0], SamplingParams(max_new_tokens=30, temperature=0,
                                                            stop_token_ids=(refs[0][3],)))
         assert stop.tokens == refs[0][:refs[0].index(refs[0][3]) + 1] and stop.finish_reason == "stop"
