@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dataset.chat import render_chat
 from dataset.formats import has_lone_surrogate
-from serving.chat_format import EMPTY_THINK, AnswerStream
+from serving.chat_format import EMPTY_THINK, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, SamplingParams
 from serving.loading import Loaded, load
 
@@ -219,7 +219,15 @@ class Server:
         )
         if params.top_p == 0:
             params.temperature = 0.0
-        for name in ("logprobs", "top_logprobs", "echo", "suffix"):
+        if prompt_param == "messages":  # chat: "logprobs": true, and "top_logprobs": 0-20 alternatives
+            top = _get(body, "top_logprobs", int, None, 0, 20)
+            if _get(body, "logprobs", bool, False):
+                params.logprobs = top or 0
+            elif top is not None:
+                raise APIError(400, "'top_logprobs' needs \"logprobs\": true", "top_logprobs", "invalid_value")
+        else:  # completions: "logprobs": 0-5 alternatives
+            params.logprobs = _get(body, "logprobs", int, None, 0, 5)
+        for name in ("echo", "suffix") + (() if prompt_param == "messages" else ("top_logprobs",)):
             if body.get(name) not in (None, False, 0, "", {}):
                 raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
         if body.get("best_of") not in (None, 1):
@@ -287,7 +295,8 @@ async def _run(server: Server, request: Request, prompt: list[int], params: Samp
                 continue
             answer = answers[index]
             if reason is None:
-                deltas = answer.feed(token)
+                record = None if params.logprobs is None else sequences[index].logprobs[answer.completion_tokens]
+                deltas = answer.feed(token, record)
                 if answer.stopped:
                     sequences[index].cancel()
                     more, finish = answer.finish("stop")
@@ -321,6 +330,7 @@ class Reply:
         self.server, self.request, self.prompt, self.params, self.n = server, request, prompt, params, n
         self.kind, self.chunk_kind = kind, chunk_kind
         self.id, self.created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.sent, self.offset = [0] * n, [0] * n  # per choice, the logprobs already streamed and their text's length
 
     def events(self) -> AsyncIterator[tuple[int, list[dict], str | None]]:
         return _run(self.server, self.request, self.prompt, self.params, self.n, self.answers)
@@ -332,6 +342,19 @@ class Reply:
             if reason:
                 finish[index] = reason
         return {i: finish.get(i, "stop") for i in range(self.n)}
+
+    def logprobs(self, index: int, stream: bool = False) -> dict | None:
+        """A choice's logprobs (None unless asked for); streaming, those of the tokens since its last chunk."""
+        if self.params.logprobs is None:
+            return None
+        records = self.answers[index].logprobs
+        start, self.sent[index] = (self.sent[index], len(records)) if stream else (0, len(records))
+        if self.kind == "chat.completion":
+            return chat_logprobs(self.server.loaded.tokenizer, records[start:])
+        out = completion_logprobs(self.server.loaded.tokenizer, records[start:], self.offset[index] if stream else 0)
+        if stream:
+            self.offset[index] += sum(len(t) for t in out["tokens"])
+        return out
 
     def usage(self) -> dict:
         completion = sum(a.completion_tokens for a in self.answers)
@@ -450,7 +473,8 @@ def create_app(server: Server) -> FastAPI:
                 if answer.tool_calls:
                     message["tool_calls"] = answer.tool_calls
                     message["content"] = answer.content or None
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish[i]})
+                choices.append({"index": i, "message": message, "logprobs": reply.logprobs(i),
+                                "finish_reason": finish[i]})
             return reply.response(choices)
 
         async def chunks() -> AsyncIterator[str]:
@@ -458,10 +482,12 @@ def create_app(server: Server) -> FastAPI:
                 yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}])
             async for index, deltas, reason in reply.events():
-                for delta in deltas:
-                    yield reply.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                for delta in deltas:  # a token's logprobs go with the first chunk its text reaches
+                    yield reply.chunk([{"index": index, "delta": delta, "logprobs": reply.logprobs(index, True),
+                                        "finish_reason": None}])
                 if reason:
-                    yield reply.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                    yield reply.chunk([{"index": index, "delta": {}, "logprobs": reply.logprobs(index, True),
+                                        "finish_reason": reason}])
 
         return reply.streaming(chunks)
 
@@ -492,14 +518,15 @@ def create_app(server: Server) -> FastAPI:
                       split_think=False)
         if not reply.stream:
             finish = await reply.finish_reasons()
-            return reply.response([{"index": i, "text": a.content, "logprobs": None, "finish_reason": finish[i]}
-                                   for i, a in enumerate(reply.answers)])
+            return reply.response([{"index": i, "text": a.content, "logprobs": reply.logprobs(i),
+                                    "finish_reason": finish[i]} for i, a in enumerate(reply.answers)])
 
         async def chunks() -> AsyncIterator[str]:
             async for index, deltas, reason in reply.events():
                 text = "".join(d.get("content", "") for d in deltas)
                 if text or reason:
-                    yield reply.chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": reason}])
+                    yield reply.chunk([{"index": index, "text": text, "logprobs": reply.logprobs(index, True),
+                                        "finish_reason": reason}])
 
         return reply.streaming(chunks)
 

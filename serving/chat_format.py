@@ -184,16 +184,20 @@ class AnswerStream:
         self.content = self.reasoning = ""
         self.tool_calls: list[dict] = []
         self.completion_tokens = 0
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # (token, logprob, top alternatives)
 
     @property
     def stopped(self) -> bool:
         """A stop string was found: the caller should cancel the sequence."""
         return self.stop.stopped
 
-    def feed(self, token: int) -> list[dict]:
+    def feed(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> list[dict]:
+        """The deltas a new token makes; `logprob` (the engine's record of it) is kept for the answer's logprobs."""
         self.completion_tokens += 1
         if token in self.stop_token_ids or self.stop.stopped:
             return []
+        if logprob is not None:
+            self.logprobs.append((token, *logprob))
         return self._text(self.stop.feed(self.decoder.feed(token)))
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
@@ -242,3 +246,49 @@ class AnswerStream:
             keep += len(text[:len(text) - keep]) - len(text[:len(text) - keep].rstrip())
         self.tool_pending = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
+
+
+# -- log-probabilities, as OpenAI's two endpoints spell them --------------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (tokenizers' ByteLevel, which danlu's and MiniMind's tokenizers use) read
+    backwards: every byte is written as a printable character, the printable ones as themselves."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = iter(range(256, 512))
+    return {chr(b) if b in printable else chr(next(shifted)): b for b in range(256)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerFast, token: int) -> bytes:
+    """The bytes a token stands for (a Chinese character's 3 bytes may be split over tokens); a special token's
+    are its name's."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if all(c in BYTE_DECODER for c in piece) and token not in tokenizer.all_special_ids:
+        return bytes(BYTE_DECODER[c] for c in piece)
+    return piece.encode()
+
+
+def _token_logprob(tokenizer: PreTrainedTokenizerFast, token: int, logprob: float) -> dict:
+    raw = token_bytes(tokenizer, token)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(tokenizer: PreTrainedTokenizerFast, records: list) -> dict:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    return {"content": [{**_token_logprob(tokenizer, token, logprob),
+                         "top_logprobs": [_token_logprob(tokenizer, t, lp) for t, lp in top]}
+                        for token, logprob, top in records]}
+
+
+def completion_logprobs(tokenizer: PreTrainedTokenizerFast, records: list, offset: int = 0) -> dict:
+    """A completion choice's `logprobs`: parallel lists of tokens, their logprobs, the top alternatives as
+    {token: logprob}, and each token's character offset in the text (from `offset`)."""
+    tokens = [token_bytes(tokenizer, token).decode("utf-8", errors="replace") for token, _, _ in records]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in records],
+            "top_logprobs": [{token_bytes(tokenizer, t).decode("utf-8", errors="replace"): lp for t, lp in top}
+                             for _, _, top in records], "text_offset": offsets}

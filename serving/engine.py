@@ -39,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's logit_bias)
+    logprobs: int | None = None  # record each new token's log-probability and this many alternatives (None: off)
 
 
 Event = tuple[int | None, str | None]  # (token, None) for each new token, then (None, finish_reason)
@@ -72,6 +73,9 @@ class Sequence:
         self.counts: torch.Tensor | None = None  # output token counts (vocab,)
         self.seen: torch.Tensor | None = None  # prompt or output token present (vocab,)
         self.bias: torch.Tensor | None = None  # logit_bias as a (vocab,) row
+        # with params.logprobs, per new token: its log-probability and the top alternatives [(token, logprob)], from
+        # the model's own distribution (before logit_bias, penalties and temperature, as vLLM reports them)
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
 
     def cancel(self) -> None:
         """Stop generating: the engine drops the sequence at its next step (thread-safe)."""
@@ -274,6 +278,7 @@ class Engine:
         """One token per row from logits (rows, vocab), each row with its own parameters."""
         params = [s.params for s in rows]
         logits = logits.float()
+        raw = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
         if any(p.logit_bias for p in params):  # added to the model's logits, as OpenAI does, before anything else
             logits = logits + torch.stack([s.bias for s in rows])
         logits = apply_penalties(logits, torch.stack([s.seen for s in rows]),
@@ -281,8 +286,13 @@ class Engine:
                                  [p.frequency_penalty for p in params], [p.presence_penalty for p in params])
         tokens = sample_next_token(logits, do_sample=True, temperature=[p.temperature for p in params],
                                    top_k=[p.top_k for p in params], top_p=[p.top_p for p in params],
-                                   generator=[s.generator for s in rows])
-        return tokens.tolist()
+                                   generator=[s.generator for s in rows]).tolist()
+        for row, (seq, token) in enumerate(zip(rows, tokens)):
+            if seq.params.logprobs is not None:
+                top = raw[row].topk(seq.params.logprobs) if seq.params.logprobs else None
+                seq.logprobs.append((float(raw[row, token]),
+                                     list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
+        return tokens
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:

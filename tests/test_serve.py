@@ -16,8 +16,17 @@ import torch
 
 from dataset.chat import load_tokenizer, render_chat
 from model import LM
-from serving.chat_format import AnswerStream, StopMatcher, ThinkSplitter, parse_tool_calls
+from serving.chat_format import (
+    AnswerStream,
+    StopMatcher,
+    ThinkSplitter,
+    chat_logprobs,
+    completion_logprobs,
+    parse_tool_calls,
+    token_bytes,
+)
 from serving.engine import Engine, SamplingParams, complete
+from tests.conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
@@ -209,6 +218,56 @@ def test_logit_bias_forces_and_bans_tokens(client, model_id, serve_model):
     assert ask({str(tokens[0]): -100}, temperature=0) != text  # its first token banned, greedy answers otherwise
 
 
+def model_logprobs(model_dir: Path, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """log p(token | everything before it) for each of `tokens` after `prompt`, from one forward pass."""
+    model = LM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(-1)
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_models(server, client, model_id, serve_model):
+    tokenizer = load_tokenizer(serve_model)
+    prompt = tokenizer(render_chat(MESSAGES, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    ask = dict(model=model_id, messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    answer = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3).choices[0]
+    tokens, _ = greedy_text(serve_model, MESSAGES, 6)
+    expected = model_logprobs(serve_model, prompt, tokens)
+    content = answer.logprobs.content
+    assert b"".join(bytes(c.bytes) for c in content).decode() == answer.message.content
+    for position, (entry, token) in enumerate(zip(content, tokens)):
+        assert entry.logprob == pytest.approx(float(expected[position, token]), abs=2e-3)
+        top = expected[position].topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=2e-3)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
+    assert len(content) == 6
+    plain = client.chat.completions.create(**ask).choices[0]
+    assert plain.logprobs is None and plain.message.content == answer.message.content
+    # streamed: the same records, spread over the chunks
+    chunks = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True)
+    streamed = [entry for chunk in chunks if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # completions: parallel lists, text offsets, and the top alternatives as {token: logprob}
+    text = "质量很好，"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    body = dict(model=model_id, prompt=text, max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    completion = client.completions.create(**body).choices[0]
+    logprobs = completion.logprobs
+    assert "".join(logprobs.tokens) == completion.text and len(logprobs.tokens) == 5
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+    generated = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
+    if len(generated) == 5:  # the text re-tokenises to the same tokens (checked, not assumed)
+        expected = model_logprobs(serve_model, ids, generated)
+        assert logprobs.token_logprobs == pytest.approx([float(expected[i, t]) for i, t in enumerate(generated)],
+                                                        abs=2e-3)
+    assert all(len(top) == 2 and max(top.values()) >= lp - 1e-6
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**body, stream=True) if c.choices[0].logprobs]
+    assert sum((s.tokens for s in streamed), []) == logprobs.tokens
+    assert sum((s.text_offset for s in streamed), []) == logprobs.text_offset
+
+
 @pytest.mark.slow
 def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
     sampled = dict(model=model_id, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
@@ -304,7 +363,7 @@ BAD = [
      400, "invalid_type"),
     ("tools malformed", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]},
      400, "invalid_type"),
-    ("logprobs", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+    ("echo", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
      "unsupported_parameter"),
     ("json mode", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                    "response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
@@ -350,6 +409,12 @@ BAD = [
                               "logit_bias": {"1": 101}}, 400, "invalid_value"),
     ("logit_bias a string", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                              "logit_bias": {"1": "5"}}, 400, "invalid_type"),
+    ("logprobs a number in a chat", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                     "logprobs": 5}, 400, "invalid_type"),
+    ("top_logprobs without logprobs", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                       "top_logprobs": 2}, 400, "invalid_value"),
+    ("top_logprobs above 20", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                               "top_logprobs": 21}, 400, "invalid_value"),
     ("best_of", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400,
      "unsupported_parameter"),
     ("user a number", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "user": 5}, 400,
@@ -381,6 +446,10 @@ def test_bad_completion_requests_and_api_key(server, client, model_id):
                  {"model": model_id, "prompt": ""}):
         response = requests.post(f"{server}/v1/completions", json=body, headers=headers)
         assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    for logprobs, code in ((6, "invalid_value"), (True, "invalid_type")):
+        response = requests.post(f"{server}/v1/completions", headers=headers,
+                                 json={"model": model_id, "prompt": "好", "logprobs": logprobs})
+        assert response.status_code == 400 and response.json()["error"]["code"] == code, logprobs
     for bad in ({}, {"Authorization": "Bearer wrong"}):
         response = requests.get(f"{server}/v1/models", headers=bad)
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
@@ -513,6 +582,19 @@ def test_engine_batches_equal_single_generation(chat_checkpoint):
         assert stop.tokens == refs[0][:refs[0].index(refs[0][3]) + 1] and stop.finish_reason == "stop"
     finally:
         engine.close()
+
+
+def test_token_bytes_spell_the_text():
+    """logprobs give each token's bytes: a Chinese character or an emoji split over byte tokens comes back whole."""
+    tokenizer = load_tokenizer(FIXTURES / "minimind")
+    text = "新华社北京一月一日电 12+7=19，好评！<|im_end|> abc 😀"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [token_bytes(tokenizer, i) for i in ids]
+    assert b"".join(pieces).decode() == text and any(len(p) and not p.isascii() for p in pieces)
+    records = [(i, -1.0, [(i, -1.0)]) for i in ids]
+    assert [bytes(e["bytes"]) for e in chat_logprobs(tokenizer, records)["content"]] == pieces
+    completion = completion_logprobs(tokenizer, records, offset=3)
+    assert completion["text_offset"][0] == 3 and len(completion["tokens"]) == len(ids)
 
 
 def test_stop_matcher_holds_back_partial_stops():
