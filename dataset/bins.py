@@ -3,8 +3,9 @@
 Reads JSON lines (streamed: a file larger than memory is fine), a JSON array or a parquet file of {"text"} records.
 Writes `<bin_dir>/<stem>.<key>.bin` (every document's tokens followed by <|endoftext|>, exact duplicate
 documents dropped) and `<stem>.<key>.json`, an index naming the source file, its size and mtime, the tokenizer's
-hash and what --skip_bad skipped. The key derives from the tokenizer hash and the source path, so another
-tokenizer gets its own files; a run whose index still matches the source and tokenizer reuses the bin ("cached").
+hash, what --skip_bad skipped and the documents kept that hold a NUL character (dataset.formats.suspect_reasons).
+The key derives from the tokenizer hash and the source path, so another tokenizer gets its own files; a run whose
+index still matches the source and tokenizer reuses the bin ("cached").
 
 `prepare_bins` is the whole step; `python -m scripts.prepare_data` runs it from the command line, and
 train_pretrain.py calls it before training.
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dataset.errors import DataError, SkipCounter
-from dataset.formats import file_format, parse_record, raw_records
+from dataset.errors import DataError, SkipCounter, SuspectCounter
+from dataset.formats import file_format, parse_record, raw_records, suspect_reasons
 from dataset.io import atomic_path, atomic_write_json, make_dir
 from dataset.tokenizer import ENDOFTEXT
 from dataset.workers import ordered_results
@@ -75,18 +76,25 @@ def _pieces(text: str) -> list[str]:
     return pieces
 
 
-def _tokenize_chunk(chunk: tuple[list[RawRecord], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
+def _tokenize_chunk(
+    chunk: tuple[list[RawRecord], int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, list, int]:
     """One chunk of raw records (see dataset.formats.raw_records) -> (uint16 tokens of every document each
     followed by end-of-text, per-document token counts, per-document text hashes, [(line, reason)] for bad
-    records, progress made). Bad records come back as reasons, not exceptions, so the parent decides to stop or
-    skip and names the right line."""
+    records, [(document, line, [reasons])] for suspect ones, progress made). Bad records come back as reasons, not
+    exceptions, so the parent decides to stop or skip and names the right line; suspect ones are tokenized, and the
+    parent counts those it keeps (not an exact duplicate)."""
     records, progress = chunk
-    texts, errors = [], []
+    texts, errors, suspects = [], [], []
     for line, where, payload in records:
         try:
-            texts.append(parse_record(payload, "pretrain", _source, line, where)["text"])
+            record = parse_record(payload, "pretrain", _source, line, where)
         except DataError as err:
             errors.append((line, err.reason))
+            continue
+        if reasons := suspect_reasons(record, "pretrain"):
+            suspects.append((len(texts), line, [where + reason for reason in reasons]))
+        texts.append(record["text"])
     pieces, owner = [], []
     for doc, text in enumerate(texts):
         parts = _pieces(text)
@@ -106,7 +114,7 @@ def _tokenize_chunk(chunk: tuple[list[RawRecord], int]) -> tuple[np.ndarray, np.
         [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little") for t in texts],
         dtype=np.uint64,
     )
-    return tokens, lengths, hashes, errors, progress
+    return tokens, lengths, hashes, errors, suspects, progress
 
 
 def _read_chunks(path: str) -> Iterator[tuple[list[RawRecord], int]]:
@@ -165,7 +173,8 @@ def prepare_bins(
 ) -> dict:
     """Tokenize a pretraining file (.jsonl, .json array, .parquet) into a uint16 bin (or reuse a matching one);
     returns the index dict, whose "bin_path" is what PretrainDataset reads. Bad records raise DataError(file, line,
-    reason) unless skip_bad, in which case they are counted in "n_skipped" and, by reason, in "skipped". A cached
+    reason) unless skip_bad, in which case they are counted in "n_skipped" and, by reason, in "skipped"; documents
+    kept that may teach the wrong thing (a NUL character) are counted in "suspect", and trained on. A cached
     bin that was made by skipping bad records is reused only with skip_bad; without it the first bad record
     raises, as it would have on a fresh read."""
     say = (lambda *a: None) if quiet else print
@@ -181,9 +190,12 @@ def prepare_bins(
     cached = _cached_index(index_path, bin_path, source_stat, digest)
     if cached is not None:
         skipped = SkipCounter.of_cache(cached, skip_bad)
+        suspect = SuspectCounter.from_dict(cached.get("suspect", {}))  # an index from before the count: none
         say(f"{data_path}: cached -> {bin_path} ({cached['n_tokens']:,} tokens)")
         if skipped.total:
             say(f"{data_path}: {skipped.summary()}")
+        if suspect.total:
+            say(f"{data_path}: {suspect.summary()}")
         return {**cached, "bin_path": str(bin_path)}
 
     from tokenizers import Tokenizer
@@ -201,7 +213,7 @@ def prepare_bins(
         raise DataError(str(tokenizer_file), 0, f"no {EOT_TOKEN} token to separate documents")
 
     make_dir(bin_path.parent, "the token bins' folder (--bin_dir)")
-    skipped = SkipCounter()
+    skipped, suspect = SkipCounter(), SuspectCounter()
     seen: set[int] = set()
     n_docs = n_tokens = n_duplicates = 0
     start = time.perf_counter()
@@ -214,7 +226,7 @@ def prepare_bins(
         with (open(tmp_bin, "wb") as out, tqdm(desc=source.name, disable=quiet or None, **bar) as progress,
               ordered_results(_tokenize_chunk, _read_chunks(data_path), num_workers, _init_worker,
                               init_args) as results):
-            for tokens, lengths, hashes, errors, done in results:
+            for tokens, lengths, hashes, errors, suspects, done in results:
                 progress.update(done)
                 for lineno, reason in errors:
                     err = DataError(data_path, lineno, reason)
@@ -225,6 +237,9 @@ def prepare_bins(
                 for i, text_hash in enumerate(hashes.tolist()):
                     keep[i] = text_hash not in seen
                     seen.add(text_hash)
+                for doc, lineno, reasons in suspects:
+                    if keep[doc]:  # not an exact duplicate of a document before it
+                        suspect.add_record(data_path, lineno, reasons)
                 if not keep.all():
                     tokens = tokens[np.repeat(keep, lengths)]
                 out.write(tokens.tobytes())
@@ -244,6 +259,7 @@ def prepare_bins(
         "n_duplicates": n_duplicates,
         "n_skipped": skipped.total,
         "skipped": skipped.to_dict(),
+        "suspect": suspect.to_dict(),
         "dtype": np.dtype(DTYPE).name,
         "eot_id": eot_id,
         "seconds": round(seconds, 3),
@@ -256,4 +272,6 @@ def prepare_bins(
     )
     if skipped.total:
         say(f"{data_path}: {skipped.summary()}")
+    if suspect.total:
+        say(f"{data_path}: {suspect.summary()}")
     return {**index, "bin_path": str(bin_path)}

@@ -16,7 +16,9 @@ Each record goes through the steps in this order and is removed by the first tha
 
 Pretraining records ({"text"}) are judged on their text. Chat records are judged on what the assistant says (its
 answers and reasoning) for quality, and on the whole conversation for duplicates: the same short answer to different
-questions ("好评") is not a duplicate. Records are read as a stream and kept records are written as their original
+questions ("好评") is not a duplicate. Kept records that may teach the wrong thing (an empty answer, no user turn, a
+NUL character: dataset.formats.suspect_reasons) are kept, and counted in the report by reason with their lines.
+Records are read as a stream and kept records are written as their original
 lines; only the duplicate index (a hash per kept record, and the LSH tables) grows with the file.
 """
 
@@ -28,8 +30,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dataset.errors import DataError, SkipCounter
-from dataset.formats import parse_record, raw_records
+from dataset.errors import DataError, SkipCounter, SuspectCounter
+from dataset.formats import parse_record, raw_records, suspect_reasons
 from dataset.io import atomic_path, atomic_write_json, check_writable_file
 
 STEPS = ("length", "junk", "script", "repeated_lines", "repeated_ngrams", "duplicate", "near_duplicate")
@@ -111,6 +113,7 @@ class Report:
     removed_chars: dict = field(default_factory=lambda: dict.fromkeys(STEPS, 0))
     samples: dict = field(default_factory=lambda: {step: [] for step in STEPS})
     bad_records: int = 0
+    suspect: dict = field(default_factory=dict)  # SuspectCounter.to_dict() of the kept records
 
     def summary(self) -> str:
         lines = [f"read {self.read:,} records, kept {self.kept:,} ({self.kept / max(1, self.read):.1%})"]
@@ -188,7 +191,7 @@ def clean_file(data_path: str, out_path: str, config: CleanConfig, report_path: 
         raise ValueError(f"unknown kind {config.kind!r}; expected pretrain or chat")
     check_writable_file(out_path, "--out")
     check_writable_file(report_path or f"{out_path}.report.json", "--report")
-    cleaner, report, skipped = Cleaner(config), Report(), SkipCounter()
+    cleaner, report, skipped, suspect = Cleaner(config), Report(), SkipCounter(), SuspectCounter()
     size = Path(data_path).stat().st_size if Path(data_path).is_file() else None
     with atomic_path(out_path) as tmp, open(tmp, "wb") as out, \
             tqdm(total=size, unit="B", unit_scale=True, desc=Path(data_path).name,
@@ -209,15 +212,19 @@ def clean_file(data_path: str, out_path: str, config: CleanConfig, report_path: 
             if step is None:
                 report.kept += 1
                 out.write(_as_line(payload))
+                suspect.add_record(data_path, line, [where + reason for reason in suspect_reasons(record, config.kind)])
                 continue
             report.removed[step] += 1
             report.removed_chars[step] += len(quality_text)
             if len(report.samples[step]) < config.samples:
                 report.samples[step].append({"line": line, "text": quality_text[:300]})
+    report.suspect = suspect.to_dict()
     if not quiet:
         print(f"{data_path} -> {out_path}: {report.summary()}")
         if skipped.total:
             print(f"{data_path}: {skipped.summary()}")
+        if suspect.total:
+            print(f"{data_path}: {suspect.summary()}")
     atomic_write_json(report_path or f"{out_path}.report.json",
                       {"source": str(data_path), "out": str(out_path), "config": asdict(config), **asdict(report)})
     return report

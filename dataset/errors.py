@@ -59,9 +59,14 @@ class SkipCounter:
     def add(self, err: DataError) -> None:
         kind = reason_kind(err.reason)
         self.by_reason[kind] += 1
-        self.examples.setdefault(kind, str(err))
+        self.examples.setdefault(kind, self.example(err, kind))
         if self.first is None:
             self.first = err
+
+    @staticmethod
+    def example(err: DataError, kind: str) -> str:
+        """How summary() names the first record of a kind: `file:line: reason`, with the reason's details."""
+        return str(err)
 
     @property
     def total(self) -> int:
@@ -74,16 +79,19 @@ class SkipCounter:
         if self.first is None:
             self.first = other.first
 
+    def heading(self) -> str:
+        return f"skipped {self.total} bad lines"
+
     def summary(self) -> str:
         """One line: how many lines were skipped, then each kind of reason with its count and a first example."""
         if not self.total:
-            return "skipped 0 bad lines"
+            return self.heading()
         ranked = self.by_reason.most_common()
         parts = [f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in ranked[: self.SHOWN]]
         if len(ranked) > self.SHOWN:
             rest = ranked[self.SHOWN :]
             parts.append(f"{sum(n for _, n in rest)} x {len(rest)} other reasons")
-        return f"skipped {self.total} bad lines: " + "; ".join(parts)
+        return f"{self.heading()}: " + "; ".join(parts)
 
     def to_dict(self) -> dict:
         """A JSON-ready copy (dataset.bins keeps it in a bin's index, so a cached bin can report it again)."""
@@ -107,6 +115,45 @@ class SkipCounter:
         if skipped.total and not skip_bad:
             raise skipped.first
         return skipped
+
+
+class SuspectCounter(SkipCounter):
+    """Counts records that were read and are trained on, though they may teach the model the wrong thing or nothing
+    (dataset.formats.suspect_reasons: an empty answer, no user turn, a DPO pair whose sides are equal, a NUL
+    character): nothing is skipped, the data summary says how many and where, by reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = 0  # a record may have several reasons
+
+    def add_record(self, path: str, line: int, reasons: list[str]) -> None:
+        """One record's reasons (none: nothing to count); `line` as DataError takes it, reasons prefixed with the
+        record's "record N: " where the file is an array or parquet."""
+        if reasons:
+            self.records += 1
+            for reason in reasons:
+                self.add(DataError(path, line, reason))
+
+    @staticmethod
+    def example(err: DataError, kind: str) -> str:
+        """`file:line` alone (`file: record N` for parquet): the reason is already named beside it."""
+        return str(err).removesuffix(f": {kind}")
+
+    def merge(self, other: SkipCounter) -> None:
+        super().merge(other)
+        self.records += getattr(other, "records", other.total)
+
+    def heading(self) -> str:
+        return f"kept {self.records} record{'s' * (self.records != 1)} that may teach the wrong thing"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "records": self.records}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SuspectCounter":
+        counter = super().from_dict(data)
+        counter.records = data.get("records", counter.total)
+        return counter
 
 
 def exit_cleanly_on_bad_input(main: Callable[[], Any]) -> Callable[[], Any]:

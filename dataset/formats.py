@@ -12,7 +12,8 @@ where ``msg`` is ``{"role": "system"|"user"|"assistant"|"tool", "content": str, 
 "tool_calls"?: list}`` and ``meta`` holds the record's other top-level keys untouched (evaluation files carry
 fields such as "task" or "answer" there). The shape is detected per record, so files may mix shapes.
 
-Every bad record raises ``DataError(path, line, reason)``; the readers can instead skip and count it.
+Every bad record raises ``DataError(path, line, reason)``; the readers can instead skip and count it. A record that
+is usable but may teach the wrong thing (an empty answer, ...: ``suspect_reasons``) is read, and counted.
 """
 
 import json
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dataset.errors import DataError, SkipCounter
+from dataset.errors import DataError, SkipCounter, SuspectCounter
 from dataset.mixing import plain_paths
 
 KINDS = ("pretrain", "chat", "dpo", "rl")
@@ -351,6 +352,57 @@ def has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+# Why a usable record may teach the wrong thing or nothing. It is read and trained on (real datasets, MiniMind's
+# among them, hold a few of these: refusing them would stop the run), and the data summary counts them by reason.
+EMPTY_ANSWER = "an assistant turn with no content"
+NO_USER = "no user turn"
+SAME_PAIR = "chosen equals rejected"
+EMPTY_CHOSEN = "an empty chosen answer"
+NUL = "a NUL character in the text"
+
+
+def _blank(text: str) -> bool:
+    return not text or text.isspace()  # isspace stops at the first other character; strip() would copy the text
+
+
+def _has_nul(messages: list[dict]) -> bool:
+    return any("\0" in m["content"] or "\0" in m.get("reasoning_content", "") for m in messages)
+
+
+def _empty_answer(messages: list[dict]) -> bool:
+    """An assistant turn that says nothing: empty or blank content and no tool calls (a turn that only calls a tool
+    is a normal tool-call turn)."""
+    return any(m["role"] == "assistant" and _blank(m["content"]) and not m.get("tool_calls") for m in messages)
+
+
+def suspect_reasons(record: dict, kind: str) -> list[str]:
+    """The reasons a canonical record of `kind` (what `normalise` returns) may teach the wrong thing or nothing; []
+    for most. Cheap: one pass over the message texts, no copies (the readers run it over gigabytes)."""
+    if "text" in record:  # pretraining text, or a document in chat data
+        return [NUL] if "\0" in record["text"] else []
+    reasons = []
+    if kind == "dpo":
+        prompt, chosen = record["prompt"], record["chosen"]
+        if not any(m["role"] == "user" for m in prompt):
+            reasons.append(NO_USER)
+        if chosen == record["rejected"]:
+            reasons.append(SAME_PAIR)
+        if _empty_answer(chosen):
+            reasons.append(EMPTY_CHOSEN)
+        if _has_nul(prompt) or _has_nul(chosen) or _has_nul(record["rejected"]):
+            reasons.append(NUL)
+        return reasons
+    messages = record["messages"]
+    if kind == "chat":
+        if _empty_answer(messages):
+            reasons.append(EMPTY_ANSWER)
+        if not any(m["role"] == "user" for m in messages):
+            reasons.append(NO_USER)
+    if _has_nul(messages):
+        reasons.append(NUL)
+    return reasons
+
+
 def normalise(record: Any, kind: str, path: str = "<record>", lineno: int = 0) -> dict:
     """One decoded JSON value -> canonical record of `kind`; raises DataError(path, lineno, reason) if unusable."""
     if kind not in NORMALISERS:
@@ -512,13 +564,15 @@ def raw_records(path: str) -> Iterator[tuple[int, str, Any]]:
 
 
 def iter_records(
-    path: str, kind: str, skip_bad: bool = False, skipped: SkipCounter | None = None
+    path: str, kind: str, skip_bad: bool = False, skipped: SkipCounter | None = None,
+    suspect: SuspectCounter | None = None,
 ) -> Iterator[dict]:
     """Stream canonical records of `kind` from a file (.jsonl, .json array, .parquet) or comma-separated files.
 
     A bad record raises DataError(file, line, reason); with skip_bad it is counted in `skipped` and passed
     over. A missing, unreadable or empty file always raises. In JSON arrays the line is where the record starts
-    and the reason begins "record N: "; parquet rows are named by that prefix alone.
+    and the reason begins "record N: "; parquet rows are named by that prefix alone. With `suspect` (an
+    errors.SuspectCounter), each record's suspect_reasons are counted there; the record is yielded all the same.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
@@ -532,11 +586,14 @@ def iter_records(
                 if skipped is not None:
                     skipped.add(err)
                 continue
+            if suspect is not None:
+                suspect.add_record(file, line, [where + reason for reason in suspect_reasons(record, kind)])
             yield record
 
 
 def load_records(
-    path: str, kind: str, skip_bad: bool = False, skipped: SkipCounter | None = None
+    path: str, kind: str, skip_bad: bool = False, skipped: SkipCounter | None = None,
+    suspect: SuspectCounter | None = None,
 ) -> list[dict]:
     """All canonical records of `path` in a list (see iter_records)."""
-    return list(iter_records(path, kind, skip_bad, skipped))
+    return list(iter_records(path, kind, skip_bad, skipped, suspect))

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import IGNORE_INDEX, record_segments, tokenize_chat, tokenize_segments
-from dataset.errors import DataError, SkipCounter
+from dataset.errors import DataError, SkipCounter, SuspectCounter
 from dataset.formats import iter_records
 from dataset.io import atomic_path
 from dataset.mixing import mix_indices, parse_data_path
@@ -142,7 +142,7 @@ class _ChatData(Dataset):
         if not in_memory and cache_dir is None:  # nothing kept after this dataset: a directory of its own
             self._tmp = tempfile.TemporaryDirectory(prefix="danlu-prepared-")
             cache_dir = self._tmp.name
-        self.skipped = SkipCounter()
+        self.skipped, self.suspect = SkipCounter(), SuspectCounter()
         self.parts = []
         for files in groups:
             if in_memory:
@@ -150,6 +150,7 @@ class _ChatData(Dataset):
             else:
                 part = PreparedFiles(prepare(files, self.stage, tokenizer, cache_dir, quiet=quiet, **options))
             self.skipped.merge(SkipCounter.from_dict(part.index.get("skipped", {})))
+            self.suspect.merge(SuspectCounter.from_dict(part.index.get("suspect", {})))
             self.parts.append(part)
 
     def _select(self, sizes: list[int], seed: int) -> None:
@@ -261,6 +262,8 @@ class SFTDataset(_ChatData):
         self._load(path, tokenizer, cache_dir, quiet, in_memory, **options)
         if self.skipped.total and in_memory:
             say(f"{path}: {self.skipped.summary()}")
+        if self.suspect.total and in_memory:  # prepared files: prepare() says both, cached or not
+            say(f"{path}: {self.suspect.summary()}")
         for files, part in zip(self._groups(path), self.parts):
             counts = part.index
             if counts["n_conversations"] == 0:
@@ -317,11 +320,11 @@ class SFTDataset(_ChatData):
         """The conversations of `files` tokenized here, one by one: the reference the prepared files must equal."""
         rng = random.Random(seed)
         prompts = system_prompts or DEFAULT_SYSTEM_PROMPTS
-        skipped = SkipCounter()
+        skipped, suspect = SkipCounter(), SuspectCounter()
         token_lists, mask_lists = [], []
         truncated = dropped = 0
         budget = clip_budget(tokenizer, max_seq_len)
-        for record in iter_records(",".join(files), "chat", skip_bad, skipped):
+        for record in iter_records(",".join(files), "chat", skip_bad, skipped, suspect):
             record = clip_record(record, budget)
             if "messages" in record and system_prompt_ratio > 0 and record["messages"][0]["role"] != "system" \
                     and rng.random() < system_prompt_ratio:
@@ -339,7 +342,7 @@ class SFTDataset(_ChatData):
         state = rng.getstate()
         index = {"n_conversations": len(token_lists), "n_truncated": truncated, "n_dropped": dropped,
                  "n_assistant_tokens": sum(sum(m) - m[0] for m in mask_lists), "skipped": skipped.to_dict(),
-                 "rng_state": [state[0], list(state[1]), state[2]]}
+                 "suspect": suspect.to_dict(), "rng_state": [state[0], list(state[1]), state[2]]}
         return _InMemory(token_lists, mask_lists, index)
 
     @property
@@ -438,6 +441,8 @@ class DPODataset(_ChatData):
         self._load(path, tokenizer, cache_dir, quiet, in_memory, **options)
         if self.skipped.total and in_memory:
             print(f"{path}: {self.skipped.summary()}", flush=True)
+        if self.suspect.total and in_memory and not quiet:  # prepared files: prepare() says it, cached or not
+            print(f"{path}: {self.suspect.summary()}", flush=True)
         if any(part.index["n_pairs"] == 0 for part in self.parts):  # every record was skipped
             raise DataError(path, 0, f"no usable preference pairs; {self.skipped.summary()}")
         self._select([part.index["n_pairs"] for part in self.parts], seed)
@@ -452,10 +457,10 @@ class DPODataset(_ChatData):
     def _in_memory(self, files: list[str], tokenizer, max_seq_len, skip_bad) -> _InMemory:
         """Pairs tokenized here, each side as one whole conversation (an empty prompt piece, then prompt + response
         with the prompt's mask zeroed): the reference the prepared files must equal."""
-        skipped = SkipCounter()
+        skipped, suspect = SkipCounter(), SuspectCounter()
         token_lists, mask_lists = [], []
         budget = clip_budget(tokenizer, max_seq_len)
-        for record in iter_records(",".join(files), "dpo", skip_bad, skipped):
+        for record in iter_records(",".join(files), "dpo", skip_bad, skipped, suspect):
             prompt = clip_long_texts(record["prompt"], budget)
             prompt_len = len(tokenize_chat(tokenizer, prompt)[0])
             token_lists.append([])
@@ -464,7 +469,8 @@ class DPODataset(_ChatData):
                 ids, mask = tokenize_chat(tokenizer, prompt + clip_long_texts(response, budget))
                 token_lists.append(ids)
                 mask_lists.append([0] * prompt_len + mask[prompt_len:])
-        return _InMemory(token_lists, mask_lists, {"n_pairs": len(token_lists) // 3, "skipped": skipped.to_dict()})
+        return _InMemory(token_lists, mask_lists, {"n_pairs": len(token_lists) // 3, "skipped": skipped.to_dict(),
+                                                   "suspect": suspect.to_dict()})
 
     def _window(self, ids: Sequence[int], mask: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids, aligned labels) of at most max_seq_len positions, truncated as the class docstring says."""

@@ -10,9 +10,10 @@ A prepared source is four or five files in the cache directory, named `<stem>.<s
     .meta.jsonl    rl only: one JSON line per prompt, its canonical record {"messages", "meta"} (meta: task, answer,
                    ... for the reward functions); .meta_offsets.bin indexes it
     .json          the index, written last: source files with their size and mtime, the tokenizer's hash, the
-                   options, counts, and each data file's size; a preparation killed before it leaves nothing
-                   that is later trusted (data files are written under temporary names and renamed, the old
-                   index is removed before any of them is replaced)
+                   options, counts (with what --skip_bad skipped and the suspect records kept, by reason, so a
+                   cached run reports them again), and each data file's size; a preparation killed before it
+                   leaves nothing that is later trusted (data files are written under temporary names and renamed,
+                   the old index is removed before any of them is replaced)
 
 The key is a hash of the source paths, the tokenizer's hash, the chat template and every option that changes the
 tokens (sft: max_seq_len, and the system-prompt ratio, prompts and seed when the ratio is above 0; dpo: the clip
@@ -39,8 +40,8 @@ from tqdm import tqdm
 from dataset import chat
 from dataset.bins import _read_chunks
 from dataset.chat import chat_segments, record_segments
-from dataset.errors import DataError, SkipCounter
-from dataset.formats import file_format, parse_record
+from dataset.errors import DataError, SkipCounter, SuspectCounter
+from dataset.formats import file_format, parse_record, suspect_reasons
 from dataset.io import atomic_path, atomic_write_json, make_dir
 from dataset.workers import ordered_results
 
@@ -136,14 +137,20 @@ def _encode(segments: list[list[tuple[str, bool]]], dtype) -> tuple[np.ndarray, 
     return ids, mask, lengths
 
 
-def _parse(records: list, source: str, parse: Callable) -> tuple[list, list]:
-    parsed, errors = [], []
+def _parse(records: list, source: str, kind: str) -> tuple[list, list, list]:
+    """(canonical records, [(line, reason)] of the bad ones, [(line, [reasons])] of the suspect ones: read all the
+    same, see dataset.formats.suspect_reasons)."""
+    parsed, errors, suspects = [], [], []
     for line, where, payload in records:
         try:
-            parsed.append(parse(payload, source, line, where))
+            record = parse_record(payload, kind, source, line, where)
         except DataError as err:
             errors.append((line, err.reason))
-    return parsed, errors
+            continue
+        parsed.append(record)
+        if reasons := suspect_reasons(record, kind):
+            suspects.append((line, [where + reason for reason in reasons]))
+    return parsed, errors, suspects
 
 
 def _sft_chunk(chunk: tuple) -> dict:
@@ -153,7 +160,7 @@ def _sft_chunk(chunk: tuple) -> dict:
     re-tokenizes the few that get a system prompt: it joins the tool preamble)."""
     source, records, progress = chunk
     window, budget, dtype = _options["window"], _options["budget"], _options["dtype"]
-    parsed, errors = _parse(records, source, lambda p, s, n, w: parse_record(p, "chat", s, n, w))
+    parsed, errors, suspects = _parse(records, source, "chat")
     conversations = [clip_record(r, budget) for r in parsed]
     ids, mask, lengths = _encode([record_segments(r) for r in conversations], dtype)
     starts = np.cumsum(lengths) - lengths
@@ -168,8 +175,8 @@ def _sft_chunk(chunk: tuple) -> dict:
     tools = {i: (r["messages"], r["tools"]) for i, r in enumerate(conversations) if r.get("tools") and eligible[i]} \
         if _options["draws"] else {}
     return {"tokens": ids[keep], "mask": mask[keep], "lengths": np.minimum(lengths, window), "kept": kept,
-            "full_lengths": lengths, "eligible": eligible, "tools": tools, "errors": errors, "progress": progress,
-            "source": source}
+            "full_lengths": lengths, "eligible": eligible, "tools": tools, "errors": errors, "suspects": suspects,
+            "progress": progress, "source": source}
 
 
 def _dpo_chunk(chunk: tuple) -> dict:
@@ -178,7 +185,7 @@ def _dpo_chunk(chunk: tuple) -> dict:
     response tokens are the tokens of the whole conversation, as tokenize_chat gives them."""
     source, records, progress = chunk
     budget, dtype = _options["budget"], _options["dtype"]
-    parsed, errors = _parse(records, source, lambda p, s, n, w: parse_record(p, "dpo", s, n, w))
+    parsed, errors, suspects = _parse(records, source, "dpo")
     pieces = []
     for record in parsed:
         prompt = clip_long_texts(record["prompt"], budget)
@@ -188,19 +195,19 @@ def _dpo_chunk(chunk: tuple) -> dict:
             pieces.append(chat_segments(prompt + clip_long_texts(response, budget))[head:])
     ids, mask, lengths = _encode(pieces, dtype)
     return {"tokens": ids, "mask": mask, "lengths": lengths, "n": len(parsed), "errors": errors,
-            "progress": progress, "source": source}
+            "suspects": suspects, "progress": progress, "source": source}
 
 
 def _rl_chunk(chunk: tuple) -> dict:
     """Prompts (dataset/formats.py's "rl" records) -> their tokens as a generation starts (the template with
     `<|im_start|>assistant\\n` at the end), and each canonical record ({"messages", "meta"}) as one JSON line."""
     source, records, progress = chunk
-    parsed, errors = _parse(records, source, lambda p, s, n, w: parse_record(p, "rl", s, n, w))
+    parsed, errors, suspects = _parse(records, source, "rl")
     ids, _, lengths = _encode([chat_segments(r["messages"], add_generation_prompt=True) for r in parsed],
                               _options["dtype"])
     meta = [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in parsed]
-    return {"tokens": ids, "lengths": lengths, "meta": meta, "errors": errors, "progress": progress,
-            "source": source}
+    return {"tokens": ids, "lengths": lengths, "meta": meta, "errors": errors, "suspects": suspects,
+            "progress": progress, "source": source}
 
 
 CHUNK_FUNCTIONS = {"sft": _sft_chunk, "dpo": _dpo_chunk, "rl": _rl_chunk}
@@ -283,9 +290,12 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
     cached = _cached(paths, sources)
     if cached is not None:
         skipped = SkipCounter.of_cache(cached, skip_bad)
+        suspect = SuspectCounter.from_dict(cached.get("suspect", {}))  # an index from before the count: none
         say(f"{name}: cached -> {paths['index']} ({cached['n_tokens']:,} tokens)")
         if skipped.total:
             say(f"{name}: {skipped.summary()}")
+        if suspect.total:
+            say(f"{name}: {suspect.summary()}")
         return {**cached, "paths": {k: str(v) for k, v in paths.items()}, "cached": True}
 
     make_dir(paths["index"].parent, "the prepared files' folder (--cache_dir)")
@@ -314,7 +324,8 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
     seconds = time.perf_counter() - start
     index = {"format_version": FORMAT_VERSION, "stage": stage, "sources": sources, "tokenizer_hash": digest,
              "options": options, **writer.counts, "n_skipped": writer.skipped.total,
-             "skipped": writer.skipped.to_dict(), "file_bytes": file_bytes, "seconds": round(seconds, 3)}
+             "skipped": writer.skipped.to_dict(), "suspect": writer.suspect.to_dict(), "file_bytes": file_bytes,
+             "seconds": round(seconds, 3)}
     if writer.rng_state is not None:
         index["rng_state"] = writer.rng_state
     atomic_write_json(paths["index"], index)  # last: data files without their index are never trusted
@@ -323,6 +334,8 @@ def prepare(data_path: str | list[str], stage: str, tokenizer, cache_dir: str | 
         f"{total / 1e6 / seconds:.1f} MB/s, {writer.counts['n_tokens'] / seconds:,.0f} tokens/s")
     if writer.skipped.total:
         say(f"{name}: {writer.skipped.summary()}")
+    if writer.suspect.total:
+        say(f"{name}: {writer.suspect.summary()}")
     return {**index, "paths": {k: str(v) for k, v in paths.items()}, "cached": False}
 
 
@@ -333,7 +346,7 @@ class _Writer:
         self.stage, self.tokenizer, self.skip_bad = stage, tokenizer, skip_bad
         self.window, self.ratio = max_seq_len + 1, ratio
         self.dtype = np.dtype(options["dtype"])
-        self.skipped = SkipCounter()
+        self.skipped, self.suspect = SkipCounter(), SuspectCounter()
         self.end = 0  # tokens written so far: the next offset
         self.rng_state = None
         if stage == "sft":
@@ -368,6 +381,8 @@ class _Writer:
             if not self.skip_bad:
                 raise err
             self.skipped.add(err)
+        for line, reasons in result["suspects"]:
+            self.suspect.add_record(result["source"], line, reasons)
         if self.stage == "sft" and self.ratio > 0:
             result = self._draw_system_prompts(result)
         tokens = result["tokens"]

@@ -159,6 +159,72 @@ def test_skipped_lines_are_counted_by_kind_of_reason_not_by_detail(tmp_path):
     assert SkipCounter.from_dict(json.loads(json.dumps(skipped.to_dict()))).summary() == skipped.summary()
 
 
+# --- records that are read and trained on, and counted: they may teach the wrong thing -------------------------
+
+NUL = "a NUL character in the text"
+SUSPECT = [  # (stage, what, the record, the reason the summary names)
+    ("sft", "empty answer", {"conversations": [USER, {**ANSWER, "content": ""}]}, "an assistant turn with no content"),
+    ("sft", "blank answer", {"messages": [USER, {**ANSWER, "content": " \n"}]}, "an assistant turn with no content"),
+    ("sft", "no user turn", {"conversations": [{"role": "system", "content": "你是助手。"}, ANSWER]}, "no user turn"),
+    ("sft", "NUL", {"conversations": [USER, {**ANSWER, "content": "好\x00评"}]}, NUL),
+    ("distill", "empty answer after reasoning", {"conversations": [USER, {**ANSWER, "content": "",
+                                                                         "reasoning_content": "想一想"}]},
+     "an assistant turn with no content"),
+    ("dpo", "same answers", {"prompt": "问题", "chosen": "好评", "rejected": "好评"}, "chosen equals rejected"),
+    ("dpo", "empty chosen", {"prompt": "问题", "chosen": " ", "rejected": "差评"}, "an empty chosen answer"),
+    ("dpo", "NUL", {"prompt": "问\x00题", "chosen": "好评", "rejected": "差评"}, NUL),
+    ("pretrain", "NUL", {"text": "房间\x00很干净，服务也周到。"}, NUL),
+]
+
+
+@pytest.fixture
+def read_loudly(tmp_path, tokenizer_dir, tokenizer, capsys):
+    """read_loudly(stage, path, in_memory) -> (records trained on, tokens, what the reader printed): the reader that
+    stage's script uses, not quiet, its prepared files cached in tmp_path (a second call reads them from there)."""
+    def read_loudly(stage: str, path: Path, in_memory: bool = False) -> tuple[int, int, str]:
+        if stage == "pretrain":
+            index = prepare_bins(str(path), str(tokenizer_dir), str(tmp_path / "bins"), num_workers=1)
+            return index["n_docs"], index["n_tokens"], capsys.readouterr().out
+        if stage == "dpo":
+            data = DPODataset(str(path), tokenizer, 64, cache_dir=tmp_path / "cache", in_memory=in_memory)
+            tokens = sum(len(item["chosen_ids"]) + len(item["rejected_ids"]) for item in data)
+            return len(data), tokens, capsys.readouterr().out
+        data = SFTDataset(str(path), tokenizer, 64, cache_dir=tmp_path / "cache", in_memory=in_memory)
+        return data.stats["conversations"], data.stats["tokens"], capsys.readouterr().out
+
+    return read_loudly
+
+
+@pytest.mark.parametrize("stage,what,record,reason", SUSPECT, ids=[f"{c[0]}-{c[1]}" for c in SUSPECT])
+def test_suspect_record_is_trained_on_and_counted_with_file_and_line(tmp_path, read_loudly, stage, what, record,
+                                                                     reason):
+    path = write_jsonl(tmp_path / "data.jsonl", with_bad(stage, record))
+    said = f"{path}: kept 1 record that may teach the wrong thing: 1 x {reason} (e.g. {path}:3)"
+    fresh = read_loudly(stage, path)
+    assert fresh[0] == len(GOOD[stage]) + 1  # every record, the suspect one too, is trained on
+    assert said in fresh[2].splitlines(), fresh[2]
+    cached = read_loudly(stage, path)  # the count is kept in the prepared files' index
+    assert "cached" in cached[2] and cached[:2] == fresh[:2] and said in cached[2].splitlines()
+    if stage != "pretrain":
+        in_memory = read_loudly(stage, path, in_memory=True)
+        assert in_memory[:2] == fresh[:2] and said in in_memory[2].splitlines()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_tool_call_turn_is_not_counted_and_a_record_is_counted_once(tmp_path, read_loudly, in_memory):
+    """An assistant turn that only calls a tool has no content, as it should; a record with two reasons is one
+    record."""
+    tool_call = {"conversations": [USER, {"role": "assistant", "content": "", "tool_calls": [{"name": "lookup",
+                                                                                             "arguments": {}}]},
+                                   {"role": "tool", "content": "好评"}, ANSWER]}
+    both = {"conversations": [{"role": "system", "content": "你是助手。"}, {**ANSWER, "content": ""}]}
+    path = write_jsonl(tmp_path / "data.jsonl", [*GOOD["sft"][:2], tool_call, both, *GOOD["sft"][2:]])
+    n, _, out = read_loudly("sft", path, in_memory=in_memory)
+    assert n == len(GOOD["sft"]) + 2
+    assert f"{path}: kept 1 record that may teach the wrong thing: 1 x an assistant turn with no content (e.g. " \
+           f"{path}:4); 1 x no user turn (e.g. {path}:4)" in out.splitlines()
+
+
 # --- whole files ------------------------------------------------------------------------------------------------
 
 FILES = [
@@ -259,6 +325,31 @@ def test_cached_bin_made_with_skip_bad_still_stops_a_run_without_it(tmp_path, to
     out = capsys.readouterr().out
     assert "cached" in out and "skipped 1 bad lines: 1 x field 'text' must be a string, got int" in out
     assert again["bin_path"] == first["bin_path"]
+
+
+def test_bin_counts_documents_with_a_nul_across_workers_and_reuses_an_index_without_the_count(
+        tmp_path, tokenizer_dir, capsys, monkeypatch):
+    monkeypatch.setattr(token_bins, "LINES_PER_CHUNK", 3)  # the two NUL documents in different workers' chunks
+    nul = {"text": "房间\x00很干净。"}
+    path = write_jsonl(tmp_path / "d.jsonl", [*GOOD["pretrain"][:2], nul, *GOOD["pretrain"][2:], nul,
+                                              {"text": "\x00"}])
+    args = (str(path), str(tokenizer_dir), str(tmp_path / "bins"))
+    said = f"{path}: kept 2 records that may teach the wrong thing: 2 x {NUL} (e.g. {path}:3)"
+    first = prepare_bins(*args, num_workers=2)
+    assert first["n_docs"] == 8 and first["n_duplicates"] == 1  # the second copy is dropped, and not counted
+    assert said in capsys.readouterr().out.splitlines()
+    index_path = Path(first["bin_path"]).with_suffix(".json")
+    index = json.loads(index_path.read_text())
+    prepare_bins(*args, num_workers=1)
+    out = capsys.readouterr().out
+    assert "cached" in out and said in out.splitlines()
+    # an index written before documents with a NUL were counted is still used (no gigabytes tokenized again for
+    # a count): it reports none
+    del index["suspect"]
+    index_path.write_text(json.dumps(index))
+    again = prepare_bins(*args, num_workers=1)
+    out = capsys.readouterr().out
+    assert "cached" in out and "may teach" not in out and again["n_tokens"] == first["n_tokens"]
 
 
 def test_several_bins_are_windowed_each_on_its_own(tmp_path):

@@ -81,6 +81,25 @@ def test_chat_records_are_judged_on_the_assistant_text(tmp_path, reviews):
     assert report.samples["repeated_ngrams"][0]["text"] == FILTERED["repeated_ngrams"]
 
 
+def test_kept_records_that_may_teach_the_wrong_thing_are_counted_in_the_report(tmp_path, reviews, capsys):
+    question = {"role": "user", "content": "这条评论是好评还是差评？"}
+    records = [{"conversations": [{**question, "content": question["content"] + r[:20]},
+                                  {"role": "assistant", "content": r[:10]}]} for r in reviews[:6]]
+    why, empty = {"role": "user", "content": "为什么？"}, {"role": "assistant", "content": ""}
+    records.insert(2, {"conversations": [question, {"role": "assistant", "content": reviews[6][:10]}, why, empty]})
+    records.insert(4, {"conversations": [{"role": "assistant", "content": reviews[7][:10]}]})
+    records.append({"conversations": [question, empty]})  # removed: too short
+    data, out = write_jsonl(tmp_path / "chat.jsonl", records), tmp_path / "chat.clean.jsonl"
+    report = clean_file(str(data), str(out), CleanConfig(kind="chat", min_chars=2))
+    assert report.kept == 8 and report.removed["length"] == 1  # kept, and counted: cleaning is not told to remove
+    said = (f"{data}: kept 2 records that may teach the wrong thing: 1 x an assistant turn with no content (e.g. "
+            f"{data}:3); 1 x no user turn (e.g. {data}:5)")
+    assert said in capsys.readouterr().out.splitlines()
+    saved = json.loads((tmp_path / "chat.clean.jsonl.report.json").read_text())
+    assert saved["suspect"]["records"] == 2 and saved["suspect"]["by_reason"] == {
+        "an assistant turn with no content": 1, "no user turn": 1}
+
+
 @pytest.mark.slow
 def test_report_and_script(tmp_path, reviews):
     records = [{"text": t} for t in reviews[:50]] + [{"text": t} for t in FILTERED.values()] + [{"text": reviews[0]}]

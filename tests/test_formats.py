@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataset.errors import DataError, SkipCounter
-from dataset.formats import iter_records, load_records, normalise
+from dataset.errors import DataError, SkipCounter, SuspectCounter
+from dataset.formats import iter_records, load_records, normalise, suspect_reasons
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
 
@@ -255,6 +255,75 @@ def test_bom_json_array_parquet_and_comma_separated_paths(tmp_path):
     array.write_text(json.dumps([{"text": "ok"}, {"text": 5}], indent=2))  # record 2 starts on line 5
     with pytest.raises(DataError, match=r"b.json:5: record 2: field 'text' must be a string"):
         load_records(str(array), "pretrain")
+
+
+# --- records that are read, but counted: they may teach the wrong thing --------------------------------------
+
+USER, ANSWER = {"role": "user", "content": "好评还是差评？"}, {"role": "assistant", "content": "好评"}
+TOOL_TURN = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+SUSPECT = [  # (kind, raw record, its reasons)
+    ("chat", {"conversations": [USER, ANSWER]}, []),
+    ("chat", {"messages": [USER, TOOL_TURN, {"role": "tool", "content": "1"}, ANSWER]}, []),  # a tool-call turn
+    ("chat", {"conversations": [USER, {"role": "assistant", "content": "", "tool_calls": "[{\"name\": \"f\"}]"},
+                                {"role": "tool", "content": "1"}, ANSWER]}, []),  # MiniMind's: tool calls as text
+    ("chat", {"conversations": [USER, {**ANSWER, "content": ""}]}, ["an assistant turn with no content"]),
+    ("chat", {"messages": [USER, {**ANSWER, "content": " \n\t"}]}, ["an assistant turn with no content"]),
+    ("chat", {"conversations": [USER, {**ANSWER, "content": "", "reasoning_content": "想一想"}]},
+     ["an assistant turn with no content"]),  # it thinks, then says nothing
+    ("chat", {"conversations": [USER, ANSWER, USER, {**ANSWER, "content": ""}]}, ["an assistant turn with no content"]),
+    ("chat", {"instruction": "评价", "output": ""}, ["an assistant turn with no content"]),
+    ("chat", {"conversations": [{"role": "system", "content": "你是助手。"}, ANSWER]}, ["no user turn"]),
+    ("chat", {"conversations": [{"from": "gpt", "value": ""}]}, ["an assistant turn with no content", "no user turn"]),
+    ("chat", {"conversations": [USER, {**ANSWER, "content": "好\u0000评"}]}, ["a NUL character in the text"]),
+    ("chat", {"conversations": [USER, {**ANSWER, "reasoning_content": "\u0000"}]}, ["a NUL character in the text"]),
+    ("chat", {"text": "文档\u0000"}, ["a NUL character in the text"]),
+    ("chat", {"text": "文档"}, []),
+    ("dpo", {"prompt": "q", "chosen": "a", "rejected": "b"}, []),
+    ("dpo", {"prompt": "q", "chosen": "a", "rejected": ""}, []),  # an empty rejected answer is a fair lesson
+    ("dpo", {"prompt": "q", "chosen": "a", "rejected": "a"}, ["chosen equals rejected"]),
+    ("dpo", {"chosen": [USER, ANSWER], "rejected": [USER, ANSWER]}, ["chosen equals rejected"]),
+    ("dpo", {"question": "q", "response_chosen": " ", "response_rejected": "b"}, ["an empty chosen answer"]),
+    ("dpo", {"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}, ["no user turn"]),
+    ("dpo", {"prompt": "q", "chosen": "", "rejected": ""}, ["chosen equals rejected", "an empty chosen answer"]),
+    ("dpo", {"prompt": "q", "chosen": "a", "rejected": "b\u0000"}, ["a NUL character in the text"]),
+    ("pretrain", {"text": "a\u0000b"}, ["a NUL character in the text"]),
+    ("pretrain", {"text": "ab"}, []),
+    ("rl", {"prompt": "q\u0000"}, ["a NUL character in the text"]),
+    ("rl", {"conversations": [USER, {**ANSWER, "content": ""}]}, []),  # MiniMind's RL files end so
+]
+
+
+@pytest.mark.parametrize("kind,raw,reasons", SUSPECT, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(SUSPECT)])
+def test_suspect_reasons_of_each_kind(kind, raw, reasons):
+    assert suspect_reasons(normalise(raw, kind), kind) == reasons
+
+
+def test_suspect_records_are_read_and_counted_with_file_and_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [{"conversations": [USER, {**ANSWER, "content": f"好评{i}"}]} for i in range(4)]
+    empty = {"conversations": [USER, {**ANSWER, "content": ""}]}
+    both = {"conversations": [{"role": "system", "content": "s"}, {**ANSWER, "content": " "}]}
+    records = [good[0], empty, good[1], both, good[2], empty]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", records)
+    suspect = SuspectCounter()
+    assert load_records(jsonl, "chat", suspect=suspect) == load_records(jsonl, "chat")  # read all the same
+    assert suspect.records == 3 and suspect.by_reason == {"an assistant turn with no content": 3, "no user turn": 1}
+    assert suspect.summary() == (f"kept 3 records that may teach the wrong thing: 3 x an assistant turn with no "
+                                 f"content (e.g. {jsonl}:2); 1 x no user turn (e.g. {jsonl}:4)")
+    again = SuspectCounter.from_dict(json.loads(json.dumps(suspect.to_dict())))
+    assert again.summary() == suspect.summary()
+    again.merge(suspect)
+    assert again.records == 6 and again.summary().startswith("kept 6 records that may teach the wrong thing: 6 x")
+    array = tmp_path / "b.json"
+    array.write_text(f"[\n{json.dumps(good[0])},\n{json.dumps(empty)}\n]\n")  # record 2 starts on line 3
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([good[3], both]), parquet)
+    for path, where in ((array, f"{array}:3: record 2"), (parquet, f"{parquet}: record 2")):
+        suspect = SuspectCounter()
+        assert len(load_records(str(path), "chat", suspect=suspect)) == 2
+        assert f"(e.g. {where})" in suspect.summary() and suspect.records == 1
 
 
 # --- properties --------------------------------------------------------------------------------------------

@@ -266,3 +266,14 @@ def test_prompts_keep_their_reward_fields(prompt_files, tokenizer_dir):
     assert all(p.record["messages"][-1]["role"] == "user" for p in prompts)
     ends = {tuple(p.ids[-3:]) for p in prompts}
     assert len(ends) == 1  # every prompt ends with the assistant header, whatever its shape
+
+
+def test_prompts_with_a_nul_are_read_and_counted(tmp_path, tokenizer_dir):
+    from trainer.rl import load_prompts
+
+    records = [{"prompt": "1+1等于几？"}, {"prompt": "2+2\x00等于几？"}, {"prompt": "3+3等于几？"}]
+    path = write_jsonl(tmp_path / "rl.jsonl", records)
+    said = []
+    assert len(load_prompts(str(path), load_tokenizer(tokenizer_dir), 64, log=said.append)) == 3
+    assert said == [f"{path}: kept 1 record that may teach the wrong thing: 1 x a NUL character in the text "
+                    f"(e.g. {path}:2)"]

@@ -235,6 +235,56 @@ def test_a_cache_made_with_skip_bad_is_not_used_without_it(tmp_path, tokenizer):
         prepare(str(path), "sft", tokenizer, tmp_path / "cache", quiet=True)
 
 
+def with_suspects(records: list[dict], stage: str) -> tuple[list[dict], str]:
+    """The records with suspect ones put at lines 3, 20 and 41 (chunks 1, 3 and 6 of 7 lines), and the summary line
+    a read of them must print (path left as {path})."""
+    user = {"role": "user", "content": "这条评论是好评还是差评？"}
+    if stage == "sft":
+        bad = [{"conversations": [user, {"role": "assistant", "content": ""}]},
+               {"conversations": [{"role": "assistant", "content": "好评"}]},
+               {"conversations": [user, {"role": "assistant", "content": " "}]}]
+        said = ("{path}: kept 3 records that may teach the wrong thing: 2 x an assistant turn with no content (e.g. "
+                "{path}:3); 1 x no user turn (e.g. {path}:20)")
+    else:
+        bad = [{"prompt": "评价？", "chosen": "好评", "rejected": "好评"},
+               {"prompt": "评价？", "chosen": "", "rejected": "差评"},
+               {"prompt": "评价\x00？", "chosen": "好评", "rejected": "差评"}]
+        said = ("{path}: kept 3 records that may teach the wrong thing: 1 x chosen equals rejected (e.g. {path}:3); "
+                "1 x an empty chosen answer (e.g. {path}:20); 1 x a NUL character in the text (e.g. {path}:41)")
+    records = list(records)
+    for line, record in zip((3, 20, 41), bad):
+        records.insert(line - 1, record)
+    return records, said
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_suspect_records_counted_by_the_workers_are_kept_in_the_index(tmp_path, tokenizer, small_chunks, capsys,
+                                                                       stage):
+    records, said = with_suspects(chat_records(60) if stage == "sft" else pair_records(60), stage)
+    path = str(write_jsonl(tmp_path / "data.jsonl", records))
+    said = said.format(path=path)
+    data = SFTDataset if stage == "sft" else DPODataset
+    reference = data(path, tokenizer, 96, in_memory=True)
+    assert said in capsys.readouterr().out.splitlines()
+    assert reference.suspect.records == 3  # chat_records' tool-call turns (content "") are not counted
+    prepared = data(path, tokenizer, 96, cache_dir=tmp_path / "cache", num_workers=2)
+    assert said in capsys.readouterr().out.splitlines()
+    assert len(prepared) == len(reference) and prepared.suspect.summary() == reference.suspect.summary()
+    assert_same_items(prepared, reference)  # trained on all the same
+    cached = data(path, tokenizer, 96, cache_dir=tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "cached" in out and said in out.splitlines()
+    # An index written before the suspect records were counted is still used, and reports none.
+    index_path = Path(cached.parts[0].index["paths"]["index"])
+    index = json.loads(index_path.read_text())
+    del index["suspect"]
+    index_path.write_text(json.dumps(index))
+    again = data(path, tokenizer, 96, cache_dir=tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "cached" in out and "may teach" not in out
+    assert_same_items(again, reference)
+
+
 def test_an_interrupted_preparation_leaves_nothing_that_is_trusted(tmp_path, tokenizer, monkeypatch, small_chunks):
     path = tmp_path / "chat.jsonl"
     write_jsonl(path, chat_records(60))
@@ -390,6 +440,10 @@ def test_rl_prompts_with_their_token_ids(tmp_path, tokenizer):
         assert item["prompt_ids"].tolist() == tokenizer(expected, add_special_tokens=False)["input_ids"]
     assert data[0]["meta"] == {"task": "arithmetic", "answer": "2"} and data[1]["meta"] == {}
     assert data[2]["messages"] == [records[2]["conversations"][0]]  # cut after the last user turn
+    assert data.suspect.total == 0  # an RL prompt file's empty last assistant turn is how it ends, not suspect
+    nul = write_jsonl(tmp_path / "nul.jsonl", [*records, {"prompt": "1+1\x00等于几？"}])
+    assert RLPromptDataset(str(nul), tokenizer, quiet=True, cache_dir=tmp_path / "cache").suspect.summary() == \
+        f"kept 1 record that may teach the wrong thing: 1 x a NUL character in the text (e.g. {nul}:4)"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "assistant", "content": "x"}]}])
     with pytest.raises(DataError, match="bad.jsonl:1: the prompt has no user turn"):
         RLPromptDataset(str(bad), tokenizer, quiet=True, cache_dir=tmp_path / "cache")

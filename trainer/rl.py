@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dataset.chat import IGNORE_INDEX, render_chat
-from dataset.errors import SkipCounter, UsageError
+from dataset.errors import SkipCounter, SuspectCounter, UsageError
 from dataset.formats import iter_records
 from model.generation import Completion, generate_batch
 
@@ -67,9 +67,9 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, skip_bad: bool = 
 
     The one place RL reads data: when prepared token files (dataset/prepared.py) carry the records' reward fields,
     this becomes a read of those."""
-    skipped = SkipCounter()
+    skipped, suspect = SkipCounter(), SuspectCounter()
     prompts, cut = [], 0
-    for record in iter_records(path, "rl", skip_bad, skipped):
+    for record in iter_records(path, "rl", skip_bad, skipped, suspect):
         text = render_chat(record["messages"], add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
@@ -77,6 +77,8 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, skip_bad: bool = 
         prompts.append(Prompt(ids, record))
     if skipped.total:
         log(f"{path}: {skipped.summary()}")
+    if suspect.total:
+        log(f"{path}: {suspect.summary()}")
     if cut:
         log(f"{path}: {cut} prompt(s) longer than {max_prompt_tokens} tokens kept their last {max_prompt_tokens}")
     if not prompts:
