@@ -199,14 +199,15 @@ class Server:
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {self.loaded.context_length} tokens; "
                            f"the prompt has {prompt_tokens}", prompt_param, "context_length_exceeded")
+        echo = prompt_param == "prompt" and _get(body, "echo", bool, False)  # a completion that repeats its prompt
         max_tokens = _get(body, "max_completion_tokens", int, None, 1)
-        max_tokens = _get(body, "max_tokens", int, max_tokens, 1)
+        max_tokens = _get(body, "max_tokens", int, max_tokens, 0 if echo else 1)  # 0: score the prompt, write nothing
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {self.loaded.context_length} tokens: "
                            f"the prompt ({prompt_tokens}) plus max_tokens ({max_tokens}) exceed it",
                            "max_tokens", "context_length_exceeded")
         params = SamplingParams(
-            max_new_tokens=max_tokens or room,
+            max_new_tokens=room if max_tokens is None else max_tokens,
             temperature=_get(body, "temperature", float, self.default_temperature, 0, 2),
             top_p=_get(body, "top_p", float, self.default_top_p, 0, 1),
             top_k=_get(body, "top_k", int, 0, -1),
@@ -225,9 +226,10 @@ class Server:
                 params.logprobs = top or 0
             elif top is not None:
                 raise APIError(400, "'top_logprobs' needs \"logprobs\": true", "top_logprobs", "invalid_value")
-        else:  # completions: "logprobs": 0-5 alternatives
+        else:  # completions: "logprobs": 0-5 alternatives; with echo, the prompt's tokens' too
             params.logprobs = _get(body, "logprobs", int, None, 0, 5)
-        for name in ("echo", "suffix") + (() if prompt_param == "messages" else ("top_logprobs",)):
+            params.prompt_logprobs = params.logprobs if echo else None
+        for name in ("suffix",) + (("echo",) if prompt_param == "messages" else ("top_logprobs",)):
             if body.get(name) not in (None, False, 0, "", {}):
                 raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
         if body.get("best_of") not in (None, 1):
@@ -263,9 +265,10 @@ def _chunk(kind: str, rid: str, created: int, model: str, choices: list[dict], u
 
 
 async def _run(server: Server, request: Request, prompt: list[int], params: SamplingParams, n: int,
-               answers: list[AnswerStream]) -> AsyncIterator[tuple[int, list[dict], str | None]]:
-    """Submit n sequences and yield (choice, deltas, finish_reason or None) as tokens arrive; every sequence is
-    cancelled when the consumer stops early (the client went away, or a stop string was found)."""
+               answers: list[AnswerStream], sequences: list) -> AsyncIterator[tuple[int, list[dict], str | None]]:
+    """Submit n sequences (appended to `sequences`) and yield (choice, deltas, finish_reason or None) as tokens
+    arrive; every sequence is cancelled when the consumer stops early (the client went away, or a stop string was
+    found)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -274,7 +277,6 @@ async def _run(server: Server, request: Request, prompt: list[int], params: Samp
             loop.call_soon_threadsafe(events.put_nowait, (index, token, reason))
         return on_event
 
-    sequences = []
     for i in range(n):
         seed = None if params.seed is None else (params.seed + i) % 2**64  # torch takes seeds below 2**64
         sequences.append(server.engine.submit(prompt, SamplingParams(**{**params.__dict__, "seed": seed}),
@@ -330,10 +332,12 @@ class Reply:
         self.server, self.request, self.prompt, self.params, self.n = server, request, prompt, params, n
         self.kind, self.chunk_kind = kind, chunk_kind
         self.id, self.created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
-        self.sent, self.offset = [0] * n, [0] * n  # per choice, the logprobs already streamed and their text's length
+        self.sequences: list = []  # the engine's, one per choice
+        # per choice: the logprobs already streamed, their text's length, and whether the echoed prompt's are out
+        self.sent, self.offset, self.echoed = [0] * n, [0] * n, [False] * n
 
     def events(self) -> AsyncIterator[tuple[int, list[dict], str | None]]:
-        return _run(self.server, self.request, self.prompt, self.params, self.n, self.answers)
+        return _run(self.server, self.request, self.prompt, self.params, self.n, self.answers, self.sequences)
 
     async def finish_reasons(self) -> dict[int, str]:
         """Generate every answer to its end (no stream); the reason each one finished."""
@@ -344,16 +348,21 @@ class Reply:
         return {i: finish.get(i, "stop") for i in range(self.n)}
 
     def logprobs(self, index: int, stream: bool = False) -> dict | None:
-        """A choice's logprobs (None unless asked for); streaming, those of the tokens since its last chunk."""
+        """A choice's logprobs (None unless asked for); streaming, those of the tokens since its last chunk. With
+        echo the prompt's tokens come first, the first of them without a logprob (nothing comes before it)."""
         if self.params.logprobs is None:
             return None
         records = self.answers[index].logprobs
         start, self.sent[index] = (self.sent[index], len(records)) if stream else (0, len(records))
+        records, tokenizer = records[start:], self.server.loaded.tokenizer
         if self.kind == "chat.completion":
-            return chat_logprobs(self.server.loaded.tokenizer, records[start:])
-        out = completion_logprobs(self.server.loaded.tokenizer, records[start:], self.offset[index] if stream else 0)
-        if stream:
-            self.offset[index] += sum(len(t) for t in out["tokens"])
+            return chat_logprobs(tokenizer, records)
+        if self.params.prompt_logprobs is not None and not self.echoed[index]:
+            self.echoed[index] = True
+            scored = self.sequences[index].prompt_logprobs
+            records = [(self.prompt[0], None, None), *((t, *r) for t, r in zip(self.prompt[1:], scored)), *records]
+        out = completion_logprobs(tokenizer, records, self.offset[index])
+        self.offset[index] += sum(len(t) for t in out["tokens"])
         return out
 
     def usage(self) -> dict:
@@ -516,14 +525,21 @@ def create_app(server: Server) -> FastAPI:
             params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
         reply = Reply(server, request, body, prompt, params, n, "text_completion", "text_completion", "cmpl",
                       split_think=False)
+        # echo: the answer repeats the prompt before its completion (the prompt as sent, or its ids decoded)
+        echo = prompt_value if isinstance(prompt_value, str) else server.loaded.tokenizer.decode(prompt)
+        echo = echo if _get(body, "echo", bool, False) else ""
         if not reply.stream:
             finish = await reply.finish_reasons()
-            return reply.response([{"index": i, "text": a.content, "logprobs": reply.logprobs(i),
+            return reply.response([{"index": i, "text": echo + a.content, "logprobs": reply.logprobs(i),
                                     "finish_reason": finish[i]} for i, a in enumerate(reply.answers)])
 
         async def chunks() -> AsyncIterator[str]:
+            unechoed = set(range(n))
             async for index, deltas, reason in reply.events():
                 text = "".join(d.get("content", "") for d in deltas)
+                if index in unechoed:
+                    unechoed.discard(index)
+                    text = echo + text
                 if text or reason:
                     yield reply.chunk([{"index": index, "text": text, "logprobs": reply.logprobs(index, True),
                                         "finish_reason": reason}])

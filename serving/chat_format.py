@@ -286,9 +286,11 @@ def chat_logprobs(tokenizer: PreTrainedTokenizerFast, records: list) -> dict:
 
 def completion_logprobs(tokenizer: PreTrainedTokenizerFast, records: list, offset: int = 0) -> dict:
     """A completion choice's `logprobs`: parallel lists of tokens, their logprobs, the top alternatives as
-    {token: logprob}, and each token's character offset in the text (from `offset`)."""
+    {token: logprob}, and each token's character offset in the text (from `offset`). A record (token, None, None)
+    is a token with no logprob: an echoed prompt's first."""
     tokens = [token_bytes(tokenizer, token).decode("utf-8", errors="replace") for token, _, _ in records]
     offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in records],
-            "top_logprobs": [{token_bytes(tokenizer, t).decode("utf-8", errors="replace"): lp for t, lp in top}
+            "top_logprobs": [None if top is None else
+                             {token_bytes(tokenizer, t).decode("utf-8", errors="replace"): lp for t, lp in top}
                              for _, _, top in records], "text_offset": offsets}

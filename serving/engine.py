@@ -40,6 +40,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's logit_bias)
     logprobs: int | None = None  # record each new token's log-probability and this many alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (a completion's echo)
 
 
 Event = tuple[int | None, str | None]  # (token, None) for each new token, then (None, finish_reason)
@@ -76,6 +77,7 @@ class Sequence:
         # with params.logprobs, per new token: its log-probability and the top alternatives [(token, logprob)], from
         # the model's own distribution (before logit_bias, penalties and temperature, as vLLM reports them)
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # prompt[1:]'s, with prompt_logprobs
 
     def cancel(self) -> None:
         """Stop generating: the engine drops the sequence at its next step (thread-safe)."""
@@ -178,7 +180,15 @@ class Engine:
         length = len(seq.prompt)
         cache = KVCache(self.config, 1, length, self.device, self.dtype)
         ids = torch.tensor([seq.prompt], device=self.device)
-        logits = self.model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        top = seq.params.prompt_logprobs
+        logits = self.model(ids, past_key_values=cache, logits_to_keep=0 if top is not None else 1).logits
+        if top is not None:  # how likely the model found each prompt token after the ones before it
+            prompt = logits[0, :-1].float().log_softmax(-1)
+            chosen = prompt.gather(1, ids[0, 1:, None])[:, 0].tolist()
+            best = prompt.topk(top) if top else None
+            seq.prompt_logprobs = [(lp, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if top else [])
+                                   for i, lp in enumerate(chosen)]
+        logits = logits[:, -1]
         seq.kv_len = length
         seq.counts = torch.zeros(self.vocab, device=self.device)
         seq.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
@@ -186,6 +196,9 @@ class Engine:
         seq.bias = torch.zeros(self.vocab, device=self.device)
         for token, bias in seq.params.logit_bias.items():
             seq.bias[token] = bias
+        if seq.params.max_new_tokens <= 0:  # the prompt's logprobs were all it asked for
+            self._finish(seq, "length")
+            return
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         token = self._sample(logits, [seq])[0]

@@ -248,24 +248,53 @@ def test_logprobs_are_the_models(server, client, model_id, serve_model):
     chunks = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True)
     streamed = [entry for chunk in chunks if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
-    # completions: parallel lists, text offsets, and the top alternatives as {token: logprob}
-    text = "质量很好，"
+    # completions: parallel lists, text offsets, and the top alternatives as {token: logprob}. logit_bias forces
+    # the tokens (so they are known), and the logprobs are the model's own, before the bias.
+    text, bang = "The review says: good", tokenizer("!", add_special_tokens=False)["input_ids"]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    body = dict(model=model_id, prompt=text, max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    body = dict(model=model_id, prompt=text, max_tokens=3, temperature=0, logprobs=2, logit_bias={str(bang[0]): 100},
+                extra_body={"ignore_eos": True})
     completion = client.completions.create(**body).choices[0]
     logprobs = completion.logprobs
-    assert "".join(logprobs.tokens) == completion.text and len(logprobs.tokens) == 5
-    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
-    generated = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
-    if len(generated) == 5:  # the text re-tokenises to the same tokens (checked, not assumed)
-        expected = model_logprobs(serve_model, ids, generated)
-        assert logprobs.token_logprobs == pytest.approx([float(expected[i, t]) for i, t in enumerate(generated)],
-                                                        abs=2e-3)
-    assert all(len(top) == 2 and max(top.values()) >= lp - 1e-6
-               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert completion.text == "!!!" and logprobs.tokens == ["!"] * 3 and logprobs.text_offset == [0, 1, 2]
+    expected = model_logprobs(serve_model, ids, bang * 3)
+    assert logprobs.token_logprobs == pytest.approx(expected[:, bang[0]].tolist(), abs=2e-3)
+    for top, row in zip(logprobs.top_logprobs, expected):
+        assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(2).values.tolist(), abs=2e-3)
     streamed = [c.choices[0].logprobs for c in client.completions.create(**body, stream=True) if c.choices[0].logprobs]
     assert sum((s.tokens for s in streamed), []) == logprobs.tokens
     assert sum((s.text_offset for s in streamed), []) == logprobs.text_offset
+
+
+@pytest.mark.slow
+def test_echo_scores_the_prompt(server, client, model_id, serve_model):
+    """echo + logprobs + max_tokens 0 scores a text (what lm-evaluation-harness's loglikelihood asks a server)."""
+    tokenizer = load_tokenizer(serve_model)
+    text = "The review says: good quality, 12+7=19."  # ASCII: every token is whole characters
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected = model_logprobs(serve_model, ids[:1], ids[1:])
+    scored = client.completions.create(model=model_id, prompt=text, max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert scored.text == text and scored.finish_reason == "length"
+    logprobs = scored.logprobs
+    assert "".join(logprobs.tokens) == text and logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx([float(expected[i, t]) for i, t in enumerate(ids[1:])],
+                                                        abs=2e-3)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(ids))]
+    # with a completion: the prompt's records, then the new tokens'; streamed, the same
+    body = dict(model=model_id, prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=2,
+                extra_body={"ignore_eos": True})
+    both = client.completions.create(**body).choices[0]
+    assert both.text.startswith(tokenizer.decode(ids)) and len(both.logprobs.tokens) == len(ids) + 3
+    assert both.logprobs.token_logprobs[0] is None
+    assert both.logprobs.token_logprobs[1:len(ids)] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-4)
+    streamed = [c.choices[0] for c in client.completions.create(**body, stream=True)]
+    assert "".join(c.text for c in streamed) == both.text
+    assert sum((c.logprobs.tokens for c in streamed if c.logprobs), []) == both.logprobs.tokens
+    assert client.completions.create(model=model_id, prompt=text, max_tokens=0, echo=True).choices[0].text == text
+    for bad in (dict(max_tokens=0), dict(echo=True, max_tokens=-1)):  # 0 only with echo
+        response = requests.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                 json={"model": model_id, "prompt": text, **bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens", bad
 
 
 @pytest.mark.slow
