@@ -161,6 +161,18 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
     return out
 
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
+def _token_ids(server: "Server", value: Any) -> list[int]:
+    """A prompt given as token ids, checked against the tokenizer."""
+    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                       and 0 <= t < len(server.loaded.tokenizer) for t in value):
+        return list(value)
+    raise APIError(400, "'prompt' must be a string, an array of token ids, or an array of either (several prompts)",
+                   "prompt", "invalid_type")
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -264,11 +276,11 @@ def _chunk(kind: str, rid: str, created: int, model: str, choices: list[dict], u
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _run(server: Server, request: Request, prompt: list[int], params: SamplingParams, n: int,
+async def _run(server: Server, request: Request, prompts: list[list[int]], params: SamplingParams, n: int,
                answers: list[AnswerStream], sequences: list) -> AsyncIterator[tuple[int, list[dict], str | None]]:
-    """Submit n sequences (appended to `sequences`) and yield (choice, deltas, finish_reason or None) as tokens
-    arrive; every sequence is cancelled when the consumer stops early (the client went away, or a stop string was
-    found)."""
+    """Submit n sequences for each prompt (appended to `sequences`; choice i * n + j is prompt i's j-th) and yield
+    (choice, deltas, finish_reason or None) as tokens arrive; every sequence is cancelled when the consumer stops
+    early (the client went away, or a stop string was found)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -277,11 +289,11 @@ async def _run(server: Server, request: Request, prompt: list[int], params: Samp
             loop.call_soon_threadsafe(events.put_nowait, (index, token, reason))
         return on_event
 
-    for i in range(n):
-        seed = None if params.seed is None else (params.seed + i) % 2**64  # torch takes seeds below 2**64
-        sequences.append(server.engine.submit(prompt, SamplingParams(**{**params.__dict__, "seed": seed}),
+    for i in range(len(prompts) * n):
+        seed = None if params.seed is None else (params.seed + i % n) % 2**64  # torch takes seeds below 2**64
+        sequences.append(server.engine.submit(prompts[i // n], SamplingParams(**{**params.__dict__, "seed": seed}),
                                               listener(i)))
-    open_choices = set(range(n))
+    open_choices = set(range(len(sequences)))
     checked = time.monotonic()
     try:
         while open_choices:
@@ -319,25 +331,27 @@ async def _run(server: Server, request: Request, prompt: list[int], params: Samp
 
 
 class Reply:
-    """One request's n answers as the engine makes them, collected or streamed, and what every response to it names:
-    its id, its time and its token usage. `kind`, `chunk_kind`: the response's and a stream chunk's "object"."""
+    """One request's answers (n to each of its prompts: one for a chat, one or more for a completion) as the engine
+    makes them, collected or streamed, and what every response to it names: its id, its time and its token usage.
+    `kind`, `chunk_kind`: the response's and a stream chunk's "object"."""
 
-    def __init__(self, server: Server, request: Request, body: dict, prompt: list[int], params: SamplingParams,
-                 n: int, kind: str, chunk_kind: str, id_prefix: str, **answer_options: bool):
+    def __init__(self, server: Server, request: Request, body: dict, prompts: list[list[int]],
+                 params: SamplingParams, n: int, kind: str, chunk_kind: str, id_prefix: str, **answer_options: bool):
         stop = _stop(body)
         self.stream = _get(body, "stream", bool, False)
         self.include_usage = bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        self.choices = len(prompts) * n
         self.answers = [AnswerStream(server.loaded.tokenizer, stop, params.stop_token_ids, **answer_options)
-                        for _ in range(n)]
-        self.server, self.request, self.prompt, self.params, self.n = server, request, prompt, params, n
+                        for _ in range(self.choices)]
+        self.server, self.request, self.prompts, self.params, self.n = server, request, prompts, params, n
         self.kind, self.chunk_kind = kind, chunk_kind
         self.id, self.created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
         self.sequences: list = []  # the engine's, one per choice
         # per choice: the logprobs already streamed, their text's length, and whether the echoed prompt's are out
-        self.sent, self.offset, self.echoed = [0] * n, [0] * n, [False] * n
+        self.sent, self.offset, self.echoed = [0] * self.choices, [0] * self.choices, [False] * self.choices
 
     def events(self) -> AsyncIterator[tuple[int, list[dict], str | None]]:
-        return _run(self.server, self.request, self.prompt, self.params, self.n, self.answers, self.sequences)
+        return _run(self.server, self.request, self.prompts, self.params, self.n, self.answers, self.sequences)
 
     async def finish_reasons(self) -> dict[int, str]:
         """Generate every answer to its end (no stream); the reason each one finished."""
@@ -345,7 +359,7 @@ class Reply:
         async for index, _, reason in self.events():
             if reason:
                 finish[index] = reason
-        return {i: finish.get(i, "stop") for i in range(self.n)}
+        return {i: finish.get(i, "stop") for i in range(self.choices)}
 
     def logprobs(self, index: int, stream: bool = False) -> dict | None:
         """A choice's logprobs (None unless asked for); streaming, those of the tokens since its last chunk. With
@@ -360,15 +374,16 @@ class Reply:
         if self.params.prompt_logprobs is not None and not self.echoed[index]:
             self.echoed[index] = True
             scored = self.sequences[index].prompt_logprobs
-            records = [(self.prompt[0], None, None), *((t, *r) for t, r in zip(self.prompt[1:], scored)), *records]
+            prompt = self.prompts[index // self.n]
+            records = [(prompt[0], None, None), *((t, *r) for t, r in zip(prompt[1:], scored)), *records]
         out = completion_logprobs(tokenizer, records, self.offset[index])
         self.offset[index] += sum(len(t) for t in out["tokens"])
         return out
 
     def usage(self) -> dict:
         completion = sum(a.completion_tokens for a in self.answers)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
-                "total_tokens": len(self.prompt) + completion}
+        prompt = sum(len(p) for p in self.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def response(self, choices: list[dict]) -> dict:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.server.model_id,
@@ -470,7 +485,7 @@ def create_app(server: Server) -> FastAPI:
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
         prompt = await asyncio.to_thread(server.tokenize, text)  # a long prompt must not stall the loop
         params, n = server.sampling(body, len(prompt))
-        reply = Reply(server, request, body, prompt, params, n, "chat.completion", "chat.completion.chunk",
+        reply = Reply(server, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
                       "chatcmpl", tools=bool(tools))
         if not reply.stream:
             finish = await reply.finish_reasons()
@@ -507,39 +522,38 @@ def create_app(server: Server) -> FastAPI:
         prompt_value = body.get("prompt")
         if prompt_value is None:
             raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-        if isinstance(prompt_value, list) and len(prompt_value) == 1 and isinstance(prompt_value[0], str):
-            prompt_value = prompt_value[0]
-        if isinstance(prompt_value, str):
-            prompt = await asyncio.to_thread(server.tokenize, prompt_value)
-        elif isinstance(prompt_value, list) and prompt_value and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(server.loaded.tokenizer)
-                for t in prompt_value):
-            prompt = list(prompt_value)
-        else:
-            raise APIError(400, "'prompt' must be a string (or one string in an array, or an array of token ids)",
-                           "prompt", "invalid_type")
-        if not prompt:
+        # one prompt (a string, or token ids) or several (strings, or lists of ids): n answers to each, choice
+        # i * n + j answering prompt i, as OpenAI numbers them
+        several = isinstance(prompt_value, list) and bool(prompt_value) and all(
+            isinstance(p, str) or isinstance(p, list) for p in prompt_value)
+        values = prompt_value if several else [prompt_value]
+        if len(values) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request, got {len(values)}", "prompt",
+                           "invalid_value")
+        prompts = [await asyncio.to_thread(server.tokenize, v) if isinstance(v, str) else _token_ids(server, v)
+                   for v in values]
+        if not all(prompts):
             raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
-        params, n = server.sampling(body, len(prompt), "prompt")
+        params, n = server.sampling(body, max(len(p) for p in prompts), "prompt")
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
-        reply = Reply(server, request, body, prompt, params, n, "text_completion", "text_completion", "cmpl",
+        reply = Reply(server, request, body, prompts, params, n, "text_completion", "text_completion", "cmpl",
                       split_think=False)
-        # echo: the answer repeats the prompt before its completion (the prompt as sent, or its ids decoded)
-        echo = prompt_value if isinstance(prompt_value, str) else server.loaded.tokenizer.decode(prompt)
-        echo = echo if _get(body, "echo", bool, False) else ""
+        # echo: the answer repeats its prompt before the completion (the prompt as sent, or its ids decoded)
+        echo = [v if isinstance(v, str) else server.loaded.tokenizer.decode(p) for v, p in zip(values, prompts)] \
+            if _get(body, "echo", bool, False) else [""] * len(prompts)
         if not reply.stream:
             finish = await reply.finish_reasons()
-            return reply.response([{"index": i, "text": echo + a.content, "logprobs": reply.logprobs(i),
+            return reply.response([{"index": i, "text": echo[i // n] + a.content, "logprobs": reply.logprobs(i),
                                     "finish_reason": finish[i]} for i, a in enumerate(reply.answers)])
 
         async def chunks() -> AsyncIterator[str]:
-            unechoed = set(range(n))
+            unechoed = set(range(reply.choices))
             async for index, deltas, reason in reply.events():
                 text = "".join(d.get("content", "") for d in deltas)
                 if index in unechoed:
                     unechoed.discard(index)
-                    text = echo + text
+                    text = echo[index // n] + text
                 if text or reason:
                     yield reply.chunk([{"index": index, "text": text, "logprobs": reply.logprobs(index, True),
                                         "finish_reason": reason}])

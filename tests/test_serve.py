@@ -291,6 +291,25 @@ def test_echo_scores_the_prompt(server, client, model_id, serve_model):
     assert "".join(c.text for c in streamed) == both.text
     assert sum((c.logprobs.tokens for c in streamed if c.logprobs), []) == both.logprobs.tokens
     assert client.completions.create(model=model_id, prompt=text, max_tokens=0, echo=True).choices[0].text == text
+    # what lm-evaluation-harness's local-completions sends for loglikelihood: several prompts as token ids, one
+    # answer each, choice i for prompt i; it reads token_logprobs[context:-1] and whether each was the top one
+    short = ids[:5]
+    lm_eval = {"model": model_id, "prompt": [ids, short], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+               "seed": 1234, "echo": True}
+    reply = requests.post(f"{server}/v1/completions", json=lm_eval, headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    assert reply["usage"]["prompt_tokens"] == len(ids) + len(short)
+    for choice, prompt in zip(reply["choices"], (ids, short)):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 and choice["text"].startswith(tokenizer.decode(prompt))
+        assert lp["token_logprobs"][1:len(prompt)] == pytest.approx(logprobs.token_logprobs[1:len(prompt)], abs=1e-4)
+        assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+    # several string prompts with n = 2: prompt i's answers are choices 2i and 2i + 1
+    several = client.completions.create(model=model_id, prompt=[text, text[:10]], n=2, max_tokens=2, temperature=0,
+                                        echo=True)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert [c.text.startswith(text) for c in several.choices] == [True, True, False, False]
+    assert several.choices[2].text.startswith(text[:10])
     for bad in (dict(max_tokens=0), dict(echo=True, max_tokens=-1)):  # 0 only with echo
         response = requests.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                                  json={"model": model_id, "prompt": text, **bad})
@@ -472,7 +491,9 @@ def test_bad_chat_requests_get_openai_errors(server, model_id, name, body, statu
 def test_bad_completion_requests_and_api_key(server, client, model_id):
     headers = {"Authorization": f"Bearer {KEY}"}
     for body in ({"model": model_id}, {"model": model_id, "prompt": 5}, {"model": model_id, "prompt": [10 ** 9]},
-                 {"model": model_id, "prompt": ""}):
+                 {"model": model_id, "prompt": ""}, {"model": model_id, "prompt": []},
+                 {"model": model_id, "prompt": ["好", 5]}, {"model": model_id, "prompt": [[1, 2], []]},
+                 {"model": model_id, "prompt": [[[1]]]}, {"model": model_id, "prompt": ["好"] * 65}):
         response = requests.post(f"{server}/v1/completions", json=body, headers=headers)
         assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
     for logprobs, code in ((6, "invalid_value"), (True, "invalid_type")):
