@@ -192,12 +192,16 @@ class AnswerStream:
         return self.stop.stopped
 
     def feed(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> list[dict]:
-        """The deltas a new token makes; `logprob` (the engine's record of it) is kept for the answer's logprobs."""
+        """The deltas a new token makes; `logprob` (the engine's record of it) is kept for the answer's logprobs, a
+        stop token's too (it is not in the text, but it was generated: a client that asked for one token and reads
+        its logprob, as lm-evaluation-harness does, finds it)."""
         self.completion_tokens += 1
-        if token in self.stop_token_ids or self.stop.stopped:
+        if self.stop.stopped:
             return []
         if logprob is not None:
             self.logprobs.append((token, *logprob))
+        if token in self.stop_token_ids:
+            return []
         return self._text(self.stop.feed(self.decoder.feed(token)))
 
     def finish(self, reason: str) -> tuple[list[dict], str]:

@@ -304,6 +304,12 @@ def test_echo_scores_the_prompt(server, client, model_id, serve_model):
         assert len(lp["token_logprobs"]) == len(prompt) + 1 and choice["text"].startswith(tokenizer.decode(prompt))
         assert lp["token_logprobs"][1:len(prompt)] == pytest.approx(logprobs.token_logprobs[1:len(prompt)], abs=1e-4)
         assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+    # the one generated token is there when it is a stop token too (lm-eval drops the last token as the generated one)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stopped = requests.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                            json={**lm_eval, "prompt": [short], "logit_bias": {str(im_end): 100}}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["logprobs"]["tokens"][-1] == "<|im_end|>"
+    assert len(stopped["logprobs"]["token_logprobs"]) == len(short) + 1 and stopped["text"] == tokenizer.decode(short)
     # several string prompts with n = 2: prompt i's answers are choices 2i and 2i + 1
     several = client.completions.create(model=model_id, prompt=[text, text[:10]], n=2, max_tokens=2, temperature=0,
                                         echo=True)
