@@ -173,15 +173,20 @@ def _token_ids(server: "Server", value: Any) -> list[int]:
                    "prompt", "invalid_type")
 
 
+MAX_STOPS = 16  # OpenAI takes 4; lm-evaluation-harness passes its tasks' `until` lists on uncut, vLLM takes any
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
-        return stop
-    raise APIError(400, "'stop' must be a string or an array of at most 4 strings", "stop", "invalid_type")
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
+        raise APIError(400, f"'stop' must be a string or an array of at most {MAX_STOPS} strings", "stop",
+                       "invalid_type")
+    if "" in stops:  # it would match before the first token: every answer empty
+        raise APIError(400, "'stop' strings must not be empty", "stop", "invalid_value")
+    return stops
 
 
 class Server:

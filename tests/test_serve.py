@@ -333,7 +333,7 @@ def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
              "".join(deltas[:i]) + deltas[i][:-1])
     stop = deltas[k][-1] + deltas[k + 1][0]
     expected = text[:text.index(stop)]
-    answer = client.chat.completions.create(**sampled, stop=[stop, "never-appears"])
+    answer = client.chat.completions.create(**sampled, stop=[stop, *(f"never-{i}" for i in range(5))])  # 6 > 4
     assert answer.choices[0].message.content == expected
     assert answer.choices[0].finish_reason == "stop"
     chunks = list(client.chat.completions.create(**sampled, stop=stop, stream=True))
@@ -409,6 +409,10 @@ BAD = [
                               "temperature": 9}, 400, "invalid_value"),
     ("max_tokens zero", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400,
      "invalid_value"),
+    ("17 stop strings", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 17}, 400,
+     "invalid_type"),
+    ("an empty stop string", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]},
+     400, "invalid_value"),
     ("stop of wrong type", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400,
      "invalid_type"),
     ("n too large", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400,
