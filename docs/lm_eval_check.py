@@ -1,17 +1,20 @@
-"""serve.py under lm-evaluation-harness: its `local-completions` model scores the demo's 400 held-out sentiment
+r"""serve.py under lm-evaluation-harness: its `local-completions` model scores the demo's 400 held-out sentiment
 questions through the server (two answers each, by log-likelihood), and the same scores computed from the model
 directly must agree.
 
     python -m docs.lm_eval_check task /tmp/lme_task        # danlu_sentiment.yaml and its questions
     python serve.py --model out/sft --port 8765 &
     pip install "lm-eval[api]==0.4.13"                     # not a dependency of danlu: only this check needs it
-    HF_DATASETS_OFFLINE=1 lm_eval --model local-completions --model_args model=sft,\
-base_url=http://127.0.0.1:8765/v1/completions,tokenizer_backend=huggingface,tokenizer=out/sft,tokenized_requests=True \
-        --include_path /tmp/lme_task --tasks danlu_sentiment --output_path /tmp/lme_out --log_samples
+    HF_DATASETS_OFFLINE=1 lm_eval --model local-completions \
+        --model_args model=sft,base_url=http://127.0.0.1:8765/v1/completions \
+        --include_path /tmp/lme_task --tasks danlu_sentiment,danlu_sentiment_gen --output_path /tmp/lme_out \
+        --log_samples
     python -m docs.lm_eval_check compare out/sft "/tmp/lme_out/sft/samples_danlu_sentiment_2*.jsonl"
-
-and the same with `--tasks danlu_sentiment_gen` (lm-eval's generate_until: greedy answers through the server), then
     python -m docs.lm_eval_check answers out/sft "/tmp/lme_out/sft/samples_danlu_sentiment_gen_*.jsonl"
+
+lm-eval finds the server's /tokenizer_info and /tokenize and uses its tokenizer (with
+`tokenizer_backend=huggingface,tokenizer=out/sft` it reads the checkpoint's own copy, with the same figures).
+danlu_sentiment_gen is lm-eval's generate_until: greedy answers through the server, the verdict read by a regex.
 
 lm-eval asks for each (question, answer) the prompt's log-probabilities (`echo`, `logprobs: 1`, `max_tokens: 1`)
 and sums the answer's; `compare` computes the same sums in one forward pass each, tokenized as lm-eval tokenizes

@@ -479,6 +479,44 @@ def create_app(server: Server) -> FastAPI:
             "id": server.model_id, "object": "model", "created": server.created, "owned_by": "danlu",
             "max_model_len": server.loaded.context_length, "chat": server.loaded.is_chat}]}
 
+    # vLLM's tokenizer endpoints (outside /v1, as there): lm-evaluation-harness's local-completions finds them and
+    # uses the server's tokenizer instead of needing a copy of it
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tokenizer = server.loaded.tokenizer
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template, "vocab_size": len(tokenizer),
+                "model_max_length": server.loaded.context_length}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        """{"prompt": text} or {"messages": [...]} (rendered with the chat template) -> {"tokens", "count",
+        "max_model_len"}."""
+        body = await read_body(request)
+        if body.get("messages") is not None:
+            text = render_chat(_messages(body), _tools(body),
+                               add_generation_prompt=_get(body, "add_generation_prompt", bool, True))
+        else:
+            text = _get(body, "prompt", str)
+            if text is None:
+                raise APIError(400, "'prompt' or 'messages' is required", "prompt", "missing_required_parameter")
+        add_special = _get(body, "add_special_tokens", bool, False)
+        tokens = (await asyncio.to_thread(server.loaded.tokenizer, text, add_special_tokens=add_special))["input_ids"]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.loaded.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await read_body(request)
+        if body.get("tokens") is None:
+            raise APIError(400, "'tokens' is required", "tokens", "missing_required_parameter")
+        try:
+            tokens = _token_ids(server, body["tokens"])
+        except APIError as exc:
+            raise APIError(400, "'tokens' must be an array of this tokenizer's token ids", "tokens",
+                           "invalid_type") from exc
+        return {"prompt": server.loaded.tokenizer.decode(tokens)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)

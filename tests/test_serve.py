@@ -323,6 +323,25 @@ def test_echo_scores_the_prompt(server, client, model_id, serve_model):
 
 
 @pytest.mark.slow
+def test_tokenizer_endpoints(server, serve_model):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize, which lm-evaluation-harness looks for."""
+    tokenizer = load_tokenizer(serve_model)
+    info = requests.get(f"{server}/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == tokenizer.chat_template
+    text = "质量很好，12+7=19"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokenized = requests.post(f"{server}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert tokenized["tokens"] == ids and tokenized["count"] == len(ids)
+    chat = requests.post(f"{server}/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert chat == tokenizer(render_chat(MESSAGES, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert requests.post(f"{server}/detokenize", json={"tokens": ids}).json() == {"prompt": text}
+    for path, body, param in (("tokenize", {}, "prompt"), ("tokenize", {"prompt": 5}, "prompt"),
+                              ("detokenize", {"tokens": [10 ** 9]}, "tokens"), ("detokenize", {}, "tokens")):
+        response = requests.post(f"{server}/{path}", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (path, body)
+
+
+@pytest.mark.slow
 def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
     sampled = dict(model=model_id, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
     deltas = [c.choices[0].delta.content for c in client.chat.completions.create(**sampled, stream=True)
