@@ -8,6 +8,7 @@ non-streaming answers alike.
 import json
 import re
 import uuid
+from itertools import accumulate
 
 from transformers import PreTrainedTokenizerFast
 
@@ -276,6 +277,11 @@ def token_bytes(tokenizer: PreTrainedTokenizerFast, token: int) -> bytes:
     return piece.encode()
 
 
+def _token_text(tokenizer: PreTrainedTokenizerFast, token: int) -> str:
+    """A token as text; a piece of a character shows as U+FFFD."""
+    return token_bytes(tokenizer, token).decode("utf-8", errors="replace")
+
+
 def _token_logprob(tokenizer: PreTrainedTokenizerFast, token: int, logprob: float) -> dict:
     raw = token_bytes(tokenizer, token)
     return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
@@ -292,9 +298,8 @@ def completion_logprobs(tokenizer: PreTrainedTokenizerFast, records: list, offse
     """A completion choice's `logprobs`: parallel lists of tokens, their logprobs, the top alternatives as
     {token: logprob}, and each token's character offset in the text (from `offset`). A record (token, None, None)
     is a token with no logprob: an echoed prompt's first."""
-    tokens = [token_bytes(tokenizer, token).decode("utf-8", errors="replace") for token, _, _ in records]
-    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    tokens = [_token_text(tokenizer, token) for token, _, _ in records]
+    offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=offset)) if tokens else []
     return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in records],
-            "top_logprobs": [None if top is None else
-                             {token_bytes(tokenizer, t).decode("utf-8", errors="replace"): lp for t, lp in top}
+            "top_logprobs": [None if top is None else {_token_text(tokenizer, t): lp for t, lp in top}
                              for _, _, top in records], "text_offset": offsets}

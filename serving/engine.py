@@ -24,6 +24,18 @@ from model.generation import apply_penalties, sample_next_token
 
 log = logging.getLogger("danlu.engine")
 
+Logprob = tuple[float, list[tuple[int, float]]]  # a token's log-probability, and the top alternatives [(token, lp)]
+
+
+def logprob_records(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[Logprob]:
+    """Each row of log-probabilities (rows, vocab) as the record of its token: its log-probability and the `top`
+    most likely tokens with theirs."""
+    best = logprobs.topk(top) if top else None
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    return [(lp, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if top else [])
+            for i, lp in enumerate(chosen)]
+
+
 @dataclass
 class SamplingParams:
     """How one sequence is decoded. temperature 0 is greedy; penalties as transformers (repetition, over the
@@ -74,10 +86,10 @@ class Sequence:
         self.counts: torch.Tensor | None = None  # output token counts (vocab,)
         self.seen: torch.Tensor | None = None  # prompt or output token present (vocab,)
         self.bias: torch.Tensor | None = None  # logit_bias as a (vocab,) row
-        # with params.logprobs, per new token: its log-probability and the top alternatives [(token, logprob)], from
-        # the model's own distribution (before logit_bias, penalties and temperature, as vLLM reports them)
-        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # prompt[1:]'s, with prompt_logprobs
+        # with params.logprobs, per new token: its log-probability and the top alternatives, from the model's own
+        # distribution (before logit_bias, penalties and temperature, as vLLM reports them)
+        self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob] = []  # prompt[1:]'s, with params.prompt_logprobs
 
     def cancel(self) -> None:
         """Stop generating: the engine drops the sequence at its next step (thread-safe)."""
@@ -183,11 +195,7 @@ class Engine:
         top = seq.params.prompt_logprobs
         logits = self.model(ids, past_key_values=cache, logits_to_keep=0 if top is not None else 1).logits
         if top is not None:  # how likely the model found each prompt token after the ones before it
-            prompt = logits[0, :-1].float().log_softmax(-1)
-            chosen = prompt.gather(1, ids[0, 1:, None])[:, 0].tolist()
-            best = prompt.topk(top) if top else None
-            seq.prompt_logprobs = [(lp, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if top else [])
-                                   for i, lp in enumerate(chosen)]
+            seq.prompt_logprobs = logprob_records(logits[0, :-1].float().log_softmax(-1), seq.prompt[1:], top)
         logits = logits[:, -1]
         seq.kv_len = length
         seq.counts = torch.zeros(self.vocab, device=self.device)
@@ -302,9 +310,7 @@ class Engine:
                                    generator=[s.generator for s in rows]).tolist()
         for row, (seq, token) in enumerate(zip(rows, tokens)):
             if seq.params.logprobs is not None:
-                top = raw[row].topk(seq.params.logprobs) if seq.params.logprobs else None
-                seq.logprobs.append((float(raw[row, token]),
-                                     list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
+                seq.logprobs += logprob_records(raw[row:row + 1], [token], seq.params.logprobs)
         return tokens
 
 
