@@ -25,12 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dataset.chat import render_chat
 from dataset.formats import has_lone_surrogate
-from serving.chat_format import EMPTY_THINK, AnswerStream, chat_logprobs, completion_logprobs
+from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, SamplingParams
 from serving.loading import Loaded, load
+from serving.structured import Grammar, SchemaError, TokenTrie, json_grammar, tool_call_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_GRAMMARS = 16  # compiled response formats and forced tool calls kept for the requests that repeat them
 
 
 class APIError(Exception):
@@ -130,23 +132,60 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _tools(body: dict) -> list[dict] | None:
-    """The request's tools, checked; None without tools or with tool_choice "none". The model decides whether to
-    call one: tool_choice "required" or a named function, which would force a call, is refused."""
+def _tools(body: dict) -> tuple[list[dict] | None, list[dict] | None]:
+    """The request's tools, checked (None without tools or with tool_choice "none"), and the functions the answer
+    must call one of: all of them with tool_choice "required", the named one with {"type": "function",
+    "function": {"name"}}, None with "auto" (the model decides)."""
     tools = _get(body, "tools", list)
     for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) \
                 or not isinstance(tool["function"].get("name"), str):
             raise APIError(400, f"tools[{i}] must be {{type: function, function: {{name, ...}}}}", f"tools[{i}]",
                            "invalid_type")
+        if not isinstance(tool["function"].get("parameters", {}), dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema (an object)",
+                           f"tools[{i}].function.parameters", "invalid_type")
     choice = body.get("tool_choice")
-    if choice is not None and choice not in ("none", "auto"):
-        if choice == "required" or isinstance(choice, dict):
-            raise APIError(400, "'tool_choice' that forces a call (\"required\" or a named function) is not "
-                           "supported by this server: use \"auto\" or \"none\"", "tool_choice", "unsupported_parameter")
-        raise APIError(400, f"'tool_choice' must be \"auto\" or \"none\", got {json.dumps(choice)}", "tool_choice",
-                       "invalid_value")
-    return tools if tools and choice != "none" else None
+    if choice in (None, "none", "auto"):
+        return (tools if tools and choice != "none" else None), None
+    functions = [tool["function"] for tool in tools or []]
+    if choice == "required":
+        forced = functions
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        forced = [f for f in functions if f["name"] == choice["function"].get("name")]
+        if not forced:
+            raise APIError(400, f"'tool_choice' names {json.dumps(choice['function'].get('name'))}, which is not "
+                           "one of the request's tools", "tool_choice", "invalid_value")
+    else:
+        raise APIError(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                       f"\"function\": {{\"name\": ...}}}}, got {json.dumps(choice)}", "tool_choice", "invalid_value")
+    if not forced:
+        raise APIError(400, "'tool_choice' \"required\" needs 'tools'", "tool_choice", "invalid_value")
+    return tools, forced
+
+
+def _response_format(body: dict) -> dict | None:
+    """The JSON schema the answer must fit: {"type": "object"} for {"type": "json_object"}, the schema of
+    {"type": "json_schema", "json_schema": {"name", "schema"}}; None for text."""
+    value = body.get("response_format")
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise APIError(400, "'response_format' json_schema must be {\"name\": ..., \"schema\": {...}}",
+                           "response_format", "invalid_value")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise APIError(400, "'response_format' json_schema.schema must be a JSON schema (an object)",
+                           "response_format", "invalid_type")
+        return schema
+    raise APIError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                   f"{{\"type\": \"json_schema\", ...}}, got {json.dumps(value)[:200]}", "response_format",
+                   "invalid_value")
 
 
 def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
@@ -199,6 +238,8 @@ class Server:
         defaults = loaded.model.generation_config
         self.default_temperature = float(defaults.temperature or 1.0) if defaults.do_sample else 0.0
         self.default_top_p = float(defaults.top_p or 1.0)
+        self._trie: TokenTrie | None = None  # the vocabulary as bytes, built for the first structured answer
+        self._grammars: dict[str, Grammar] = {}
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -257,12 +298,35 @@ class Server:
         if body.get("stream_options") is not None and not _get(body, "stream", bool, False):
             raise APIError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options",
                            "invalid_value")
-        response_format = body.get("response_format")
-        if response_format not in (None, {"type": "text"}):
-            raise APIError(400, "'response_format' other than text is not supported by this server",
-                           "response_format", "unsupported_parameter")
+        schema = _response_format(body)
+        if schema is not None:
+            params.grammar = self.grammar("response_format", schema)
         n = _get(body, "n", int, 1, 1, 16)
         return params, n
+
+    def grammar(self, param: str, schema: dict | None = None, functions: list[dict] | None = None) -> Grammar:
+        """The grammar of an answer that fits a JSON schema, or calls one of `functions` (compiled ones are kept:
+        each caches the tokens its states allow, which a client that sends one schema again reuses)."""
+        key = json.dumps([param, schema, functions], sort_keys=True)
+        if key in self._grammars:
+            self._grammars[key] = self._grammars.pop(key)  # most recently used last
+            return self._grammars[key]
+        if self._trie is None:
+            self._trie = TokenTrie.from_tokenizer(self.loaded.tokenizer)
+        try:
+            if functions is None:
+                grammar = json_grammar(schema, self._trie, "json_schema.schema")
+            else:
+                grammar = tool_call_grammar(functions, self._trie, TOOL_OPEN, TOOL_CLOSE,
+                                            [f"function {f['name']}: parameters" for f in functions])
+        except SchemaError as exc:
+            raise APIError(400, f"'{param}': {exc}", param, "invalid_schema") from exc
+        except RecursionError as exc:
+            raise APIError(400, f"'{param}': the schema is nested too deeply", param, "invalid_schema") from exc
+        self._grammars[key] = grammar
+        while len(self._grammars) > MAX_GRAMMARS:
+            self._grammars.pop(next(iter(self._grammars)))
+        return grammar
 
     def tokenize(self, text: str) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -495,7 +559,7 @@ def create_app(server: Server) -> FastAPI:
         "max_model_len"}."""
         body = await read_body(request)
         if body.get("messages") is not None:
-            text = render_chat(_messages(body), _tools(body),
+            text = render_chat(_messages(body), _tools(body)[0],
                                add_generation_prompt=_get(body, "add_generation_prompt", bool, True))
         else:
             text = _get(body, "prompt", str)
@@ -522,12 +586,19 @@ def create_app(server: Server) -> FastAPI:
         body = await read_body(request)
         server.check_model(body)
         messages = _messages(body)
-        tools = _tools(body)
+        tools, forced = _tools(body)
         template_options = _get(body, "chat_template_kwargs", dict, {})
-        thinking = template_options.get("enable_thinking", True) is not False
+        # an answer held to a schema or a tool call starts with it: the prompt closes an empty think block
+        structured = forced is not None or _response_format(body) is not None
+        thinking = template_options.get("enable_thinking", True) is not False and not structured
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
         prompt = await asyncio.to_thread(server.tokenize, text)  # a long prompt must not stall the loop
         params, n = server.sampling(body, len(prompt))
+        if forced is not None:
+            if params.grammar is not None:
+                raise APIError(400, "'response_format' and a 'tool_choice' that forces a call exclude each other: "
+                               "the answer is either JSON or a tool call", "response_format", "invalid_value")
+            params.grammar = server.grammar("tool_choice", functions=forced)
         reply = Reply(server, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
                       "chatcmpl", tools=bool(tools))
         if not reply.stream:

@@ -21,6 +21,7 @@ import torch
 
 from model import LM, KVCache
 from model.generation import apply_penalties, sample_next_token
+from serving.structured import Grammar
 
 log = logging.getLogger("danlu.engine")
 
@@ -53,6 +54,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's logit_bias)
     logprobs: int | None = None  # record each new token's log-probability and this many alternatives (None: off)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (a completion's echo)
+    grammar: Grammar | None = None  # what the answer must fit (a JSON schema, a tool call): other tokens are masked
 
 
 Event = tuple[int | None, str | None]  # (token, None) for each new token, then (None, finish_reason)
@@ -90,6 +92,7 @@ class Sequence:
         # distribution (before logit_bias, penalties and temperature, as vLLM reports them)
         self.logprobs: list[Logprob] = []
         self.prompt_logprobs: list[Logprob] = []  # prompt[1:]'s, with params.prompt_logprobs
+        self.grammar_state = params.grammar.start if params.grammar else None  # the answer so far, in its grammar
 
     def cancel(self) -> None:
         """Stop generating: the engine drops the sequence at its next step (thread-safe)."""
@@ -254,6 +257,15 @@ class Engine:
         seq.counts[token] += 1
         seq.seen[token] = True
         self._notify(seq, token, None)
+        grammar = seq.params.grammar
+        if grammar is not None and token not in seq.params.stop_token_ids:
+            seq.grammar_state = grammar.advance(seq.grammar_state, grammar.trie.bytes_of(token))
+            if seq.grammar_state is None:  # only when no token fitted: the vocabulary cannot spell what must come
+                log.error("sequence %d: no token of the vocabulary fits its grammar", seq.id)
+                self._finish(seq, "error")
+            elif grammar.done(seq.grammar_state) and not (
+                    seq.params.stop_token_ids and grammar.allowed(seq.grammar_state, self.vocab, self.device).any()):
+                self._finish(seq, "stop")  # whole, and nothing may follow: the stop token would be the only choice
         if token in seq.params.stop_token_ids:
             self._finish(seq, "stop")
         elif len(seq.tokens) >= seq.params.max_new_tokens or seq.kv_len + 1 >= self.max_context:
@@ -305,6 +317,9 @@ class Engine:
         logits = apply_penalties(logits, torch.stack([s.seen for s in rows]),
                                  torch.stack([s.counts for s in rows]), [p.repetition_penalty for p in params],
                                  [p.frequency_penalty for p in params], [p.presence_penalty for p in params])
+        for row, seq in enumerate(rows):
+            if seq.params.grammar is not None:
+                logits[row] = logits[row].masked_fill(~self._fitting(seq), float("-inf"))
         tokens = sample_next_token(logits, do_sample=True, temperature=[p.temperature for p in params],
                                    top_k=[p.top_k for p in params], top_p=[p.top_p for p in params],
                                    generator=[s.generator for s in rows]).tolist()
@@ -312,6 +327,16 @@ class Engine:
             if seq.params.logprobs is not None:
                 seq.logprobs += logprob_records(raw[row:row + 1], [token], seq.params.logprobs)
         return tokens
+
+    def _fitting(self, seq: Sequence) -> torch.Tensor:
+        """The tokens that keep a sequence's answer inside its grammar, its stop tokens once the answer is whole;
+        all of them where none fits (the token drawn then fails the grammar and the sequence ends in an error)."""
+        grammar, state = seq.params.grammar, seq.grammar_state
+        mask = grammar.allowed(state, self.vocab, self.device)
+        if grammar.done(state) and seq.params.stop_token_ids:
+            mask = mask.clone()
+            mask[list(seq.params.stop_token_ids)] = True
+        return mask if mask.any() else torch.ones_like(mask)
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:

@@ -409,6 +409,69 @@ def test_tools_are_rendered(client, model_id, serve_model):
     assert with_history.usage.prompt_tokens == in_tokens > answer.usage.prompt_tokens
 
 
+VERDICT = {"type": "object", "properties": {"label": {"enum": ["好评", "差评"]}, "stars": {"type": "integer"},
+                                            "why": {"type": "string", "maxLength": 4}},
+           "required": ["label", "stars", "why"]}
+
+
+def fits_verdict(text: str) -> bool:
+    value = json.loads(text)
+    return set(value) == {"label", "stars", "why"} and value["label"] in ("好评", "差评") and \
+        isinstance(value["stars"], int) and isinstance(value["why"], str) and len(value["why"]) <= 4
+
+
+@pytest.mark.slow
+def test_structured_output(client, model_id):
+    """response_format: the tiny model's sampled answers parse and fit the schema, streamed or not, in a chat and a
+    completion; json_object gives an object."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
+    answer = client.chat.completions.create(model=model_id, messages=MESSAGES, response_format=response_format,
+                                            temperature=1.0, seed=3, n=3, max_tokens=200)
+    assert all(c.finish_reason == "stop" and fits_verdict(c.message.content) for c in answer.choices)
+    stream = client.chat.completions.create(model=model_id, messages=MESSAGES, response_format=response_format,
+                                            temperature=1.0, seed=4, max_tokens=200, stream=True)
+    assert fits_verdict("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    completion = client.completions.create(model=model_id, prompt="质量很好", max_tokens=200, temperature=1.0, seed=5,
+                                           extra_body={"response_format": response_format})
+    assert completion.choices[0].finish_reason == "stop" and fits_verdict(completion.choices[0].text)
+    free = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=40, temperature=0,
+                                          response_format={"type": "json_object"},
+                                          logit_bias={str(t): 100 for t in json_tokens(client, model_id, "{}")})
+    assert json.loads(free.choices[0].message.content) == {}  # the bias can pick among what fits, nothing else
+
+
+def json_tokens(client, model_id: str, text: str) -> list[int]:
+    base = str(client.base_url).removesuffix("/v1/")
+    return requests.post(f"{base}/tokenize", json={"prompt": text}, timeout=10).json()["tokens"]
+
+
+@pytest.mark.slow
+def test_tool_choice_forces_a_call(client, model_id):
+    """A named function or "required": the answer is a call, its arguments fit the function's parameters."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                 "type": "object", "properties": {"city": {"type": "string", "maxLength": 4}}, "required": ["city"]}}},
+             {"type": "function", "function": {"name": "add", "parameters": {
+                 "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                 "required": ["a", "b"]}}}]
+    named = client.chat.completions.create(model=model_id, messages=MESSAGES, tools=tools, temperature=1.0, seed=1,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           max_tokens=200)
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and len(json.loads(call.function.arguments)["city"]) <= 4
+    names = set()
+    for seed in range(4):
+        required = client.chat.completions.create(model=model_id, messages=MESSAGES, tools=tools, temperature=1.0,
+                                                  seed=seed, tool_choice="required", max_tokens=200)
+        (call,) = required.choices[0].message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name in ("get_weather", "add")
+        assert set(arguments) == ({"city"} if call.function.name == "get_weather" else {"a", "b"})
+        names.add(call.function.name)
+    assert names == {"get_weather", "add"}  # the model chose between them
+
+
 # -- bad requests: OpenAI's error object, never a 500, the server lives on --------------------------------------------
 
 
@@ -442,8 +505,23 @@ BAD = [
      400, "invalid_type"),
     ("echo", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
      "unsupported_parameter"),
-    ("json mode", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
-                   "response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
+    ("response_format of an unknown type", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                            "response_format": {"type": "yaml"}}, 400, "invalid_value"),
+    ("json_schema without a name", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                    "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400,
+     "invalid_value"),
+    ("a schema keyword not enforced", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                       "response_format": {"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}, 400,
+     "invalid_schema"),
+    ("a schema with a dangling $ref", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                       "response_format": {"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"$ref": "#/$defs/y"}}}}, 400, "invalid_schema"),
+    ("a schema nested too deeply", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                    "response_format": {"type": "json_schema", "json_schema": {
+                                        "name": "x", "schema": json.loads(
+                                            '{"properties": {"a": ' * 450 + "{}" + "}}" * 450)}}},
+     400, "invalid_schema"),
     ("temperature NaN", b'{"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
      400, "invalid_type"),
     ("seed out of range", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 70}, 400,
@@ -471,9 +549,19 @@ BAD = [
     ("reasoning_content a number", {"model": "MODEL", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning_content": 5},
         {"role": "user", "content": "hi"}]}, 400, "invalid_type"),
-    ("tool_choice required", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice":
-                              "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "unsupported_parameter"),
+    ("tool_choice required without tools", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                            "tool_choice": "required"}, 400, "invalid_value"),
+    ("tool_choice naming no tool", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                    "tool_choice": {"type": "function", "function": {"name": "g"}},
+                                    "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_value"),
+    ("a forced call's parameters not enforceable", {
+        "model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+                "d": {"type": "string", "format": "date"}}}}}]}, 400, "invalid_schema"),
+    ("a forced call and a response format", {
+        "model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400,
+     "invalid_value"),
     ("tool_choice unknown", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "x"},
      400, "invalid_value"),
     ("logit_bias not an object", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],

@@ -1,0 +1,463 @@
+"""Structured output: an answer made to fit a JSON schema (OpenAI's `response_format`), or a tool call made to fit
+its function (`tool_choice` "required" or a named function).
+
+A small model writes JSON that parses now and then; constrained decoding makes every answer parse. The grammar is
+a pushdown automaton over bytes: its state is a stack of frames, plain tuples, so a state can key a cache, and
+`advance` feeds it a token's bytes. Which tokens may come next is found by walking the vocabulary as a trie of
+token bytes from the current state: a prefix the automaton refuses prunes every token under it. The answer is
+cached per state, so inside a string, where the state barely changes, a token costs a dictionary lookup.
+
+The schema subset: `type` (one or a list), `properties`, `required`, `additionalProperties` (false, or a schema
+for an object without properties), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`, `const`,
+`anyOf` (branches that start with different characters: a string or null, an object or an array), `$ref` into
+`$defs` or `definitions`, and the annotations (`title`, `description`, `default`, `examples`, ...). An object with
+`properties` takes only those keys, in any order, the `required` ones before it closes, as OpenAI's strict mode
+does. Any other keyword (`pattern`, `format`, `minimum`, ...) is refused with its path: a 400 is better than an
+answer that does not fit. Between the JSON's tokens goes at most one whitespace character: left free, a small
+model pads its answer with runs of spaces and newlines.
+"""
+
+import json
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from serving.chat_format import token_bytes
+
+MAX_WHITESPACE = 1  # whitespace bytes between two tokens of the JSON: a small model would pad with runs of it
+MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
+
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict", "name",
+               "deprecated", "readOnly", "writeOnly"}
+KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
+            "maxLength", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
+KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
+WHITESPACE = frozenset(b" \t\n\r")
+DIGITS = frozenset(b"0123456789")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class SchemaError(ValueError):
+    """A schema this module cannot enforce; the message names where."""
+
+
+class Node:
+    """One compiled schema: what each first byte of its value starts (`start`), and the object's or array's
+    rules."""
+
+    def __init__(self):
+        self.start: dict[int, tuple] = {}  # first byte -> the frame it opens
+        self.properties: dict[str, int] = {}  # key -> node id, in the schema's order
+        self.required: frozenset[str] = frozenset()
+        self.extra: int | None = None  # node id of the values of any other key (an object without properties)
+        self.keys: tuple[bytes, ...] = ()  # the properties' keys as JSON strings without the opening quote
+        self.items = 0  # node id of the array's values
+        self.min_items, self.max_items = 0, None
+
+
+class Grammar:
+    """What an answer may be: one of `alternatives`, each a list of parts, a literal (bytes) or a JSON schema
+    (dict). Several alternatives must each start with a literal, and no literal may be another's beginning: the
+    literal picks the alternative (a tool call's `{"name": "f", "arguments": ` picks f's parameters)."""
+
+    def __init__(self, alternatives: list[list[bytes | dict]], trie: "TokenTrie", where: list[str] | None = None):
+        """`where`: what to call each alternative's schema in an error (a request's parameter)."""
+        self.trie = trie
+        self.nodes: list[Node] = []
+        self._refs: dict[tuple[int, str], int] = {}
+        self._any_node: int | None = None
+        routes = []
+        for i, parts in enumerate(alternatives):
+            frames = []
+            for part in parts:
+                if isinstance(part, bytes):
+                    frames.append(("lit", part, 0))
+                else:
+                    frames.append(("val", self._compile(part, part, where[i] if where else "schema"), 0))
+            routes.append(frames[::-1])  # a stack: its top, the first part, last
+        if len(routes) == 1:
+            self.start: tuple = tuple(routes[0])
+        else:
+            heads = [route[-1][1] if route and route[-1][0] == "lit" else None for route in routes]
+            if None in heads or any(a != b and b.startswith(a) for a in heads for b in heads):
+                raise SchemaError("each alternative must start with its own literal, none another's beginning")
+            self.routes = {head: tuple(route[:-1]) for head, route in zip(heads, routes)}
+            self.start = (("alt", b""),)
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    # -- compiling a schema -------------------------------------------------------------------------------------
+
+    def _compile(self, schema, root: dict, path: str) -> int:
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise SchemaError(f"{path} must be a schema (an object), got {json.dumps(schema)[:60]}")
+        unknown = sorted(set(schema) - KEYWORDS - ANNOTATIONS)
+        if unknown:
+            raise SchemaError(f"{path}: the keyword '{unknown[0]}' is not supported (supported: "
+                              f"{', '.join(sorted(KEYWORDS - {'$defs', 'definitions'}))})")
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], root, path)
+        anything = not set(schema) - ANNOTATIONS
+        if anything and self._any_node is not None:
+            return self._any_node
+        sid = len(self.nodes)
+        node = Node()
+        self.nodes.append(node)
+        if anything:  # any JSON value: one node, which its own objects' and arrays' values refer back to
+            self._any_node = sid
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"{path}.enum must be a non-empty array")
+            self._literals(node, [json.dumps(v, ensure_ascii=False).encode() for v in values], path)
+            return sid
+        if "anyOf" in schema:
+            branches = schema["anyOf"]
+            if not isinstance(branches, list) or not branches:
+                raise SchemaError(f"{path}.anyOf must be a non-empty array")
+            for i, branch in enumerate(branches):
+                starts = self.nodes[self._compile(branch, root, f"{path}.anyOf[{i}]")].start
+                if not starts:  # a $ref to a schema still being compiled: one that contains this anyOf
+                    raise SchemaError(f"{path}.anyOf[{i}]: a branch that refers back to its own schema is not "
+                                      "supported")
+                for byte, frame in starts.items():
+                    if frame[0] == "lits" and node.start.get(byte, frame)[0] == "lits":  # enums: one set
+                        frame = ("lits", tuple(sorted(set(frame[1]) | set(node.start.get(byte, frame)[1]))))
+                    elif byte in node.start and node.start[byte] != frame:
+                        raise SchemaError(f"{path}.anyOf: two branches start with {chr(byte)!r}; the branches "
+                                          "must start differently (an object, an array, a string, a number, ...)")
+                    node.start[byte] = frame
+            return sid
+        kinds = schema.get("type", list(KINDS))
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not isinstance(kinds, list) or not kinds or any(k not in KINDS for k in kinds):
+            raise SchemaError(f"{path}.type must be one of {', '.join(KINDS)} or a list of them")
+        for kind in kinds:
+            if kind == "object":
+                self._object(node, schema, root, path)
+                node.start[ord("{")] = ("obj", sid)
+            elif kind == "array":
+                node.items = self._compile(schema.get("items", {}), root, f"{path}.items")
+                node.min_items, node.max_items = schema.get("minItems", 0), schema.get("maxItems")
+                if not isinstance(node.min_items, int) or not isinstance(node.max_items, int | None) \
+                        or node.min_items < 0 or (node.max_items is not None and node.max_items < node.min_items):
+                    raise SchemaError(f"{path}: minItems and maxItems must be counts, min <= max")
+                node.start[ord("[")] = ("arr", sid)
+            elif kind == "string":
+                least, most = schema.get("minLength", 0), schema.get("maxLength")
+                if not isinstance(least, int) or not isinstance(most, int | None) or least < 0 \
+                        or (most is not None and most < least):
+                    raise SchemaError(f"{path}: minLength and maxLength must be counts, min <= max")
+                node.start[ord('"')] = ("str", least, most)
+            elif kind in ("number", "integer"):
+                integer = kind == "integer" and "number" not in kinds
+                for byte in b"-0123456789":
+                    node.start[byte] = ("num", integer)
+            elif kind == "boolean":
+                self._literals(node, [b"true", b"false"], path)
+            else:
+                self._literals(node, [b"null"], path)
+        return sid
+
+    def _ref(self, ref, root: dict, path: str) -> int:
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise SchemaError(f"{path}.$ref must point into this schema (#/$defs/...), got {json.dumps(ref)}")
+        key = (id(root), ref)
+        if key not in self._refs:
+            target = root
+            for part in ref[2:].split("/"):
+                part = part.replace("~1", "/").replace("~0", "~")
+                if not isinstance(target, dict) or part not in target:
+                    raise SchemaError(f"{path}.$ref: {ref} is not in the schema")
+                target = target[part]
+            forward = len(self.nodes)  # a node that becomes the target, so a schema may refer to itself
+            self._refs[key] = forward
+            self.nodes.append(Node())
+            self.nodes[forward] = self.nodes[self._compile(target, root, ref)]
+        return self._refs[key]
+
+    def _object(self, node: Node, schema: dict, root: dict, path: str) -> None:
+        properties = schema.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise SchemaError(f"{path}.properties must be an object")
+        node.properties = {key: self._compile(value, root, f"{path}.properties.{key}")
+                           for key, value in properties.items()}
+        node.keys = tuple(json.dumps(key, ensure_ascii=False).encode()[1:] for key in properties)
+        required = schema.get("required", [])
+        if not isinstance(required, list) or any(key not in properties for key in required):
+            raise SchemaError(f"{path}.required must list keys of its properties")
+        node.required = frozenset(required)
+        extra = schema.get("additionalProperties", not properties)
+        if properties and extra is not False:
+            raise SchemaError(f"{path}: an object with properties takes those keys only (additionalProperties "
+                              "other than false is not supported with properties)")
+        if not properties:
+            node.extra = None if extra is False else self._compile({} if extra is True else extra, root,
+                                                                   f"{path}.additionalProperties")
+
+    @staticmethod
+    def _literals(node: Node, literals: list[bytes], path: str) -> None:
+        for literal in literals:
+            first = literal[0]
+            old = node.start.get(first, ("lits", ()))
+            if old[0] != "lits":
+                raise SchemaError(f"{path}: the value {literal.decode()} starts like another kind the schema allows")
+            node.start[first] = ("lits", tuple(sorted(set(old[1]) | {literal})))
+
+    # -- running ------------------------------------------------------------------------------------------------
+
+    def advance(self, state: tuple, data: bytes | None) -> tuple | None:
+        """The state after `data`, or None where the grammar refuses it (None: a token outside the grammar)."""
+        if data is None:
+            return None
+        for byte in data:
+            state = self.step(state, byte)
+            if state is None:
+                return None
+        return state
+
+    def done(self, state: tuple) -> bool:
+        """The answer is whole: nothing left to write, or a number or literal that may end here."""
+        return not state or (len(state) == 1 and self._may_end(state[0]))
+
+    def allowed(self, state: tuple, vocab: int, device) -> torch.Tensor:
+        """The tokens that may come next from `state`, as a (vocab,) bool mask (cached per state)."""
+        mask = self._masks.get(state)
+        if mask is None:
+            if len(self._masks) >= MAX_CACHED_STATES:
+                self._masks.clear()
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            tokens = self.trie.walk(self, state)
+            if tokens:
+                mask[torch.tensor(tokens)] = True
+            self._masks[state] = mask = mask.to(device)
+        return mask
+
+    def step(self, state: tuple, byte: int) -> tuple | None:
+        """The state after one byte, or None."""
+        while state:
+            frame = state[-1]
+            below = state[:-1]
+            result = getattr(self, "_" + frame[0])(frame, below, byte)
+            if result is None:
+                return None
+            state, consumed = result
+            if consumed:
+                return state
+        return None  # the answer is whole: nothing more may follow
+
+    # Each frame's reader: (frame, the stack below it, a byte) -> (new stack, whether the byte was used) or None.
+
+    def _lit(self, frame, below, byte):
+        _, data, pos = frame
+        if data[pos] != byte:
+            return None
+        return (below if pos + 1 == len(data) else below + (("lit", data, pos + 1),)), True
+
+    def _alt(self, frame, below, byte):
+        typed = frame[1] + bytes([byte])
+        if typed in self.routes:
+            return below + self.routes[typed], True
+        if any(head.startswith(typed) for head in self.routes):
+            return below + (("alt", typed),), True
+        return None
+
+    def _val(self, frame, below, byte):
+        _, sid, ws = frame
+        if byte in WHITESPACE:
+            return (below + (("val", sid, ws + 1),), True) if ws < MAX_WHITESPACE else None
+        opened = self.nodes[sid].start.get(byte)
+        if opened is None:
+            return None
+        kind = opened[0]
+        if kind == "obj":
+            return below + (("obj", opened[1], "open", frozenset(), None, 0),), True
+        if kind == "arr":
+            return below + (("arr", opened[1], "open", 0, 0),), True
+        if kind == "str":
+            return below + (("str", 0, 0, 0, 0, 0, *opened[1:]),), True
+        if kind == "num":
+            return self._num(("num", opened[1], "start"), below, byte)
+        return self._lits(("lits", opened[1], b""), below, byte)
+
+    def _obj(self, frame, below, byte):
+        _, sid, phase, used, key, ws = frame
+        node = self.nodes[sid]
+        if byte in WHITESPACE:
+            return (below + (frame[:5] + (ws + 1,),), True) if ws < MAX_WHITESPACE else None
+        left = [k for k in node.properties if k not in used]
+        free = not node.properties and node.extra is not None
+        if phase in ("open", "next") and byte == ord('"') and (left or free):
+            after_key = ("obj", sid, "colon", used, None, 0)
+            if free:
+                return below + (after_key, ("str", 0, 0, 0, 0, 0, 0, None)), True
+            return below + (after_key, ("key", sid, used, b"")), True
+        if phase in ("open", "after") and byte == ord("}") and node.required <= used:
+            return below, True
+        if phase == "after" and byte == ord(",") and (left or free):
+            return below + (("obj", sid, "next", used, None, 0),), True
+        if phase == "colon" and byte == ord(":"):
+            value = node.extra if key is None else node.properties[key]
+            return below + (("obj", sid, "after", used, None, 0), ("val", value, 0)), True
+        return None
+
+    def _key(self, frame, below, byte):
+        """A key of an object with properties: one of those not written yet."""
+        _, sid, used, typed = frame
+        node = self.nodes[sid]
+        typed += bytes([byte])
+        for key, encoded in zip(node.properties, node.keys):
+            if key in used or not encoded.startswith(typed):
+                continue
+            if encoded == typed:  # the key's closing quote: the object learns which key it was
+                _, _, phase, _, _, ws = below[-1]
+                return below[:-1] + (("obj", sid, phase, used | {key}, key, ws),), True
+            return below + (("key", sid, used, typed),), True
+        return None
+
+    def _arr(self, frame, below, byte):
+        _, sid, phase, count, ws = frame
+        node = self.nodes[sid]
+        if byte in WHITESPACE:
+            return (below + (frame[:4] + (ws + 1,),), True) if ws < MAX_WHITESPACE else None
+        if phase in ("open", "after") and byte == ord("]"):
+            return (below, True) if count >= node.min_items else None
+        if phase == "after" and byte == ord(","):
+            return (below + (("arr", sid, "next", count, 0),), True) if node.max_items is None \
+                or count < node.max_items else None
+        if phase in ("open", "next") and (node.max_items is None or count < node.max_items):
+            # the count matters only up to the bounds: an unbounded array keeps one state, so its masks cache
+            counted = count + 1 if node.max_items is not None or count < node.min_items else count
+            return self._val(("val", node.items, 0), below + (("arr", sid, "after", counted, 0),), byte)
+        return None
+
+    def _str(self, frame, below, byte):
+        """A string's bytes after its opening quote: escapes, UTF-8 checked byte by byte (`left`: the continuation
+        bytes still owed, the next one in lo..hi), and its length in characters where the schema bounds it
+        (`count`, from `least` to `most`; an unbounded string keeps count 0, so its state does not change)."""
+        _, escape, left, lo, hi, count, least, most = frame
+        bounds = frame[5:]
+        if left:
+            if not lo <= byte <= hi:
+                return None
+            return below + (("str", 0, left - 1, 0x80, 0xBF, *bounds),), True
+        if escape == 1:
+            if byte == ord("u"):
+                return below + (("str", 2, 0, 0, 0, *bounds),), True
+            return (below + (("str", 0, 0, 0, 0, *bounds),), True) if byte in b'"\\/bfnrt' else None
+        if escape >= 2:  # \u and its four hex digits
+            if byte not in HEX:
+                return None
+            return below + (("str", 0 if escape == 5 else escape + 1, 0, 0, 0, *bounds),), True
+        if byte == ord('"'):
+            return (below, True) if count >= least else None
+        if most is not None and count >= most:
+            return None
+        counted = (count + 1 if least or most is not None else 0, least, most)  # a new character starts here
+        if byte == ord("\\"):
+            return below + (("str", 1, 0, 0, 0, *counted),), True
+        if byte < 0x20:  # control characters must be escaped
+            return None
+        if byte < 0x80:
+            return below + (("str", 0, 0, 0, 0, *counted),), True
+        if 0xC2 <= byte <= 0xDF:
+            return below + (("str", 0, 1, 0x80, 0xBF, *counted),), True
+        if 0xE0 <= byte <= 0xEF:  # no overlong forms, no UTF-16 surrogates
+            lo, hi = (0xA0, 0xBF) if byte == 0xE0 else (0x80, 0x9F) if byte == 0xED else (0x80, 0xBF)
+            return below + (("str", 0, 2, lo, hi, *counted),), True
+        if 0xF0 <= byte <= 0xF4:
+            lo, hi = (0x90, 0xBF) if byte == 0xF0 else (0x80, 0x8F) if byte == 0xF4 else (0x80, 0xBF)
+            return below + (("str", 0, 3, lo, hi, *counted),), True
+        return None
+
+    # A number's phases: after these, the next byte may end it.
+    _NUMBER_ENDS = {"int", "zero", "frac", "exp"}
+    _NUMBER_STEPS = {  # phase -> ((bytes, next phase), ...)
+        "start": ((b"-", "minus"), (b"0", "zero"), (b"123456789", "int")),
+        "minus": ((b"0", "zero"), (b"123456789", "int")),
+        "int": ((b"0123456789", "int"), (b".", "dot"), (b"eE", "e")),
+        "zero": ((b".", "dot"), (b"eE", "e")),
+        "dot": ((b"0123456789", "frac"),),
+        "frac": ((b"0123456789", "frac"), (b"eE", "e")),
+        "e": ((b"+-", "sign"), (b"0123456789", "exp")),
+        "sign": ((b"0123456789", "exp"),),
+        "exp": ((b"0123456789", "exp"),),
+    }
+
+    def _num(self, frame, below, byte):
+        _, integer, phase = frame
+        for accepted, following in self._NUMBER_STEPS[phase]:
+            if byte in accepted and not (integer and following in ("dot", "e")):
+                return below + (("num", integer, following),), True
+        return (below, False) if phase in self._NUMBER_ENDS else None  # ended: the frame below reads the byte
+
+    def _lits(self, frame, below, byte):
+        """One of a few literal values (an enum, true / false, null), as JSON text."""
+        _, literals, typed = frame
+        longer = typed + bytes([byte])
+        if any(literal.startswith(longer) for literal in literals):
+            return below + (("lits", literals, longer),), True
+        return (below, False) if typed in literals else None
+
+    def _may_end(self, frame) -> bool:
+        return (frame[0] == "num" and frame[2] in self._NUMBER_ENDS) or (frame[0] == "lits" and frame[2] in frame[1])
+
+
+class TokenTrie:
+    """The vocabulary as a trie of token bytes, for finding every token a grammar state allows in one walk."""
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerFast) -> "TokenTrie":
+        """Every token's bytes but the special tokens' (the end of the answer is the engine's to allow)."""
+        special = set(tokenizer.all_special_ids)
+        return cls([None if token in special else token_bytes(tokenizer, token) for token in range(len(tokenizer))])
+
+    def __init__(self, token_bytes: Sequence[bytes | None]):
+        """token_bytes[i]: token i's bytes, or None for a token a grammar never allows (a special token)."""
+        self.token_bytes = token_bytes
+        self.root: tuple[dict, list] = ({}, [])  # (children by byte, tokens that end here)
+        for token, data in enumerate(token_bytes):
+            if not data:
+                continue
+            node = self.root
+            for byte in data:
+                node = node[0].setdefault(byte, ({}, []))
+            node[1].append(token)
+
+    def bytes_of(self, token: int) -> bytes | None:
+        """A token's bytes; None for one no grammar allows."""
+        return self.token_bytes[token] or None if token < len(self.token_bytes) else None
+
+    def walk(self, grammar: Grammar, state: tuple) -> list[int]:
+        """Every token whose bytes the grammar takes from `state`."""
+        tokens, todo = [], [(self.root, state)]
+        while todo:
+            node, at = todo.pop()
+            for byte, child in node[0].items():
+                after = grammar.step(at, byte)
+                if after is not None:
+                    tokens += child[1]
+                    if child[0]:
+                        todo.append((child, after))
+        return tokens
+
+
+def json_grammar(schema: dict, trie: TokenTrie, where: str = "schema") -> Grammar:
+    """An answer that is one JSON value fitting `schema` ({"type": "object"} for OpenAI's json_object)."""
+    return Grammar([[schema]], trie, [where])
+
+
+def tool_call_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str,
+                      where: list[str] | None = None) -> Grammar:
+    """An answer that is one call of one of `functions` ({name, parameters}), written as the chat template writes
+    a call: `<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>`."""
+    alternatives = []
+    for function in functions:
+        head = f'{open_tag}\n{{"name": "{function["name"]}", "arguments": '.encode()
+        parameters = function.get("parameters") or {}
+        if not {"type", "$ref", "anyOf", "enum", "const"} & set(parameters):  # arguments are an object
+            parameters = {**parameters, "type": "object"}
+        alternatives.append([head, parameters, f"}}\n{close_tag}".encode()])
+    return Grammar(alternatives, trie, where)

@@ -1,0 +1,220 @@
+"""Structured output: the JSON grammar against json.loads, each schema keyword, the token masks against a
+token-by-token check, and the engine's answers, which must parse and fit."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from serving import structured
+from serving.structured import SchemaError, TokenTrie, json_grammar, tool_call_grammar
+
+BYTES = TokenTrie([bytes([b]) for b in range(256)])  # a vocabulary of single bytes: every text is one way
+
+
+def fits(grammar, text: str | bytes) -> bool:
+    data = text.encode() if isinstance(text, str) else text
+    state = grammar.advance(grammar.start, data)
+    return state is not None and grammar.done(state)
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    if depth > 3 or rng.random() < 0.4:
+        return rng.choice([0, -1, 12, 3.5, -0.25, 1e21, True, False, None, "", 'a"b', "中文\n", "\\", "é😀", "\x7f"])
+    if rng.random() < 0.5:
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(["k", "键", "a b", ""]) + str(i): random_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+
+
+def test_json_object_takes_what_json_loads_takes(monkeypatch):
+    """Valid objects, and the same with a byte changed, inserted or deleted: the grammar takes a text exactly when
+    json.loads reads an object from it (whitespace unbounded here; the bound has its own test)."""
+    monkeypatch.setattr(structured, "MAX_WHITESPACE", 64)
+    grammar = json_grammar({"type": "object"}, BYTES)
+    rng = random.Random(0)
+    taken = 0
+    for _ in range(6000):
+        text = json.dumps({"x": random_value(rng)}, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 1, 2])).encode()
+        if rng.random() < 0.7:
+            text = bytearray(text)
+            for _ in range(rng.randint(1, 2)):
+                i = rng.randrange(len(text))
+                byte = rng.choice(b'{}[]":,.-+eE019tfnu\\ ab\x01\n') if rng.random() < 0.9 else rng.randrange(256)
+                op = rng.random()
+                if op < 0.4:
+                    text[i] = byte
+                elif op < 0.7:
+                    text.insert(i, byte)
+                else:
+                    del text[i]
+            text = bytes(text)
+        try:
+            parsed = json.loads(text.decode("utf-8"))
+            valid = isinstance(parsed, dict) and text == text.rstrip() and b"NaN" not in text \
+                and b"Infinity" not in text  # Python reads NaN and Infinity, and trailing whitespace; JSON does not
+        except ValueError:
+            valid = False
+        assert fits(grammar, text) == valid, text
+        taken += valid
+    assert 1500 < taken < 4500  # both kinds were tried
+
+
+def test_whitespace_between_tokens_is_bounded():
+    grammar = json_grammar({"type": "object"}, BYTES)
+    assert fits(grammar, '{"a": [1, 2]}') and fits(grammar, '{\n"a":\n1}')
+    assert not fits(grammar, '{"a":  1}') and not fits(grammar, '{"a": 1}\n') and not fits(grammar, '{\n  "a": 1}')
+    assert fits(grammar, '{"a": "  many   spaces  "}')  # inside a string whitespace is text
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 4},
+    "age": {"type": "integer"},
+    "mood": {"enum": ["好", "坏", 3, None]},
+    "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2},
+    "score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+    "kind": {"const": "人"}}, "required": ["name", "age"]}
+TREE = {"$defs": {"node": {"type": "object", "properties": {
+    "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["v"]}},
+    "$ref": "#/$defs/node"}
+
+CASES = [
+    (PERSON, '{"name": "李四", "age": 30}', True),
+    (PERSON, '{"age": 30, "name": "李四"}', True),  # any order
+    (PERSON, '{"name": "李四"}', False),  # a required key missing
+    (PERSON, '{"name": "李四", "age": 30, "x": 1}', False),  # a key the schema does not have
+    (PERSON, '{"name": "李四", "age": 30, "age": 31}', False),  # a key twice
+    (PERSON, '{"name": "李四", "age": 30.5}', False),  # an integer
+    (PERSON, '{"name": "李四", "age": -0}', True),
+    (PERSON, '{"name": "张三丰大", "age": 1}', True),  # maxLength counts characters, not bytes
+    (PERSON, '{"name": "张三丰大侠", "age": 1}', False),
+    (PERSON, '{"name": "a\\"bc", "age": 1}', True),  # an escape is one character
+    (PERSON, '{"name": "", "age": 1, "mood": "好"}', True),
+    (PERSON, '{"name": "", "age": 1, "mood": 3}', True),
+    (PERSON, '{"name": "", "age": 1, "mood": null}', True),
+    (PERSON, '{"name": "", "age": 1, "mood": 30}', False),
+    (PERSON, '{"name": "", "age": 1, "mood": "中"}', False),
+    (PERSON, '{"name": "", "age": 1, "tags": []}', False),  # minItems
+    (PERSON, '{"name": "", "age": 1, "tags": ["a", "b"]}', True),
+    (PERSON, '{"name": "", "age": 1, "tags": ["a", "b", "c"]}', False),  # maxItems
+    (PERSON, '{"name": "", "age": 1, "tags": [1]}', False),
+    (PERSON, '{"name": "", "age": 1, "score": 1.5e3}', True),
+    (PERSON, '{"name": "", "age": 1, "score": null}', True),
+    (PERSON, '{"name": "", "age": 1, "score": "1"}', False),
+    (PERSON, '{"name": "", "age": 1, "kind": "人"}', True),
+    (PERSON, '{"name": "", "age": 1, "kind": "兽"}', False),
+    (TREE, '{"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": []}]}', True),
+    (TREE, '{"v": 1, "kids": [{"kids": []}]}', False),
+    ({"type": "array", "items": {"type": "boolean"}}, "[true, false]", True),
+    ({"type": "array", "items": {"type": "boolean"}}, "[true, 0]", False),
+    ({"type": "integer"}, "42", True),  # a number at the top ends where the text ends
+    ({"type": "integer"}, "4.2", False),
+    ({"type": ["string", "null"]}, "null", True),
+    ({"type": ["string", "null"]}, "1", False),
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": 1, "b": 2}', True),
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"a": "1"}', False),
+    ({"type": "object", "additionalProperties": False}, "{}", True),
+    ({"type": "object", "additionalProperties": False}, '{"a": 1}', False),
+    ({"type": "string", "minLength": 2}, '"a"', False),
+    ({"type": "string", "minLength": 2}, '"ab"', True),
+    ({}, '[1, {"a": null}, "x"]', True),
+]
+
+
+@pytest.mark.parametrize("schema,text,ok", CASES, ids=[f"{i}-{c[1][:30]}" for i, c in enumerate(CASES)])
+def test_schema_keywords(schema, text, ok):
+    assert fits(json_grammar(schema, BYTES), text) == ok
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "string", "pattern": "^a"}, "schema.properties.x: the keyword 'pattern' is not supported"),
+    ({"type": "string", "format": "email"}, "'format' is not supported"),
+    ({"anyOf": [{"type": "string"}, {"enum": ["a"]}]}, "two branches start with"),
+    ({"$ref": "#/$defs/missing"}, "#/$defs/missing is not in the schema"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "takes those keys only"),
+    ({"type": "date"}, "type must be one of"),
+    ({"enum": []}, "enum must be a non-empty array"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required must list keys"),
+])
+def test_schemas_it_cannot_enforce_are_refused_with_their_path(schema, message):
+    wrapped = {"type": "object", "properties": {"x": schema}} if "pattern" in schema else schema
+    with pytest.raises(SchemaError, match=message.replace("(", r"\(").replace("$", r"\$")):
+        json_grammar(wrapped, BYTES)
+
+
+def test_tool_call_grammar_picks_the_function_by_its_name():
+    functions = [{"name": "get", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                "required": ["city"]}},
+                 {"name": "get_time", "parameters": {"properties": {"zone": {"type": "integer"}}}}]
+    grammar = tool_call_grammar(functions, BYTES, "<tool_call>", "</tool_call>")
+    call = '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
+    assert fits(grammar, call % ("get", '{"city": "北京"}'))
+    assert fits(grammar, call % ("get_time", '{"zone": 8}'))
+    assert fits(grammar, call % ("get_time", "{}"))  # parameters without a type are still an object
+    assert not fits(grammar, call % ("get", '{"zone": 8}'))  # the other function's arguments
+    assert not fits(grammar, call % ("get", "{}"))  # its required argument
+    assert not fits(grammar, call % ("put", '{"city": "北京"}'))
+    assert not fits(grammar, call % ("get_time", "8"))
+
+
+def test_token_masks_equal_checking_every_token(tokenizer_dir):
+    """The trie walk finds the same tokens as feeding each token's bytes on its own, in states inside a key, a
+    string, a number and between values, with a real byte-level vocabulary."""
+    from dataset.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    trie = TokenTrie.from_tokenizer(tokenizer)
+    grammar = json_grammar(PERSON, trie)
+    assert all(trie.bytes_of(t) is None for t in tokenizer.all_special_ids)
+    for prefix in ["", "{", '{"na', '{"name": "李', '{"name": "ab", "age": 1', '{"name": "ab", "age": 1, "tags": [',
+                   '{"name": "\\u00', '{"name": "ab", "age": 1, "score": 1.']:
+        state = grammar.advance(grammar.start, prefix.encode())
+        assert state is not None, prefix
+        mask = grammar.allowed(state, len(tokenizer) + 3, "cpu")
+        expected = torch.zeros_like(mask)
+        for token in range(len(tokenizer)):
+            expected[token] = grammar.advance(state, trie.bytes_of(token)) is not None
+        assert torch.equal(mask, expected), prefix
+        assert mask.any() and not mask[len(tokenizer):].any()
+        assert grammar.allowed(state, len(tokenizer) + 3, "cpu") is mask  # cached
+
+
+@pytest.fixture(scope="module")
+def engine(chat_checkpoint):
+    from serving.engine import Engine
+    from serving.loading import load
+
+    loaded = load(str(chat_checkpoint["model"]), None, "cpu", None)
+    engine = Engine(loaded.model).start()
+    yield loaded, engine
+    engine.close()
+
+
+def test_a_random_model_answers_in_the_schema(engine):
+    """An untrained model writes what the schema allows, sampled, on several seeds: every answer parses, fits and
+    ends on its own (the stop token is the only token left once the object closes)."""
+    from serving.engine import SamplingParams, complete
+
+    loaded, engine = engine
+    trie = TokenTrie.from_tokenizer(loaded.tokenizer)
+    schema = {"type": "object", "properties": {"label": {"enum": ["好评", "差评"]}, "stars": {"type": "integer"},
+                                               "ok": {"type": "boolean"}, "why": {"type": "string", "maxLength": 3}},
+              "required": ["label", "stars", "ok", "why"]}
+    grammar = json_grammar(schema, trie)
+    prompt = loaded.tokenizer("这条评论是好评还是差评？", add_special_tokens=False)["input_ids"]
+    seen = set()
+    for seed in range(6):
+        params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=seed, grammar=grammar,
+                                stop_token_ids=tuple(loaded.stop_token_ids))
+        answer = complete(engine, prompt, params)
+        text = loaded.tokenizer.decode(answer.tokens, skip_special_tokens=True)
+        assert answer.finish_reason == "stop", text
+        value = json.loads(text)
+        assert set(value) == {"label", "stars", "ok", "why"} and value["label"] in ("好评", "差评")
+        assert isinstance(value["stars"], int) and isinstance(value["ok"], bool) and len(value["why"]) <= 3
+        seen.add(text)
+    assert len(seen) > 1  # sampled, not forced to one answer
+    # without a stop token the engine ends the answer itself once it is whole
+    answer = complete(engine, prompt, SamplingParams(max_new_tokens=200, temperature=1.0, seed=0, grammar=grammar))
+    assert answer.finish_reason == "stop" and json.loads(loaded.tokenizer.decode(answer.tokens))["label"]
