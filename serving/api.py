@@ -28,7 +28,7 @@ from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, SamplingParams
 from serving.loading import Loaded, load
-from serving.structured import Grammar, SchemaError, TokenTrie, json_grammar, tool_call_grammar
+from serving.structured import Grammar, SchemaError, TokenTrie, choice_grammar, json_grammar, tool_call_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -164,28 +164,49 @@ def _tools(body: dict) -> tuple[list[dict] | None, list[dict] | None]:
     return tools, forced
 
 
-def _response_format(body: dict) -> dict | None:
-    """The JSON schema the answer must fit: {"type": "object"} for {"type": "json_object"}, the schema of
-    {"type": "json_schema", "json_schema": {"name", "schema"}}; None for text."""
-    value = body.get("response_format")
-    if value is None or value == {"type": "text"}:
+def _structured(body: dict) -> tuple[str, str, Any] | None:
+    """What the answer must be, and the parameter that asked: (param, "json", a JSON schema) from OpenAI's
+    response_format ({"type": "object"} for json_object) or vLLM's structured_outputs.json, or (param, "choice",
+    texts) from structured_outputs.choice, the answer being exactly one of them. vLLM's older names guided_json
+    and guided_choice are read too. None for free text."""
+    asked = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_choice")
+             if body.get(name) is not None and body.get(name) != {"type": "text"}]
+    if len(asked) > 1:
+        raise APIError(400, f"'{asked[0]}' and '{asked[1]}' each say what the answer must be: send one",
+                       asked[1], "invalid_value")
+    if not asked:
         return None
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
+    param, value = asked[0], body[asked[0]]
+    if param == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "json_object":
+            return param, "json", {"type": "object"}
+        if kind != "json_schema":
+            raise APIError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                           f"{{\"type\": \"json_schema\", ...}}, got {json.dumps(value)[:200]}", param,
+                           "invalid_value")
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise APIError(400, "'response_format' json_schema must be {\"name\": ..., \"schema\": {...}}",
-                           "response_format", "invalid_value")
-        schema = spec.get("schema", {})
-        if not isinstance(schema, dict):
-            raise APIError(400, "'response_format' json_schema.schema must be a JSON schema (an object)",
-                           "response_format", "invalid_type")
-        return schema
-    raise APIError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                   f"{{\"type\": \"json_schema\", ...}}, got {json.dumps(value)[:200]}", "response_format",
-                   "invalid_value")
+            raise APIError(400, "'response_format' json_schema must be {\"name\": ..., \"schema\": {...}}", param,
+                           "invalid_value")
+        return param, "json", spec.get("schema", {})
+    if param == "structured_outputs":
+        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("json", "choice"):
+            raise APIError(400, "'structured_outputs' must be {\"json\": schema} or {\"choice\": [texts]}; regex "
+                           "and grammar are not supported by this server", param, "unsupported_parameter")
+        kind, value = next(iter(value.items()))
+    else:
+        kind = param.removeprefix("guided_")
+    if kind == "json" and isinstance(value, str):  # vLLM takes the schema as JSON text too
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise APIError(400, f"'{param}': the schema is not valid JSON: {exc}", param, "invalid_schema") from exc
+    if kind == "choice" and (not isinstance(value, list) or not value
+                             or not all(isinstance(v, str) and v for v in value)):
+        raise APIError(400, f"'{param}' choices must be a non-empty array of non-empty strings", param,
+                       "invalid_value")
+    return param, kind, value
 
 
 def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
@@ -298,24 +319,30 @@ class Server:
         if body.get("stream_options") is not None and not _get(body, "stream", bool, False):
             raise APIError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options",
                            "invalid_value")
-        schema = _response_format(body)
-        if schema is not None:
-            params.grammar = self.grammar("response_format", schema)
+        structured = _structured(body)
+        if structured is not None:
+            param, kind, value = structured
+            params.grammar = self.grammar(param, **{"schema" if kind == "json" else "choices": value})
         n = _get(body, "n", int, 1, 1, 16)
         return params, n
 
-    def grammar(self, param: str, schema: dict | None = None, functions: list[dict] | None = None) -> Grammar:
-        """The grammar of an answer that fits a JSON schema, or calls one of `functions` (compiled ones are kept:
-        each caches the tokens its states allow, which a client that sends one schema again reuses)."""
-        key = json.dumps([param, schema, functions], sort_keys=True)
+    def grammar(self, param: str, schema: Any = None, functions: list[dict] | None = None,
+                choices: list[str] | None = None) -> Grammar:
+        """The grammar of an answer that fits a JSON schema, calls one of `functions`, or is one of `choices`
+        (compiled ones are kept: each caches the tokens its states allow, which a client that sends one schema again
+        reuses)."""
+        key = json.dumps([param, schema, functions, choices], sort_keys=True)
         if key in self._grammars:
             self._grammars[key] = self._grammars.pop(key)  # most recently used last
             return self._grammars[key]
         if self._trie is None:
             self._trie = TokenTrie.from_tokenizer(self.loaded.tokenizer)
         try:
-            if functions is None:
-                grammar = json_grammar(schema, self._trie, "json_schema.schema")
+            if choices is not None:
+                grammar = choice_grammar(choices, self._trie)
+            elif functions is None:
+                grammar = json_grammar(schema, self._trie, "json_schema.schema" if param == "response_format" else
+                                       "schema")
             else:
                 grammar = tool_call_grammar(functions, self._trie, TOOL_OPEN, TOOL_CLOSE,
                                             [f"function {f['name']}: parameters" for f in functions])
@@ -589,7 +616,7 @@ def create_app(server: Server) -> FastAPI:
         tools, forced = _tools(body)
         template_options = _get(body, "chat_template_kwargs", dict, {})
         # an answer held to a schema or a tool call starts with it: the prompt closes an empty think block
-        structured = forced is not None or _response_format(body) is not None
+        structured = forced is not None or _structured(body) is not None
         thinking = template_options.get("enable_thinking", True) is not False and not structured
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
         prompt = await asyncio.to_thread(server.tokenize, text)  # a long prompt must not stall the loop

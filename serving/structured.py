@@ -1,5 +1,5 @@
-"""Structured output: an answer made to fit a JSON schema (OpenAI's `response_format`), or a tool call made to fit
-its function (`tool_choice` "required" or a named function).
+"""Structured output: an answer made to fit a JSON schema (OpenAI's `response_format`), a tool call made to fit
+its function (`tool_choice` "required" or a named function), or one of a few texts (vLLM's `choice`).
 
 A small model writes JSON that parses now and then; constrained decoding makes every answer parse. The grammar is
 a pushdown automaton over bytes: its state is a stack of frames, plain tuples, so a state can key a cache, and
@@ -58,8 +58,9 @@ class Node:
 
 class Grammar:
     """What an answer may be: one of `alternatives`, each a list of parts, a literal (bytes) or a JSON schema
-    (dict). Several alternatives must each start with a literal, and no literal may be another's beginning: the
-    literal picks the alternative (a tool call's `{"name": "f", "arguments": ` picks f's parameters)."""
+    (dict). Alternatives that are one literal each are a choice among texts. Otherwise several alternatives must
+    each start with a literal, and no literal may be another's beginning: the literal picks the alternative (a tool
+    call's `{"name": "f", "arguments": ` picks f's parameters)."""
 
     def __init__(self, alternatives: list[list[bytes | dict]], trie: "TokenTrie", where: list[str] | None = None):
         """`where`: what to call each alternative's schema in an error (a request's parameter)."""
@@ -76,8 +77,10 @@ class Grammar:
                 else:
                     frames.append(("val", self._compile(part, part, where[i] if where else "schema"), 0))
             routes.append(frames[::-1])  # a stack: its top, the first part, last
-        if len(routes) == 1:
-            self.start: tuple = tuple(routes[0])
+        if all(len(parts) == 1 and isinstance(parts[0], bytes) for parts in alternatives):  # one of a few texts
+            self.start: tuple = (("lits", tuple(sorted({parts[0] for parts in alternatives})), b""),)
+        elif len(routes) == 1:
+            self.start = tuple(routes[0])
         else:
             heads = [route[-1][1] if route and route[-1][0] == "lit" else None for route in routes]
             if None in heads or any(a != b and b.startswith(a) for a in heads for b in heads):
@@ -447,6 +450,13 @@ class TokenTrie:
 def json_grammar(schema: dict, trie: TokenTrie, where: str = "schema") -> Grammar:
     """An answer that is one JSON value fitting `schema` ({"type": "object"} for OpenAI's json_object)."""
     return Grammar([[schema]], trie, [where])
+
+
+def choice_grammar(choices: list[str], trie: TokenTrie) -> Grammar:
+    """An answer that is exactly one of `choices` (vLLM's structured_outputs.choice): a label, a yes or no."""
+    if not choices or not all(choices):
+        raise SchemaError("the choices must be non-empty texts")
+    return Grammar([[choice.encode()] for choice in choices], trie)
 
 
 def tool_call_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str,

@@ -440,6 +440,25 @@ def test_structured_output(client, model_id):
     assert json.loads(free.choices[0].message.content) == {}  # the bias can pick among what fits, nothing else
 
 
+@pytest.mark.slow
+def test_structured_output_choice(server, client, model_id):
+    """vLLM's structured_outputs.choice (and its older guided_choice): the answer is one of the texts, sampled."""
+    choices = ["好评", "差评", "好评价"]
+    answers = set()
+    for seed in range(6):
+        answer = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=seed,
+                                                max_tokens=20, extra_body={"structured_outputs": {"choice": choices}})
+        assert answer.choices[0].message.content in choices and answer.choices[0].finish_reason == "stop"
+        answers.add(answer.choices[0].message.content)
+    assert len(answers) > 1
+    old = client.completions.create(model=model_id, prompt="质量很好", max_tokens=20, temperature=0,
+                                    extra_body={"guided_choice": ["对", "错"]})
+    assert old.choices[0].text in ("对", "错")
+    schema = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=0,
+                                            max_tokens=200, extra_body={"structured_outputs": {"json": VERDICT}})
+    assert fits_verdict(schema.choices[0].message.content)
+
+
 def json_tokens(client, model_id: str, text: str) -> list[int]:
     base = str(client.base_url).removesuffix("/v1/")
     return requests.post(f"{base}/tokenize", json={"prompt": text}, timeout=10).json()["tokens"]
@@ -549,6 +568,20 @@ BAD = [
     ("reasoning_content a number", {"model": "MODEL", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning_content": 5},
         {"role": "user", "content": "hi"}]}, 400, "invalid_type"),
+    ("structured_outputs regex", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                  "structured_outputs": {"regex": "a+"}}, 400, "unsupported_parameter"),
+    ("structured_outputs choice empty", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                         "structured_outputs": {"choice": []}}, 400, "invalid_value"),
+    ("guided_choice not texts", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                 "guided_choice": ["a", 1]}, 400, "invalid_value"),
+    ("guided_json not JSON", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                              "guided_json": "{not json"}, 400, "invalid_schema"),
+    ("json_schema's schema not an object", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                            "response_format": {"type": "json_schema", "json_schema": {
+                                                "name": "x", "schema": [1]}}}, 400, "invalid_schema"),
+    ("response_format and structured_outputs", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                                "response_format": {"type": "json_object"},
+                                                "structured_outputs": {"choice": ["a"]}}, 400, "invalid_value"),
     ("tool_choice required without tools", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                                             "tool_choice": "required"}, 400, "invalid_value"),
     ("tool_choice naming no tool", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serving import structured
-from serving.structured import SchemaError, TokenTrie, json_grammar, tool_call_grammar
+from serving.structured import SchemaError, TokenTrie, choice_grammar, json_grammar, tool_call_grammar
 
 BYTES = TokenTrie([bytes([b]) for b in range(256)])  # a vocabulary of single bytes: every text is one way
 
@@ -156,6 +156,16 @@ def test_tool_call_grammar_picks_the_function_by_its_name():
     assert not fits(grammar, call % ("get", "{}"))  # its required argument
     assert not fits(grammar, call % ("put", '{"city": "北京"}'))
     assert not fits(grammar, call % ("get_time", "8"))
+
+
+def test_choice_grammar_takes_exactly_its_texts():
+    grammar = choice_grammar(["好评", "好评价", "差评"], BYTES)
+    assert all(fits(grammar, text) for text in ["好评", "好评价", "差评"])
+    assert not any(fits(grammar, text) for text in ["好", "好评价格", "差", "中评", ""])
+    # after 好评 the answer may end or go on to 好评价
+    assert grammar.done(grammar.advance(grammar.start, "好评".encode()))
+    with pytest.raises(SchemaError):
+        choice_grammar(["好评", ""], BYTES)
 
 
 def test_token_masks_equal_checking_every_token(tokenizer_dir):
