@@ -623,8 +623,9 @@ def create_app(server: Server) -> FastAPI:
         params, n = server.sampling(body, len(prompt))
         if forced is not None:
             if params.grammar is not None:
-                raise APIError(400, "'response_format' and a 'tool_choice' that forces a call exclude each other: "
-                               "the answer is either JSON or a tool call", "response_format", "invalid_value")
+                param = _structured(body)[0]
+                raise APIError(400, f"'{param}' and a 'tool_choice' that forces a call exclude each other: the "
+                               "answer is either what the first asks for or a tool call", param, "invalid_value")
             params.grammar = server.grammar("tool_choice", functions=forced)
         reply = Reply(server, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
                       "chatcmpl", tools=bool(tools))
