@@ -1,6 +1,6 @@
 """What structured output costs the engine: 16 requests at once, 48 sampled tokens each (0.7 / top_p 0.9), plain,
-then held to json_object and to a small schema, each grammar run twice (first with its token masks still to find,
-then cached). Three rounds, side by side in one process.
+then held to json_object, to a small schema, and to text whose tool calls fit (tool_choice "auto"), each grammar
+run twice (first with its token masks still to find, then cached). Three rounds, side by side in one process.
 
     python -m docs.structured_bench out/sft
 """
@@ -14,7 +14,7 @@ import torch
 from dataset.chat import load_tokenizer
 from model import LM
 from serving.engine import Engine, SamplingParams, complete
-from serving.structured import TokenTrie, json_grammar
+from serving.structured import TokenTrie, json_grammar, tool_text_grammar
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["正面", "负面"]}, "why": {"type": "string"},
                                            "stars": {"type": "integer"}}, "required": ["label", "why", "stars"]}
@@ -44,8 +44,11 @@ def main(model_dir: str) -> None:
     for _ in range(3):
         plain = tokens_per_second(engine, None)
         line = f"plain {plain:.0f} tokens/s"
-        for name, schema in (("json_object", {"type": "object"}), ("schema", SCHEMA)):
-            grammar = json_grammar(schema, trie)
+        for name, make in (("json_object", lambda: json_grammar({"type": "object"}, trie)),
+                           ("schema", lambda: json_grammar(SCHEMA, trie)),
+                           ("tools, auto", lambda: tool_text_grammar([{"name": "f", "parameters": SCHEMA}], trie,
+                                                                     "<tool_call>", "</tool_call>"))):
+            grammar = make()
             first, cached = tokens_per_second(engine, grammar), tokens_per_second(engine, grammar)
             line += f" | {name} {first:.0f} first, {cached:.0f} cached ({cached / plain:.2f}x)"
         print(line, flush=True)

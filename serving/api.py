@@ -28,7 +28,15 @@ from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, SamplingParams
 from serving.loading import Loaded, load
-from serving.structured import Grammar, SchemaError, TokenTrie, choice_grammar, json_grammar, tool_call_grammar
+from serving.structured import (
+    Grammar,
+    SchemaError,
+    TokenTrie,
+    choice_grammar,
+    json_grammar,
+    tool_call_grammar,
+    tool_text_grammar,
+)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -322,30 +330,32 @@ class Server:
         structured = _structured(body)
         if structured is not None:
             param, kind, value = structured
-            params.grammar = self.grammar(param, **{"schema" if kind == "json" else "choices": value})
+            params.grammar = self.grammar(param, kind, value)
         n = _get(body, "n", int, 1, 1, 16)
         return params, n
 
-    def grammar(self, param: str, schema: Any = None, functions: list[dict] | None = None,
-                choices: list[str] | None = None) -> Grammar:
-        """The grammar of an answer that fits a JSON schema, calls one of `functions`, or is one of `choices`
-        (compiled ones are kept: each caches the tokens its states allow, which a client that sends one schema again
-        reuses)."""
-        key = json.dumps([param, schema, functions, choices], sort_keys=True)
+    def grammar(self, param: str, kind: str, value: Any) -> Grammar:
+        """The grammar of an answer that is JSON fitting a schema (kind "json"), one of a few texts ("choice"), a
+        call of one of some functions ("call"), or text in which every call the model opens fits its function
+        ("text_or_call"). Compiled ones are kept: each caches the tokens its states allow, which a client that sends
+        the same schema or tools again reuses."""
+        key = json.dumps([param, kind, value], sort_keys=True)
         if key in self._grammars:
             self._grammars[key] = self._grammars.pop(key)  # most recently used last
             return self._grammars[key]
         if self._trie is None:
             self._trie = TokenTrie.from_tokenizer(self.loaded.tokenizer)
         try:
-            if choices is not None:
-                grammar = choice_grammar(choices, self._trie)
-            elif functions is None:
-                grammar = json_grammar(schema, self._trie, "json_schema.schema" if param == "response_format" else
+            if kind == "json":
+                grammar = json_grammar(value, self._trie, "json_schema.schema" if param == "response_format" else
                                        "schema")
+            elif kind == "choice":
+                grammar = choice_grammar(value, self._trie)
+            elif kind == "call":
+                grammar = tool_call_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE,
+                                            [f"function {f['name']}: parameters" for f in value])
             else:
-                grammar = tool_call_grammar(functions, self._trie, TOOL_OPEN, TOOL_CLOSE,
-                                            [f"function {f['name']}: parameters" for f in functions])
+                grammar = tool_text_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE)
         except SchemaError as exc:
             raise APIError(400, f"'{param}': {exc}", param, "invalid_schema") from exc
         except RecursionError as exc:
@@ -626,7 +636,9 @@ def create_app(server: Server) -> FastAPI:
                 param = _structured(body)[0]
                 raise APIError(400, f"'{param}' and a 'tool_choice' that forces a call exclude each other: the "
                                "answer is either what the first asks for or a tool call", param, "invalid_value")
-            params.grammar = server.grammar("tool_choice", functions=forced)
+            params.grammar = server.grammar("tool_choice", "call", forced)
+        elif tools and params.grammar is None:  # the model decides whether to call; a call it opens fits
+            params.grammar = server.grammar("tools", "text_or_call", [tool["function"] for tool in tools])
         reply = Reply(server, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
                       "chatcmpl", tools=bool(tools))
         if not reply.stream:

@@ -263,8 +263,8 @@ class Engine:
             if seq.grammar_state is None:  # only when no token fitted: the vocabulary cannot spell what must come
                 log.error("sequence %d: no token of the vocabulary fits its grammar", seq.id)
                 self._finish(seq, "error")
-            elif grammar.done(seq.grammar_state) and not (
-                    seq.params.stop_token_ids and grammar.allowed(seq.grammar_state, self.vocab, self.device).any()):
+            elif grammar.done(seq.grammar_state) and \
+                    not grammar.allowed(seq.grammar_state, self.vocab, self.device).any():
                 self._finish(seq, "stop")  # whole, and nothing may follow: the stop token would be the only choice
         if token in seq.params.stop_token_ids:
             self._finish(seq, "stop")

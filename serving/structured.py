@@ -60,9 +60,11 @@ class Grammar:
     """What an answer may be: one of `alternatives`, each a list of parts, a literal (bytes) or a JSON schema
     (dict). Alternatives that are one literal each are a choice among texts. Otherwise several alternatives must
     each start with a literal, and no literal may be another's beginning: the literal picks the alternative (a tool
-    call's `{"name": "f", "arguments": ` picks f's parameters)."""
+    call's `{"name": "f", "arguments": ` picks f's parameters). With a `trigger`, the answer is free text in which
+    the trigger, each time it comes, opens one of the alternatives, after which the text is free again."""
 
-    def __init__(self, alternatives: list[list[bytes | dict]], trie: "TokenTrie", where: list[str] | None = None):
+    def __init__(self, alternatives: list[list[bytes | dict]], trie: "TokenTrie", where: list[str] | None = None,
+                 trigger: bytes | None = None):
         """`where`: what to call each alternative's schema in an error (a request's parameter)."""
         self.trie = trie
         self.nodes: list[Node] = []
@@ -77,16 +79,23 @@ class Grammar:
                 else:
                     frames.append(("val", self._compile(part, part, where[i] if where else "schema"), 0))
             routes.append(frames[::-1])  # a stack: its top, the first part, last
-        if all(len(parts) == 1 and isinstance(parts[0], bytes) for parts in alternatives):  # one of a few texts
+        if trigger is None and all(len(parts) == 1 and isinstance(parts[0], bytes) for parts in alternatives):
             self.start: tuple = (("lits", tuple(sorted({parts[0] for parts in alternatives})), b""),)
-        elif len(routes) == 1:
+        elif trigger is None and len(routes) == 1:
             self.start = tuple(routes[0])
         else:
             heads = [route[-1][1] if route and route[-1][0] == "lit" else None for route in routes]
             if None in heads or any(a != b and b.startswith(a) for a in heads for b in heads):
                 raise SchemaError("each alternative must start with its own literal, none another's beginning")
             self.routes = {head: tuple(route[:-1]) for head, route in zip(heads, routes)}
-            self.start = (("alt", b""),)
+            self.start = (("alt", b""),) if trigger is None else (("free", 0),)
+        if trigger is not None:  # where to fall back to in the trigger when a byte breaks a partial match (KMP)
+            self.trigger, self._fallback = trigger, [0] * (len(trigger) + 1)
+            for i in range(1, len(trigger)):
+                k = self._fallback[i]
+                while k and trigger[k] != trigger[i]:
+                    k = self._fallback[k]
+                self._fallback[i + 1] = k + 1 if trigger[k] == trigger[i] else 0
         self._masks: dict[tuple, torch.Tensor] = {}
 
     # -- compiling a schema -------------------------------------------------------------------------------------
@@ -259,6 +268,16 @@ class Grammar:
             return None
         return (below if pos + 1 == len(data) else below + (("lit", data, pos + 1),)), True
 
+    def _free(self, frame, below, byte):
+        """Free text, watching for the trigger (`matched`: how much of it the text ends with)."""
+        matched = frame[1]
+        while matched and self.trigger[matched] != byte:
+            matched = self._fallback[matched]
+        matched += self.trigger[matched] == byte
+        if matched == len(self.trigger):  # opened: one of the alternatives, then free text again
+            return below + (("free", 0), ("alt", b"")), True
+        return below + (("free", matched),), True
+
     def _alt(self, frame, below, byte):
         typed = frame[1] + bytes([byte])
         if typed in self.routes:
@@ -405,7 +424,8 @@ class Grammar:
         return (below, False) if typed in literals else None
 
     def _may_end(self, frame) -> bool:
-        return (frame[0] == "num" and frame[2] in self._NUMBER_ENDS) or (frame[0] == "lits" and frame[2] in frame[1])
+        return frame[0] == "free" or (frame[0] == "num" and frame[2] in self._NUMBER_ENDS) \
+            or (frame[0] == "lits" and frame[2] in frame[1])
 
 
 class TokenTrie:
@@ -459,10 +479,31 @@ def choice_grammar(choices: list[str], trie: TokenTrie) -> Grammar:
     return Grammar([[choice.encode()] for choice in choices], trie)
 
 
+def tool_text_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str) -> Grammar:
+    """Free text in which every call the model opens with `open_tag` is a call of one of `functions` (tool_choice
+    "auto": the model decides whether to call, and a call it starts parses and fits). A function whose parameters
+    use a keyword this module cannot enforce takes any object as its arguments."""
+    checked = []
+    for function in functions:
+        try:
+            tool_call_grammar([function], trie, open_tag, close_tag)
+            checked.append(function)
+        except SchemaError:
+            checked.append({"name": function["name"], "parameters": {"type": "object"}})
+    alternatives = [[part[len(open_tag.encode()):] if i == 0 else part for i, part in enumerate(parts)]
+                    for parts in _call_parts(checked, open_tag, close_tag)]
+    return Grammar(alternatives, trie, trigger=open_tag.encode())
+
+
 def tool_call_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str,
                       where: list[str] | None = None) -> Grammar:
     """An answer that is one call of one of `functions` ({name, parameters}), written as the chat template writes
     a call: `<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>`."""
+    return Grammar(_call_parts(functions, open_tag, close_tag), trie, where)
+
+
+def _call_parts(functions: list[dict], open_tag: str, close_tag: str) -> list[list[bytes | dict]]:
+    """Each function's call as the chat template writes it: the head up to the arguments, their schema, the tail."""
     alternatives = []
     for function in functions:
         head = f'{open_tag}\n{{"name": "{function["name"]}", "arguments": '.encode()
@@ -470,4 +511,4 @@ def tool_call_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, clo
         if not {"type", "$ref", "anyOf", "enum", "const"} & set(parameters):  # arguments are an object
             parameters = {**parameters, "type": "object"}
         alternatives.append([head, parameters, f"}}\n{close_tag}".encode()])
-    return Grammar(alternatives, trie, where)
+    return alternatives

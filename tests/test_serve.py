@@ -459,6 +459,32 @@ def test_structured_output_choice(server, client, model_id):
     assert fits_verdict(schema.choices[0].message.content)
 
 
+@pytest.mark.slow
+def test_tool_calls_the_model_opens_fit(client, model_id):
+    """tool_choice "auto": the model decides whether to call, and a call it opens fits its function. The untrained
+    model is made to open calls with logit_bias on `<tool_call>`: with the tools' grammar every call it opens
+    parses; the same bias without tools' grammar (no tools in the request) writes none that parses."""
+    (open_id,) = json_tokens(client, model_id, "<tool_call>")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 3}}, "required": ["city"]}}},
+             {"type": "function", "function": {"name": "add", "parameters": {
+                 "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    calls = []
+    for seed in range(3):
+        answer = client.chat.completions.create(model=model_id, messages=MESSAGES, tools=tools, temperature=1.0,
+                                                seed=seed, max_tokens=150, logit_bias={str(open_id): 100})
+        assert answer.choices[0].finish_reason == "tool_calls"
+        calls += answer.choices[0].message.tool_calls
+    assert len(calls) >= 3
+    for call in calls:
+        arguments = json.loads(call.function.arguments)
+        assert (call.function.name, set(arguments)) in (("get_weather", {"city"}), ("add", {"a"}))
+    free = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=0,
+                                          max_tokens=150, logit_bias={str(open_id): 100})
+    assert "<tool_call>" in free.choices[0].message.content and not parse_tool_calls(
+        free.choices[0].message.content)[1]
+
+
 def json_tokens(client, model_id: str, text: str) -> list[int]:
     base = str(client.base_url).removesuffix("/v1/")
     return requests.post(f"{base}/tokenize", json={"prompt": text}, timeout=10).json()["tokens"]

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from serving import structured
-from serving.structured import SchemaError, TokenTrie, choice_grammar, json_grammar, tool_call_grammar
+from serving.structured import (
+    SchemaError,
+    TokenTrie,
+    choice_grammar,
+    json_grammar,
+    tool_call_grammar,
+    tool_text_grammar,
+)
 
 BYTES = TokenTrie([bytes([b]) for b in range(256)])  # a vocabulary of single bytes: every text is one way
 
@@ -158,6 +165,26 @@ def test_tool_call_grammar_picks_the_function_by_its_name():
     assert not fits(grammar, call % ("get_time", "8"))
 
 
+def test_tool_text_grammar_holds_the_calls_the_model_opens():
+    """tool_choice "auto": text is free, and each <tool_call> opened in it is a whole call of one function; a
+    function whose parameters cannot be enforced takes any object."""
+    functions = [{"name": "get", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                "required": ["city"]}},
+                 {"name": "day", "parameters": {"properties": {"d": {"type": "string", "format": "date"}}}}]
+    grammar = tool_text_grammar(functions, BYTES, "<tool_call>", "</tool_call>")
+
+    def call(name, arguments):
+        return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+    for text in ["", "你好", "<tool", "<<tool_call", "a " + call("get", '{"city": "x"}'),
+                 call("get", '{"city": "x"}') + "\n" + call("day", '{"d": 1}') + "好", "<tool_<tool_call" + call(
+                     "day", "{}")[len("<tool_call"):]]:
+        assert fits(grammar, text), text
+    for text in [call("get", "{}"), call("x", "{}"), "<tool_call>\nhello", call("get", '{"city": "x"}')[:-3],
+                 "ok <tool_call>" + call("get", '{"city": "x"}')]:
+        assert not fits(grammar, text), text
+
+
 def test_choice_grammar_takes_exactly_its_texts():
     grammar = choice_grammar(["好评", "好评价", "差评"], BYTES)
     assert all(fits(grammar, text) for text in ["好评", "好评价", "差评"])
@@ -225,6 +252,10 @@ def test_a_random_model_answers_in_the_schema(engine):
         assert isinstance(value["stars"], int) and isinstance(value["ok"], bool) and len(value["why"]) <= 3
         seen.add(text)
     assert len(seen) > 1  # sampled, not forced to one answer
-    # without a stop token the engine ends the answer itself once it is whole
+    # without a stop token the engine ends the answer itself once it is whole and nothing may follow, but text
+    # that may go on (free text around tool calls) goes on
     answer = complete(engine, prompt, SamplingParams(max_new_tokens=200, temperature=1.0, seed=0, grammar=grammar))
     assert answer.finish_reason == "stop" and json.loads(loaded.tokenizer.decode(answer.tokens))["label"]
+    text = tool_text_grammar([{"name": "f"}], trie, "<tool_call>", "</tool_call>")
+    answer = complete(engine, prompt, SamplingParams(max_new_tokens=20, temperature=1.0, seed=0, grammar=text))
+    assert answer.finish_reason == "length" and len(answer.tokens) == 20
