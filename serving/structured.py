@@ -260,7 +260,12 @@ class Grammar:
                 return state
         return None  # the answer is whole: nothing more may follow
 
-    # Each frame's reader: (frame, the stack below it, a byte) -> (new stack, whether the byte was used) or None.
+    # The frames, a stack's top last: ("lit", bytes, pos) a literal; ("alt", typed) the head that picks an
+    # alternative; ("free", matched) free text watching for the trigger; ("val", node, ws) a value not begun;
+    # ("obj", node, phase, keys used, key, ws); ("key", node, keys used, typed) a property's name; ("arr", node,
+    # phase, count, ws); ("str", escape, left, lo, hi, count, least, most); ("num", integer only, phase); ("lits",
+    # literals, typed) one of a few texts. Each frame's reader: (frame, the stack below it, a byte) -> (new stack,
+    # whether the byte was used) or None.
 
     def _lit(self, frame, below, byte):
         _, data, pos = frame
