@@ -337,8 +337,9 @@ class Server:
     def grammar(self, param: str, kind: str, value: Any) -> Grammar:
         """The grammar of an answer that is JSON fitting a schema (kind "json"), one of a few texts ("choice"), a
         call of one of some functions ("call"), or text in which every call the model opens fits its function
-        ("text_or_call"). Compiled ones are kept: each caches the tokens its states allow, which a client that sends
-        the same schema or tools again reuses."""
+        ("text_or_call"; "text_or_one_call" ends the answer at its first call, for parallel_tool_calls false).
+        Compiled ones are kept: each caches the tokens its states allow, which a client that sends the same schema
+        or tools again reuses."""
         key = json.dumps([param, kind, value], sort_keys=True)
         if key in self._grammars:
             self._grammars[key] = self._grammars.pop(key)  # most recently used last
@@ -355,7 +356,7 @@ class Server:
                 grammar = tool_call_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE,
                                             [f"function {f['name']}: parameters" for f in value])
             else:
-                grammar = tool_text_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE)
+                grammar = tool_text_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE, kind == "text_or_call")
         except SchemaError as exc:
             raise APIError(400, f"'{param}': {exc}", param, "invalid_schema") from exc
         except RecursionError as exc:
@@ -638,7 +639,8 @@ def create_app(server: Server) -> FastAPI:
                                "answer is either what the first asks for or a tool call", param, "invalid_value")
             params.grammar = server.grammar("tool_choice", "call", forced)
         elif tools and params.grammar is None:  # the model decides whether to call; a call it opens fits
-            params.grammar = server.grammar("tools", "text_or_call", [tool["function"] for tool in tools])
+            kind = "text_or_call" if _get(body, "parallel_tool_calls", bool, True) else "text_or_one_call"
+            params.grammar = server.grammar("tools", kind, [tool["function"] for tool in tools])
         reply = Reply(server, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
                       "chatcmpl", tools=bool(tools))
         if not reply.stream:

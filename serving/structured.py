@@ -64,8 +64,9 @@ class Grammar:
     the trigger, each time it comes, opens one of the alternatives, after which the text is free again."""
 
     def __init__(self, alternatives: list[list[bytes | dict]], trie: "TokenTrie", where: list[str] | None = None,
-                 trigger: bytes | None = None):
-        """`where`: what to call each alternative's schema in an error (a request's parameter)."""
+                 trigger: bytes | None = None, once: bool = False):
+        """`where`: what to call each alternative's schema in an error (a request's parameter); `once`: after the
+        trigger's alternative the answer ends (free text before it, none after)."""
         self.trie = trie
         self.nodes: list[Node] = []
         self._refs: dict[tuple[int, str], int] = {}
@@ -89,6 +90,7 @@ class Grammar:
                 raise SchemaError("each alternative must start with its own literal, none another's beginning")
             self.routes = {head: tuple(route[:-1]) for head, route in zip(heads, routes)}
             self.start = (("alt", b""),) if trigger is None else (("free", 0),)
+        self.once = once
         if trigger is not None:  # where to fall back to in the trigger when a byte breaks a partial match (KMP)
             self.trigger, self._fallback = trigger, [0] * (len(trigger) + 1)
             for i in range(1, len(trigger)):
@@ -279,8 +281,8 @@ class Grammar:
         while matched and self.trigger[matched] != byte:
             matched = self._fallback[matched]
         matched += self.trigger[matched] == byte
-        if matched == len(self.trigger):  # opened: one of the alternatives, then free text again
-            return below + (("free", 0), ("alt", b"")), True
+        if matched == len(self.trigger):  # opened: one of the alternatives, then free text again (or the end)
+            return below + ((("alt", b""),) if self.once else (("free", 0), ("alt", b""))), True
         return below + (("free", matched),), True
 
     def _alt(self, frame, below, byte):
@@ -484,10 +486,12 @@ def choice_grammar(choices: list[str], trie: TokenTrie) -> Grammar:
     return Grammar([[choice.encode()] for choice in choices], trie)
 
 
-def tool_text_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str) -> Grammar:
+def tool_text_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str,
+                      parallel: bool = True) -> Grammar:
     """Free text in which every call the model opens with `open_tag` is a call of one of `functions` (tool_choice
-    "auto": the model decides whether to call, and a call it starts parses and fits). A function whose parameters
-    use a keyword this module cannot enforce takes any object as its arguments."""
+    "auto": the model decides whether to call, and a call it starts parses and fits); without `parallel`, the
+    answer ends with its first call. A function whose parameters use a keyword this module cannot enforce takes
+    any object as its arguments."""
     checked = []
     for function in functions:
         try:
@@ -497,7 +501,7 @@ def tool_text_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, clo
             checked.append({"name": function["name"], "parameters": {"type": "object"}})
     alternatives = [[part[len(open_tag.encode()):] if i == 0 else part for i, part in enumerate(parts)]
                     for parts in _call_parts(checked, open_tag, close_tag)]
-    return Grammar(alternatives, trie, trigger=open_tag.encode())
+    return Grammar(alternatives, trie, trigger=open_tag.encode(), once=not parallel)
 
 
 def tool_call_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str,

@@ -476,6 +476,10 @@ def test_tool_calls_the_model_opens_fit(client, model_id):
         assert answer.choices[0].finish_reason == "tool_calls"
         calls += answer.choices[0].message.tool_calls
     assert len(calls) >= 3
+    one = client.chat.completions.create(model=model_id, messages=MESSAGES, tools=tools, temperature=1.0, seed=0,
+                                         max_tokens=150, logit_bias={str(open_id): 100}, parallel_tool_calls=False)
+    assert one.choices[0].finish_reason == "tool_calls" and len(one.choices[0].message.tool_calls) == 1
+    assert one.usage.completion_tokens < 150  # the answer ended with its call
     for call in calls:
         arguments = json.loads(call.function.arguments)
         assert (call.function.name, set(arguments)) in (("get_weather", {"city"}), ("add", {"a"}))

@@ -183,6 +183,9 @@ def test_tool_text_grammar_holds_the_calls_the_model_opens():
     for text in [call("get", "{}"), call("x", "{}"), "<tool_call>\nhello", call("get", '{"city": "x"}')[:-3],
                  "ok <tool_call>" + call("get", '{"city": "x"}')]:
         assert not fits(grammar, text), text
+    one = tool_text_grammar(functions, BYTES, "<tool_call>", "</tool_call>", parallel=False)  # ends at the call
+    assert fits(one, "好 " + call("day", "{}")) and not fits(one, call("day", "{}") + "好")
+    assert not fits(one, call("day", "{}") + call("day", "{}"))
 
 
 def test_choice_grammar_takes_exactly_its_texts():
