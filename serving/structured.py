@@ -13,8 +13,8 @@ for an object without properties), `items`, `minItems`, `maxItems`, `minLength`,
 `$defs` or `definitions`, and the annotations (`title`, `description`, `default`, `examples`, ...). An object with
 `properties` takes only those keys, in any order, the `required` ones before it closes, as OpenAI's strict mode
 does. Any other keyword (`pattern`, `format`, `minimum`, ...) is refused with its path: a 400 is better than an
-answer that does not fit. Between the JSON's tokens goes at most one whitespace character: left free, a small
-model pads its answer with runs of spaces and newlines.
+answer that does not fit. Whitespace between the JSON's tokens is as json.dumps writes it: one space after a
+colon or a comma, none elsewhere (`{"a": 1, "b": [1, 2]}`).
 """
 
 import json
@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 from serving.chat_format import token_bytes
 
-MAX_WHITESPACE = 1  # whitespace bytes between two tokens of the JSON: a small model would pad with runs of it
+FREE_WHITESPACE = False  # True: up to 64 whitespace bytes anywhere between the JSON's tokens (the tests' check)
 MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict", "name",
@@ -36,6 +36,17 @@ KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _room(where: str) -> int:
+    """How many whitespace bytes may come at `where`: one space after a colon or a comma (where a value or the next
+    key or item begins), as json.dumps writes JSON, and none elsewhere. Left free, a small model pads its answer
+    with runs of spaces and newlines."""
+    return 64 if FREE_WHITESPACE else int(where in ("value", "next"))
+
+
+def _is_space(byte: int) -> bool:
+    return byte in WHITESPACE if FREE_WHITESPACE else byte == ord(" ")
 
 
 class SchemaError(ValueError):
@@ -78,7 +89,8 @@ class Grammar:
                 if isinstance(part, bytes):
                     frames.append(("lit", part, 0))
                 else:
-                    frames.append(("val", self._compile(part, part, where[i] if where else "schema"), 0))
+                    frames.append(("val", self._compile(part, part, where[i] if where else "schema"),
+                                   _room("part")))
             routes.append(frames[::-1])  # a stack: its top, the first part, last
         if trigger is None and all(len(parts) == 1 and isinstance(parts[0], bytes) for parts in alternatives):
             self.start: tuple = (("lits", tuple(sorted({parts[0] for parts in alternatives})), b""),)
@@ -263,9 +275,9 @@ class Grammar:
         return None  # the answer is whole: nothing more may follow
 
     # The frames, a stack's top last: ("lit", bytes, pos) a literal; ("alt", typed) the head that picks an
-    # alternative; ("free", matched) free text watching for the trigger; ("val", node, ws) a value not begun;
-    # ("obj", node, phase, keys used, key, ws); ("key", node, keys used, typed) a property's name; ("arr", node,
-    # phase, count, ws); ("str", escape, left, lo, hi, count, least, most); ("num", integer only, phase); ("lits",
+    # alternative; ("free", matched) free text watching for the trigger; ("val", node, room) a value not begun;
+    # ("obj", node, phase, keys used, key, room); ("key", node, keys used, typed) a property's name; ("arr", node,
+    # phase, count, room); ("str", escape, left, lo, hi, count, least, most); ("num", integer only, phase); ("lits",
     # literals, typed) one of a few texts. Each frame's reader: (frame, the stack below it, a byte) -> (new stack,
     # whether the byte was used) or None.
 
@@ -294,17 +306,17 @@ class Grammar:
         return None
 
     def _val(self, frame, below, byte):
-        _, sid, ws = frame
-        if byte in WHITESPACE:
-            return (below + (("val", sid, ws + 1),), True) if ws < MAX_WHITESPACE else None
+        _, sid, room = frame
+        if _is_space(byte):
+            return (below + (("val", sid, room - 1),), True) if room else None
         opened = self.nodes[sid].start.get(byte)
         if opened is None:
             return None
         kind = opened[0]
         if kind == "obj":
-            return below + (("obj", opened[1], "open", frozenset(), None, 0),), True
+            return below + (("obj", opened[1], "open", frozenset(), None, _room("open")),), True
         if kind == "arr":
-            return below + (("arr", opened[1], "open", 0, 0),), True
+            return below + (("arr", opened[1], "open", 0, _room("open")),), True
         if kind == "str":
             return below + (("str", 0, 0, 0, 0, 0, *opened[1:]),), True
         if kind == "num":
@@ -312,24 +324,24 @@ class Grammar:
         return self._lits(("lits", opened[1], b""), below, byte)
 
     def _obj(self, frame, below, byte):
-        _, sid, phase, used, key, ws = frame
+        _, sid, phase, used, key, room = frame
         node = self.nodes[sid]
-        if byte in WHITESPACE:
-            return (below + (frame[:5] + (ws + 1,),), True) if ws < MAX_WHITESPACE else None
+        if _is_space(byte):
+            return (below + (frame[:5] + (room - 1,),), True) if room else None
         left = [k for k in node.properties if k not in used]
         free = not node.properties and node.extra is not None
         if phase in ("open", "next") and byte == ord('"') and (left or free):
-            after_key = ("obj", sid, "colon", used, None, 0)
+            after_key = ("obj", sid, "colon", used, None, _room("colon"))
             if free:
                 return below + (after_key, ("str", 0, 0, 0, 0, 0, 0, None)), True
             return below + (after_key, ("key", sid, used, b"")), True
         if phase in ("open", "after") and byte == ord("}") and node.required <= used:
             return below, True
         if phase == "after" and byte == ord(",") and (left or free):
-            return below + (("obj", sid, "next", used, None, 0),), True
+            return below + (("obj", sid, "next", used, None, _room("next")),), True
         if phase == "colon" and byte == ord(":"):
             value = node.extra if key is None else node.properties[key]
-            return below + (("obj", sid, "after", used, None, 0), ("val", value, 0)), True
+            return below + (("obj", sid, "after", used, None, _room("after")), ("val", value, _room("value"))), True
         return None
 
     def _key(self, frame, below, byte):
@@ -341,25 +353,25 @@ class Grammar:
             if key in used or not encoded.startswith(typed):
                 continue
             if encoded == typed:  # the key's closing quote: the object learns which key it was
-                _, _, phase, _, _, ws = below[-1]
-                return below[:-1] + (("obj", sid, phase, used | {key}, key, ws),), True
+                _, _, phase, _, _, room = below[-1]
+                return below[:-1] + (("obj", sid, phase, used | {key}, key, room),), True
             return below + (("key", sid, used, typed),), True
         return None
 
     def _arr(self, frame, below, byte):
-        _, sid, phase, count, ws = frame
+        _, sid, phase, count, room = frame
         node = self.nodes[sid]
-        if byte in WHITESPACE:
-            return (below + (frame[:4] + (ws + 1,),), True) if ws < MAX_WHITESPACE else None
+        if _is_space(byte):
+            return (below + (frame[:4] + (room - 1,),), True) if room else None
         if phase in ("open", "after") and byte == ord("]"):
             return (below, True) if count >= node.min_items else None
         if phase == "after" and byte == ord(","):
-            return (below + (("arr", sid, "next", count, 0),), True) if node.max_items is None \
+            return (below + (("arr", sid, "next", count, _room("next")),), True) if node.max_items is None \
                 or count < node.max_items else None
         if phase in ("open", "next") and (node.max_items is None or count < node.max_items):
             # the count matters only up to the bounds: an unbounded array keeps one state, so its masks cache
             counted = count + 1 if node.max_items is not None or count < node.min_items else count
-            return self._val(("val", node.items, 0), below + (("arr", sid, "after", counted, 0),), byte)
+            return self._val(("val", node.items, 0), below + (("arr", sid, "after", counted, _room("after")),), byte)
         return None
 
     def _str(self, frame, below, byte):
