@@ -28,15 +28,7 @@ from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, SamplingParams
 from serving.loading import Loaded, load
-from serving.structured import (
-    Grammar,
-    SchemaError,
-    TokenTrie,
-    choice_grammar,
-    json_grammar,
-    tool_call_grammar,
-    tool_text_grammar,
-)
+from serving.structured import Grammar, SchemaError, TokenTrie, answer_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -335,11 +327,9 @@ class Server:
         return params, n
 
     def grammar(self, param: str, kind: str, value: Any) -> Grammar:
-        """The grammar of an answer that is JSON fitting a schema (kind "json"), one of a few texts ("choice"), a
-        call of one of some functions ("call"), or text in which every call the model opens fits its function
-        ("text_or_call"; "text_or_one_call" ends the answer at its first call, for parallel_tool_calls false).
-        Compiled ones are kept: each caches the tokens its states allow, which a client that sends the same schema
-        or tools again reuses."""
+        """`structured.answer_grammar(kind, value)`, a bad schema as a 400 naming `param`. Compiled grammars are
+        kept: each caches the tokens its states allow, which a client that sends the same schema or tools again
+        reuses."""
         key = json.dumps([param, kind, value], sort_keys=True)
         if key in self._grammars:
             self._grammars[key] = self._grammars.pop(key)  # most recently used last
@@ -347,16 +337,8 @@ class Server:
         if self._trie is None:
             self._trie = TokenTrie.from_tokenizer(self.loaded.tokenizer)
         try:
-            if kind == "json":
-                grammar = json_grammar(value, self._trie, "json_schema.schema" if param == "response_format" else
-                                       "schema")
-            elif kind == "choice":
-                grammar = choice_grammar(value, self._trie)
-            elif kind == "call":
-                grammar = tool_call_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE,
-                                            [f"function {f['name']}: parameters" for f in value])
-            else:
-                grammar = tool_text_grammar(value, self._trie, TOOL_OPEN, TOOL_CLOSE, kind == "text_or_call")
+            grammar = answer_grammar(kind, value, self._trie, TOOL_OPEN, TOOL_CLOSE,
+                                     "json_schema.schema" if param == "response_format" else "schema")
         except SchemaError as exc:
             raise APIError(400, f"'{param}': {exc}", param, "invalid_schema") from exc
         except RecursionError as exc:

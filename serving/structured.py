@@ -486,6 +486,20 @@ class TokenTrie:
         return tokens
 
 
+def answer_grammar(kind: str, value, trie: TokenTrie, open_tag: str, close_tag: str, where: str = "schema") -> Grammar:
+    """What a request asks its answer to be: JSON fitting a schema (kind "json"), one of a few texts ("choice"), a
+    call of one of some functions ("call"), or text in which every call the model opens fits its function
+    ("text_or_call"; "text_or_one_call" ends the answer at its first call, for parallel_tool_calls false).
+    `open_tag` / `close_tag` wrap a call; `where` names the schema in an error."""
+    if kind == "json":
+        return json_grammar(value, trie, where)
+    if kind == "choice":
+        return choice_grammar(value, trie)
+    if kind == "call":
+        return tool_call_grammar(value, trie, open_tag, close_tag, [f"function {f['name']}: parameters" for f in value])
+    return tool_text_grammar(value, trie, open_tag, close_tag, parallel=kind == "text_or_call")
+
+
 def json_grammar(schema: dict, trie: TokenTrie, where: str = "schema") -> Grammar:
     """An answer that is one JSON value fitting `schema` ({"type": "object"} for OpenAI's json_object)."""
     return Grammar([[schema]], trie, [where])
