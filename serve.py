@@ -1,6 +1,7 @@
 """An OpenAI-compatible server for a danlu checkpoint, with a web chat page at /.
 
     python serve.py --model out/sft [--lora out/lora] [--host 127.0.0.1] [--port 8000] [--api_key KEY]
+    python serve.py --model out/sft --model out/dpo --model think=out/distill   # several, picked by "model"
 
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming with "stream": true),
 GET /health, and the chat page at http://HOST:PORT/. Requests that arrive while others are decoding join the
@@ -16,7 +17,9 @@ from serving.loading import LoadError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--model", required=True, action="append",
+                   help="checkpoint directory (config.json, model.safetensors, tokenizer), or NAME=DIR; give it "
+                        "again to serve several models, each with its own engine, picked by a request's \"model\"")
     p.add_argument("--lora", help="LoRA adapter directory, merged into --model in memory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)

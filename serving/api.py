@@ -27,7 +27,7 @@ from dataset.chat import render_chat
 from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, SamplingParams
-from serving.loading import Loaded, load
+from serving.loading import Loaded, LoadError, load
 from serving.structured import Grammar, SchemaError, TokenTrie, answer_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -262,16 +262,6 @@ class Server:
         self._trie: TokenTrie | None = None  # the vocabulary as bytes, built for the first structured answer
         self._grammars: dict[str, Grammar] = {}
 
-    def check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is None:
-            raise APIError(400, "'model' is required", "model", "missing_required_parameter")
-        if not isinstance(model, str):
-            raise APIError(400, "'model' must be a string", "model", "invalid_type")
-        if model != self.model_id:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_id}`",
-                           "model", "model_not_found")
-
     def sampling(self, body: dict, prompt_tokens: int, prompt_param: str = "messages") -> tuple[SamplingParams, int]:
         """The request's sampling parameters, and n."""
         room = self.loaded.context_length - prompt_tokens
@@ -500,9 +490,29 @@ class Reply:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(servers: Server | list[Server]) -> FastAPI:
+    """The app over one model's server, or several (serve.py --model a --model b): a request picks its model by
+    "model"; what names none (the page's first choice, /health, the tokenizer endpoints) gets the first."""
+    servers = [servers] if isinstance(servers, Server) else list(servers)
+    by_id = {s.model_id: s for s in servers}
+    if len(by_id) < len(servers):
+        raise ValueError(f"two models served under one name among {[s.model_id for s in servers]}: name them")
+    server = servers[0]
     app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
+
+    def pick(body: dict, required: bool = True) -> Server:
+        """The server of the request's "model"."""
+        model = body.get("model")
+        if model is None and not required:
+            return server
+        if model is None:
+            raise APIError(400, "'model' is required", "model", "missing_required_parameter")
+        if not isinstance(model, str):
+            raise APIError(400, "'model' must be a string", "model", "invalid_type")
+        if model not in by_id:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                           + ", ".join(f"`{name}`" for name in by_id), "model", "model_not_found")
+        return by_id[model]
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -555,13 +565,13 @@ def create_app(server: Server) -> FastAPI:
         engine = server.engine
         return {"status": "ok", "model": server.model_id, "active": engine.active, "decode_steps": engine.steps,
                 "max_batch_seen": engine.max_rows_seen, "tokens_generated": engine.tokens_generated,
-                "finished": dict(engine.finished)}
+                "finished": dict(engine.finished), "models": list(by_id)}
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{
-            "id": server.model_id, "object": "model", "created": server.created, "owned_by": "danlu",
-            "max_model_len": server.loaded.context_length, "chat": server.loaded.is_chat}]}
+            "id": s.model_id, "object": "model", "created": s.created, "owned_by": "danlu",
+            "max_model_len": s.loaded.context_length, "chat": s.loaded.is_chat} for s in servers]}
 
     # vLLM's tokenizer endpoints (outside /v1, as there): lm-evaluation-harness's local-completions finds them and
     # uses the server's tokenizer instead of needing a copy of it
@@ -578,6 +588,7 @@ def create_app(server: Server) -> FastAPI:
         """{"prompt": text} or {"messages": [...]} (rendered with the chat template) -> {"tokens", "count",
         "max_model_len"}."""
         body = await read_body(request)
+        served = pick(body, required=False)
         if body.get("messages") is not None:
             text = render_chat(_messages(body), _tools(body)[0],
                                add_generation_prompt=_get(body, "add_generation_prompt", bool, True))
@@ -586,25 +597,26 @@ def create_app(server: Server) -> FastAPI:
             if text is None:
                 raise APIError(400, "'prompt' or 'messages' is required", "prompt", "missing_required_parameter")
         add_special = _get(body, "add_special_tokens", bool, False)
-        tokens = (await asyncio.to_thread(server.loaded.tokenizer, text, add_special_tokens=add_special))["input_ids"]
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.loaded.context_length}
+        tokens = (await asyncio.to_thread(served.loaded.tokenizer, text, add_special_tokens=add_special))["input_ids"]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.loaded.context_length}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         body = await read_body(request)
+        served = pick(body, required=False)
         if body.get("tokens") is None:
             raise APIError(400, "'tokens' is required", "tokens", "missing_required_parameter")
         try:
-            tokens = _token_ids(server, body["tokens"])
+            tokens = _token_ids(served, body["tokens"])
         except APIError as exc:
             raise APIError(400, "'tokens' must be an array of this tokenizer's token ids", "tokens",
                            "invalid_type") from exc
-        return {"prompt": server.loaded.tokenizer.decode(tokens)}
+        return {"prompt": served.loaded.tokenizer.decode(tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        server.check_model(body)
+        served = pick(body)
         messages = _messages(body)
         tools, forced = _tools(body)
         template_options = _get(body, "chat_template_kwargs", dict, {})
@@ -612,18 +624,18 @@ def create_app(server: Server) -> FastAPI:
         structured = forced is not None or _structured(body) is not None
         thinking = template_options.get("enable_thinking", True) is not False and not structured
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
-        prompt = await asyncio.to_thread(server.tokenize, text)  # a long prompt must not stall the loop
-        params, n = server.sampling(body, len(prompt))
+        prompt = await asyncio.to_thread(served.tokenize, text)  # a long prompt must not stall the loop
+        params, n = served.sampling(body, len(prompt))
         if forced is not None:
             if params.grammar is not None:
                 param = _structured(body)[0]
                 raise APIError(400, f"'{param}' and a 'tool_choice' that forces a call exclude each other: the "
                                "answer is either what the first asks for or a tool call", param, "invalid_value")
-            params.grammar = server.grammar("tool_choice", "call", forced)
+            params.grammar = served.grammar("tool_choice", "call", forced)
         elif tools and params.grammar is None:  # the model decides whether to call; a call it opens fits
             kind = "text_or_call" if _get(body, "parallel_tool_calls", bool, True) else "text_or_one_call"
-            params.grammar = server.grammar("tools", kind, [tool["function"] for tool in tools])
-        reply = Reply(server, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
+            params.grammar = served.grammar("tools", kind, [tool["function"] for tool in tools])
+        reply = Reply(served, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
                       "chatcmpl", tools=bool(tools))
         if not reply.stream:
             finish = await reply.finish_reasons()
@@ -656,7 +668,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        server.check_model(body)
+        served = pick(body)
         prompt_value = body.get("prompt")
         if prompt_value is None:
             raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
@@ -668,17 +680,17 @@ def create_app(server: Server) -> FastAPI:
         if len(values) > MAX_PROMPTS:
             raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request, got {len(values)}", "prompt",
                            "invalid_value")
-        prompts = [await asyncio.to_thread(server.tokenize, v) if isinstance(v, str) else _token_ids(server, v)
+        prompts = [await asyncio.to_thread(served.tokenize, v) if isinstance(v, str) else _token_ids(served, v)
                    for v in values]
         if not all(prompts):
             raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
-        params, n = server.sampling(body, max(len(p) for p in prompts), "prompt")
+        params, n = served.sampling(body, max(len(p) for p in prompts), "prompt")
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
-        reply = Reply(server, request, body, prompts, params, n, "text_completion", "text_completion", "cmpl",
+        reply = Reply(served, request, body, prompts, params, n, "text_completion", "text_completion", "cmpl",
                       split_think=False)
         # echo: the answer repeats its prompt before the completion (the prompt as sent, or its ids decoded)
-        echo = [v if isinstance(v, str) else server.loaded.tokenizer.decode(p) for v, p in zip(values, prompts)] \
+        echo = [v if isinstance(v, str) else served.loaded.tokenizer.decode(p) for v, p in zip(values, prompts)] \
             if _get(body, "echo", bool, False) else [""] * len(prompts)
         if not reply.stream:
             finish = await reply.finish_reasons()
@@ -701,18 +713,32 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def serve(model_dir: str, lora_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
           max_batch: int = 32, chat: bool | None = None) -> None:
-    """Load the model, start the engine, and serve until interrupted (what serve.py runs)."""
+    """Load the models, start an engine for each, and serve until interrupted (what serve.py runs). A model is a
+    directory or NAME=DIRECTORY; `lora_dir` and `served_model_name` are for a single model."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    loaded = load(model_dir, lora_dir, device, chat)
-    engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length).start()
-    server = Server(loaded, engine, api_key, served_model_name)
-    kind = "chat" if loaded.is_chat else "base"
-    print(f"serving {server.model_id} ({kind} model, context {loaded.context_length}) on http://{host}:{port}/  "
-          f"(OpenAI API at http://{host}:{port}/v1)", flush=True)
+    model_dirs = [model_dirs] if isinstance(model_dirs, str) else model_dirs
+    if len(model_dirs) > 1 and (lora_dir or served_model_name):
+        raise LoadError("--lora and --served_model_name go with one --model; name each of several as NAME=DIR")
+    servers = []
+    for spec in model_dirs:
+        name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        loaded = load(path, lora_dir, device, chat)
+        engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length).start()
+        servers.append(Server(loaded, engine, api_key, served_model_name or name or None))
+    names = [server.model_id for server in servers]
+    if len(set(names)) < len(names):
+        for server in servers:
+            server.engine.close()
+        raise LoadError(f"two models would be served under one name ({', '.join(names)}): name them as NAME=DIR")
+    for server in servers:
+        kind = "chat" if server.loaded.is_chat else "base"
+        print(f"serving {server.model_id} ({kind} model, context {server.loaded.context_length}) on "
+              f"http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(servers), host=host, port=port, log_level="warning")
     finally:
-        engine.close()
+        for server in servers:
+            server.engine.close()

@@ -116,3 +116,35 @@ def test_think_block_is_shown_apart_and_folds(browser, page_url):
     page.click(".assistant details summary")
     assert page.inner_text(".assistant .reasoning") == "先看评论：质量很好。"
     page.close()
+
+
+def test_model_picker_sends_the_model_picked(browser, page_url):
+    """Several models served (a canned /v1/models): the page lists them, hides the list for one, and the next
+    message goes to the model picked."""
+    models = {"object": "list", "data": [{"id": "sft", "object": "model", "max_model_len": 512},
+                                         {"id": "dpo", "object": "model", "max_model_len": 1024}]}
+    body = "".join("data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "dpo",
+                                          "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) + "\n\n"
+                   for d in [{"role": "assistant", "content": ""}, {"content": "好"}]) + "data: [DONE]\n\n"
+    sent = []
+
+    def answer(route):
+        sent.append(json.loads(route.request.post_data)["model"])
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page = browser.new_page()
+    page.goto(page_url + "/")  # the real server: one model, no list
+    page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+    assert page.evaluate("document.getElementById('models').hidden") is True
+    page.route("**/v1/models", lambda route: route.fulfill(status=200, json=models))
+    page.route("**/v1/chat/completions", answer)
+    page.reload()
+    page.wait_for_function("!document.getElementById('models').hidden")
+    assert page.eval_on_selector_all("#models option", "options => options.map(o => o.value)") == ["sft", "dpo"]
+    page.select_option("#models", "dpo")
+    assert page.inner_text("#model") == "context 1024"
+    page.fill("#input", "你好")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".assistant[data-done='1']", timeout=30_000)
+    assert sent == ["dpo"] and page.inner_text(".assistant .content") == "好"
+    page.close()

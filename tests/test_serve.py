@@ -3,6 +3,7 @@ on a tiny random model (a test of the protocol, not of the answers); the engine'
 plain generation; the answer stream (stop strings, think block, tool calls) on its own."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -758,6 +759,36 @@ def test_base_model_served(tmp_path, chat_checkpoint):
         assert requests.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"] <= 4
     finally:
         stop_server(proc)
+
+
+@pytest.mark.slow
+def test_several_models_served(tmp_path, serve_model):
+    """serve.py --model A --model other=B: both listed, each request answered by the model it names (its greedy
+    answer), an unknown name a 404 listing both; two models under one name refused before serving."""
+    from model import LMConfig
+
+    other = tmp_path / "other-dir"
+    shutil.copytree(serve_model, other)
+    torch.manual_seed(1)
+    LM(LMConfig.from_pretrained(serve_model)).save_pretrained(other)  # other weights, the same tokenizer
+    proc, url = start_server(serve_model, "--model", f"other={other}", "--api_key", KEY)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        names = [m["id"] for m in requests.get(f"{url}/v1/models", headers=headers).json()["data"]]
+        assert names == [serve_model.name, "other"] and requests.get(f"{url}/health").json()["models"] == names
+        for name, directory in zip(names, (serve_model, other)):
+            body = {"model": name, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+            answer = requests.post(f"{url}/v1/chat/completions", json=body, headers=headers).json()
+            assert answer["model"] == name
+            assert answer["choices"][0]["message"]["content"] == greedy_text(directory, MESSAGES, 8)[1]
+        wrong = requests.post(f"{url}/v1/chat/completions", json={"model": "x", "messages": MESSAGES},
+                              headers=headers)
+        assert wrong.status_code == 404 and f"`{serve_model.name}`, `other`" in wrong.json()["error"]["message"]
+    finally:
+        stop_server(proc)
+    twice = subprocess.run([sys.executable, "serve.py", "--model", str(serve_model), "--model", str(serve_model)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert twice.returncode == 2 and "two models would be served under one name" in twice.stderr
 
 
 # -- the engine and the answer stream, in process ---------------------------------------------------------------------
