@@ -496,7 +496,8 @@ def create_app(servers: Server | list[Server]) -> FastAPI:
     servers = [servers] if isinstance(servers, Server) else list(servers)
     by_id = {s.model_id: s for s in servers}
     if len(by_id) < len(servers):
-        raise ValueError(f"two models served under one name among {[s.model_id for s in servers]}: name them")
+        raise LoadError(f"two models would be served under one name ({', '.join(s.model_id for s in servers)}): "
+                        "name them as NAME=DIR")
     server = servers[0]
     app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -621,14 +622,14 @@ def create_app(servers: Server | list[Server]) -> FastAPI:
         tools, forced = _tools(body)
         template_options = _get(body, "chat_template_kwargs", dict, {})
         # an answer held to a schema or a tool call starts with it: the prompt closes an empty think block
-        structured = forced is not None or _structured(body) is not None
-        thinking = template_options.get("enable_thinking", True) is not False and not structured
+        asked = _structured(body)
+        thinking = template_options.get("enable_thinking", True) is not False and forced is None and asked is None
         text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
         prompt = await asyncio.to_thread(served.tokenize, text)  # a long prompt must not stall the loop
         params, n = served.sampling(body, len(prompt))
         if forced is not None:
-            if params.grammar is not None:
-                param = _structured(body)[0]
+            if asked is not None:
+                param = asked[0]
                 raise APIError(400, f"'{param}' and a 'tool_choice' that forces a call exclude each other: the "
                                "answer is either what the first asks for or a tool call", param, "invalid_value")
             params.grammar = served.grammar("tool_choice", "call", forced)
@@ -728,17 +729,13 @@ def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = 
         loaded = load(path, lora_dir, device, chat)
         engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length).start()
         servers.append(Server(loaded, engine, api_key, served_model_name or name or None))
-    names = [server.model_id for server in servers]
-    if len(set(names)) < len(names):
-        for server in servers:
-            server.engine.close()
-        raise LoadError(f"two models would be served under one name ({', '.join(names)}): name them as NAME=DIR")
-    for server in servers:
-        kind = "chat" if server.loaded.is_chat else "base"
-        print(f"serving {server.model_id} ({kind} model, context {server.loaded.context_length}) on "
-              f"http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
     try:
-        uvicorn.run(create_app(servers), host=host, port=port, log_level="warning")
+        app = create_app(servers)
+        for server in servers:
+            kind = "chat" if server.loaded.is_chat else "base"
+            print(f"serving {server.model_id} ({kind} model, context {server.loaded.context_length}) on "
+                  f"http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         for server in servers:
             server.engine.close()

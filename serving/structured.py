@@ -34,7 +34,6 @@ KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "
             "maxLength", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
 KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
 WHITESPACE = frozenset(b" \t\n\r")
-DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
