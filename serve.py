@@ -2,6 +2,7 @@
 
     python serve.py --model out/sft [--lora out/lora] [--host 127.0.0.1] [--port 8000] [--api_key KEY]
     python serve.py --model out/sft --model out/dpo --model think=out/distill   # several, picked by "model"
+    python serve.py --model out/sft --lora_modules verdict=out/lora              # adapters next to their base
 
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming with "stream": true),
 GET /health, and the chat page at http://HOST:PORT/. Requests that arrive while others are decoding join the
@@ -21,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint directory (config.json, model.safetensors, tokenizer), or NAME=DIR; give it "
                         "again to serve several models, each with its own engine, picked by a request's \"model\"")
     p.add_argument("--lora", help="LoRA adapter directory, merged into --model in memory")
+    p.add_argument("--lora_modules", nargs="+", metavar="NAME=DIR",
+                   help="LoRA adapters served unmerged next to --model, each under its NAME (vLLM's "
+                        "--lora-modules): a request picks one by \"model\", and one batch mixes them")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         serve(args.model, args.lora, args.host, args.port, args.api_key, args.served_model_name, args.device,
-              args.max_batch, None if args.chat == "auto" else args.chat == "yes")
+              args.max_batch, None if args.chat == "auto" else args.chat == "yes", args.lora_modules)
     except (LoadError, FileNotFoundError) as exc:
         print(f"serve.py: {exc}", file=sys.stderr)
         return 2

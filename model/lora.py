@@ -205,32 +205,49 @@ def _check_supported(config: dict, path: Path) -> None:
             raise ValueError(f"{path}: {field}={config[field]!r} is not supported by model/lora.py")
 
 
-def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Apply LoRA as `adapter_config.json` describes and load its weights strictly (ours or PEFT's); returns model."""
+def read_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, ...]]]:
+    """An adapter directory (ours or PEFT's) checked against `model`: its adapter_config.json, and per adapted
+    module path its (lora_A [r, in], lora_B [out, r]) weights. Keys that do not match the model's Linear layers,
+    or shapes that do not fit them, raise with the file named."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     config = json.loads(config_path.read_text())
     _check_supported(config, config_path)
-    apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                       target_modules=config["target_modules"], use_rslora=bool(config.get("use_rslora")))
+    targets = config["target_modules"]
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    layers = {name: module for name, module in _unwrap(model).named_modules()
+              if isinstance(module, nn.Linear) and _is_target(name, targets)}
+    if not layers:
+        raise ValueError(f"{config_path}: no Linear layer matches target_modules={targets!r}")
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     saved = load_file(str(weights_path))
+    r = config["r"]
     expected = {}
-    for name, layer in lora_layers(model).items():
-        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    for name, layer in layers.items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, layer.in_features)
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (layer.out_features, r)
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
     if missing or unexpected:
         raise KeyError(f"{weights_path}: adapter keys do not match the model: "
                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                        f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for key, shape in expected.items():
+        if tuple(saved[key].shape) != shape:
+            raise ValueError(f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, the model needs {shape}")
+    return config, {name: (saved[f"{PEFT_PREFIX}{name}.lora_A.weight"], saved[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+                    for name in layers}
+
+
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Apply LoRA as `adapter_config.json` describes and load its weights strictly (ours or PEFT's); returns model."""
+    config, weights = read_adapter(model, adapter_dir)
+    apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+               target_modules=config["target_modules"], use_rslora=bool(config.get("use_rslora")))
     with torch.no_grad():
-        for key, param in expected.items():
-            if saved[key].shape != param.shape:
-                raise ValueError(f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, "
-                                 f"the model needs {tuple(param.shape)}")
-            param.copy_(saved[key])
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.weight.copy_(weights[name][0])
+            layer.lora_B.weight.copy_(weights[name][1])
     return model
 
 
@@ -249,6 +266,82 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for param in bare.parameters():
         param.requires_grad_(True)
     return model
+
+
+class AdapterRows:
+    """Which adapter each row of a model's next forward pass uses, shared by its StackedLoRALinear layers. Set it
+    with `select(ids)` before the pass: ids[i] is row i's adapter, 1 for the first name, 0 for none (the base)."""
+
+    def __init__(self, names: list[str], rank: int):
+        self.names, self.rank = names, rank
+        self.active = False  # some row uses an adapter
+        self.single: slice | None = None  # every row uses this one adapter: its block of the stacked ranks
+        self.mask: torch.Tensor | None = None  # rows that differ: (rows, 1, adapters * rank), 1 over the row's block
+
+    def select(self, ids: list[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        if not all(0 <= i <= len(self.names) for i in ids):
+            raise ValueError(f"adapter ids {ids} outside 0..{len(self.names)}")
+        self.active, self.single, self.mask = any(ids), None, None
+        if self.active and len(set(ids)) == 1:
+            self.single = slice((ids[0] - 1) * self.rank, ids[0] * self.rank)
+        elif self.active:
+            mask = torch.zeros(len(ids), len(self.names) + 1, self.rank, dtype=dtype)
+            mask[torch.arange(len(ids)), torch.tensor(ids)] = 1
+            self.mask = mask[:, 1:].reshape(len(ids), 1, -1).to(device)
+
+
+class StackedLoRALinear(nn.Module):
+    """A frozen Linear and several LoRA adapters side by side, unmerged, so that one batch can mix them (serving
+    adapters next to their base, as vLLM's --lora-modules does). lora_A [adapters * r, in] and lora_B
+    [out, adapters * r] stack the adapters' A and B, B scaled by its adapter's alpha / r; a smaller rank is padded
+    with zeros, which add nothing. A batch whose rows differ projects every row on every adapter's A, keeps each
+    row's own block (AdapterRows.mask; a base row keeps none) and adds the B of what it kept."""
+
+    def __init__(self, base: nn.Linear, rows: AdapterRows, lora_A: torch.Tensor, lora_B: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own tensors, under their own names
+        self.register_buffer("lora_A", lora_A)
+        self.register_buffer("lora_B", lora_B)
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        rows = self.rows
+        if not rows.active:
+            return y
+        if rows.single is not None:
+            return y + F.linear(F.linear(x, self.lora_A[rows.single]), self.lora_B[:, rows.single])
+        return y + F.linear(F.linear(x, self.lora_A) * rows.mask, self.lora_B)
+
+
+def stack_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike]) -> AdapterRows:
+    """Attach the adapters {name: directory} to `model` unmerged, in place; returns the AdapterRows whose
+    `select(ids)` picks each row's adapter (1 for the first name, ...). Each adapter is checked against the model
+    as load_lora checks it; they may differ in rank, alpha and target modules."""
+    bare = _unwrap(model)
+    if lora_layers(bare) or any(isinstance(m, StackedLoRALinear) for m in bare.modules()):
+        raise ValueError("model already has LoRA layers")
+    read = []
+    for directory in adapters.values():
+        config, weights = read_adapter(bare, directory)
+        r = config["r"]
+        scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        read.append((r, scaling, weights))
+    rank = max(r for r, _, _ in read)
+    rows = AdapterRows(list(adapters), rank)
+    for name in sorted(set().union(*(weights for _, _, weights in read))):
+        base = bare.get_submodule(name)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        lora_A = torch.zeros(len(read) * rank, base.in_features, **factory)
+        lora_B = torch.zeros(base.out_features, len(read) * rank, **factory)
+        for i, (r, scaling, weights) in enumerate(read):
+            if name in weights:
+                lora_A[i * rank:i * rank + r] = weights[name][0]
+                lora_B[:, i * rank:i * rank + r] = weights[name][1].float() * scaling
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(bare.get_submodule(parent_name), child_name, StackedLoRALinear(base, rows, lora_A, lora_B))
+    return rows
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dataset.chat import render_chat
 from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
-from serving.engine import Engine, SamplingParams
-from serving.loading import Loaded, LoadError, load
+from serving.engine import Engine, SamplingParams, start_together
+from serving.loading import Loaded, LoadError, attach_adapters, is_chat_model, load
 from serving.structured import Grammar, SchemaError, TokenTrie, answer_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -252,9 +253,11 @@ def _stop(body: dict) -> list[str]:
 class Server:
     """The state the routes share: the loaded model, its engine, and the options."""
 
-    def __init__(self, loaded: Loaded, engine: Engine, api_key: str | None = None, model_id: str | None = None):
+    def __init__(self, loaded: Loaded, engine: Engine, api_key: str | None = None, model_id: str | None = None,
+                 adapter: int = 0, parent: str | None = None):
         self.loaded, self.engine, self.api_key = loaded, engine, api_key
         self.model_id = model_id or loaded.name
+        self.adapter, self.parent = adapter, parent  # a LoRA adapter served next to its base: its engine index
         self.created = int(time.time())
         defaults = loaded.model.generation_config
         self.default_temperature = float(defaults.temperature or 1.0) if defaults.do_sample else 0.0
@@ -371,7 +374,7 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
     for i in range(len(prompts) * n):
         seed = None if params.seed is None else (params.seed + i % n) % 2**64  # torch takes seeds below 2**64
         sequences.append(server.engine.submit(prompts[i // n], SamplingParams(**{**params.__dict__, "seed": seed}),
-                                              listener(i)))
+                                              listener(i), server.adapter))
     open_choices = set(range(len(sequences)))
     checked = time.monotonic()
     try:
@@ -572,7 +575,8 @@ def create_app(servers: Server | list[Server]) -> FastAPI:
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": s.model_id, "object": "model", "created": s.created, "owned_by": "danlu",
-            "max_model_len": s.loaded.context_length, "chat": s.loaded.is_chat} for s in servers]}
+            "max_model_len": s.loaded.context_length, "chat": s.loaded.is_chat, "parent": s.parent}
+            for s in servers]}
 
     # vLLM's tokenizer endpoints (outside /v1, as there): lm-evaluation-harness's local-completions finds them and
     # uses the server's tokenizer instead of needing a copy of it
@@ -714,26 +718,50 @@ def create_app(servers: Server | list[Server]) -> FastAPI:
     return app
 
 
+def _named(spec: str) -> tuple[str, str]:
+    """NAME=DIR as (NAME, DIR); a bare DIR, or an existing path with '=' in it, as ("", DIR)."""
+    return spec.rpartition("=")[::2] if "=" in spec and not Path(spec).exists() else ("", spec)
+
+
 def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
-          max_batch: int = 32, chat: bool | None = None) -> None:
-    """Load the models, start an engine for each, and serve until interrupted (what serve.py runs). A model is a
-    directory or NAME=DIRECTORY; `lora_dir` and `served_model_name` are for a single model."""
+          max_batch: int = 32, chat: bool | None = None, lora_modules: list[str] | None = None) -> None:
+    """Load the models, start an engine for each (all on one thread), and serve until interrupted (what serve.py
+    runs). A model is a directory or NAME=DIRECTORY; `lora_dir` and `served_model_name` are for a single model, and
+    so are `lora_modules`: adapters (NAME=DIRECTORY) served unmerged next to it, each request picking one by name."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else model_dirs
-    if len(model_dirs) > 1 and (lora_dir or served_model_name):
-        raise LoadError("--lora and --served_model_name go with one --model; name each of several as NAME=DIR")
+    if len(model_dirs) > 1 and (lora_dir or served_model_name or lora_modules):
+        raise LoadError("--lora, --lora_modules and --served_model_name go with one --model; "
+                        "name each of several as NAME=DIR")
+    if lora_dir and lora_modules:
+        raise LoadError("--lora merges one adapter into the model, --lora_modules serves adapters next to it: "
+                        "give one of them")
+    adapters = {}
+    for adapter, directory in map(_named, lora_modules or []):
+        adapter = adapter or Path(directory).resolve().name
+        if adapter in adapters:
+            raise LoadError(f"two adapters would be served as {adapter}: name them as NAME=DIR")
+        adapters[adapter] = Path(directory)
     servers = []
-    for spec in model_dirs:
-        name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
-        loaded = load(path, lora_dir, device, chat)
-        engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length).start()
-        servers.append(Server(loaded, engine, api_key, served_model_name or name or None))
     try:
+        for spec in model_dirs:
+            name, path = _named(spec)
+            loaded = load(path, lora_dir, device, chat)
+            rows = attach_adapters(loaded, adapters) if adapters else None
+            engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length, adapters=rows)
+            servers.append(Server(loaded, engine, api_key, served_model_name or name or None))
+            base = servers[-1].model_id
+            for index, (adapter, directory) in enumerate(adapters.items(), start=1):
+                is_chat = is_chat_model(directory) if chat is None else chat
+                servers.append(Server(replace(loaded, name=adapter, is_chat=is_chat), engine, api_key, adapter,
+                                      index, base))
+        start_together(list({id(s.engine): s.engine for s in servers}.values()))  # one thread runs every model
         app = create_app(servers)
         for server in servers:
             kind = "chat" if server.loaded.is_chat else "base"
-            print(f"serving {server.model_id} ({kind} model, context {server.loaded.context_length}) on "
+            of = f"LoRA adapter of {server.parent}, " if server.parent else ""
+            print(f"serving {server.model_id} ({of}{kind} model, context {server.loaded.context_length}) on "
                   f"http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

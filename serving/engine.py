@@ -5,7 +5,8 @@ The batch shares one KV cache whose rows are right-aligned: every row's tokens e
 that joined with a shorter history has padding (masked out) on its left. Joining copies the cache once (a row
 whose prompt is longer than the batch's history pads every other row on the left); a finished row is dropped
 and the columns no row needs any more are trimmed away, so the cache is never longer than the longest live
-sequence. Each row has its own position ids, sampling parameters, random generator, stop tokens and budget.
+sequence. Each row has its own position ids, sampling parameters, random generator, stop tokens and budget,
+and its own LoRA adapter where the model carries several unmerged (model/lora.py's stack_adapters).
 """
 
 import logging
@@ -21,6 +22,7 @@ import torch
 
 from model import LM, KVCache
 from model.generation import apply_penalties, sample_next_token
+from model.lora import AdapterRows
 from serving.structured import Grammar
 
 log = logging.getLogger("danlu.engine")
@@ -70,9 +72,10 @@ class Sequence:
     _ids = count()
 
     def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[int | None, str | None], None]
-                 | None):
+                 | None, adapter: int = 0):
         self.id = next(self._ids)
         self.prompt, self.params = list(prompt), params
+        self.adapter = adapter  # the LoRA adapter this sequence is decoded with (index into AdapterRows; 0: none)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -109,10 +112,12 @@ class Sequence:
 
 
 class Engine:
-    """`Engine(model).start()`; `submit(prompt_ids, params)` from any thread; `close()` at the end."""
+    """`Engine(model).start()`; `submit(prompt_ids, params)` from any thread; `close()` at the end. `adapters`: the
+    AdapterRows of a model with LoRA adapters stacked unmerged, which `submit(..., adapter=i)` picks from."""
 
-    def __init__(self, model: LM, max_batch: int = 32, max_context: int | None = None):
-        self.model, self.config = model, model.config
+    def __init__(self, model: LM, max_batch: int = 32, max_context: int | None = None,
+                 adapters: AdapterRows | None = None):
+        self.model, self.config, self.adapters = model, model.config, adapters
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_batch = max_batch
@@ -123,6 +128,8 @@ class Engine:
         self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, columns) 1 = a real position of that row
         self._thread: threading.Thread | None = None
+        self._peers: list[Engine] = [self]  # the engines that share this one's thread (start_together)
+        self._wake = threading.Event()  # set by submit: the thread has something to do
         self._closing = False
         self.steps = 0  # decode steps taken (for tests and benchmarks)
         self.max_rows_seen = 0  # the largest batch decoded in one step
@@ -132,25 +139,30 @@ class Engine:
     # -- public ---------------------------------------------------------------------------------------------------
 
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._run, name="danlu-engine", daemon=True)
-        self._thread.start()
+        start_together([self])
         return self
 
     def close(self) -> None:
+        """Stop this engine; the thread ends (and is waited for) once every engine it runs is closed."""
         self._closing = True
-        if self._thread is not None:
+        self._wake.set()
+        if self._thread is not None and all(peer._closing for peer in self._peers):
             self._thread.join(timeout=10)
 
     def submit(self, prompt: list[int], params: SamplingParams,
-               on_event: Callable[[int | None, str | None], None] | None = None) -> Sequence:
+               on_event: Callable[[int | None, str | None], None] | None = None, adapter: int = 0) -> Sequence:
         """Queue a sequence; its events are passed to `on_event` on the engine thread (keep it quick), or, without
-        one, are read by iterating the returned Sequence."""
+        one, are read by iterating the returned Sequence. `adapter`: 1, 2, ... decode with that stacked LoRA
+        adapter, 0 with the model alone."""
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) >= self.max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}")
-        seq = Sequence(prompt, params, on_event)
+        if not 0 <= adapter <= (len(self.adapters.names) if self.adapters else 0):
+            raise ValueError(f"no LoRA adapter {adapter} in this engine")
+        seq = Sequence(prompt, params, on_event, adapter)
         self._queue.put(seq)
+        self._wake.set()
         return seq
 
     @property
@@ -159,29 +171,32 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with torch.no_grad():
-            while not self._closing:
-                try:
-                    self._admit()
-                    self._drop_finished()
-                    if self._active:
-                        self._decode_step()
-                        self._drop_finished()
-                except Exception:  # a failed step must not kill the server: fail the batch, keep serving
-                    log.exception("engine step failed; finishing the %d active sequences with 'error'",
-                                  len(self._active))
-                    for seq in self._active:
-                        self._finish(seq, "error")
-                    self._active, self._cache, self._mask = [], None, None
+    def _step(self) -> bool:
+        """Prefill the waiting sequences into the batch and decode one token for it; False when there was nothing
+        to do."""
+        try:
+            admitted = self._admit()
+            self._drop_finished()
+            if not self._active:
+                return admitted
+            self._decode_step()
+            self._drop_finished()
+        except Exception:  # a failed step must not kill the server: fail the batch, keep serving
+            log.exception("engine step failed; finishing the %d active sequences with 'error'", len(self._active))
+            for seq in self._active:
+                self._finish(seq, "error")
+            self._active, self._cache, self._mask = [], None, None
+        return True
 
-    def _admit(self) -> None:
-        """Prefill waiting sequences and join them to the batch (block briefly when there is nothing to do)."""
+    def _admit(self) -> bool:
+        """Prefill waiting sequences and join them to the batch; False when none was waiting."""
+        admitted = False
         while len(self._active) < self.max_batch:
             try:
-                seq = self._queue.get(timeout=0.05) if not self._active else self._queue.get_nowait()
+                seq = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
+            admitted = True
             if seq.cancelled:
                 self._finish(seq, "cancelled")
                 continue
@@ -190,12 +205,14 @@ class Engine:
             except Exception:
                 log.exception("prefill failed")
                 self._finish(seq, "error")
+        return admitted
 
     def _prefill(self, seq: Sequence) -> None:
         length = len(seq.prompt)
         cache = KVCache(self.config, 1, length, self.device, self.dtype)
         ids = torch.tensor([seq.prompt], device=self.device)
         top = seq.params.prompt_logprobs
+        self._select_adapters([seq])
         logits = self.model(ids, past_key_values=cache, logits_to_keep=0 if top is not None else 1).logits
         if top is not None:  # how likely the model found each prompt token after the ones before it
             seq.prompt_logprobs = logprob_records(logits[0, :-1].float().log_softmax(-1), seq.prompt[1:], top)
@@ -241,6 +258,7 @@ class Engine:
         tokens = torch.tensor([[s.next_token] for s in rows], device=self.device)
         positions = torch.tensor([[s.kv_len] for s in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        self._select_adapters(rows)
         logits = self.model(tokens, attention_mask=self._mask, position_ids=positions,
                             past_key_values=self._cache).logits[:, -1]
         self.steps += 1
@@ -248,6 +266,11 @@ class Engine:
         for seq, token in zip(rows, self._sample(logits, rows)):
             seq.kv_len += 1
             self._emit(seq, token)
+
+    def _select_adapters(self, rows: list[Sequence]) -> None:
+        """Point the model's stacked adapters at the next forward pass's rows (none: every row is the base)."""
+        if self.adapters is not None:
+            self.adapters.select([seq.adapter for seq in rows], self.device, self.dtype)
 
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Hand a new token to its sequence; True when the sequence is finished."""
@@ -339,6 +362,32 @@ class Engine:
         return mask if mask.any() else torch.ones_like(mask)
 
 
+def start_together(engines: list[Engine]) -> list[Engine]:
+    """Start engines (the models of one server) on one thread that steps each in turn. On a CPU, two threads each
+    running a model slow each other down, even taking turns: every thread that runs torch's parallel loops has a
+    team of OpenMP workers of its own, and the teams contend for the cores (an engine decoded 0.6-0.7x as fast
+    once a second engine's thread had run, measured on 2 cores)."""
+    wake = threading.Event()
+    thread = threading.Thread(target=_run_engines, args=(engines, wake), name="danlu-engine", daemon=True)
+    for engine in engines:
+        engine._peers, engine._wake, engine._thread = engines, wake, thread
+    thread.start()
+    return engines
+
+
+def _run_engines(engines: list[Engine], wake: threading.Event) -> None:
+    """The engine thread: a step of each open engine in turn, and a wait for a request while all are idle."""
+    with torch.no_grad():
+        while not all(engine._closing for engine in engines):
+            wake.clear()  # before looking at the queues: a request that comes after sets it again
+            busy = False
+            for engine in engines:
+                if not engine._closing:
+                    busy = engine._step() or busy
+            if not busy:
+                wake.wait(0.05)
+
+
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
     """True once the engine has no active or queued sequence (tests and benchmarks)."""
     deadline = time.time() + timeout
@@ -356,8 +405,8 @@ class Completion:
     prompt_tokens: int = 0
 
 
-def complete(engine: Engine, prompt: list[int], params: SamplingParams) -> Completion:
+def complete(engine: Engine, prompt: list[int], params: SamplingParams, adapter: int = 0) -> Completion:
     """Submit and wait: the whole completion (blocking; not for the event loop)."""
-    seq = engine.submit(prompt, params)
+    seq = engine.submit(prompt, params, adapter=adapter)
     tokens = list(seq)
     return Completion(tokens, seq.finish_reason or "error", len(prompt))

@@ -1,5 +1,5 @@
-"""Load a checkpoint directory for inference: the model (a LoRA adapter merged in memory), its tokenizer,
-and whether it is a chat model or a base model that continues raw text."""
+"""Load a checkpoint directory for inference: the model (a LoRA adapter merged in memory, or several stacked
+unmerged), its tokenizer, and whether it is a chat model or a base model that continues raw text."""
 
 import json
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from transformers.utils import logging as hf_logging
 
 from dataset.chat import load_tokenizer
 from model import LM
-from model.lora import ADAPTER_CONFIG, load_lora, merge_lora
+from model.lora import ADAPTER_CONFIG, AdapterRows, load_lora, merge_lora, stack_adapters
 
 
 class LoadError(ValueError):
@@ -83,3 +83,19 @@ def load(model_dir: str | Path, lora_dir: str | Path | None = None, device: str 
             stops.append(token_id)
     return Loaded(model, tokenizer, is_chat_model(model_dir) if chat is None else chat, name,
                   int(config.max_position_embeddings), stops)
+
+
+def attach_adapters(loaded: Loaded, adapters: dict[str, str | Path]) -> AdapterRows:
+    """Stack the LoRA adapters {name: directory} on `loaded.model`, unmerged (serving them next to their base, one
+    batch mixing them); returns the AdapterRows an Engine picks each row's adapter with."""
+    for directory in map(Path, adapters.values()):
+        if not (directory / ADAPTER_CONFIG).is_file():
+            raise LoadError(f"{directory} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
+        if (directory / "tokenizer.json").is_file() and \
+                load_tokenizer(directory).get_vocab() != loaded.tokenizer.get_vocab():
+            raise LoadError(f"{directory}: its tokenizer is not its base model's ({loaded.name}); "
+                            "an adapter is served with its base model's tokenizer")
+    try:
+        return stack_adapters(loaded.model, adapters)
+    except (KeyError, ValueError) as exc:  # keys or shapes that do not fit this base model
+        raise LoadError(exc.args[0]) from exc

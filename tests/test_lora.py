@@ -18,6 +18,7 @@ from model.lora import (
     merge_adapter,
     merge_lora,
     save_lora,
+    stack_adapters,
     trainable_share,
 )
 
@@ -203,3 +204,47 @@ def test_merge_script_on_our_lm(tmp_path):
     torch.testing.assert_close(logits_of(peft_model), expected, atol=1e-5, rtol=0)
     out = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
     torch.testing.assert_close(logits_of(LlamaForCausalLM.from_pretrained(out).eval()), expected, atol=1e-5, rtol=0)
+
+
+def test_stacked_adapters_give_each_row_its_own(tmp_path):
+    """stack_adapters (serving adapters unmerged): in one batch every row computes as its adapter alone would,
+    though the adapters differ in rank, alpha, scaling rule and targets and one is PEFT's; base rows as the base."""
+    base = tiny_llama()
+    ours = apply_lora(copy_of(base), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    rslora = apply_lora(copy_of(base), r=8, alpha=4, use_rslora=True)
+    for model, name in ((ours, "a"), (rslora, "b")):
+        randomize_adapters(model)
+        save_lora(model, tmp_path / name)
+    peft_model = peft.get_peft_model(copy_of(base), peft.LoraConfig(r=2, lora_alpha=6, task_type="CAUSAL_LM",
+                                                                    target_modules=["k_proj", "gate_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    peft_model.save_pretrained(tmp_path / "c")
+    alone = [base] + [load_lora(copy_of(base), tmp_path / name).eval() for name in "abc"]
+    stacked = copy_of(base)
+    rows = stack_adapters(stacked, {name: tmp_path / name for name in "abc"})
+    assert rows.names == ["a", "b", "c"]
+    ids = [2, 0, 3, 1, 2]
+    x = torch.randint(0, 256, (len(ids), 10), generator=torch.Generator().manual_seed(2))
+    rows.select(ids)
+    with torch.no_grad():
+        got = stacked(x).logits
+        for row, adapter in enumerate(ids):
+            expected = alone[adapter](x[row:row + 1]).logits[0]
+            torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
+            if adapter:  # and each adapter does change the answer
+                assert (expected - base(x[row:row + 1]).logits[0]).abs().max() > 1e-2
+        rows.select([0] * len(ids))
+        torch.testing.assert_close(stacked(x).logits, base(x).logits, atol=1e-5, rtol=0)
+        rows.select([3] * len(ids))  # one adapter for every row: its block alone, no mask
+        torch.testing.assert_close(stacked(x).logits, alone[3](x).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        stack_adapters(stacked, {"a": tmp_path / "a"})
+    # an adapter of another model's shape is refused, its file named
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=256)
+    save_lora(apply_lora(LlamaForCausalLM(config), r=4, alpha=8), tmp_path / "other")
+    with pytest.raises(ValueError, match=r"other/adapter_model\.safetensors: .*has shape"):
+        stack_adapters(copy_of(base), {"a": tmp_path / "a", "other": tmp_path / "other"})

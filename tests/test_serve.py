@@ -17,6 +17,7 @@ import torch
 
 from dataset.chat import load_tokenizer, render_chat
 from model import LM
+from model.lora import apply_lora, load_lora, save_lora, stack_adapters
 from serving.chat_format import (
     AnswerStream,
     StopMatcher,
@@ -26,7 +27,7 @@ from serving.chat_format import (
     parse_tool_calls,
     token_bytes,
 )
-from serving.engine import Engine, SamplingParams, complete
+from serving.engine import Engine, SamplingParams, complete, start_together
 from tests.conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,15 +103,20 @@ def health(url: str) -> dict:
     return requests.get(f"{url}/health").json()
 
 
-def greedy_text(model_dir: Path, messages: list[dict], max_new_tokens: int) -> tuple[list[int], str]:
+def greedy_text(model_dir: Path, messages: list[dict], max_new_tokens: int,
+                adapter: Path | None = None) -> tuple[list[int], str]:
     """What plain greedy generation of our model gives for a chat (the reference for the server's answers)."""
-    return greedy_continuation(model_dir, render_chat(messages, add_generation_prompt=True), max_new_tokens)
+    return greedy_continuation(model_dir, render_chat(messages, add_generation_prompt=True), max_new_tokens, adapter)
 
 
-def greedy_continuation(model_dir: Path, text: str, max_new_tokens: int) -> tuple[list[int], str]:
-    """Plain greedy generation after a text (its tokens, and the text up to a stop token)."""
+def greedy_continuation(model_dir: Path, text: str, max_new_tokens: int,
+                        adapter: Path | None = None) -> tuple[list[int], str]:
+    """Plain greedy generation after a text (its tokens, and the text up to a stop token), with `adapter`'s LoRA
+    loaded (unmerged) where one is given."""
     tokenizer = load_tokenizer(model_dir)
     model = LM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        load_lora(model, adapter)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
     tokens = out[0, len(prompt):].tolist()
@@ -219,9 +225,12 @@ def test_logit_bias_forces_and_bans_tokens(client, model_id, serve_model):
     assert ask({str(tokens[0]): -100}, temperature=0) != text  # its first token banned, greedy answers otherwise
 
 
-def model_logprobs(model_dir: Path, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """log p(token | everything before it) for each of `tokens` after `prompt`, from one forward pass."""
+def model_logprobs(model_dir: Path, prompt: list[int], tokens: list[int], adapter: Path | None = None) -> torch.Tensor:
+    """log p(token | everything before it) for each of `tokens` after `prompt`, from one forward pass (with
+    `adapter`'s LoRA loaded where one is given)."""
     model = LM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        load_lora(model, adapter)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
     return logits.log_softmax(-1)
@@ -791,7 +800,127 @@ def test_several_models_served(tmp_path, serve_model):
     assert twice.returncode == 2 and "two models would be served under one name" in twice.stderr
 
 
+def random_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
+    """A LoRA adapter of `model_dir` with random B (so that it changes the answers), saved in `out`."""
+    model = apply_lora(LM.from_pretrained(model_dir), **lora)
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.1)
+    save_lora(model, out, base_model_path=str(model_dir))
+    return out
+
+
+@pytest.mark.slow
+def test_lora_adapters_served_next_to_their_base(tmp_path, serve_model):
+    """serve.py --lora_modules a=DIR DIR: the base and both adapters listed (each adapter with its parent), each
+    request answered by the adapter it names, as that adapter loaded alone answers; bad adapters refused."""
+    first = random_adapter(serve_model, tmp_path / "first", 1, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    second = random_adapter(serve_model, tmp_path / "second", 2, r=8, alpha=8)
+    shutil.copy(serve_model / "tokenizer.json", second)  # the LoRA stage saves its tokenizer: the base's
+    proc, url = start_server(serve_model, "--lora_modules", f"a={first}", str(second))
+    try:
+        data = requests.get(f"{url}/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in data] == [(serve_model.name, None), ("a", serve_model.name),
+                                                          ("second", serve_model.name)]
+        tokenizer = load_tokenizer(serve_model)
+        prompt = tokenizer(render_chat(MESSAGES, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        first_logprobs = []
+        for name, adapter in ((serve_model.name, None), ("a", first), ("second", second)):
+            body = {"model": name, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logprobs": True,
+                    "ignore_eos": True}
+            answer = requests.post(f"{url}/v1/chat/completions", json=body).json()
+            assert answer["model"] == name
+            tokens, text = greedy_text(serve_model, MESSAGES, 4, adapter)
+            assert answer["choices"][0]["message"]["content"] == text
+            expected = model_logprobs(serve_model, prompt, tokens, adapter)
+            got = [entry["logprob"] for entry in answer["choices"][0]["logprobs"]["content"]]
+            assert got == pytest.approx([float(expected[i, t]) for i, t in enumerate(tokens)], abs=2e-3)
+            first_logprobs.append(got[0])
+        # each adapter changes the model's distribution (the tiny model's greedy text is the same for all three)
+        assert min(abs(a - b) for i, a in enumerate(first_logprobs) for b in first_logprobs[:i]) > 0.01
+    finally:
+        stop_server(proc)
+
+    def refused(*args: str) -> str:
+        result = subprocess.run([sys.executable, "serve.py", "--model", str(serve_model), *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        return result.stderr
+
+    assert f"{serve_model} is not a LoRA adapter directory" in refused("--lora_modules", f"x={serve_model}")
+    (tmp_path / "other").mkdir()
+    shutil.copy(FIXTURES / "minimind" / "tokenizer.json", tmp_path / "other")
+    shutil.copy(first / "adapter_config.json", tmp_path / "other")
+    assert "its tokenizer is not its base model's" in refused("--lora_modules", str(tmp_path / "other"))
+    assert "two adapters would be served as a" in refused("--lora_modules", f"a={first}", f"a={second}")
+    assert "give one of them" in refused("--lora", str(first), "--lora_modules", str(second))
+    assert "go with one --model" in refused("--model", str(serve_model), "--lora_modules", str(first))
+
+
 # -- the engine and the answer stream, in process ---------------------------------------------------------------------
+
+
+def test_engines_share_one_thread(chat_checkpoint):
+    """start_together (serve.py's several models): one thread steps both engines, each answers as its model does,
+    one closed leaves the other serving, and the thread ends with the last."""
+    first = LM.from_pretrained(chat_checkpoint["model"]).eval()
+    second = LM(first.config).eval()
+    torch.manual_seed(3)
+    for param in second.parameters():  # large random weights: answers that differ from the first model's
+        param.data.normal_(std=0.3)
+    engines = start_together([Engine(first), Engine(second)])
+    assert engines[0]._thread is engines[1]._thread and engines[0]._thread.is_alive()
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    prompts = [[1, 5, 9, 33], [1, 100, 7]]
+    with torch.no_grad():
+        refs = [[model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=[])[0, len(p):]
+                 .tolist() for p in prompts] for model in (first, second)]
+    assert refs[0] != refs[1]
+    sequences = [[engine.submit(p, greedy) for p in prompts] for engine in engines]  # both at once
+    assert [[list(seq) for seq in row] for row in sequences] == refs
+    engines[0].close()
+    time.sleep(0.2)  # time for the thread to end, were it wrongly to end with the first engine
+    assert engines[1]._thread.is_alive()
+    assert [complete(engines[1], p, greedy).tokens for p in prompts] == refs[1]
+    engines[1].close()
+    assert not engines[1]._thread.is_alive()
+
+
+def test_engine_mixes_adapters_in_one_batch(chat_checkpoint, tmp_path):
+    """Sequences on different stacked adapters decode in one batch, each as its adapter alone would."""
+    directory = Path(chat_checkpoint["model"])
+    adapters = {"a": random_adapter(directory, tmp_path / "a", 1, r=4, alpha=8),
+                "b": random_adapter(directory, tmp_path / "b", 2, r=2, alpha=4, target_modules=["up_proj"])}
+    alone = [LM.from_pretrained(directory).eval()] + [load_lora(LM.from_pretrained(directory), d).eval()
+                                                       for d in adapters.values()]
+    model = LM.from_pretrained(directory).eval()
+    engine = Engine(model, adapters=stack_adapters(model, adapters))
+    prompts = [([1, 5, 9, 33, 2, 7], 1), ([1, 100], 0), (list(range(3, 40)), 2), ([1, 5, 9, 33, 2, 7], 2),
+               ([1, 300, 301], 1)]
+    # queued before the engine starts, so that its first step admits them all into one batch
+    sequences = [engine.submit(p, SamplingParams(max_new_tokens=12, temperature=0, logprobs=0), adapter=a)
+                 for p, a in prompts]
+    with pytest.raises(ValueError, match="no LoRA adapter 3"):
+        engine.submit([1, 2], SamplingParams(), adapter=3)
+    engine.start()
+    try:
+        results = [list(seq) for seq in sequences]
+    finally:
+        engine.close()
+    assert engine.max_rows_seen == len(prompts)
+    with torch.no_grad():
+        refs = [alone[a].generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=[])[0, len(p):]
+                .tolist() for p, a in prompts]
+    assert results == refs
+    assert results[0] != results[3]  # the same prompt, two adapters
+    for (prompt, adapter), seq in zip(prompts, sequences):  # and every step's distribution is its adapter's
+        with torch.no_grad():
+            logits = alone[adapter](torch.tensor([prompt + seq.tokens])).logits[0, len(prompt) - 1:-1]
+        expected = logits.float().log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
+        assert [lp for lp, _ in seq.logprobs] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
 
 
 def test_engine_batches_equal_single_generation(chat_checkpoint):
@@ -955,7 +1084,7 @@ class ScriptedEngine:
         self.active = self.steps = self.max_rows_seen = self.tokens_generated = 0
         self.finished = {}
 
-    def submit(self, prompt, params, on_event):
+    def submit(self, prompt, params, on_event, adapter=0):
         def play():
             for token in self.tokens[:params.max_new_tokens - 1] + [self.stop_token]:
                 on_event(token, None)
