@@ -11,23 +11,24 @@ import sys
 import time
 from pathlib import Path
 
-from dataset.errors import DataError, SkipCounter, exit_cleanly_on_bad_input
+from dataset.errors import DataError, SkipCounter, SuspectCounter, exit_cleanly_on_bad_input
 from dataset.formats import iter_records
 from dataset.tokenizer import SPECIAL_BLOCK_SIZE, round_trip_failures, save_tokenizer, train_bpe
 
 
 def read_texts(path: str, max_chars: int | None, skip_bad: bool) -> tuple[list[str], int, str]:
-    """Pretraining texts from path, stopping once max_chars characters are read; returns texts, chars, skip report."""
-    skipped = SkipCounter()
+    """Pretraining texts from path, stopping once max_chars characters are read; returns texts, chars, and the
+    report of what was skipped (and of suspect texts, kept: a NUL character, as the pretraining bins count them)."""
+    skipped, suspect = SkipCounter(), SuspectCounter()
     texts, chars = [], 0
-    for record in iter_records(path, "pretrain", skip_bad, skipped):
+    for record in iter_records(path, "pretrain", skip_bad, skipped, suspect):
         texts.append(record["text"])
         chars += len(record["text"])
         if max_chars is not None and chars >= max_chars:
             break
     if not texts:  # every line was skipped
         raise DataError(path, 0, f"no usable text; {skipped.summary()}")
-    return texts, chars, skipped.summary()
+    return texts, chars, skipped.summary() + (f"; {suspect.summary()}" if suspect.total else "")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

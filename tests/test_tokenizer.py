@@ -224,7 +224,9 @@ def test_script_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_script_bad_line_stops_or_is_skipped(tmp_path):
-    train = write_texts(tmp_path / "train.jsonl", make_corpus(100))
+    corpus = make_corpus(100)
+    corpus[49] = "一段\0文字"  # a NUL character: trained on, and counted as the pretraining bins count it
+    train = write_texts(tmp_path / "train.jsonl", corpus)
     with train.open("a", encoding="utf-8") as f:
         f.write('{"text": "unterminated\n')
     args = ("--data_path", train, "--val_data_path", "", "--out_dir", tmp_path / "tok", "--vocab_size", 300)
@@ -234,6 +236,8 @@ def test_script_bad_line_stops_or_is_skipped(tmp_path):
     skipped = run_train_tokenizer(*args, "--skip_bad")
     assert skipped.returncode == 0, skipped.stderr
     assert "skipped 1 bad lines" in skipped.stdout
+    assert f"kept 1 record that may teach the wrong thing: 1 x a NUL character in the text (e.g. {train}:50)" \
+        in skipped.stdout
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
 
 
