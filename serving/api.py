@@ -167,10 +167,12 @@ def _tools(body: dict) -> tuple[list[dict] | None, list[dict] | None]:
 
 def _structured(body: dict) -> tuple[str, str, Any] | None:
     """What the answer must be, and the parameter that asked: (param, "json", a JSON schema) from OpenAI's
-    response_format ({"type": "object"} for json_object) or vLLM's structured_outputs.json, or (param, "choice",
-    texts) from structured_outputs.choice, the answer being exactly one of them. vLLM's older names guided_json
-    and guided_choice are read too. None for free text."""
-    asked = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_choice")
+    response_format ({"type": "object"} for json_object) or vLLM's structured_outputs.json, (param, "choice",
+    texts) from structured_outputs.choice, the answer being exactly one of them, or (param, "regex", a pattern the
+    whole answer matches) from structured_outputs.regex. vLLM's older names guided_json, guided_choice and
+    guided_regex are read too. None for free text."""
+    asked = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_choice",
+                               "guided_regex")
              if body.get(name) is not None and body.get(name) != {"type": "text"}]
     if len(asked) > 1:
         raise APIError(400, f"'{asked[0]}' and '{asked[1]}' each say what the answer must be: send one",
@@ -192,9 +194,10 @@ def _structured(body: dict) -> tuple[str, str, Any] | None:
                            "invalid_value")
         return param, "json", spec.get("schema", {})
     if param == "structured_outputs":
-        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("json", "choice"):
-            raise APIError(400, "'structured_outputs' must be {\"json\": schema} or {\"choice\": [texts]}; regex "
-                           "and grammar are not supported by this server", param, "unsupported_parameter")
+        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("json", "choice", "regex"):
+            raise APIError(400, "'structured_outputs' must be {\"json\": schema}, {\"choice\": [texts]} or "
+                           "{\"regex\": pattern}; grammar is not supported by this server", param,
+                           "unsupported_parameter")
         kind, value = next(iter(value.items()))
     else:
         kind = param.removeprefix("guided_")
@@ -207,6 +210,8 @@ def _structured(body: dict) -> tuple[str, str, Any] | None:
                              or not all(isinstance(v, str) and v for v in value)):
         raise APIError(400, f"'{param}' choices must be a non-empty array of non-empty strings", param,
                        "invalid_value")
+    if kind == "regex" and (not isinstance(value, str) or not value):
+        raise APIError(400, f"'{param}' must be a regular expression (a non-empty string)", param, "invalid_value")
     return param, kind, value
 
 

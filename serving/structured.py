@@ -1,5 +1,6 @@
 """Structured output: an answer made to fit a JSON schema (OpenAI's `response_format`), a tool call made to fit
-its function (`tool_choice` "required" or a named function), or one of a few texts (vLLM's `choice`).
+its function (`tool_choice` "required" or a named function), one of a few texts (vLLM's `choice`), or a regular
+expression (vLLM's `regex`: serving/patterns.py compiles it).
 
 A small model writes JSON that parses now and then; constrained decoding makes every answer parse. The grammar is
 a pushdown automaton over bytes: its state is a stack of frames, plain tuples, so a state can key a cache, and
@@ -24,6 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from serving.chat_format import token_bytes
+from serving.patterns import PatternError, Regex
 
 FREE_WHITESPACE = False  # True: up to 64 whitespace bytes anywhere between the JSON's tokens (the tests' check)
 MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
@@ -67,11 +69,12 @@ class Node:
 
 
 class Grammar:
-    """What an answer may be: one of `alternatives`, each a list of parts, a literal (bytes) or a JSON schema
-    (dict). Alternatives that are one literal each are a choice among texts. Otherwise several alternatives must
-    each start with a literal, and no literal may be another's beginning: the literal picks the alternative (a tool
-    call's `{"name": "f", "arguments": ` picks f's parameters). With a `trigger`, the answer is free text in which
-    the trigger, each time it comes, opens one of the alternatives, after which the text is free again."""
+    """What an answer may be: one of `alternatives`, each a list of parts, a literal (bytes), a JSON schema
+    (dict) or a regular expression (a patterns.Regex). Alternatives that are one literal each are a choice among
+    texts. Otherwise several alternatives must each start with a literal, and no literal may be another's
+    beginning: the literal picks the alternative (a tool call's `{"name": "f", "arguments": ` picks f's
+    parameters). With a `trigger`, the answer is free text in which the trigger, each time it comes, opens one of
+    the alternatives, after which the text is free again."""
 
     def __init__(self, alternatives: list[list[bytes | dict]], trie: "TokenTrie", where: list[str] | None = None,
                  trigger: bytes | None = None, once: bool = False):
@@ -87,6 +90,8 @@ class Grammar:
             for part in parts:
                 if isinstance(part, bytes):
                     frames.append(("lit", part, 0))
+                elif isinstance(part, Regex):
+                    frames.append(("re", part, part.start, 0, 0, 0, 0))
                 else:
                     frames.append(("val", self._compile(part, part, where[i] if where else "schema"),
                                    _room("part")))
@@ -277,7 +282,8 @@ class Grammar:
     # alternative; ("free", matched) free text watching for the trigger; ("val", node, room) a value not begun;
     # ("obj", node, phase, keys used, key, room); ("key", node, keys used, typed) a property's name; ("arr", node,
     # phase, count, room); ("str", escape, left, lo, hi, count, least, most); ("num", integer only, phase); ("lits",
-    # literals, typed) one of a few texts. Each frame's reader: (frame, the stack below it, a byte) -> (new stack,
+    # literals, typed) one of a few texts; ("re", regex, states, left, lo, hi, code) text matching a regular
+    # expression. Each frame's reader: (frame, the stack below it, a byte) -> (new stack,
     # whether the byte was used) or None.
 
     def _lit(self, frame, below, byte):
@@ -441,9 +447,55 @@ class Grammar:
             return below + (("lits", literals, longer),), True
         return (below, False) if typed in literals else None
 
+    def _re(self, frame, below, byte):
+        """Text that a regular expression matches, read a UTF-8 character at a time: `left` continuation bytes
+        still owed (the next one in lo..hi), `code` the character's bits so far. A character's first bytes are
+        taken only where some character they may begin fits the pattern, so no token leads where none can follow."""
+        _, regex, states, left, lo, hi, code = frame
+        if left:
+            if not lo <= byte <= hi:
+                return None
+            code, left = code << 6 | byte & 0x3F, left - 1
+            if left:
+                first = code << 6 * left
+                if not regex.viable(states, first, first | (1 << 6 * left) - 1):
+                    return None
+                return below + (("re", regex, states, left, 0x80, 0xBF, code),), True
+            after = regex.move(states, code)
+            return (below + (("re", regex, after, 0, 0, 0, 0),), True) if after else None
+        if byte < 0x80:
+            after = regex.move(states, byte)
+            if after:
+                return below + (("re", regex, after, 0, 0, 0, 0),), True
+        elif (lead := _UTF8_LEADS.get(byte)) and regex.viable(states, lead[4], lead[5]):
+            return below + (("re", regex, states, *lead[:4]),), True
+        return (below, False) if regex.accepts(states) else None  # whole: the frame below reads the byte
+
     def _may_end(self, frame) -> bool:
         return frame[0] == "free" or (frame[0] == "num" and frame[2] in self._NUMBER_ENDS) \
-            or (frame[0] == "lits" and frame[2] in frame[1])
+            or (frame[0] == "lits" and frame[2] in frame[1]) \
+            or (frame[0] == "re" and not frame[3] and frame[1].accepts(frame[2]))
+
+
+def _utf8_leads() -> dict[int, tuple[int, int, int, int, int, int]]:
+    """Each byte that begins a multi-byte UTF-8 character: (continuation bytes, the range of the next byte, the
+    code point's bits so far, the first and last code point it may begin). No overlong forms, no surrogates."""
+    leads = {}
+    for byte in range(0xC2, 0xF5):
+        if byte < 0xE0:
+            leads[byte] = (1, 0x80, 0xBF, byte & 0x1F, (byte & 0x1F) << 6, (byte & 0x1F) << 6 | 0x3F)
+        elif byte < 0xF0:
+            lo, hi = (0xA0, 0xBF) if byte == 0xE0 else (0x80, 0x9F) if byte == 0xED else (0x80, 0xBF)
+            first = (byte & 0x0F) << 12 | (lo & 0x3F) << 6
+            leads[byte] = (2, lo, hi, byte & 0x0F, first, (byte & 0x0F) << 12 | (hi & 0x3F) << 6 | 0x3F)
+        else:
+            lo, hi = (0x90, 0xBF) if byte == 0xF0 else (0x80, 0x8F) if byte == 0xF4 else (0x80, 0xBF)
+            first = (byte & 0x07) << 18 | (lo & 0x3F) << 12
+            leads[byte] = (3, lo, hi, byte & 0x07, first, (byte & 0x07) << 18 | (hi & 0x3F) << 12 | 0xFFF)
+    return leads
+
+
+_UTF8_LEADS = _utf8_leads()
 
 
 class TokenTrie:
@@ -486,14 +538,17 @@ class TokenTrie:
 
 
 def answer_grammar(kind: str, value, trie: TokenTrie, open_tag: str, close_tag: str, where: str = "schema") -> Grammar:
-    """What a request asks its answer to be: JSON fitting a schema (kind "json"), one of a few texts ("choice"), a
-    call of one of some functions ("call"), or text in which every call the model opens fits its function
-    ("text_or_call"; "text_or_one_call" ends the answer at its first call, for parallel_tool_calls false).
+    """What a request asks its answer to be: JSON fitting a schema (kind "json"), one of a few texts ("choice"),
+    text a regular expression matches ("regex"), a call of one of some functions ("call"), or text in which every
+    call the model opens fits its function ("text_or_call"; "text_or_one_call" ends the answer at its first call,
+    for parallel_tool_calls false).
     `open_tag` / `close_tag` wrap a call; `where` names the schema in an error."""
     if kind == "json":
         return json_grammar(value, trie, where)
     if kind == "choice":
         return choice_grammar(value, trie)
+    if kind == "regex":
+        return regex_grammar(value, trie)
     if kind == "call":
         return tool_call_grammar(value, trie, open_tag, close_tag, [f"function {f['name']}: parameters" for f in value])
     return tool_text_grammar(value, trie, open_tag, close_tag, parallel=kind == "text_or_call")
@@ -509,6 +564,14 @@ def choice_grammar(choices: list[str], trie: TokenTrie) -> Grammar:
     if not choices or not all(choices):
         raise SchemaError("the choices must be non-empty texts")
     return Grammar([[choice.encode()] for choice in choices], trie)
+
+
+def regex_grammar(pattern: str, trie: TokenTrie) -> Grammar:
+    """An answer that the regular expression matches whole (vLLM's structured_outputs.regex)."""
+    try:
+        return Grammar([[Regex(pattern)]], trie)
+    except PatternError as exc:
+        raise SchemaError(str(exc)) from exc
 
 
 def tool_text_grammar(functions: list[dict], trie: TokenTrie, open_tag: str, close_tag: str,

@@ -3,6 +3,7 @@ on a tiny random model (a test of the protocol, not of the answers); the engine'
 plain generation; the answer stream (stop strings, think block, tool calls) on its own."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -467,6 +468,19 @@ def test_structured_output_choice(server, client, model_id):
     schema = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=0,
                                             max_tokens=200, extra_body={"structured_outputs": {"json": VERDICT}})
     assert fits_verdict(schema.choices[0].message.content)
+    # structured_outputs.regex (and guided_regex): the whole answer matches, and ends where nothing more may come
+    pattern = r"(好评|差评)：[1-5]星，\d{2}元"
+    texts = set()
+    for seed in range(4):
+        answer = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=seed,
+                                                max_tokens=40, extra_body={"structured_outputs": {"regex": pattern}})
+        assert re.fullmatch(pattern, answer.choices[0].message.content), answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop"
+        texts.add(answer.choices[0].message.content)
+    assert len(texts) > 1
+    old = client.completions.create(model=model_id, prompt="质量很好", max_tokens=30, temperature=0,
+                                    extra_body={"guided_regex": r"[a-z]{2,4}\.\d"})
+    assert re.fullmatch(r"[a-z]{2,4}\.\d", old.choices[0].text) and old.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.slow
@@ -608,8 +622,13 @@ BAD = [
     ("reasoning_content a number", {"model": "MODEL", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning_content": 5},
         {"role": "user", "content": "hi"}]}, 400, "invalid_type"),
-    ("structured_outputs regex", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
-                                  "structured_outputs": {"regex": "a+"}}, 400, "unsupported_parameter"),
+    ("structured_outputs grammar", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                    "structured_outputs": {"grammar": "root ::= \"a\""}}, 400,
+     "unsupported_parameter"),
+    ("structured_outputs regex with a backreference", {"model": "MODEL", "messages": [
+        {"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(a)\\1"}}, 400, "invalid_schema"),
+    ("guided_regex not a string", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                   "guided_regex": ["a"]}, 400, "invalid_value"),
     ("structured_outputs choice empty", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                                          "structured_outputs": {"choice": []}}, 400, "invalid_value"),
     ("guided_choice not texts", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],

@@ -3,6 +3,7 @@ token-by-token check, and the engine's answers, which must parse and fit."""
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from serving.structured import (
     TokenTrie,
     choice_grammar,
     json_grammar,
+    regex_grammar,
     tool_call_grammar,
     tool_text_grammar,
 )
@@ -200,6 +202,82 @@ def test_choice_grammar_takes_exactly_its_texts():
     assert grammar.done(grammar.advance(grammar.start, "好评".encode()))
     with pytest.raises(SchemaError):
         choice_grammar(["好评", ""], BYTES)
+
+
+PATTERNS = {  # pattern: texts it matches, which the test mutates into near misses
+    r"\d{3}-\d{4}": ["123-4567"], r"(正面|负面)": ["正面", "负面"], r"[a-c]+x?": ["abcx", "a"],
+    r"^(?:ab){2,3}$": ["abab", "ababab"], r"\w+@\w+\.com": ["a_1@b.com", "中@文.com"], r"[^,]*,\s*\S+": ["a, b", ",x"],
+    r".{0,3}": ["", "a😀"], r"a{,2}b": ["b", "aab"], r"x{2,}": ["xx", "xxxxx"], r"[\u4e00-\u9fa5]{1,2}": ["中", "正面"],
+    r"a{b": ["a{b"], r"(?P<n>[1-9]\d*)(\.\d+)?": ["10.05", "9"], r"答：.*": ["答：", "答：12个"], r"[^\d\s]+": ["é😀-"],
+    r"(a|ab)(c|bcd)(d*)": ["abcd", "abcdd", "ac"], r"[-+]?[0-9]*\.?[0-9]+": ["-1.5", ".5", "3"], r"\W": ["-", "\n"],
+    r"[\]\-]+|é\t": ["]-]", "é\t"],
+}
+
+
+def test_regex_grammar_takes_what_re_fullmatch_takes():
+    """Each pattern against re.fullmatch, fed as UTF-8 one byte at a time: on its matches, on the matches with a
+    character changed, added or dropped, and on random texts over ASCII, CJK, an accent and an emoji; a prefix the
+    grammar calls whole is one re.fullmatch takes (a text cut inside a character never is)."""
+    rng = random.Random(0)
+    alphabet = list("abcdx019-+.,@ \t\n_:{}]") + ["正", "面", "负", "答", "：", "é", "😀", "中"]
+    for pattern, matches in PATTERNS.items():
+        grammar = regex_grammar(pattern, BYTES)
+        compiled = re.compile(pattern)
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(200)]
+        for match in matches * 50:
+            i = rng.randint(0, len(match))
+            texts.append(rng.choice([match, match[:i] + rng.choice(alphabet) + match[i + 1:],
+                                     match[:i] + rng.choice(alphabet) + match[i:], match[:i] + match[i + 1:]]))
+        assert sum(bool(compiled.fullmatch(t)) for t in texts) >= 10, pattern  # both sides are tried
+        for text in texts:
+            assert fits(grammar, text) == bool(compiled.fullmatch(text)), (pattern, text)
+            data = text.encode()
+            for cut in range(1, len(data)):
+                state = grammar.advance(grammar.start, data[:cut])
+                if state is not None and grammar.done(state):
+                    assert compiled.fullmatch(data[:cut].decode()), (pattern, data[:cut])
+
+
+@pytest.mark.parametrize("pattern,message", [
+    (r"(a)\1", r"'\\1' at position 3"), (r"(?=a)b", "lookarounds"), (r"\bword", r"'\\b'"), (r"(?i)a", "flags"),
+    (r"a++", "possessive"), (r"a$b", "'\\$' other than at the pattern's end"), (r"*a", "nothing to repeat"),
+    (r"[a", "missing ']'"), (r"(a", "missing '\\)'"), (r"a)", "unbalanced"), (r"a{3,2}", "repeat"),
+    (r"(\d{100}){300}", "automaton states")])
+def test_regex_it_cannot_enforce_is_refused(pattern, message):
+    with pytest.raises(SchemaError, match=message):
+        regex_grammar(pattern, BYTES)
+
+
+def test_regex_masks_take_no_token_that_leads_nowhere(tokenizer_dir):
+    """With a real byte-level vocabulary the trie walk equals feeding each token alone, and a token that ends
+    halfway through a character is taken only where some character it begins fits the pattern: for [a-z]+ no
+    byte of a CJK character, for [\u4e00-\u9fa5]+ the first bytes of CJK characters but no other."""
+    from dataset.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    trie = TokenTrie.from_tokenizer(tokenizer)
+    by_prefix = {}  # the first one or two bytes of a character's UTF-8 -> the characters that begin so
+    for code in range(0x80, 0x110000):
+        if not 0xD800 <= code <= 0xDFFF:
+            data = chr(code).encode()
+            for length in (1, 2):
+                by_prefix.setdefault(data[:length], []).append(data)
+    for pattern, prefix in [(r"[a-z]+", "ab"), (r"[\u4e00-\u9fa5]+", "中"), (r"\d{3}-\d{4}", "12"), (r"答：.*", "答")]:
+        grammar = regex_grammar(pattern, trie)
+        state = grammar.advance(grammar.start, prefix.encode())
+        mask = grammar.allowed(state, len(tokenizer), "cpu")
+        expected = torch.tensor([grammar.advance(state, trie.bytes_of(t)) is not None for t in range(len(tokenizer))])
+        assert torch.equal(mask, expected) and mask.any(), pattern
+        for token in mask.nonzero()[:, 0].tolist():  # a token cut inside a character: some character fits
+            data = trie.bytes_of(token)
+            cut = next((i for i in range(max(0, len(data) - 3), len(data)) if data[i] >= 0xC0
+                        and len(data) - i < (2 if data[i] < 0xE0 else 3 if data[i] < 0xF0 else 4)), None)
+            if cut is not None:
+                head = grammar.advance(state, data[:cut])
+                assert any(grammar.advance(head, char) for char in by_prefix[data[cut:]]), (pattern, data)
+    ascii_only = regex_grammar(r"[a-z]+", trie)
+    assert not any(b >= 0x80 for t in ascii_only.allowed(ascii_only.start, len(tokenizer), "cpu").nonzero()[:, 0]
+                   for b in trie.bytes_of(int(t)))
 
 
 def test_token_masks_equal_checking_every_token(tokenizer_dir):
