@@ -9,12 +9,13 @@ token bytes from the current state: a prefix the automaton refuses prunes every 
 cached per state, so inside a string, where the state barely changes, a token costs a dictionary lookup.
 
 The schema subset: `type` (one or a list), `properties`, `required`, `additionalProperties` (false, or a schema
-for an object without properties), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`, `const`,
-`anyOf` (branches that start with different characters: a string or null, an object or an array), `$ref` into
-`$defs` or `definitions`, and the annotations (`title`, `description`, `default`, `examples`, ...). An object with
+for an object without properties), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `pattern` (found
+anywhere in the string unless `^` / `$` anchor it; serving/patterns.py's subset), `enum`, `const`, `anyOf` (branches
+that start with different characters: a string or null, an object or an array), `$ref` into `$defs` or
+`definitions`, and the annotations (`title`, `description`, `default`, `examples`, ...). An object with
 `properties` takes only those keys, in any order, the `required` ones before it closes, as OpenAI's strict mode
-does. Any other keyword (`pattern`, `format`, `minimum`, ...) is refused with its path: a 400 is better than an
-answer that does not fit. Whitespace between the JSON's tokens is as json.dumps writes it: one space after a
+does. Any other keyword (`format`, `minimum`, ...) is refused with its path: a 400 is better than an answer that
+does not fit. Whitespace between the JSON's tokens is as json.dumps writes it: one space after a
 colon or a comma, none elsewhere (`{"a": 1, "b": [1, 2]}`).
 """
 
@@ -33,7 +34,7 @@ MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict", "name",
                "deprecated", "readOnly", "writeOnly"}
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
-            "maxLength", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
+            "maxLength", "pattern", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
 KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
 WHITESPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -180,7 +181,9 @@ class Grammar:
                 if not isinstance(least, int) or not isinstance(most, int | None) or least < 0 \
                         or (most is not None and most < least):
                     raise SchemaError(f"{path}: minLength and maxLength must be counts, min <= max")
-                node.start[ord('"')] = ("str", least, most)
+                pattern = schema.get("pattern")
+                node.start[ord('"')] = ("str", least, most) if pattern is None else \
+                    ("pstr", least, most, self._search_regex(pattern, f"{path}.pattern"))
             elif kind in ("number", "integer"):
                 integer = kind == "integer" and "number" not in kinds
                 for byte in b"-0123456789":
@@ -190,6 +193,24 @@ class Grammar:
             else:
                 self._literals(node, [b"null"], path)
         return sid
+
+    @staticmethod
+    def _search_regex(pattern, path: str) -> Regex:
+        """JSON Schema's `pattern`, which may match anywhere in the string unless `^` / `$` anchor it, as a Regex
+        that the whole string must match."""
+        if not isinstance(pattern, str):
+            raise SchemaError(f"{path} must be a string")
+        body, start, end = pattern, "[\\s\\S]*", "[\\s\\S]*"
+        if body.startswith("^"):
+            body, start = body[1:], ""
+        if body.endswith("$") and (len(body) - len(body.rstrip("\\$")) - 1) % 2 == 0:  # a $ not escaped
+            body, end = body[:-1], ""
+        if (start == "" or end == "") and _has_top_level_bar(body):
+            raise SchemaError(f"{path}: an anchored pattern with '|' outside a group is not supported (group it)")
+        try:
+            return Regex(f"{start}(?:{body}){end}")
+        except PatternError as exc:
+            raise SchemaError(f"{path}: {exc}") from exc
 
     def _ref(self, ref, root: dict, path: str) -> int:
         if not isinstance(ref, str) or not ref.startswith("#/"):
@@ -281,7 +302,8 @@ class Grammar:
     # The frames, a stack's top last: ("lit", bytes, pos) a literal; ("alt", typed) the head that picks an
     # alternative; ("free", matched) free text watching for the trigger; ("val", node, room) a value not begun;
     # ("obj", node, phase, keys used, key, room); ("key", node, keys used, typed) a property's name; ("arr", node,
-    # phase, count, room); ("str", escape, left, lo, hi, count, least, most); ("num", integer only, phase); ("lits",
+    # phase, count, room); ("str", escape, left, lo, hi, count, least, most); ("pstr", escape, left, lo, hi, code,
+    # count, least, most, regex, states) a string with a pattern; ("num", integer only, phase); ("lits",
     # literals, typed) one of a few texts; ("re", regex, states, left, lo, hi, code) text matching a regular
     # expression. Each frame's reader: (frame, the stack below it, a byte) -> (new stack,
     # whether the byte was used) or None.
@@ -324,6 +346,8 @@ class Grammar:
             return below + (("arr", opened[1], "open", 0, _room("open")),), True
         if kind == "str":
             return below + (("str", 0, 0, 0, 0, 0, *opened[1:]),), True
+        if kind == "pstr":
+            return below + (("pstr", 0, 0, 0, 0, 0, 0, *opened[1:], opened[3].start),), True
         if kind == "num":
             return self._num(("num", opened[1], "start"), below, byte)
         return self._lits(("lits", opened[1], b""), below, byte)
@@ -418,6 +442,76 @@ class Grammar:
             return below + (("str", 0, 3, lo, hi, *counted),), True
         return None
 
+    JSON_ESCAPES = {ord('"'): 0x22, ord("\\"): 0x5C, ord("/"): 0x2F, ord("b"): 8, ord("f"): 12, ord("n"): 10,
+                    ord("r"): 13, ord("t"): 9}
+
+    def _pstr(self, frame, below, byte):
+        """A string whose text must match a pattern (the schema's `pattern`, made a whole match by _search_regex):
+        as _str, with each character, once whole (its UTF-8 bytes or its escape), moving the pattern's automaton;
+        the closing quote only where the pattern is matched. `code`: the character's bits or hex digits so far."""
+        _, escape, left, lo, hi, code, count, least, most, regex, states = frame
+
+        def partial(escape, left, lo, hi, code, first, last):  # a character begun: only if one that fits can follow
+            if not regex.viable(states, first, last):
+                return None
+            return below + (("pstr", escape, left, lo, hi, code, count, least, most, regex, states),), True
+
+        def whole(char):
+            after = regex.move(states, char) if not 0xD800 <= char <= 0xDFFF else None
+            if not after:
+                return None
+            counted = count + 1 if least or most is not None else 0
+            return below + (("pstr", 0, 0, 0, 0, 0, counted, least, most, regex, after),), True
+
+        if left:
+            if not lo <= byte <= hi:
+                return None
+            code, left = code << 6 | byte & 0x3F, left - 1
+            first = code << 6 * left
+            return partial(0, left, 0x80, 0xBF, code, first, first | (1 << 6 * left) - 1) if left else whole(code)
+        if escape == 1:
+            if byte == ord("u"):
+                return partial(2, 0, 0, 0, 0, 0, 0x10FFFF)
+            return whole(self.JSON_ESCAPES[byte]) if byte in self.JSON_ESCAPES else None
+        if escape in (6, 7):  # after a high surrogate's escape, the low one's \u (code: the pair's first character)
+            if byte != b"\\u"[escape - 6]:
+                return None
+            return partial(escape + 1, 0, 0, 0, code, code, code + 0x3FF)
+        if escape >= 8:  # the low surrogate's four hex digits, so far in lo
+            if byte not in HEX:
+                return None
+            lo, digits_left = lo << 4 | int(chr(byte), 16), 11 - escape
+            if not digits_left:
+                return whole(code + lo - 0xDC00) if 0xDC00 <= lo <= 0xDFFF else None
+            first, last = max(lo << 4 * digits_left, 0xDC00), min((lo + 1 << 4 * digits_left) - 1, 0xDFFF)
+            if first > last:
+                return None
+            return partial(escape + 1, 0, lo, 0, code, code + first - 0xDC00, code + last - 0xDC00)
+        if escape >= 2:  # \u and its four hex digits
+            if byte not in HEX:
+                return None
+            code = code << 4 | int(chr(byte), 16)
+            if escape == 5 and 0xD800 <= code <= 0xDBFF:  # a high surrogate: a character beyond 0xFFFF, in two
+                pair = 0x10000 + (code - 0xD800 << 10)
+                return partial(6, 0, 0, 0, pair, pair, pair + 0x3FF)
+            if escape == 5:
+                return whole(code)
+            digits_left = 5 - escape
+            first, last = code << 4 * digits_left, (code + 1 << 4 * digits_left) - 1
+            return partial(escape + 1, 0, 0, 0, code, first, last if first > 0xDBFF or last < 0xD800 else 0x10FFFF)
+        if byte == ord('"'):
+            return (below, True) if count >= least and regex.accepts(states) else None
+        if most is not None and count >= most:
+            return None
+        if byte == ord("\\"):  # an escape writes any character (one beyond 0xFFFF as a surrogate pair)
+            return partial(1, 0, 0, 0, 0, 0, 0x10FFFF)
+        if byte < 0x20:  # control characters must be escaped
+            return None
+        if byte < 0x80:
+            return whole(byte)
+        lead = _UTF8_LEADS.get(byte)
+        return partial(0, *lead[:4], lead[4], lead[5]) if lead else None
+
     # A number's phases: after these, the next byte may end it.
     _NUMBER_ENDS = {"int", "zero", "frac", "exp"}
     _NUMBER_STEPS = {  # phase -> ((bytes, next phase), ...)
@@ -496,6 +590,27 @@ def _utf8_leads() -> dict[int, tuple[int, int, int, int, int, int]]:
 
 
 _UTF8_LEADS = _utf8_leads()
+
+
+def _has_top_level_bar(pattern: str) -> bool:
+    """Whether a pattern has a `|` outside every group and class."""
+    depth, in_class, i = 0, False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 1
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":  # a ] first in a class is a character
+                i += 1 + (pattern[i + 1] == "^")
+        elif char in "()":
+            depth += 1 if char == "(" else -1
+        elif char == "|" and not depth:
+            return True
+        i += 1
+    return False
 
 
 class TokenTrie:

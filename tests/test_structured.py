@@ -141,7 +141,9 @@ def test_schema_keywords(schema, text, ok):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "string", "pattern": "^a"}, "schema.properties.x: the keyword 'pattern' is not supported"),
+    ({"type": "string", "minimum": 1}, "schema.properties.x: the keyword 'minimum' is not supported"),
+    ({"type": "string", "pattern": "(a)\\1"}, r"schema.properties.x.pattern: '\\1' at position"),
+    ({"type": "string", "pattern": "^a|b$"}, "anchored pattern with '|' outside a group"),
     ({"type": "string", "format": "email"}, "'format' is not supported"),
     ({"anyOf": [{"type": "string"}, {"enum": ["a"]}]}, "two branches start with"),
     ({"$ref": "#/$defs/missing"}, "#/$defs/missing is not in the schema"),
@@ -151,7 +153,8 @@ def test_schema_keywords(schema, text, ok):
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required must list keys"),
 ])
 def test_schemas_it_cannot_enforce_are_refused_with_their_path(schema, message):
-    wrapped = {"type": "object", "properties": {"x": schema}} if "pattern" in schema else schema
+    wrapped = {"type": "object", "properties": {"x": schema}} if "pattern" in schema or "minimum" in schema \
+        else schema
     with pytest.raises(SchemaError, match=message.replace("(", r"\(").replace("$", r"\$")):
         json_grammar(wrapped, BYTES)
 
@@ -238,6 +241,34 @@ def test_regex_grammar_takes_what_re_fullmatch_takes():
                     assert compiled.fullmatch(data[:cut].decode()), (pattern, data[:cut])
 
 
+STRING_PATTERNS = {  # JSON Schema's pattern (found anywhere unless anchored) -> strings it matches
+    "^[a-z]+$": ["abc"], r"\d{3}": ["a123b", "123"], "^(好评|差评)": ["好评：质量好"], "元$": ["12元"],
+    r"^\S+@\S+\.com$": ["a@b.com"], "^$": [""], r"^a\nb$": ["a\nb"], "[é😀]": ["x😀"], r"^[^\x00-\x1f]*$": ["ok"],
+}
+
+
+def test_string_pattern_takes_what_re_search_takes():
+    """A string with `pattern` (and length bounds) against re.search on the decoded text: its matches and near
+    misses, written by json.dumps both with and without \\u escapes, and strings that break the JSON."""
+    rng = random.Random(1)
+    alphabet = list("abz19@.c \n\t\"\\") + ["好", "评", "差", "元", "é", "😀", "：", "\x01"]
+    for pattern, matches in STRING_PATTERNS.items():
+        for bounds in ({}, {"minLength": 2, "maxLength": 5}):
+            grammar = json_grammar({"type": "string", "pattern": pattern, **bounds}, BYTES)
+            texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7))) for _ in range(150)]
+            for match in matches * 40:
+                i = rng.randint(0, len(match))
+                texts.append(rng.choice([match, match[:i] + rng.choice(alphabet) + match[i:],
+                                         match[:i] + match[i + 1:]]))
+            searched = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)  # $: the end, as
+            for text in texts:  # ECMA-262's (JSON Schema's), not also before a last newline, as Python's
+                expected = searched.search(text) is not None and \
+                    bounds.get("minLength", 0) <= len(text) <= bounds.get("maxLength", 99)
+                for ascii_only in (False, True):
+                    assert fits(grammar, json.dumps(text, ensure_ascii=ascii_only)) == expected, (pattern, bounds, text)
+            assert not fits(grammar, '"a\x01"') and not fits(grammar, '"\\q"')
+
+
 @pytest.mark.parametrize("pattern,message", [
     (r"(a)\1", r"'\\1' at position 3"), (r"(?=a)b", "lookarounds"), (r"\bword", r"'\\b'"), (r"(?i)a", "flags"),
     (r"a++", "possessive"), (r"a$b", "'\\$' other than at the pattern's end"), (r"*a", "nothing to repeat"),
@@ -249,9 +280,10 @@ def test_regex_it_cannot_enforce_is_refused(pattern, message):
 
 
 def test_regex_masks_take_no_token_that_leads_nowhere(tokenizer_dir):
-    """With a real byte-level vocabulary the trie walk equals feeding each token alone, and a token that ends
-    halfway through a character is taken only where some character it begins fits the pattern: for [a-z]+ no
-    byte of a CJK character, for [\u4e00-\u9fa5]+ the first bytes of CJK characters but no other."""
+    """With a real byte-level vocabulary the trie walk equals feeding each token alone (for a whole-answer pattern
+    and for a JSON string's, halfway through a \\u escape too), and a token that ends halfway through a
+    character is taken only where some character it begins fits the pattern: for [a-z]+ no byte of a CJK
+    character, for [\u4e00-\u9fa5]+ the first bytes of CJK characters but no other."""
     from dataset.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -262,8 +294,10 @@ def test_regex_masks_take_no_token_that_leads_nowhere(tokenizer_dir):
             data = chr(code).encode()
             for length in (1, 2):
                 by_prefix.setdefault(data[:length], []).append(data)
-    for pattern, prefix in [(r"[a-z]+", "ab"), (r"[\u4e00-\u9fa5]+", "中"), (r"\d{3}-\d{4}", "12"), (r"答：.*", "答")]:
-        grammar = regex_grammar(pattern, trie)
+    in_json = {"type": "string", "pattern": r"^[\u4e00-\u9fa5]{2,}$"}  # JSON Schema's pattern, inside a string
+    for pattern, prefix in [(r"[a-z]+", "ab"), (r"[\u4e00-\u9fa5]+", "中"), (r"\d{3}-\d{4}", "12"), (r"答：.*", "答"),
+                            (in_json, '"中'), (in_json, '"中\\u4e')]:
+        grammar = json_grammar(pattern, trie) if isinstance(pattern, dict) else regex_grammar(pattern, trie)
         state = grammar.advance(grammar.start, prefix.encode())
         mask = grammar.allowed(state, len(tokenizer), "cpu")
         expected = torch.tensor([grammar.advance(state, trie.bytes_of(t)) is not None for t in range(len(tokenizer))])
