@@ -12,11 +12,11 @@ The schema subset: `type` (one or a list), `properties`, `required`, `additional
 for an object without properties), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `pattern` (found
 anywhere in the string unless `^` / `$` anchor it; serving/patterns.py's subset), `enum`, `const`, `anyOf` (branches
 that start with different characters: a string or null, an object or an array), `$ref` into `$defs` or
-`definitions`, and the annotations (`title`, `description`, `default`, `examples`, ...). An object with
-`properties` takes only those keys, in any order, the `required` ones before it closes, as OpenAI's strict mode
-does. Any other keyword (`format`, `minimum`, ...) is refused with its path: a 400 is better than an answer that
-does not fit. Whitespace between the JSON's tokens is as json.dumps writes it: one space after a
-colon or a comma, none elsewhere (`{"a": 1, "b": [1, 2]}`).
+`definitions`, `format` (date, time, date-time, uuid, ipv4, email: their form, FORMATS), and the annotations
+(`title`, `description`, `default`, `examples`, ...). An object with `properties` takes only those keys, in any
+order, the `required` ones before it closes, as OpenAI's strict mode does. Any other keyword (`minimum`, ...) is
+refused with its path: a 400 is better than an answer that does not fit. Whitespace between the JSON's tokens is
+as json.dumps writes it: one space after a colon or a comma, none elsewhere (`{"a": 1, "b": [1, 2]}`).
 """
 
 import json
@@ -34,8 +34,16 @@ MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict", "name",
                "deprecated", "readOnly", "writeOnly"}
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
-            "maxLength", "pattern", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
+            "maxLength", "pattern", "format", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
 KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_DATE, _TIME = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])", \
+    r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+FORMATS = {  # a string `format` as the pattern its whole text must match: the form (RFC 3339's for times), not the
+    "date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}",  # calendar (a 31st of February passes)
+    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}", "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+",
+}
 WHITESPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 
@@ -181,9 +189,15 @@ class Grammar:
                 if not isinstance(least, int) or not isinstance(most, int | None) or least < 0 \
                         or (most is not None and most < least):
                     raise SchemaError(f"{path}: minLength and maxLength must be counts, min <= max")
-                pattern = schema.get("pattern")
-                node.start[ord('"')] = ("str", least, most) if pattern is None else \
-                    ("pstr", least, most, self._search_regex(pattern, f"{path}.pattern"))
+                pattern, form = schema.get("pattern"), schema.get("format")
+                if pattern is not None and form is not None:
+                    raise SchemaError(f"{path}: pattern and format together are not supported")
+                if form is not None and form not in FORMATS:
+                    raise SchemaError(f"{path}.format: {json.dumps(form)} is not supported (supported: "
+                                      f"{', '.join(FORMATS)})")
+                regex = self._search_regex(pattern, f"{path}.pattern") if pattern is not None else \
+                    Regex(FORMATS[form]) if form is not None else None
+                node.start[ord('"')] = ("str", least, most) if regex is None else ("pstr", least, most, regex)
             elif kind in ("number", "integer"):
                 integer = kind == "integer" and "number" not in kinds
                 for byte in b"-0123456789":

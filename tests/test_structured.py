@@ -144,7 +144,8 @@ def test_schema_keywords(schema, text, ok):
     ({"type": "string", "minimum": 1}, "schema.properties.x: the keyword 'minimum' is not supported"),
     ({"type": "string", "pattern": "(a)\\1"}, r"schema.properties.x.pattern: '\\1' at position"),
     ({"type": "string", "pattern": "^a|b$"}, "anchored pattern with '|' outside a group"),
-    ({"type": "string", "format": "email"}, "'format' is not supported"),
+    ({"type": "string", "format": "hostname"}, 'schema.format: "hostname" is not supported'),
+    ({"type": "string", "format": "date", "pattern": "^2"}, "pattern and format together"),
     ({"anyOf": [{"type": "string"}, {"enum": ["a"]}]}, "two branches start with"),
     ({"$ref": "#/$defs/missing"}, "#/$defs/missing is not in the schema"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "takes those keys only"),
@@ -179,14 +180,14 @@ def test_tool_text_grammar_holds_the_calls_the_model_opens():
     function whose parameters cannot be enforced takes any object."""
     functions = [{"name": "get", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                 "required": ["city"]}},
-                 {"name": "day", "parameters": {"properties": {"d": {"type": "string", "format": "date"}}}}]
+                 {"name": "day", "parameters": {"properties": {"d": {"type": "integer", "minimum": 1}}}}]
     grammar = tool_text_grammar(functions, BYTES, "<tool_call>", "</tool_call>")
 
     def call(name, arguments):
         return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
     for text in ["", "你好", "<tool", "<<tool_call", "a " + call("get", '{"city": "x"}'),
-                 call("get", '{"city": "x"}') + "\n" + call("day", '{"d": 1}') + "好", "<tool_<tool_call" + call(
+                 call("get", '{"city": "x"}') + "\n" + call("day", '{"d": "x"}') + "好", "<tool_<tool_call" + call(
                      "day", "{}")[len("<tool_call"):]]:
         assert fits(grammar, text), text
     for text in [call("get", "{}"), call("x", "{}"), "<tool_call>\nhello", call("get", '{"city": "x"}')[:-3],
@@ -267,6 +268,24 @@ def test_string_pattern_takes_what_re_search_takes():
                 for ascii_only in (False, True):
                     assert fits(grammar, json.dumps(text, ensure_ascii=ascii_only)) == expected, (pattern, bounds, text)
             assert not fits(grammar, '"a\x01"') and not fits(grammar, '"\\q"')
+
+
+FORMAT_CASES = {  # format: (texts of its form, texts that are not)
+    "date": (["2026-12-07", "0001-01-31"], ["2026-13-01", "2026-1-07", "2026-12-32", "26-12-07", "2026-12-07T"]),
+    "time": (["23:59:60Z", "08:05:00.123+08:00"], ["24:00:00Z", "08:05:00", "8:05:00Z", "08:05Z"]),
+    "date-time": (["2026-12-07T08:05:00Z", "2026-12-07T08:05:00.5-05:30"], ["2026-12-07 08:05:00Z", "2026-12-07"]),
+    "uuid": (["123e4567-e89b-12d3-a456-426614174000"], ["123e4567e89b12d3a456426614174000", "123e4567-e89b-12d3"]),
+    "ipv4": (["192.168.0.1", "255.255.255.255", "0.0.0.0"], ["256.1.1.1", "1.2.3", "01.2.3.4", "1.2.3.4.5"]),
+    "email": (["a.b+c@example.com", "x@y.cn"], ["a@b", "@b.com", "a b@c.com", "a@.com"]),
+}
+
+
+@pytest.mark.parametrize("form", FORMAT_CASES)
+def test_string_formats_are_their_form(form):
+    grammar = json_grammar({"type": "string", "format": form}, BYTES)
+    good, bad = FORMAT_CASES[form]
+    assert all(fits(grammar, json.dumps(text)) for text in good), form
+    assert not any(fits(grammar, json.dumps(text)) for text in bad), form
 
 
 @pytest.mark.parametrize("pattern,message", [
