@@ -330,3 +330,48 @@ class Regex:
 
     def accepts(self, states: frozenset) -> bool:
         return self.accept in states
+
+
+def integer_range_pattern(least: int | None, most: int | None) -> str:
+    """A pattern for the integers from `least` to `most` (None: unbounded) as JSON writes them: no leading zeros,
+    no "-0". Built digit by digit: 10-255 is 1[0-9]{1}|[2-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5], in effect."""
+    parts = []
+    if most is None or most >= 0:  # the ones from max(least, 0) up
+        parts += _upward(max(least or 0, 0), most)
+    if least is None or least < 0:  # the negative ones: "-" and their sizes, from -min(most, -1) up
+        sizes = _upward(1 if most is None else max(-most, 1), None if least is None else -least)
+        parts.append(f"-(?:{'|'.join(sizes)})")
+    return "|".join(parts)
+
+
+def _upward(low: int, high: int | None) -> list[str]:
+    """Patterns for low..high (0 <= low; high None: no end)."""
+    if high is not None and low > high:
+        return []
+    if high is None:  # up to the last number of low's length, then every longer one
+        size = len(str(low))
+        return _upward(low, 10 ** size - 1) + [f"[1-9][0-9]{{{size},}}"]
+    parts = []
+    while low <= high:  # by number of digits
+        end = min(high, 10 ** len(str(low)) - 1)
+        parts += _same_length(str(low), str(end))
+        low = end + 1
+    return parts
+
+
+def _same_length(low: str, high: str) -> list[str]:
+    """Patterns for the numbers from low to high, both written with the same number of digits."""
+    if low == high:
+        return [low]
+    if set(low) == {"0"} and set(high) == {"9"}:
+        return [f"[0-9]{{{len(low)}}}"]
+    if len(low) == 1:
+        return [f"[{low}-{high}]"]
+    if low[0] == high[0]:
+        return [low[0] + f"(?:{'|'.join(_same_length(low[1:], high[1:]))})"]
+    rest = len(low) - 1
+    parts = [low[0] + f"(?:{'|'.join(_same_length(low[1:], '9' * rest))})"]
+    if int(high[0]) - int(low[0]) > 1:
+        parts.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}][0-9]{{{rest}}}")
+    parts.append(high[0] + f"(?:{'|'.join(_same_length('0' * rest, high[1:]))})")
+    return parts

@@ -10,23 +10,26 @@ cached per state, so inside a string, where the state barely changes, a token co
 
 The schema subset: `type` (one or a list), `properties`, `required`, `additionalProperties` (false, or a schema
 for an object without properties), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `pattern` (found
-anywhere in the string unless `^` / `$` anchor it; serving/patterns.py's subset), `enum`, `const`, `anyOf` (branches
-that start with different characters: a string or null, an object or an array), `$ref` into `$defs` or
-`definitions`, `format` (date, time, date-time, uuid, ipv4, email: their form, FORMATS), and the annotations
-(`title`, `description`, `default`, `examples`, ...). An object with `properties` takes only those keys, in any
-order, the `required` ones before it closes, as OpenAI's strict mode does. Any other keyword (`minimum`, ...) is
-refused with its path: a 400 is better than an answer that does not fit. Whitespace between the JSON's tokens is
-as json.dumps writes it: one space after a colon or a comma, none elsewhere (`{"a": 1, "b": [1, 2]}`).
+anywhere in the string unless `^` / `$` anchor it; serving/patterns.py's subset), `format` (date, time, date-time,
+uuid, ipv4, email: their form, FORMATS), `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (on integers:
+a pattern of their digits), `enum`, `const`, `anyOf` (branches that start with different characters: a string or
+null, an object or an array), `$ref` into `$defs` or `definitions`, and the annotations (`title`, `description`,
+`default`, `examples`, ...). An object with `properties` takes only those keys, in any order, the `required` ones
+before it closes, as OpenAI's strict mode does. Any other keyword (`multipleOf`, bounds on numbers that may have a
+fraction, ...) is refused with its path: a 400 is better than an answer that does not fit. Whitespace between the
+JSON's tokens is as json.dumps writes it: one space after a colon or a comma, none elsewhere (`{"a": 1, "b": [1,
+2]}`).
 """
 
 import json
+import math
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from serving.chat_format import token_bytes
-from serving.patterns import PatternError, Regex
+from serving.patterns import PatternError, Regex, integer_range_pattern
 
 FREE_WHITESPACE = False  # True: up to 64 whitespace bytes anywhere between the JSON's tokens (the tests' check)
 MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
@@ -34,7 +37,8 @@ MAX_CACHED_STATES = 4096  # allowed-token masks kept per grammar
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict", "name",
                "deprecated", "readOnly", "writeOnly"}
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
-            "maxLength", "pattern", "format", "enum", "const", "anyOf", "$ref", "$defs", "definitions"}
+            "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
+            "const", "anyOf", "$ref", "$defs", "definitions"}
 KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _DATE, _TIME = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])", \
@@ -200,13 +204,36 @@ class Grammar:
                 node.start[ord('"')] = ("str", least, most) if regex is None else ("pstr", least, most, regex)
             elif kind in ("number", "integer"):
                 integer = kind == "integer" and "number" not in kinds
+                bounds = self._integer_bounds(schema, integer, path)
                 for byte in b"-0123456789":
-                    node.start[byte] = ("num", integer)
+                    node.start[byte] = ("num", integer) if bounds is None else \
+                        ("rnum", Regex(integer_range_pattern(*bounds)))
             elif kind == "boolean":
                 self._literals(node, [b"true", b"false"], path)
             else:
                 self._literals(node, [b"null"], path)
         return sid
+
+    @staticmethod
+    def _integer_bounds(schema: dict, integer: bool, path: str) -> tuple[int | None, int | None] | None:
+        """The least and most integer that minimum / maximum / exclusiveMinimum / exclusiveMaximum leave (None: no
+        bound); None where none is given. Bounds on numbers that may have a fraction are refused."""
+        given = {key: schema[key] for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+                 if key in schema}
+        if not given:
+            return None
+        if not integer:
+            raise SchemaError(f"{path}: {next(iter(given))} is supported on integers only (\"type\": \"integer\")")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in given.values()):
+            raise SchemaError(f"{path}: minimum, maximum and their exclusive forms must be numbers")
+        lows = [math.ceil(given["minimum"])] if "minimum" in given else []
+        lows += [math.floor(given["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in given else []
+        highs = [math.floor(given["maximum"])] if "maximum" in given else []
+        highs += [math.ceil(given["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in given else []
+        least, most = max(lows, default=None), min(highs, default=None)
+        if least is not None and most is not None and least > most:
+            raise SchemaError(f"{path}: no integer lies between its minimum and maximum")
+        return least, most
 
     @staticmethod
     def _search_regex(pattern, path: str) -> Regex:
@@ -364,6 +391,8 @@ class Grammar:
             return below + (("pstr", 0, 0, 0, 0, 0, 0, *opened[1:], opened[3].start),), True
         if kind == "num":
             return self._num(("num", opened[1], "start"), below, byte)
+        if kind == "rnum":  # an integer between bounds: a pattern of its digits
+            return self._re(("re", opened[1], opened[1].start, 0, 0, 0, 0), below, byte)
         return self._lits(("lits", opened[1], b""), below, byte)
 
     def _obj(self, frame, below, byte):

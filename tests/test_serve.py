@@ -449,6 +449,17 @@ def test_structured_output(client, model_id):
                                           response_format={"type": "json_object"},
                                           logit_bias={str(t): 100 for t in json_tokens(client, model_id, "{}")})
     assert json.loads(free.choices[0].message.content) == {}  # the bias can pick among what fits, nothing else
+    # a pattern, a format and integer bounds, as pydantic writes them
+    order = {"type": "object", "required": ["code", "day", "stars"], "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d+$"}, "day": {"type": "string", "format": "date"},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5}}}
+    for seed in range(3):
+        answer = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=seed,
+                                                max_tokens=300, response_format={"type": "json_schema", "json_schema":
+                                                                                 {"name": "order", "schema": order}})
+        value = json.loads(answer.choices[0].message.content)
+        assert re.fullmatch(r"[A-Z]{3}-\d+", value["code"]) and 1 <= value["stars"] <= 5, value
+        assert re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", value["day"]), value
 
 
 @pytest.mark.slow
@@ -585,7 +596,7 @@ BAD = [
      "invalid_value"),
     ("a schema keyword not enforced", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                                        "response_format": {"type": "json_schema", "json_schema": {
-                                           "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}, 400,
+                                           "name": "x", "schema": {"type": "number", "multipleOf": 2}}}}, 400,
      "invalid_schema"),
     ("a schema with a dangling $ref", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                                        "response_format": {"type": "json_schema", "json_schema": {
@@ -649,7 +660,7 @@ BAD = [
     ("a forced call's parameters not enforceable", {
         "model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-                "d": {"type": "string", "format": "date"}}}}}]}, 400, "invalid_schema"),
+                "d": {"type": "string", "format": "hostname"}}}}}]}, 400, "invalid_schema"),
     ("a forced call and a response format", {
         "model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
         "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400,

@@ -2,6 +2,7 @@
 token-by-token check, and the engine's answers, which must parse and fit."""
 
 import json
+import math
 import random
 import re
 
@@ -141,7 +142,10 @@ def test_schema_keywords(schema, text, ok):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "string", "minimum": 1}, "schema.properties.x: the keyword 'minimum' is not supported"),
+    ({"type": "string", "multipleOf": 2}, "schema.properties.x: the keyword 'multipleOf' is not supported"),
+    ({"type": "number", "minimum": 0}, "minimum is supported on integers only"),
+    ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer lies between"),
+    ({"type": "integer", "maximum": "9"}, "must be numbers"),
     ({"type": "string", "pattern": "(a)\\1"}, r"schema.properties.x.pattern: '\\1' at position"),
     ({"type": "string", "pattern": "^a|b$"}, "anchored pattern with '|' outside a group"),
     ({"type": "string", "format": "hostname"}, 'schema.format: "hostname" is not supported'),
@@ -154,7 +158,7 @@ def test_schema_keywords(schema, text, ok):
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required must list keys"),
 ])
 def test_schemas_it_cannot_enforce_are_refused_with_their_path(schema, message):
-    wrapped = {"type": "object", "properties": {"x": schema}} if "pattern" in schema or "minimum" in schema \
+    wrapped = {"type": "object", "properties": {"x": schema}} if "pattern" in schema or "multipleOf" in schema \
         else schema
     with pytest.raises(SchemaError, match=message.replace("(", r"\(").replace("$", r"\$")):
         json_grammar(wrapped, BYTES)
@@ -180,7 +184,7 @@ def test_tool_text_grammar_holds_the_calls_the_model_opens():
     function whose parameters cannot be enforced takes any object."""
     functions = [{"name": "get", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                 "required": ["city"]}},
-                 {"name": "day", "parameters": {"properties": {"d": {"type": "integer", "minimum": 1}}}}]
+                 {"name": "day", "parameters": {"properties": {"d": {"type": "integer", "multipleOf": 7}}}}]
     grammar = tool_text_grammar(functions, BYTES, "<tool_call>", "</tool_call>")
 
     def call(name, arguments):
@@ -286,6 +290,25 @@ def test_string_formats_are_their_form(form):
     good, bad = FORMAT_CASES[form]
     assert all(fits(grammar, json.dumps(text)) for text in good), form
     assert not any(fits(grammar, json.dumps(text)) for text in bad), form
+
+
+@pytest.mark.parametrize("bounds", [
+    {"minimum": 0}, {"minimum": 1, "maximum": 5}, {"minimum": 10, "maximum": 255}, {"minimum": -5, "maximum": 5},
+    {"maximum": -3}, {"exclusiveMinimum": -121, "exclusiveMaximum": -7}, {"minimum": 0.5, "maximum": 99.9},
+    {"minimum": 37, "maximum": 37}, {"minimum": -1000}, {"minimum": 5, "maximum": 1234567, "exclusiveMaximum": 900}])
+def test_integer_bounds(bounds):
+    """minimum / maximum / exclusive bounds on an integer: exactly the integers between, as json.dumps writes them,
+    alone and as an object's value followed by more."""
+    alone = json_grammar({"type": "integer", **bounds}, BYTES)
+    inside = json_grammar({"type": "object", "required": ["n", "ok"],
+                           "properties": {"n": {"type": "integer", **bounds}, "ok": {"type": "boolean"}}}, BYTES)
+    rng = random.Random(2)
+    for n in list(range(-130, 300)) + [rng.randint(-10**7, 10**7) for _ in range(500)]:
+        ok = (n >= bounds.get("minimum", -math.inf) and n <= bounds.get("maximum", math.inf)
+              and n > bounds.get("exclusiveMinimum", -math.inf) and n < bounds.get("exclusiveMaximum", math.inf))
+        assert fits(alone, json.dumps(n)) == ok, (bounds, n)
+        assert fits(inside, json.dumps({"n": n, "ok": True})) == ok, (bounds, n)
+    assert not any(fits(alone, text) for text in ["-0", "05", "5.0", "5e0", ""])
 
 
 @pytest.mark.parametrize("pattern,message", [
