@@ -45,8 +45,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
-        # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so that the update's size does not shrink as r grows.
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         # The base parameters are taken over as they are (same tensors), so their names and storage do not change.
         self.weight = base.weight
         self.bias = base.bias
@@ -78,6 +77,12 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
                 f"dropout={self.dropout_p}")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """What B @ A is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023), so that the
+    update's size does not shrink as r grows."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -326,7 +331,7 @@ def stack_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike]) -> 
     for directory in adapters.values():
         config, weights = read_adapter(bare, directory)
         r = config["r"]
-        scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        scaling = lora_scaling(r, config["lora_alpha"], bool(config.get("use_rslora")))
         read.append((r, scaling, weights))
     rank = max(r for r, _, _ in read)
     rows = AdapterRows(list(adapters), rank)

@@ -748,20 +748,21 @@ def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = 
         if adapter in adapters:
             raise LoadError(f"two adapters would be served as {adapter}: name them as NAME=DIR")
         adapters[adapter] = Path(directory)
-    servers = []
+    servers, engines = [], []
     try:
         for spec in model_dirs:
             name, path = _named(spec)
             loaded = load(path, lora_dir, device, chat)
             rows = attach_adapters(loaded, adapters) if adapters else None
             engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length, adapters=rows)
+            engines.append(engine)
             servers.append(Server(loaded, engine, api_key, served_model_name or name or None))
             base = servers[-1].model_id
             for index, (adapter, directory) in enumerate(adapters.items(), start=1):
                 is_chat = is_chat_model(directory) if chat is None else chat
                 servers.append(Server(replace(loaded, name=adapter, is_chat=is_chat), engine, api_key, adapter,
                                       index, base))
-        start_together(list({id(s.engine): s.engine for s in servers}.values()))  # one thread runs every model
+        start_together(engines)  # one thread runs every model
         app = create_app(servers)
         for server in servers:
             kind = "chat" if server.loaded.is_chat else "base"
@@ -770,5 +771,5 @@ def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = 
                   f"http://{host}:{port}/  (OpenAI API at http://{host}:{port}/v1)", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        for server in servers:
-            server.engine.close()
+        for engine in engines:
+            engine.close()

@@ -39,6 +39,14 @@ def is_chat_model(directory: Path) -> bool:
     return not directory.name.startswith(("pretrain", "base"))
 
 
+def adapter_directory(directory: str | Path) -> Path:
+    """`directory` as a Path, once it is seen to hold a LoRA adapter (its adapter_config.json)."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise LoadError(f"{directory} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
+    return directory
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,9 +70,7 @@ def load(model_dir: str | Path, lora_dir: str | Path | None = None, device: str 
     tokenizer_dir = model_dir
     name = model_dir.resolve().name
     if lora_dir is not None:
-        lora_dir = Path(lora_dir)
-        if not (lora_dir / ADAPTER_CONFIG).is_file():
-            raise LoadError(f"{lora_dir} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
+        lora_dir = adapter_directory(lora_dir)
         merge_lora(load_lora(model, lora_dir))
         if (lora_dir / "tokenizer.json").is_file():
             tokenizer_dir = lora_dir
@@ -88,9 +94,7 @@ def load(model_dir: str | Path, lora_dir: str | Path | None = None, device: str 
 def attach_adapters(loaded: Loaded, adapters: dict[str, str | Path]) -> AdapterRows:
     """Stack the LoRA adapters {name: directory} on `loaded.model`, unmerged (serving them next to their base, one
     batch mixing them); returns the AdapterRows an Engine picks each row's adapter with."""
-    for directory in map(Path, adapters.values()):
-        if not (directory / ADAPTER_CONFIG).is_file():
-            raise LoadError(f"{directory} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
+    for directory in map(adapter_directory, adapters.values()):
         if (directory / "tokenizer.json").is_file() and \
                 load_tokenizer(directory).get_vocab() != loaded.tokenizer.get_vocab():
             raise LoadError(f"{directory}: its tokenizer is not its base model's ({loaded.name}); "

@@ -475,15 +475,8 @@ class Grammar:
             return None
         if byte < 0x80:
             return below + (("str", 0, 0, 0, 0, *counted),), True
-        if 0xC2 <= byte <= 0xDF:
-            return below + (("str", 0, 1, 0x80, 0xBF, *counted),), True
-        if 0xE0 <= byte <= 0xEF:  # no overlong forms, no UTF-16 surrogates
-            lo, hi = (0xA0, 0xBF) if byte == 0xE0 else (0x80, 0x9F) if byte == 0xED else (0x80, 0xBF)
-            return below + (("str", 0, 2, lo, hi, *counted),), True
-        if 0xF0 <= byte <= 0xF4:
-            lo, hi = (0x90, 0xBF) if byte == 0xF0 else (0x80, 0x8F) if byte == 0xF4 else (0x80, 0xBF)
-            return below + (("str", 0, 3, lo, hi, *counted),), True
-        return None
+        lead = _UTF8_LEADS.get(byte)  # no overlong forms, no UTF-16 surrogates
+        return (below + (("str", 0, *lead[:3], *counted),), True) if lead else None
 
     JSON_ESCAPES = {ord('"'): 0x22, ord("\\"): 0x5C, ord("/"): 0x2F, ord("b"): 8, ord("f"): 12, ord("n"): 10,
                     ord("r"): 13, ord("t"): 9}
