@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -216,12 +217,18 @@ def read_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[dict
     or shapes that do not fit them, raise with the file named."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not JSON: {exc}") from exc
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise ValueError(f"{config_path}: no {', '.join(missing)}")
     _check_supported(config, config_path)
     targets = config["target_modules"]
     targets = targets if isinstance(targets, str) else tuple(targets)
     layers = {name: module for name, module in _unwrap(model).named_modules()
-              if isinstance(module, nn.Linear) and _is_target(name, targets)}
+              if isinstance(module, (nn.Linear, StackedLoRALinear)) and _is_target(name, targets)}
     if not layers:
         raise ValueError(f"{config_path}: no Linear layer matches target_modules={targets!r}")
     weights_path = adapter_dir / ADAPTER_WEIGHTS
@@ -273,41 +280,105 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-class AdapterRows:
-    """Which adapter each row of a model's next forward pass uses, shared by its StackedLoRALinear layers. Set it
-    with `select(ids)` before the pass: ids[i] is row i's adapter, 1 for the first name, 0 for none (the base)."""
+@dataclass
+class StackedAdapter:
+    """One adapter as AdapterRows stacks it: its name, rank, scaling and per module path (lora_A, lora_B)."""
 
-    def __init__(self, names: list[str], rank: int):
-        self.names, self.rank = names, rank
+    name: str
+    r: int
+    scaling: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class AdapterRows:
+    """LoRA adapters stacked unmerged on a model (serving adapters next to their base, as vLLM's --lora-modules
+    does), and which adapter each row of the model's next forward pass uses.
+
+    Each adapter has an id, 1, 2, ... in the order added and never reused (0 is the base). `select(ids)` before a
+    pass: ids[i] is row i's adapter. `add` and `remove` change the stacks between passes; removing an adapter does
+    not change the others' ids. The adapters may differ in rank, alpha, scaling rule and target modules."""
+
+    def __init__(self, model: nn.Module):
+        self.model = _unwrap(model)
+        if lora_layers(self.model) or any(isinstance(m, StackedLoRALinear) for m in self.model.modules()):
+            raise ValueError("model already has LoRA layers")
+        self.adapters: dict[int, StackedAdapter] = {}  # by id, in the order of their blocks in the stacks
+        self.rank = 0  # every adapter's block is this wide: the largest rank, smaller ones padded with zeros
+        self._next_id = 1
         self.active = False  # some row uses an adapter
         self.single: slice | None = None  # every row uses this one adapter: its block of the stacked ranks
         self.mask: torch.Tensor | None = None  # rows that differ: (rows, 1, adapters * rank), 1 over the row's block
 
+    @property
+    def names(self) -> dict[int, str]:
+        return {i: adapter.name for i, adapter in self.adapters.items()}
+
+    def read(self, name: str, adapter_dir: str | os.PathLike) -> StackedAdapter:
+        """An adapter directory checked against the model as load_lora checks it (it changes nothing: a caller may
+        read off the thread that runs the model, then `add` on it)."""
+        config, weights = read_adapter(self.model, adapter_dir)
+        r = config["r"]
+        return StackedAdapter(name, r, lora_scaling(r, config["lora_alpha"], bool(config.get("use_rslora"))), weights)
+
+    def add(self, adapter: StackedAdapter) -> int:
+        """Stack an adapter (from `read`); returns its id."""
+        adapter_id, self._next_id = self._next_id, self._next_id + 1
+        self.adapters[adapter_id] = adapter
+        self._restack()
+        return adapter_id
+
+    def remove(self, adapter_id: int) -> None:
+        del self.adapters[adapter_id]
+        self._restack()
+
+    def _restack(self) -> None:
+        """Rebuild every adapted layer's stacks from self.adapters; a layer first targeted becomes stacked."""
+        adapters = list(self.adapters.values())
+        self.rank = max((adapter.r for adapter in adapters), default=0)
+        stacked = {name for name, m in self.model.named_modules() if isinstance(m, StackedLoRALinear)}
+        for name in sorted(stacked.union(*(adapter.weights for adapter in adapters))):
+            layer = self.model.get_submodule(name)
+            if not isinstance(layer, StackedLoRALinear):
+                parent_name, _, child_name = name.rpartition(".")
+                layer = StackedLoRALinear(layer, self)
+                setattr(self.model.get_submodule(parent_name), child_name, layer)
+            factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+            lora_A = torch.zeros(len(adapters) * self.rank, layer.in_features, **factory)
+            lora_B = torch.zeros(layer.out_features, len(adapters) * self.rank, **factory)
+            for i, adapter in enumerate(adapters):
+                if name in adapter.weights:
+                    start = i * self.rank
+                    lora_A[start:start + adapter.r] = adapter.weights[name][0]
+                    lora_B[:, start:start + adapter.r] = adapter.weights[name][1].float() * adapter.scaling
+            layer.lora_A, layer.lora_B = lora_A, lora_B
+
     def select(self, ids: list[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        if not all(0 <= i <= len(self.names) for i in ids):
-            raise ValueError(f"adapter ids {ids} outside 0..{len(self.names)}")
+        blocks = {adapter_id: block for block, adapter_id in enumerate(self.adapters, start=1)} | {0: 0}
+        if not all(i in blocks for i in ids):
+            raise ValueError(f"adapter ids {ids}: this model has {sorted(self.adapters)} (0: none)")
         self.active, self.single, self.mask = any(ids), None, None
         if self.active and len(set(ids)) == 1:
-            self.single = slice((ids[0] - 1) * self.rank, ids[0] * self.rank)
+            block = blocks[ids[0]]
+            self.single = slice((block - 1) * self.rank, block * self.rank)
         elif self.active:
-            mask = torch.zeros(len(ids), len(self.names) + 1, self.rank, dtype=dtype)
-            mask[torch.arange(len(ids)), torch.tensor(ids)] = 1
+            mask = torch.zeros(len(ids), len(self.adapters) + 1, self.rank, dtype=dtype)
+            mask[torch.arange(len(ids)), torch.tensor([blocks[i] for i in ids])] = 1
             self.mask = mask[:, 1:].reshape(len(ids), 1, -1).to(device)
 
 
 class StackedLoRALinear(nn.Module):
-    """A frozen Linear and several LoRA adapters side by side, unmerged, so that one batch can mix them (serving
-    adapters next to their base, as vLLM's --lora-modules does). lora_A [adapters * r, in] and lora_B
-    [out, adapters * r] stack the adapters' A and B, B scaled by its adapter's alpha / r; a smaller rank is padded
-    with zeros, which add nothing. A batch whose rows differ projects every row on every adapter's A, keeps each
-    row's own block (AdapterRows.mask; a base row keeps none) and adds the B of what it kept."""
+    """A frozen Linear and several LoRA adapters side by side, unmerged, so that one batch can mix them.
+    lora_A [adapters * r, in] and lora_B [out, adapters * r] stack the adapters' A and B (AdapterRows builds them),
+    B scaled by its adapter's alpha / r; a smaller rank is padded with zeros, which add nothing, and so is an
+    adapter that leaves this layer alone. A batch whose rows differ projects every row on every adapter's A, keeps
+    each row's own block (AdapterRows.mask; a base row keeps none) and adds the B of what it kept."""
 
-    def __init__(self, base: nn.Linear, rows: AdapterRows, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    def __init__(self, base: nn.Linear, rows: AdapterRows):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the base layer's own tensors, under their own names
-        self.register_buffer("lora_A", lora_A)
-        self.register_buffer("lora_B", lora_B)
+        self.register_buffer("lora_A", None)
+        self.register_buffer("lora_B", None)
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,30 +393,10 @@ class StackedLoRALinear(nn.Module):
 
 def stack_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike]) -> AdapterRows:
     """Attach the adapters {name: directory} to `model` unmerged, in place; returns the AdapterRows whose
-    `select(ids)` picks each row's adapter (1 for the first name, ...). Each adapter is checked against the model
-    as load_lora checks it; they may differ in rank, alpha and target modules."""
-    bare = _unwrap(model)
-    if lora_layers(bare) or any(isinstance(m, StackedLoRALinear) for m in bare.modules()):
-        raise ValueError("model already has LoRA layers")
-    read = []
-    for directory in adapters.values():
-        config, weights = read_adapter(bare, directory)
-        r = config["r"]
-        scaling = lora_scaling(r, config["lora_alpha"], bool(config.get("use_rslora")))
-        read.append((r, scaling, weights))
-    rank = max(r for r, _, _ in read)
-    rows = AdapterRows(list(adapters), rank)
-    for name in sorted(set().union(*(weights for _, _, weights in read))):
-        base = bare.get_submodule(name)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        lora_A = torch.zeros(len(read) * rank, base.in_features, **factory)
-        lora_B = torch.zeros(base.out_features, len(read) * rank, **factory)
-        for i, (r, scaling, weights) in enumerate(read):
-            if name in weights:
-                lora_A[i * rank:i * rank + r] = weights[name][0]
-                lora_B[:, i * rank:i * rank + r] = weights[name][1].float() * scaling
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(bare.get_submodule(parent_name), child_name, StackedLoRALinear(base, rows, lora_A, lora_B))
+    `select(ids)` picks each row's adapter (1 for the first name, ...)."""
+    rows = AdapterRows(model)
+    for name, directory in adapters.items():
+        rows.add(rows.read(name, directory))
     return rows
 
 

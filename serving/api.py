@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API on FastAPI: /v1/models, /v1/chat/completions, /v1/completions (streaming or
-not), /health, and the web chat page at /.
+not), /health, the web chat page at /, vLLM's tokenizer endpoints and (with serve.py --allow_runtime_lora) its
+/v1/load_lora_adapter and /v1/unload_lora_adapter.
 
 Every request is checked by hand so that anything wrong gets OpenAI's error object
 `{"error": {"message", "type", "param", "code"}}` with 400, 401 or 404, never a 500. Generation runs on the
@@ -21,14 +22,14 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dataset.chat import render_chat
 from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
-from serving.engine import Engine, SamplingParams, start_together
-from serving.loading import Loaded, LoadError, attach_adapters, is_chat_model, load
+from serving.engine import Engine, NoSuchAdapter, SamplingParams, start_together
+from serving.loading import Loaded, LoadError, attach_adapters, is_chat_model, load, read_adapter_for
 from serving.structured import Grammar, SchemaError, TokenTrie, answer_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -169,10 +170,11 @@ def _structured(body: dict) -> tuple[str, str, Any] | None:
     """What the answer must be, and the parameter that asked: (param, "json", a JSON schema) from OpenAI's
     response_format ({"type": "object"} for json_object) or vLLM's structured_outputs.json, (param, "choice",
     texts) from structured_outputs.choice, the answer being exactly one of them, or (param, "regex", a pattern the
-    whole answer matches) from structured_outputs.regex. vLLM's older names guided_json, guided_choice and
-    guided_regex are read too. None for free text."""
+    whole answer matches) from structured_outputs.regex, or (param, "grammar", GBNF text whose root the whole answer
+    is) from structured_outputs.grammar. vLLM's older names guided_json, guided_choice, guided_regex and
+    guided_grammar are read too, and llama.cpp's `grammar`. None for free text."""
     asked = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_choice",
-                               "guided_regex")
+                               "guided_regex", "guided_grammar", "grammar")
              if body.get(name) is not None and body.get(name) != {"type": "text"}]
     if len(asked) > 1:
         raise APIError(400, f"'{asked[0]}' and '{asked[1]}' each say what the answer must be: send one",
@@ -194,10 +196,10 @@ def _structured(body: dict) -> tuple[str, str, Any] | None:
                            "invalid_value")
         return param, "json", spec.get("schema", {})
     if param == "structured_outputs":
-        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("json", "choice", "regex"):
-            raise APIError(400, "'structured_outputs' must be {\"json\": schema}, {\"choice\": [texts]} or "
-                           "{\"regex\": pattern}; grammar is not supported by this server", param,
-                           "unsupported_parameter")
+        if not isinstance(value, dict) or len(value) != 1 or \
+                next(iter(value)) not in ("json", "choice", "regex", "grammar"):
+            raise APIError(400, "'structured_outputs' must be {\"json\": schema}, {\"choice\": [texts]}, "
+                           "{\"regex\": pattern} or {\"grammar\": GBNF text}", param, "unsupported_parameter")
         kind, value = next(iter(value.items()))
     else:
         kind = param.removeprefix("guided_")
@@ -212,6 +214,8 @@ def _structured(body: dict) -> tuple[str, str, Any] | None:
                        "invalid_value")
     if kind == "regex" and (not isinstance(value, str) or not value):
         raise APIError(400, f"'{param}' must be a regular expression (a non-empty string)", param, "invalid_value")
+    if kind == "grammar" and (not isinstance(value, str) or not value.strip()):
+        raise APIError(400, f"'{param}' must be a GBNF grammar (a non-empty string)", param, "invalid_value")
     return param, kind, value
 
 
@@ -378,8 +382,12 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
 
     for i in range(len(prompts) * n):
         seed = None if params.seed is None else (params.seed + i % n) % 2**64  # torch takes seeds below 2**64
-        sequences.append(server.engine.submit(prompts[i // n], SamplingParams(**{**params.__dict__, "seed": seed}),
-                                              listener(i), server.adapter))
+        try:
+            sequences.append(server.engine.submit(prompts[i // n], SamplingParams(**{**params.__dict__, "seed": seed}),
+                                                  listener(i), server.adapter))
+        except NoSuchAdapter as exc:  # unloaded while this request was read
+            raise APIError(404, f"The model `{server.model_id}` does not exist any more: it was unloaded", "model",
+                           "model_not_found") from exc
     open_choices = set(range(len(sequences)))
     checked = time.monotonic()
     try:
@@ -498,15 +506,20 @@ class Reply:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(servers: Server | list[Server]) -> FastAPI:
+def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False, chat: bool | None = None) -> FastAPI:
     """The app over one model's server, or several (serve.py --model a --model b): a request picks its model by
-    "model"; what names none (the page's first choice, /health, the tokenizer endpoints) gets the first."""
+    "model"; what names none (the page's first choice, /health, the tokenizer endpoints) gets the first. With
+    `allow_runtime_lora` (one model, whose engine has AdapterRows) /v1/load_lora_adapter and
+    /v1/unload_lora_adapter add and remove its LoRA adapters; `chat` decides whether they are chat models (None:
+    each adapter's args.json)."""
     servers = [servers] if isinstance(servers, Server) else list(servers)
     by_id = {s.model_id: s for s in servers}
     if len(by_id) < len(servers):
         raise LoadError(f"two models would be served under one name ({', '.join(s.model_id for s in servers)}): "
                         "name them as NAME=DIR")
     server = servers[0]
+    if allow_runtime_lora and (len({id(s.engine) for s in servers}) > 1 or server.engine.adapters is None):
+        raise LoadError("LoRA adapters are loaded at run time into one model, whose engine stacks adapters")
     app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
 
     def pick(body: dict, required: bool = True) -> Server:
@@ -623,6 +636,64 @@ def create_app(servers: Server | list[Server]) -> FastAPI:
                            "invalid_type") from exc
         return {"prompt": served.loaded.tokenizer.decode(tokens)}
 
+    # vLLM's runtime LoRA endpoints (its VLLM_ALLOW_RUNTIME_LORA_UPDATING; here serve.py --allow_runtime_lora):
+    # load an adapter of the base model under a new name, or unload one; requests name it as their "model"
+    loading: set[str] = set()  # names whose adapter is being read
+
+    def runtime_lora(body: dict) -> str:
+        if not allow_runtime_lora:
+            raise APIError(404, "Loading LoRA adapters at run time is off: start serve.py with "
+                           "--allow_runtime_lora", None, "not_found")
+        name = body.get("lora_name")
+        if name is None:
+            raise APIError(400, "'lora_name' is required", "lora_name", "missing_required_parameter")
+        if not isinstance(name, str) or not name.strip():
+            raise APIError(400, "'lora_name' must be a non-empty string", "lora_name", "invalid_type")
+        return name
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> PlainTextResponse:
+        body = await read_body(request)
+        name = runtime_lora(body)
+        path = body.get("lora_path")
+        if not isinstance(path, str) or not path:
+            raise APIError(400, "'lora_path' must be the adapter's directory on the server", "lora_path",
+                           "missing_required_parameter" if path is None else "invalid_type")
+        if name in by_id or name in loading:
+            raise APIError(400, f"The model `{name}` is already served: unload it first, or pick another name",
+                           "lora_name", "invalid_value")
+        base = server  # the one model served (serve.py allows runtime adapters with one --model)
+        loading.add(name)
+        try:
+            adapter = await asyncio.to_thread(read_adapter_for, base.loaded, base.engine.adapters, name, path)
+            adapter_id = await asyncio.wrap_future(base.engine.add_adapter(adapter))
+        except LoadError as exc:
+            raise APIError(400, str(exc), "lora_path", "invalid_value") from exc
+        finally:
+            loading.discard(name)
+        is_chat = is_chat_model(Path(path)) if chat is None else chat
+        added = Server(replace(base.loaded, name=name, is_chat=is_chat), base.engine, base.api_key, name, adapter_id,
+                       base.model_id)
+        servers.append(added)
+        by_id[name] = added
+        logging.getLogger("danlu.api").info("LoRA adapter %s loaded from %s", name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+        body = await read_body(request)
+        name = runtime_lora(body)
+        if name not in by_id:
+            raise APIError(404, f"The LoRA adapter `{name}` is not loaded", "lora_name", "model_not_found")
+        removed = by_id[name]
+        if removed.parent is None:
+            raise APIError(400, f"`{name}` is a base model, not a LoRA adapter", "lora_name", "invalid_value")
+        del by_id[name]
+        servers.remove(removed)
+        removed.engine.remove_adapter(removed.adapter)  # its requests under way finish with it
+        logging.getLogger("danlu.api").info("LoRA adapter %s unloaded", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
@@ -730,18 +801,20 @@ def _named(spec: str) -> tuple[str, str]:
 
 def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, served_model_name: str | None = None, device: str = "auto",
-          max_batch: int = 32, chat: bool | None = None, lora_modules: list[str] | None = None) -> None:
+          max_batch: int = 32, chat: bool | None = None, lora_modules: list[str] | None = None,
+          allow_runtime_lora: bool = False) -> None:
     """Load the models, start an engine for each (all on one thread), and serve until interrupted (what serve.py
     runs). A model is a directory or NAME=DIRECTORY; `lora_dir` and `served_model_name` are for a single model, and
-    so are `lora_modules`: adapters (NAME=DIRECTORY) served unmerged next to it, each request picking one by name."""
+    so are `lora_modules`: adapters (NAME=DIRECTORY) served unmerged next to it, each request picking one by name,
+    and `allow_runtime_lora`: adapters loaded and unloaded while serving (/v1/load_lora_adapter)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dirs = [model_dirs] if isinstance(model_dirs, str) else model_dirs
-    if len(model_dirs) > 1 and (lora_dir or served_model_name or lora_modules):
-        raise LoadError("--lora, --lora_modules and --served_model_name go with one --model; "
+    if len(model_dirs) > 1 and (lora_dir or served_model_name or lora_modules or allow_runtime_lora):
+        raise LoadError("--lora, --lora_modules, --allow_runtime_lora and --served_model_name go with one --model; "
                         "name each of several as NAME=DIR")
-    if lora_dir and lora_modules:
-        raise LoadError("--lora merges one adapter into the model, --lora_modules serves adapters next to it: "
-                        "give one of them")
+    if lora_dir and (lora_modules or allow_runtime_lora):
+        raise LoadError("--lora merges one adapter into the model, --lora_modules and --allow_runtime_lora serve "
+                        "adapters next to it: give one of them")
     adapters = {}
     for adapter, directory in map(_named, lora_modules or []):
         adapter = adapter or Path(directory).resolve().name
@@ -753,7 +826,7 @@ def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = 
         for spec in model_dirs:
             name, path = _named(spec)
             loaded = load(path, lora_dir, device, chat)
-            rows = attach_adapters(loaded, adapters) if adapters else None
+            rows = attach_adapters(loaded, adapters) if adapters or allow_runtime_lora else None
             engine = Engine(loaded.model, max_batch=max_batch, max_context=loaded.context_length, adapters=rows)
             engines.append(engine)
             servers.append(Server(loaded, engine, api_key, served_model_name or name or None))
@@ -763,7 +836,7 @@ def serve(model_dirs: str | list[str], lora_dir: str | None = None, host: str = 
                 servers.append(Server(replace(loaded, name=adapter, is_chat=is_chat), engine, api_key, adapter,
                                       index, base))
         start_together(engines)  # one thread runs every model
-        app = create_app(servers)
+        app = create_app(servers, allow_runtime_lora, chat)
         for server in servers:
             kind = "chat" if server.loaded.is_chat else "base"
             of = f"LoRA adapter of {server.parent}, " if server.parent else ""

@@ -6,7 +6,8 @@ that joined with a shorter history has padding (masked out) on its left. Joining
 whose prompt is longer than the batch's history pads every other row on the left); a finished row is dropped
 and the columns no row needs any more are trimmed away, so the cache is never longer than the longest live
 sequence. Each row has its own position ids, sampling parameters, random generator, stop tokens and budget,
-and its own LoRA adapter where the model carries several unmerged (model/lora.py's stack_adapters).
+and its own LoRA adapter where the model carries several unmerged (model/lora.py's AdapterRows), which may be
+added and removed between two steps.
 """
 
 import logging
@@ -15,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -22,7 +24,7 @@ import torch
 
 from model import LM, KVCache
 from model.generation import apply_penalties, sample_next_token
-from model.lora import AdapterRows
+from model.lora import AdapterRows, StackedAdapter
 from serving.structured import Grammar
 
 log = logging.getLogger("danlu.engine")
@@ -75,7 +77,7 @@ class Sequence:
                  | None, adapter: int = 0):
         self.id = next(self._ids)
         self.prompt, self.params = list(prompt), params
-        self.adapter = adapter  # the LoRA adapter this sequence is decoded with (index into AdapterRows; 0: none)
+        self.adapter = adapter  # the LoRA adapter this sequence is decoded with (its id in AdapterRows; 0: none)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -111,9 +113,14 @@ class Sequence:
             yield token
 
 
+class NoSuchAdapter(ValueError):
+    """A sequence submitted with a LoRA adapter the engine does not have (any more)."""
+
+
 class Engine:
     """`Engine(model).start()`; `submit(prompt_ids, params)` from any thread; `close()` at the end. `adapters`: the
-    AdapterRows of a model with LoRA adapters stacked unmerged, which `submit(..., adapter=i)` picks from."""
+    AdapterRows of a model with LoRA adapters stacked unmerged, which `submit(..., adapter=i)` picks from, and
+    which `add_adapter` / `remove_adapter` change while the engine runs."""
 
     def __init__(self, model: LM, max_batch: int = 32, max_context: int | None = None,
                  adapters: AdapterRows | None = None):
@@ -131,6 +138,9 @@ class Engine:
         self._peers: list[Engine] = [self]  # the engines that share this one's thread (start_together)
         self._wake = threading.Event()  # set by submit: the thread has something to do
         self._closing = False
+        self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()  # run on the engine thread between steps
+        self._retiring: set[int] = set()  # adapters removed, whose last sequences are still running or queued
+        self._adapter_lock = threading.Lock()  # between submit's check and the sweep that drops retired adapters
         self.steps = 0  # decode steps taken (for tests and benchmarks)
         self.max_rows_seen = 0  # the largest batch decoded in one step
         self.finished: Counter[str] = Counter()  # sequences by finish reason
@@ -148,6 +158,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None and all(peer._closing for peer in self._peers):
             self._thread.join(timeout=10)
+        while not self._calls.empty():
+            self._calls.get_nowait()[1].set_exception(RuntimeError("the engine is closed"))
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[int | None, str | None], None] | None = None, adapter: int = 0) -> Sequence:
@@ -158,12 +170,33 @@ class Engine:
             raise ValueError("empty prompt")
         if len(prompt) >= self.max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.max_context}")
-        if not 0 <= adapter <= (len(self.adapters.names) if self.adapters else 0):
-            raise ValueError(f"no LoRA adapter {adapter} in this engine")
         seq = Sequence(prompt, params, on_event, adapter)
-        self._queue.put(seq)
+        with self._adapter_lock:  # an adapter being removed takes no new sequence
+            if adapter and (self.adapters is None or adapter not in self.adapters.adapters
+                            or adapter in self._retiring):
+                raise NoSuchAdapter(f"no LoRA adapter {adapter} in this engine")
+            self._queue.put(seq)
         self._wake.set()
         return seq
+
+    def call(self, fn: Callable) -> Future:
+        """Run fn() on the engine thread between two steps; its Future holds what it returns or raises."""
+        future = Future()
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    def add_adapter(self, adapter: StackedAdapter) -> Future:
+        """Stack a LoRA adapter (AdapterRows.read) between two steps; the Future holds its id, for submit."""
+        return self.call(lambda: self.adapters.add(adapter))
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        """Take no more sequences for an adapter; it is unstacked once the ones running or queued are done."""
+        with self._adapter_lock:
+            if self.adapters is None or adapter_id not in self.adapters.adapters:
+                raise NoSuchAdapter(f"no LoRA adapter {adapter_id} in this engine")
+            self._retiring.add(adapter_id)
+        self._wake.set()
 
     @property
     def active(self) -> int:
@@ -174,8 +207,10 @@ class Engine:
     def _step(self) -> bool:
         """Prefill the waiting sequences into the batch and decode one token for it; False when there was nothing
         to do."""
+        busy = self._run_calls()
         try:
-            admitted = self._admit()
+            self._drop_retired_adapters()
+            admitted = self._admit() or busy
             self._drop_finished()
             if not self._active:
                 return admitted
@@ -187,6 +222,28 @@ class Engine:
                 self._finish(seq, "error")
             self._active, self._cache, self._mask = [], None, None
         return True
+
+    def _run_calls(self) -> bool:
+        ran = False
+        while not self._calls.empty():
+            fn, future = self._calls.get_nowait()
+            ran = True
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+        return ran
+
+    def _drop_retired_adapters(self) -> None:
+        """Unstack the removed adapters that no running or queued sequence uses any more."""
+        if not self._retiring:
+            return
+        with self._adapter_lock, self._queue.mutex:
+            in_use = {seq.adapter for seq in self._active} | {seq.adapter for seq in self._queue.queue}
+            for adapter_id in self._retiring - in_use:
+                self.adapters.remove(adapter_id)
+                self._retiring.discard(adapter_id)
 
     def _admit(self) -> bool:
         """Prefill waiting sequences and join them to the batch; False when none was waiting."""

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from dataset.chat import load_tokenizer
 from model import LM
-from model.lora import ADAPTER_CONFIG, AdapterRows, load_lora, merge_lora, stack_adapters
+from model.lora import ADAPTER_CONFIG, AdapterRows, StackedAdapter, load_lora, merge_lora
 
 
 class LoadError(ValueError):
@@ -91,15 +92,29 @@ def load(model_dir: str | Path, lora_dir: str | Path | None = None, device: str 
                   int(config.max_position_embeddings), stops)
 
 
-def attach_adapters(loaded: Loaded, adapters: dict[str, str | Path]) -> AdapterRows:
-    """Stack the LoRA adapters {name: directory} on `loaded.model`, unmerged (serving them next to their base, one
-    batch mixing them); returns the AdapterRows an Engine picks each row's adapter with."""
-    for directory in map(adapter_directory, adapters.values()):
-        if (directory / "tokenizer.json").is_file() and \
-                load_tokenizer(directory).get_vocab() != loaded.tokenizer.get_vocab():
+def read_adapter_for(loaded: Loaded, rows: AdapterRows, name: str, directory: str | Path) -> StackedAdapter:
+    """The LoRA adapter in `directory`, checked against `loaded` (its layers' keys and shapes, its tokenizer) and
+    read for `rows.add`; LoadError says what does not fit."""
+    directory = adapter_directory(directory)
+    if (directory / "tokenizer.json").is_file():
+        try:
+            vocab = load_tokenizer(directory).get_vocab()
+        except Exception as exc:  # the tokenizers library's errors have no common class
+            raise LoadError(f"{directory / 'tokenizer.json'}: cannot be read: {exc}") from exc
+        if vocab != loaded.tokenizer.get_vocab():
             raise LoadError(f"{directory}: its tokenizer is not its base model's ({loaded.name}); "
                             "an adapter is served with its base model's tokenizer")
     try:
-        return stack_adapters(loaded.model, adapters)
-    except (KeyError, ValueError) as exc:  # keys or shapes that do not fit this base model
-        raise LoadError(exc.args[0]) from exc
+        return rows.read(name, directory)
+    except (KeyError, ValueError, OSError, SafetensorError) as exc:  # keys or shapes that do not fit, a bad file
+        raise LoadError(exc.args[0] if isinstance(exc, KeyError) else str(exc)) from exc
+
+
+def attach_adapters(loaded: Loaded, adapters: dict[str, str | Path]) -> AdapterRows:
+    """Stack the LoRA adapters {name: directory} on `loaded.model`, unmerged (serving them next to their base, one
+    batch mixing them; none yet, for a server that loads them later); returns the AdapterRows an Engine picks each
+    row's adapter with, whose ids are 1, 2, ... in the order given."""
+    rows = AdapterRows(loaded.model)
+    for name, directory in adapters.items():
+        rows.add(read_adapter_for(loaded, rows, name, directory))
+    return rows

@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from serving.chat_format import token_bytes
+from serving.gbnf import Cfg, GrammarError
 from serving.patterns import PatternError, Regex, integer_range_pattern
 
 FREE_WHITESPACE = False  # True: up to 64 whitespace bytes anywhere between the JSON's tokens (the tests' check)
@@ -83,7 +84,8 @@ class Node:
 
 class Grammar:
     """What an answer may be: one of `alternatives`, each a list of parts, a literal (bytes), a JSON schema
-    (dict) or a regular expression (a patterns.Regex). Alternatives that are one literal each are a choice among
+    (dict), a regular expression (a patterns.Regex) or a context-free grammar (a gbnf.Cfg, run as a regular
+    expression is: the "re" frame reads either). Alternatives that are one literal each are a choice among
     texts. Otherwise several alternatives must each start with a literal, and no literal may be another's
     beginning: the literal picks the alternative (a tool call's `{"name": "f", "arguments": ` picks f's
     parameters). With a `trigger`, the answer is free text in which the trigger, each time it comes, opens one of
@@ -103,7 +105,7 @@ class Grammar:
             for part in parts:
                 if isinstance(part, bytes):
                     frames.append(("lit", part, 0))
-                elif isinstance(part, Regex):
+                elif isinstance(part, (Regex, Cfg)):
                     frames.append(("re", part, part.start, 0, 0, 0, 0))
                 else:
                     frames.append(("val", self._compile(part, part, where[i] if where else "schema"),
@@ -690,9 +692,9 @@ class TokenTrie:
 
 def answer_grammar(kind: str, value, trie: TokenTrie, open_tag: str, close_tag: str, where: str = "schema") -> Grammar:
     """What a request asks its answer to be: JSON fitting a schema (kind "json"), one of a few texts ("choice"),
-    text a regular expression matches ("regex"), a call of one of some functions ("call"), or text in which every
-    call the model opens fits its function ("text_or_call"; "text_or_one_call" ends the answer at its first call,
-    for parallel_tool_calls false).
+    text a regular expression matches ("regex"), text a GBNF grammar's root matches ("grammar"), a call of one of
+    some functions ("call"), or text in which every call the model opens fits its function ("text_or_call";
+    "text_or_one_call" ends the answer at its first call, for parallel_tool_calls false).
     `open_tag` / `close_tag` wrap a call; `where` names the schema in an error."""
     if kind == "json":
         return json_grammar(value, trie, where)
@@ -700,6 +702,8 @@ def answer_grammar(kind: str, value, trie: TokenTrie, open_tag: str, close_tag: 
         return choice_grammar(value, trie)
     if kind == "regex":
         return regex_grammar(value, trie)
+    if kind == "grammar":
+        return cfg_grammar(value, trie)
     if kind == "call":
         return tool_call_grammar(value, trie, open_tag, close_tag, [f"function {f['name']}: parameters" for f in value])
     return tool_text_grammar(value, trie, open_tag, close_tag, parallel=kind == "text_or_call")
@@ -722,6 +726,15 @@ def regex_grammar(pattern: str, trie: TokenTrie) -> Grammar:
     try:
         return Grammar([[Regex(pattern)]], trie)
     except PatternError as exc:
+        raise SchemaError(str(exc)) from exc
+
+
+def cfg_grammar(text: str, trie: TokenTrie) -> Grammar:
+    """An answer that a GBNF grammar's `root` matches whole (vLLM's structured_outputs.grammar, llama.cpp's
+    grammar)."""
+    try:
+        return Grammar([[Cfg(text)]], trie)
+    except GrammarError as exc:
         raise SchemaError(str(exc)) from exc
 
 

@@ -119,10 +119,11 @@ def test_think_block_is_shown_apart_and_folds(browser, page_url):
 
 
 def test_model_picker_sends_the_model_picked(browser, page_url):
-    """Several models served (a canned /v1/models): the page lists them, hides the list for one, and the next
-    message goes to the model picked."""
+    """Several models served (a canned /v1/models): the page lists them (a LoRA adapter with its base), hides the
+    list for one, and the next message goes to the model picked."""
     models = {"object": "list", "data": [{"id": "sft", "object": "model", "max_model_len": 512},
-                                         {"id": "dpo", "object": "model", "max_model_len": 1024}]}
+                                         {"id": "dpo", "object": "model", "max_model_len": 1024},
+                                         {"id": "verdict", "object": "model", "max_model_len": 512, "parent": "sft"}]}
     body = "".join("data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "dpo",
                                           "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) + "\n\n"
                    for d in [{"role": "assistant", "content": ""}, {"content": "好"}]) + "data: [DONE]\n\n"
@@ -140,7 +141,9 @@ def test_model_picker_sends_the_model_picked(browser, page_url):
     page.route("**/v1/chat/completions", answer)
     page.reload()
     page.wait_for_function("!document.getElementById('models').hidden")
-    assert page.eval_on_selector_all("#models option", "options => options.map(o => o.value)") == ["sft", "dpo"]
+    assert page.eval_on_selector_all("#models option", "options => options.map(o => o.value)") == \
+        ["sft", "dpo", "verdict"]
+    assert page.text_content("#models option:nth-child(3)") == "verdict (LoRA of sft)"  # an adapter names its base
     page.select_option("#models", "dpo")
     assert page.inner_text("#model") == "context 1024"
     page.fill("#input", "你好")

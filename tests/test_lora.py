@@ -225,7 +225,7 @@ def test_stacked_adapters_give_each_row_its_own(tmp_path):
     alone = [base] + [load_lora(copy_of(base), tmp_path / name).eval() for name in "abc"]
     stacked = copy_of(base)
     rows = stack_adapters(stacked, {name: tmp_path / name for name in "abc"})
-    assert rows.names == ["a", "b", "c"]
+    assert rows.names == {1: "a", 2: "b", 3: "c"}
     ids = [2, 0, 3, 1, 2]
     x = torch.randint(0, 256, (len(ids), 10), generator=torch.Generator().manual_seed(2))
     rows.select(ids)
@@ -240,6 +240,23 @@ def test_stacked_adapters_give_each_row_its_own(tmp_path):
         torch.testing.assert_close(stacked(x).logits, base(x).logits, atol=1e-5, rtol=0)
         rows.select([3] * len(ids))  # one adapter for every row: its block alone, no mask
         torch.testing.assert_close(stacked(x).logits, alone[3](x).logits, atol=1e-5, rtol=0)
+        # removed and added while serving: the others keep their ids and their rows, a new one gets a new id
+        rows.remove(2)
+        with pytest.raises(ValueError, match="adapter ids"):
+            rows.select([2])
+        assert rows.add(rows.read("b again", tmp_path / "b")) == 4
+        assert rows.names == {1: "a", 3: "c", 4: "b again"}
+        ids, refs = [3, 0, 4, 1], [alone[3], alone[0], alone[2], alone[1]]
+        rows.select(ids)
+        got = stacked(x[:4]).logits
+        for row, model in enumerate(refs):
+            torch.testing.assert_close(got[row], model(x[row:row + 1]).logits[0], atol=1e-5, rtol=0)
+        rows.select([4] * 4)  # one adapter, the third block since 2 went
+        torch.testing.assert_close(stacked(x[:4]).logits, alone[2](x[:4]).logits, atol=1e-5, rtol=0)
+        for adapter_id in (1, 3, 4):
+            rows.remove(adapter_id)
+        rows.select([0, 0])
+        torch.testing.assert_close(stacked(x[:2]).logits, base(x[:2]).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="already has LoRA layers"):
         stack_adapters(stacked, {"a": tmp_path / "a"})
     # an adapter of another model's shape is refused, its file named

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from serving.chat_format import (
     parse_tool_calls,
     token_bytes,
 )
-from serving.engine import Engine, SamplingParams, complete, start_together
+from serving.engine import Engine, NoSuchAdapter, SamplingParams, complete, start_together, wait_idle
 from tests.conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -464,7 +465,8 @@ def test_structured_output(client, model_id):
 
 @pytest.mark.slow
 def test_structured_output_choice(server, client, model_id):
-    """vLLM's structured_outputs.choice (and its older guided_choice): the answer is one of the texts, sampled."""
+    """vLLM's structured_outputs.choice (and its older guided_choice): the answer is one of the texts, sampled;
+    its regex and its grammar (GBNF) too: the whole answer matches."""
     choices = ["好评", "差评", "好评价"]
     answers = set()
     for seed in range(6):
@@ -479,19 +481,26 @@ def test_structured_output_choice(server, client, model_id):
     schema = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=0,
                                             max_tokens=200, extra_body={"structured_outputs": {"json": VERDICT}})
     assert fits_verdict(schema.choices[0].message.content)
-    # structured_outputs.regex (and guided_regex): the whole answer matches, and ends where nothing more may come
-    pattern = r"(好评|差评)：[1-5]星，\d{2}元"
-    texts = set()
-    for seed in range(4):
-        answer = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=seed,
-                                                max_tokens=40, extra_body={"structured_outputs": {"regex": pattern}})
-        assert re.fullmatch(pattern, answer.choices[0].message.content), answer.choices[0].message.content
-        assert answer.choices[0].finish_reason == "stop"
-        texts.add(answer.choices[0].message.content)
-    assert len(texts) > 1
-    old = client.completions.create(model=model_id, prompt="质量很好", max_tokens=30, temperature=0,
-                                    extra_body={"guided_regex": r"[a-z]{2,4}\.\d"})
-    assert re.fullmatch(r"[a-z]{2,4}\.\d", old.choices[0].text) and old.choices[0].finish_reason == "stop"
+    # structured_outputs.regex and .grammar (a GBNF): the whole answer matches, and ends where nothing more may come
+    gbnf = 'root ::= verdict "：" [1-5] "星" ("，" why)?\nverdict ::= "好评" | "差评"\nwhy ::= [\\u4e00-\\u9fa5]{1,6}'
+    for kind, value, pattern in [("regex", r"(好评|差评)：[1-5]星，\d{2}元", r"(好评|差评)：[1-5]星，\d{2}元"),
+                                 ("grammar", gbnf, r"(好评|差评)：[1-5]星(，[\u4e00-\u9fa5]{1,6})?")]:
+        texts = set()
+        for seed in range(4):
+            answer = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, seed=seed,
+                                                    max_tokens=40, extra_body={"structured_outputs": {kind: value}})
+            assert re.fullmatch(pattern, answer.choices[0].message.content), answer.choices[0].message.content
+            assert answer.choices[0].finish_reason == "stop"
+            texts.add(answer.choices[0].message.content)
+        assert len(texts) > 1, kind
+    # the older names, and llama.cpp's grammar
+    for param, value, pattern in [("guided_regex", r"[a-z]{2,4}\.\d", r"[a-z]{2,4}\.\d"),
+                                  ("guided_grammar", 'root ::= "[" in "]"\nin ::= "[" [a-z] "]" | [0-9]',
+                                   r"\[(\[[a-z]\]|[0-9])\]"),
+                                  ("grammar", 'root ::= [a-z]{2} ("." [0-9])?', r"[a-z]{2}(\.[0-9])?")]:
+        old = client.completions.create(model=model_id, prompt="质量很好", max_tokens=30, temperature=0,
+                                        extra_body={param: value})
+        assert re.fullmatch(pattern, old.choices[0].text) and old.choices[0].finish_reason == "stop", param
 
 
 @pytest.mark.slow
@@ -633,8 +642,15 @@ BAD = [
     ("reasoning_content a number", {"model": "MODEL", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning_content": 5},
         {"role": "user", "content": "hi"}]}, 400, "invalid_type"),
+    ("structured_outputs grammar left-recursive", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                                   "structured_outputs": {"grammar": "root ::= root \"a\" | \"a\""}},
+     400, "invalid_schema"),
+    ("guided_grammar without root", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                     "guided_grammar": "answer ::= \"a\""}, 400, "invalid_schema"),
+    ("grammar not a string", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "grammar": 5}, 400,
+     "invalid_value"),
     ("structured_outputs grammar", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
-                                    "structured_outputs": {"grammar": "root ::= \"a\""}}, 400,
+                                    "structured_outputs": {"lark": "start: \"a\""}}, 400,
      "unsupported_parameter"),
     ("structured_outputs regex with a backreference", {"model": "MODEL", "messages": [
         {"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(a)\\1"}}, 400, "invalid_schema"),
@@ -886,6 +902,104 @@ def test_lora_adapters_served_next_to_their_base(tmp_path, serve_model):
     assert "two adapters would be served as a" in refused("--lora_modules", f"a={first}", f"a={second}")
     assert "give one of them" in refused("--lora", str(first), "--lora_modules", str(second))
     assert "go with one --model" in refused("--model", str(serve_model), "--lora_modules", str(first))
+    assert "give one of them" in refused("--lora", str(first), "--allow_runtime_lora")
+
+
+def test_lora_adapters_loaded_and_unloaded_while_serving(tmp_path, serve_model, server):
+    """serve.py --allow_runtime_lora (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter): an adapter loaded
+    is listed with its parent and answers as it does loaded alone; one unloaded is gone; the base answers as itself
+    throughout; every bad request gets an error object; without the flag the endpoints say how to turn them on."""
+    first = random_adapter(serve_model, tmp_path / "first", 1, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    second = random_adapter(serve_model, tmp_path / "second", 2, r=8, alpha=8)
+    tokenizer = load_tokenizer(serve_model)
+    prompt = tokenizer(render_chat(MESSAGES, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    references = {}  # the first token's logprob of each model, to tell them apart
+
+    def answers_as(url: str, name: str, adapter: Path | None) -> None:
+        body = {"model": name, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logprobs": True,
+                "ignore_eos": True}
+        answer = requests.post(f"{url}/v1/chat/completions", json=body).json()
+        tokens, _ = greedy_text(serve_model, MESSAGES, 4, adapter)
+        expected = model_logprobs(serve_model, prompt, tokens, adapter)
+        got = [entry["logprob"] for entry in answer["choices"][0]["logprobs"]["content"]]
+        assert got == pytest.approx([float(expected[i, t]) for i, t in enumerate(tokens)], abs=2e-3)
+        references.setdefault(adapter, got[0])
+
+    def post(url: str, path: str, body: dict, status: int = 200) -> str:
+        response = requests.post(f"{url}/v1/{path}", json=body)
+        assert response.status_code == status, response.text
+        return response.text if status == 200 else response.json()["error"]["message"]
+
+    def listed(url: str) -> list[tuple[str, str | None]]:
+        return [(m["id"], m["parent"]) for m in requests.get(f"{url}/v1/models").json()["data"]]
+
+    base = serve_model.name
+    proc, url = start_server(serve_model, "--allow_runtime_lora")
+    try:
+        assert listed(url) == [(base, None)]
+        load = "load_lora_adapter"
+        assert post(url, load, {"lora_name": "a", "lora_path": str(first)}) == \
+            "Success: LoRA adapter 'a' added successfully."
+        assert listed(url) == [(base, None), ("a", base)]
+        answers_as(url, "a", first)
+        answers_as(url, base, None)
+        assert "already served" in post(url, load, {"lora_name": "a", "lora_path": str(second)}, 400)
+        assert "already served" in post(url, load, {"lora_name": base, "lora_path": str(second)}, 400)
+        assert "is not a LoRA adapter directory" in post(url, load, {"lora_name": "x", "lora_path": str(tmp_path)},
+                                                         400)
+        assert "'lora_path'" in post(url, load, {"lora_name": "x"}, 400)
+        assert "'lora_name'" in post(url, load, {"lora_path": str(first)}, 400)
+        (tmp_path / "other").mkdir()
+        shutil.copy(FIXTURES / "minimind" / "tokenizer.json", tmp_path / "other")
+        shutil.copy(first / "adapter_config.json", tmp_path / "other")
+        assert "its tokenizer is not its base model's" in post(
+            url, load, {"lora_name": "x", "lora_path": str(tmp_path / "other")}, 400)
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+        (tmp_path / "bad_tokenizer").mkdir()
+        shutil.copy(first / "adapter_config.json", tmp_path / "bad_tokenizer")
+        (tmp_path / "bad_tokenizer" / "tokenizer.json").write_text("{}")
+        assert "tokenizer.json: cannot be read" in post(
+            url, load, {"lora_name": "x", "lora_path": str(tmp_path / "bad_tokenizer")}, 400)
+        assert "adapter_config.json: not JSON" in post(
+            url, load, {"lora_name": "x", "lora_path": str(tmp_path / "broken")}, 400)
+        assert "is a base model" in post(url, "unload_lora_adapter", {"lora_name": base}, 400)
+        assert post(url, load, {"lora_name": "b", "lora_path": str(second)}).startswith("Success")
+        answers_as(url, "b", second)
+        assert post(url, "unload_lora_adapter", {"lora_name": "a"}) == \
+            "Success: LoRA adapter 'a' removed successfully."
+        assert listed(url) == [(base, None), ("b", base)]
+        response = requests.post(f"{url}/v1/chat/completions", json={"model": "a", "messages": MESSAGES})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+        assert "is not loaded" in post(url, "unload_lora_adapter", {"lora_name": "a"}, 404)
+        answers_as(url, "b", second)  # its block moved when a's went: it still answers as itself
+        answers_as(url, base, None)
+        assert post(url, load, {"lora_name": "a", "lora_path": str(second)}).startswith("Success")  # a name freed
+        answers_as(url, "a", second)
+        assert requests.get(f"{url}/health").json()["finished"].get("error") is None
+        from hypothesis import HealthCheck, given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(body=st.fixed_dictionaries({}, optional={"lora_name": st.text(max_size=4) | json_junk(),
+                                                        "lora_path": st.text(max_size=8) | json_junk()}) | json_junk(),
+               endpoint=st.sampled_from(["load_lora_adapter", "unload_lora_adapter"]))
+        def junk_is_refused(body, endpoint):
+            response = requests.post(f"{url}/v1/{endpoint}", data=json.dumps(body), timeout=60,
+                                     headers={"Content-Type": "application/json"})
+            assert response.status_code in (200, 400, 404), (body, response.text)
+            if response.status_code != 200:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+        junk_is_refused()
+        assert requests.get(f"{url}/health").json()["status"] == "ok"
+    finally:
+        stop_server(proc)
+    assert len(set(references.values())) == 3  # the three models answer differently
+    # without the flag (the module's server): the endpoints are off and say so
+    response = requests.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(first)},
+                             headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 404 and "--allow_runtime_lora" in response.json()["error"]["message"]
 
 
 # -- the engine and the answer stream, in process ---------------------------------------------------------------------
@@ -951,6 +1065,47 @@ def test_engine_mixes_adapters_in_one_batch(chat_checkpoint, tmp_path):
         assert [lp for lp, _ in seq.logprobs] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+
+
+def test_engine_adds_and_removes_adapters_while_running(chat_checkpoint, tmp_path):
+    """add_adapter and remove_adapter on a running engine: an adapter added serves as loaded alone; one removed
+    takes no new sequence, finishes the ones it has as itself, and is unstacked once they are done."""
+    directory = Path(chat_checkpoint["model"])
+    paths = {"a": random_adapter(directory, tmp_path / "a", 1, r=4, alpha=8),
+             "b": random_adapter(directory, tmp_path / "b", 2, r=2, alpha=4, target_modules=["up_proj"])}
+    alone = {name: load_lora(LM.from_pretrained(directory), d).eval() for name, d in paths.items()}
+    model = LM.from_pretrained(directory).eval()
+    rows = stack_adapters(model, {"a": paths["a"]})
+    engine = Engine(model, adapters=rows).start()
+    prompt, greedy = [1, 5, 9, 33, 2, 7], SamplingParams(max_new_tokens=100, temperature=0)
+    try:
+        with torch.no_grad():
+            refs = {name: m.generate(torch.tensor([prompt]), max_new_tokens=100, do_sample=False,
+                                     eos_token_id=[])[0, len(prompt):].tolist() for name, m in alone.items()}
+        b = engine.add_adapter(rows.read("b", paths["b"])).result(timeout=10)
+        assert b == 2 and rows.names == {1: "a", 2: "b"}
+        running = engine.submit(prompt, greedy, adapter=1)
+        short = replace(greedy, max_new_tokens=10)
+        assert complete(engine, prompt, short, adapter=b).tokens == refs["b"][:10]
+        assert running.finish_reason is None  # one batch: it has decoded about 10 of its 100 tokens
+        engine.remove_adapter(1)  # while its sequence decodes
+        with pytest.raises(NoSuchAdapter):
+            engine.submit(prompt, greedy, adapter=1)
+        assert list(running) == refs["a"]  # finished as itself
+        assert wait_idle(engine)
+        deadline = time.time() + 5
+        while 1 in rows.adapters and time.time() < deadline:
+            time.sleep(0.01)
+        assert rows.names == {2: "b"}
+        assert complete(engine, prompt, short, adapter=b).tokens == refs["b"][:10]
+        with pytest.raises(NoSuchAdapter):
+            engine.remove_adapter(1)
+        failed = engine.call(lambda: rows.read("c", tmp_path))  # not an adapter: the call's error comes back
+        with pytest.raises(FileNotFoundError):
+            failed.result(timeout=10)
+    finally:
+        engine.close()
+    assert refs["a"] != refs["b"]
 
 
 def test_engine_batches_equal_single_generation(chat_checkpoint):
@@ -1189,14 +1344,21 @@ def test_tool_calls_through_the_api(scripted):
 
 
 @pytest.mark.slow
+def json_junk():
+    """A hypothesis strategy: any JSON value, small."""
+    from hypothesis import strategies as st
+
+    return st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
+                        | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+
+
 def test_random_requests_never_break_the_server(server, model_id):
     """Bodies mixing valid fields with junk of every JSON type: always 200 or an OpenAI error with 400/404."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    junk = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
-                        | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+    junk = json_junk()
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]) | junk},
                                     optional={"content": st.text(max_size=20) | junk,
                                               "tool_calls": junk, "reasoning_content": junk})

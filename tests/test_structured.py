@@ -13,6 +13,7 @@ from serving import structured
 from serving.structured import (
     SchemaError,
     TokenTrie,
+    cfg_grammar,
     choice_grammar,
     json_grammar,
     regex_grammar,
@@ -321,6 +322,101 @@ def test_regex_it_cannot_enforce_is_refused(pattern, message):
         regex_grammar(pattern, BYTES)
 
 
+GBNF_PATTERNS = {  # a GBNF grammar: the regular expression it writes (its PATTERNS entry's texts are tried)
+    'root ::= [0-9]{3} "-" [0-9]{4}': (r"[0-9]{3}-[0-9]{4}", ["123-4567"]),
+    'root ::= "正面" | "负面"': (r"(正面|负面)", ["正面", "负面"]),
+    'root ::= [a-c]+ "x"?': (r"[a-c]+x?", ["abcx", "a"]),
+    'root ::= "ab"{2,3}  # a literal repeats whole': (r"(?:ab){2,3}", ["abab", "ababab"]),
+    'root ::= [^\\n]{0,3}': (r".{0,3}", ["", "a😀"]),
+    'root ::= "a"{0,2} "b"\n': (r"a{,2}b", ["b", "aab"]),
+    'root ::= x x+\nx ::= "x"': (r"x{2,}", ["xx", "xxxxx"]),
+    'root ::= [\\u4e00-\\u9fa5]{1,2}': (r"[\u4e00-\u9fa5]{1,2}", ["中", "正面"]),
+    'root ::= "答：" rest\nrest ::= [^\\n] rest |': (r"答：.*", ["答：", "答：12个"]),
+    'root ::= ("a" | "ab") ("c" | "bcd")\n    "d"*': (r"(a|ab)(c|bcd)(d*)", ["abcd", "abcdd", "ac"]),
+    'root ::= sign? digits ("." digits)?\nsign ::= [-+]\ndigits ::= [0-9]+': (r"[-+]?[0-9]+(\.[0-9]+)?",
+                                                                             ["-1.5", "3", "+20"]),
+    'root ::= [\\]\\-]+ | "é\\t"': (r"[\]\-]+|é\t", ["]-]", "é\t"]),
+    'root ::= .{2}': (r"(?s:..)", ["ab", "\n😀"]),
+}
+
+
+def agrees_with(grammar, accepts, texts) -> None:
+    """`grammar` (fed as UTF-8 one byte at a time) takes exactly the texts `accepts` takes, and a prefix it calls
+    whole is one `accepts` takes (a text cut inside a character never is)."""
+    for text in texts:
+        assert fits(grammar, text) == accepts(text), text
+        data = text.encode()
+        for cut in range(1, len(data)):
+            state = grammar.advance(grammar.start, data[:cut])
+            if state is not None and grammar.done(state):
+                assert accepts(data[:cut].decode()), data[:cut]
+
+
+def mutated(rng: random.Random, alphabet: list[str], matches: list[str], count: int = 200) -> list[str]:
+    """Random texts over `alphabet`, and `matches` with a character changed, added or dropped."""
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(count)]
+    for match in matches * 50:
+        i = rng.randint(0, len(match))
+        texts.append(rng.choice([match, match[:i] + rng.choice(alphabet) + match[i + 1:],
+                                 match[:i] + rng.choice(alphabet) + match[i:], match[:i] + match[i + 1:]]))
+    return texts
+
+
+def test_gbnf_grammar_takes_what_its_regular_expression_takes():
+    """A GBNF grammar that writes a regular language (rules, groups, repeats, classes, literals, comments, a rule
+    over two lines, an empty alternative) against re.fullmatch of the same language, on the regex test's texts."""
+    rng = random.Random(1)
+    alphabet = list("abcdx019-+.,@ \t\n_:{}]") + ["正", "面", "负", "答", "：", "é", "😀", "中"]
+    for text, (pattern, matches) in GBNF_PATTERNS.items():
+        compiled = re.compile(pattern)
+        texts = mutated(rng, alphabet, matches)
+        assert sum(bool(compiled.fullmatch(t)) for t in texts) >= 10, pattern  # both sides are tried
+        agrees_with(cfg_grammar(text, BYTES), lambda t, compiled=compiled: bool(compiled.fullmatch(t)), texts)
+
+
+def test_gbnf_grammar_takes_nested_text_as_json_loads_does():
+    """What no regular expression can write: nested arrays of integers, against json.loads, on random texts and
+    near misses of nested arrays; and brackets nested deeper than a regex could count."""
+    grammar = cfg_grammar('''
+        root  ::= value
+        value ::= "[" (value ("," value)*)? "]" | int    # an array of values, or an integer
+        int   ::= "-"? ("0" | [1-9] [0-9]*)
+    ''', BYTES)
+
+    def loads(text: str) -> bool:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        return not isinstance(value, float)
+
+    rng = random.Random(2)
+
+    def nested(depth: int) -> str:
+        if depth > 3 or rng.random() < 0.3:
+            return str(rng.choice([0, 7, -3, 12, 105]))
+        return "[" + ",".join(nested(depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+
+    texts = mutated(rng, list("[],0123-"), [nested(0) for _ in range(20)], count=400)
+    assert sum(map(loads, texts)) >= 100 and sum(not loads(t) for t in texts) >= 100
+    agrees_with(grammar, loads, texts)
+    deep = "[" * 300 + "]" * 300
+    assert fits(grammar, deep) and not fits(grammar, deep[:-1]) and not fits(grammar, deep + "]")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('answer ::= "a"', "no `root` rule"), ('root ::= root "a" | "b"', "left-recursive: rule `root`"),
+    ('root ::= a\na ::= b "x"\nb ::= "y"? a', "left-recursive"), ('root ::= ("a"?)*', "left-recursive"),
+    ('root ::= x', r"rule `x`, which is not defined, at position 9"), ('root ::= "a', "closing '\"' at position 9"),
+    ('root ::= "a" )', "unbalanced"), ('root ::= <[12]>', "token reference"), ('root ::= "a"\nroot ::= "b"',
+                                                                                "second definition of rule `root`"),
+    ('root ::= [a-', "missing ']'"), ('root := "a"', "'::=' missing"), ('', "empty"), ('root ::= "a"{3,1}', "repeat"),
+    ('root ::= "a\nb"', "line break inside a literal"), ('root ::= "\\q"', r"'\\q' at position 10 of the grammar")])
+def test_gbnf_it_cannot_enforce_is_refused(text, message):
+    with pytest.raises(SchemaError, match=message):
+        cfg_grammar(text, BYTES)
+
+
 def test_regex_masks_take_no_token_that_leads_nowhere(tokenizer_dir):
     """With a real byte-level vocabulary the trie walk equals feeding each token alone (for a whole-answer pattern
     and for a JSON string's, halfway through a \\u escape too), and a token that ends halfway through a
@@ -337,9 +433,11 @@ def test_regex_masks_take_no_token_that_leads_nowhere(tokenizer_dir):
             for length in (1, 2):
                 by_prefix.setdefault(data[:length], []).append(data)
     in_json = {"type": "string", "pattern": r"^[\u4e00-\u9fa5]{2,}$"}  # JSON Schema's pattern, inside a string
+    gbnf = 'root ::= "答：" words ("，" words)*\nwords ::= [\\u4e00-\\u9fa5]+ | "(" words ")"'  # nested too
     for pattern, prefix in [(r"[a-z]+", "ab"), (r"[\u4e00-\u9fa5]+", "中"), (r"\d{3}-\d{4}", "12"), (r"答：.*", "答"),
-                            (in_json, '"中'), (in_json, '"中\\u4e')]:
-        grammar = json_grammar(pattern, trie) if isinstance(pattern, dict) else regex_grammar(pattern, trie)
+                            (in_json, '"中'), (in_json, '"中\\u4e'), (gbnf, "答：(中"), (gbnf, "答：((中文")]:
+        grammar = json_grammar(pattern, trie) if isinstance(pattern, dict) else \
+            cfg_grammar(pattern, trie) if "::=" in pattern else regex_grammar(pattern, trie)
         state = grammar.advance(grammar.start, prefix.encode())
         mask = grammar.allowed(state, len(tokenizer), "cpu")
         expected = torch.tensor([grammar.advance(state, trie.bytes_of(t)) is not None for t in range(len(tokenizer))])
