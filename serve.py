@@ -5,9 +5,9 @@
     python serve.py --model out/sft --lora_modules verdict=out/lora              # adapters next to their base
     python serve.py --model out/sft --allow_runtime_lora     # POST /v1/load_lora_adapter adds one while serving
 
-Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming with "stream": true),
-GET /health, and the chat page at http://HOST:PORT/. Requests that arrive while others are decoding join the
-running batch (continuous batching, serving/engine.py).
+Endpoints: GET /v1/models, POST /v1/chat/completions, /v1/responses and /v1/completions (streaming with
+"stream": true), GET /health, and the chat page at http://HOST:PORT/. Requests that arrive while others are
+decoding join the running batch (continuous batching, serving/engine.py).
 """
 
 import argparse

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP API on FastAPI: /v1/models, /v1/chat/completions, /v1/completions (streaming or
-not), /health, the web chat page at /, vLLM's tokenizer endpoints and (with serve.py --allow_runtime_lora) its
-/v1/load_lora_adapter and /v1/unload_lora_adapter.
+"""The OpenAI-compatible HTTP API on FastAPI: /v1/models, /v1/chat/completions, /v1/responses, /v1/completions
+(streaming or not), /health, the web chat page at /, vLLM's tokenizer endpoints and (with serve.py
+--allow_runtime_lora) its /v1/load_lora_adapter and /v1/unload_lora_adapter.
 
 Every request is checked by hand so that anything wrong gets OpenAI's error object
 `{"error": {"message", "type", "param", "code"}}` with 400, 401 or 404, never a 500. Generation runs on the
@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -506,6 +507,253 @@ class Reply:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+# -- OpenAI's Responses API, answered as a chat ---------------------------------------------------------------------
+
+_RESPONSES_REFUSED = {  # parameters that need what this server does not keep or run
+    "previous_response_id": "this server keeps no responses: send the whole conversation as 'input'",
+    "conversation": "this server keeps no conversations: send the whole conversation as 'input'",
+    "background": "responses are answered while the request waits",
+    "prompt": "this server keeps no stored prompts",
+}
+_CHAT_EXTRAS = ("seed", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias",
+                "ignore_eos", "structured_outputs", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
+                "chat_template_kwargs", "parallel_tool_calls", "stream")  # vLLM's extras, taken as the chat takes them
+
+
+def _item_text(content: Any, where: str) -> str:
+    """An input message's content: a string, or parts of type input_text / output_text (joined)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where}.content must be a string or an array of text parts", f"{where}.content",
+                       "invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") \
+                or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise APIError(400, f"{where}.content[{j}]: only text parts are supported"
+                           + (f", not {kind}" if isinstance(kind, str) else ""), f"{where}.content", "invalid_content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _responses_input(body: dict) -> list[dict]:
+    """`instructions` and `input` (a string, or message, function_call and function_call_output items) as chat
+    messages; reasoning items of earlier turns are left out, as the chat template leaves out earlier reasoning."""
+    messages = []
+    instructions = _get(body, "instructions", str)
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    value = body.get("input")
+    if value is None:
+        raise APIError(400, "'input' is required", "input", "missing_required_parameter")
+    if isinstance(value, str):
+        return messages + [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'input' must be a string or a non-empty array of items", "input", "invalid_type")
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            if item.get("role") not in ("user", "system", "developer", "assistant"):
+                raise APIError(400, f"{where}.role must be user, system, developer or assistant", f"{where}.role",
+                               "invalid_value")
+            messages.append({"role": item["role"], "content": _item_text(item.get("content"), where)})
+        elif kind == "function_call":
+            if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
+                raise APIError(400, f"{where}: a function_call needs call_id, name and arguments (strings)", where,
+                               "invalid_type")
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") is not None:
+                messages[-1]["tool_calls"].append(call)  # calls made in one turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise APIError(400, f"{where}.call_id is required: the id of the call this output answers",
+                               f"{where}.call_id", "missing_required_parameter")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": _item_text(item.get("output"), where)})
+        elif kind != "reasoning":
+            raise APIError(400, f"{where}: items of type {json.dumps(kind)} are not supported (text messages, "
+                           "function_call and function_call_output are)", where, "invalid_value")
+    return messages
+
+
+def _responses_to_chat(body: dict) -> dict:
+    """A Responses API request as the chat completion that answers it."""
+    for name, why in _RESPONSES_REFUSED.items():
+        if body.get(name) not in (None, False, ""):
+            raise APIError(400, f"'{name}' is not supported: {why}", name, "unsupported_parameter")
+    chat = {"model": body.get("model"), "messages": _responses_input(body)}
+    chat.update({key: body[key] for key in ("temperature", "top_p", *_CHAT_EXTRAS) if key in body})
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    tools = _get(body, "tools", list)
+    if tools:
+        chat["tools"] = []
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                raise APIError(400, f"tools[{i}]: only function tools ({{type: function, name, parameters}}) are "
+                               f"supported" + (f", not {kind}" if isinstance(kind, str) and kind != "function"
+                                               else ""), f"tools[{i}]", "invalid_value")
+            chat["tools"].append({"type": "function", "function": {
+                key: tool[key] for key in ("name", "description", "parameters") if key in tool}})
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise APIError(400, "'tool_choice' must be none, auto, required or {type: function, name}", "tool_choice",
+                           "invalid_value")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        chat["tool_choice"] = choice
+    form = _get(_get(body, "text", dict, {}), "format", dict)
+    if form is not None and form.get("type") != "text":
+        if form.get("type") == "json_object":
+            chat["response_format"] = {"type": "json_object"}
+        elif form.get("type") == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": form.get("name"), "schema": form.get("schema", {})}}
+        else:
+            raise APIError(400, "'text.format' must be {type: text}, {type: json_object} or {type: json_schema, "
+                           "name, schema}", "text.format", "invalid_value")
+    if _get(_get(body, "reasoning", dict, {}), "effort", str) == "none":  # no think block: as enable_thinking false
+        chat["chat_template_kwargs"] = {**chat.get("chat_template_kwargs", {}), "enable_thinking": False}
+    return chat
+
+
+def _hex(reply: "Reply") -> str:
+    """The random part of a reply's id, which a Response and its items are named by (resp_..., msg_..., rs_...)."""
+    return reply.id.rpartition("-")[2]
+
+
+def _response_output(reply: "Reply", finish: str | None) -> list[dict]:
+    """The answer as Responses output items: its reasoning, its message, its function calls."""
+    answer, items = reply.answers[0], []
+    if answer.reasoning:
+        items.append({"type": "reasoning", "id": f"rs_{_hex(reply)}", "summary": [], "status": "completed",
+                      "content": [{"type": "reasoning_text", "text": answer.reasoning}]})
+    if answer.content or not answer.tool_calls:
+        items.append({"type": "message", "id": f"msg_{_hex(reply)}", "role": "assistant",
+                      "status": "incomplete" if finish == "length" else "completed",
+                      "content": [{"type": "output_text", "text": answer.content, "annotations": [], "logprobs": []}]})
+    for call in answer.tool_calls:
+        items.append({"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})
+    return items
+
+
+def _response(reply: "Reply", body: dict, finish: str | None) -> dict:
+    """The Response object; `finish` None while it is in progress."""
+    answer, prompt = reply.answers[0], len(reply.prompts[0])
+    status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
+    return {"id": f"resp_{_hex(reply)}", "object": "response", "created_at": reply.created, "status": status,
+            "model": reply.server.model_id, "output": [] if finish is None else _response_output(reply, finish),
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "temperature": reply.params.temperature, "top_p": reply.params.top_p,
+            "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
+            "parallel_tool_calls": body.get("parallel_tool_calls", True), "text": body.get("text", {
+                "format": {"type": "text"}}), "metadata": body.get("metadata") or {}, "store": False,
+            "usage": None if finish is None else {
+                "input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": answer.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": answer.reasoning_tokens},
+                "total_tokens": prompt + answer.completion_tokens}}
+
+
+class _ResponseEvents:
+    """A Responses stream's events for one answer. An output item opens with its first delta (the reasoning, then
+    the message) and closes when the next opens or the answer ends; function calls come whole at the end, then
+    response.completed (response.incomplete when max_output_tokens cut it) with the Response object."""
+
+    def __init__(self, reply: "Reply", body: dict):
+        self.reply, self.body = reply, body
+        self.numbers = count()
+        self.kinds: list[str] = []  # the output items opened so far, in order
+        self.open: str | None = None  # the one open now: "reasoning" or "message"
+        self.texts = {"reasoning": "", "message": ""}
+
+    def event(self, kind: str, **fields) -> str:
+        data = json.dumps({"type": kind, "sequence_number": next(self.numbers), **fields}, ensure_ascii=False)
+        return f"event: {kind}\ndata: {data}\n\n"
+
+    def start(self) -> list[str]:
+        in_progress = _response(self.reply, self.body, None)
+        return [self.event("response.created", response=in_progress),
+                self.event("response.in_progress", response=in_progress)]
+
+    def _where(self) -> dict:
+        item_id = ("rs_" if self.open == "reasoning" else "msg_") + _hex(self.reply)
+        return {"item_id": item_id, "output_index": len(self.kinds) - 1, "content_index": 0}
+
+    def _open(self, kind: str) -> list[str]:
+        out = self._close()
+        self.open = kind
+        self.kinds.append(kind)
+        where = self._where()
+        if kind == "reasoning":
+            return out + [self.event("response.output_item.added", output_index=where["output_index"], item={
+                "type": "reasoning", "id": where["item_id"], "summary": [], "content": [], "status": "in_progress"})]
+        return out + [self.event("response.output_item.added", output_index=where["output_index"], item={
+                      "type": "message", "id": where["item_id"], "role": "assistant", "content": [],
+                      "status": "in_progress"}),
+                      self.event("response.content_part.added", **where,
+                                 part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+    def _close(self, finish: str = "stop") -> list[str]:
+        if self.open is None:
+            return []
+        where, text = self._where(), self.texts[self.open]
+        if self.open == "reasoning":
+            item = {"type": "reasoning", "id": where["item_id"], "summary": [], "status": "completed",
+                    "content": [{"type": "reasoning_text", "text": text}]}
+            out = [self.event("response.reasoning_text.done", **where, text=text)]
+        else:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            item = {"type": "message", "id": where["item_id"], "role": "assistant", "content": [part],
+                    "status": "incomplete" if finish == "length" else "completed"}
+            out = [self.event("response.output_text.done", **where, text=text, logprobs=[]),
+                   self.event("response.content_part.done", **where, part=part)]
+        self.open = None
+        return out + [self.event("response.output_item.done", output_index=where["output_index"], item=item)]
+
+    def delta(self, delta: dict) -> list[str]:
+        """The events of one of the chat's deltas ({"reasoning_content"} or {"content"}; tool calls wait)."""
+        out = []
+        for kind, key, name in (("reasoning", "reasoning_content", "response.reasoning_text.delta"),
+                                ("message", "content", "response.output_text.delta")):
+            if key in delta:
+                if self.open != kind:
+                    out += self._open(kind)
+                self.texts[kind] += delta[key]
+                out.append(self.event(name, **self._where(), delta=delta[key],
+                                      **({"logprobs": []} if kind == "message" else {})))
+        return out
+
+    def end(self, finish: str) -> list[str]:
+        final = _response(self.reply, self.body, finish)
+        out = self._close(finish)
+        if any(item["type"] == "message" for item in final["output"]) and "message" not in self.kinds:
+            out += self._open("message") + self._close(finish)  # an empty answer is an empty message
+        for item in final["output"]:
+            if item["type"] == "function_call":
+                index = len(self.kinds)
+                self.kinds.append("function_call")
+                where = {"item_id": item["id"], "output_index": index}
+                out += [self.event("response.output_item.added", output_index=index,
+                                   item={**item, "arguments": "", "status": "in_progress"}),
+                        self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
+                        self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
+                        self.event("response.output_item.done", output_index=index, item=item)]
+        kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+        return out + [self.event(kind, response=final)]
+
+
 def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False, chat: bool | None = None) -> FastAPI:
     """The app over one model's server, or several (serve.py --model a --model b): a request picks its model by
     "model"; what names none (the page's first choice, /health, the tokenizer endpoints) gets the first. With
@@ -694,9 +942,8 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
         logging.getLogger("danlu.api").info("LoRA adapter %s unloaded", name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
+    async def chat_reply(request: Request, body: dict) -> Reply:
+        """A chat request, checked, rendered and tokenized, as the Reply that will answer it."""
         served = pick(body)
         messages = _messages(body)
         tools, forced = _tools(body)
@@ -716,8 +963,13 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
         elif tools and params.grammar is None:  # the model decides whether to call; a call it opens fits
             kind = "text_or_call" if _get(body, "parallel_tool_calls", bool, True) else "text_or_one_call"
             params.grammar = served.grammar("tools", kind, [tool["function"] for tool in tools])
-        reply = Reply(served, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
-                      "chatcmpl", tools=bool(tools))
+        return Reply(served, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
+                     "chatcmpl", tools=bool(tools))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        reply = await chat_reply(request, await read_body(request))
+        n = reply.n
         if not reply.stream:
             finish = await reply.finish_reasons()
             choices = []
@@ -745,6 +997,34 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
                                         "finish_reason": reason}])
 
         return reply.streaming(chunks)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        """OpenAI's Responses API (client.responses.create), answered as the chat it amounts to."""
+        body = await read_body(request)
+        reply = await chat_reply(request, _responses_to_chat(body))
+        if not reply.stream:
+            return _response(reply, body, (await reply.finish_reasons())[0])
+        stream = _ResponseEvents(reply, body)
+
+        async def events() -> AsyncIterator[str]:
+            for text in stream.start():
+                yield text
+            finish = "stop"
+            try:
+                async for _, deltas, reason in reply.events():
+                    finish = reason or finish
+                    for delta in deltas:
+                        for text in stream.delta(delta):
+                            yield text
+            except APIError as exc:  # the status line is gone: an error event, as OpenAI sends
+                yield stream.event("error", code=exc.code, message=exc.message, param=exc.param)
+                return
+            for text in stream.end(finish):
+                yield text
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
     async def completions(request: Request):

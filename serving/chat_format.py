@@ -185,6 +185,7 @@ class AnswerStream:
         self.content = self.reasoning = ""
         self.tool_calls: list[dict] = []
         self.completion_tokens = 0
+        self.reasoning_tokens = 0  # those decoded inside the think block, its tags included
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # (token, logprob, top alternatives)
 
     @property
@@ -203,7 +204,11 @@ class AnswerStream:
             self.logprobs.append((token, *logprob))
         if token in self.stop_token_ids:
             return []
-        return self._text(self.stop.feed(self.decoder.feed(token)))
+        before = self.think.state if self.think else "content"
+        deltas = self._text(self.stop.feed(self.decoder.feed(token)))
+        if "think" in (before, self.think.state if self.think else "content"):
+            self.reasoning_tokens += 1
+        return deltas
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
         deltas = self._text(self.stop.feed(self.decoder.flush()) + self.stop.flush(), final=True)

@@ -905,6 +905,7 @@ def test_lora_adapters_served_next_to_their_base(tmp_path, serve_model):
     assert "give one of them" in refused("--lora", str(first), "--allow_runtime_lora")
 
 
+@pytest.mark.slow
 def test_lora_adapters_loaded_and_unloaded_while_serving(tmp_path, serve_model, server):
     """serve.py --allow_runtime_lora (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter): an adapter loaded
     is listed with its parent and answers as it does loaded alone; one unloaded is gone; the base answers as itself
@@ -1269,7 +1270,11 @@ class ScriptedEngine:
         self.active = self.steps = self.max_rows_seen = self.tokens_generated = 0
         self.finished = {}
 
+    last_prompt: list[int] = []  # the prompt of the last sequence submitted
+
     def submit(self, prompt, params, on_event, adapter=0):
+        ScriptedEngine.last_prompt = list(prompt)
+
         def play():
             for token in self.tokens[:params.max_new_tokens - 1] + [self.stop_token]:
                 on_event(token, None)
@@ -1343,7 +1348,79 @@ def test_tool_calls_through_the_api(scripted):
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
 
 
-@pytest.mark.slow
+def test_responses_api(client, model_id, serve_model):
+    """OpenAI's Responses API through the official client: input and instructions answered as the chat they make,
+    the usage counted, the stream's deltas adding up to the answer, text.format held, bad requests refused."""
+    openai = pytest.importorskip("openai")
+    tokens, text = greedy_text(serve_model, MESSAGES, 6)
+    tokenizer = load_tokenizer(serve_model)
+    prompt = tokenizer(render_chat(MESSAGES, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    stopped = any(t in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids(
+        "<|endoftext|>")) for t in tokens)
+    answer = client.responses.create(model=model_id, instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"],
+                                     max_output_tokens=6, temperature=0)
+    assert answer.output_text == text and answer.model == model_id and answer.object == "response"
+    assert answer.status == ("completed" if stopped else "incomplete")
+    assert answer.incomplete_details is None if stopped else answer.incomplete_details.reason == "max_output_tokens"
+    assert answer.usage.input_tokens == len(prompt) and answer.usage.output_tokens == len(tokens)
+    assert [item.type for item in answer.output] == ["message"]
+    # the same conversation as input items, a developer message and text parts
+    items = [{"role": "developer", "content": MESSAGES[0]["content"]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": MESSAGES[1]["content"]}]}]
+    assert client.responses.create(model=model_id, input=items, max_output_tokens=6,
+                                   temperature=0).output_text == text
+    events = list(client.responses.create(model=model_id, input=items, max_output_tokens=6, temperature=0,
+                                          stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] == ("response.completed" if stopped else "response.incomplete")
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert events[-1].response.output_text == text and events[-1].response.usage.output_tokens == len(tokens)
+    shaped = client.responses.create(model=model_id, input="质量很好", temperature=1.0, max_output_tokens=200,
+                                     text={"format": {"type": "json_schema", "name": "verdict", "schema": VERDICT}})
+    assert fits_verdict(shaped.output_text)
+    for bad in [{"previous_response_id": "resp_1"}, {"input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://x/y.png"}]}]}, {"tools": [{"type": "web_search"}]},
+            {"input": None}, {"input": [{"type": "function_call_output", "output": "晴"}]},
+            {"text": {"format": {"type": "xml"}}}]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(**{"model": model_id, "input": "你好", **bad})
+        assert caught.value.body["code"] in ("unsupported_parameter", "invalid_content", "invalid_value",
+                                             "missing_required_parameter", "invalid_type")
+
+
+def test_responses_reasoning_and_function_calls(scripted, serve_model):
+    """A think model's reasoning and a tool call as Responses output items, streamed or not, and the call's output
+    sent back as input items rendered into the next prompt."""
+    client = scripted('<think>\n要查天气。\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+                      '{"city": "北京"}}\n</tool_call>')
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    answer = client.responses.create(model="scripted", input="北京天气如何？", tools=tools, max_output_tokens=100)
+    assert [item.type for item in answer.output] == ["reasoning", "function_call"]
+    assert answer.output[0].content[0].text == "要查天气。"
+    call = answer.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "北京"}
+    assert 0 < answer.usage.output_tokens_details.reasoning_tokens < answer.usage.output_tokens
+    events = list(client.responses.create(model="scripted", input="北京天气如何？", tools=tools, max_output_tokens=100,
+                                          stream=True))
+    kinds = [event.type for event in events]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "要查天气。"
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.function_call_arguments.done")
+    assert [item.type for item in events[-1].response.output] == ["reasoning", "function_call"]
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [item.type for item in done] == ["reasoning", "function_call"] and done[1].name == "get_weather"
+    # the next turn: the call and its output as input items
+    client.responses.create(model="scripted", tools=tools, input=[
+        {"role": "user", "content": "北京天气如何？"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "晴，25度"}])
+    rendered = load_tokenizer(serve_model).decode(ScriptedEngine.last_prompt)
+    assert "晴，25度" in rendered and '"get_weather"' in rendered and rendered.index("get_weather") < rendered.index(
+        "晴，25度")
+
+
 def json_junk():
     """A hypothesis strategy: any JSON value, small."""
     from hypothesis import strategies as st
@@ -1353,6 +1430,7 @@ def json_junk():
                         | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
 
 
+@pytest.mark.slow
 def test_random_requests_never_break_the_server(server, model_id):
     """Bodies mixing valid fields with junk of every JSON type: always 200 or an OpenAI error with 400/404."""
     from hypothesis import HealthCheck, given, settings
@@ -1363,15 +1441,18 @@ def test_random_requests_never_break_the_server(server, model_id):
                                     optional={"content": st.text(max_size=20) | junk,
                                               "tool_calls": junk, "reasoning_content": junk})
     body = st.fixed_dictionaries(
-        {"max_tokens": st.integers(-2, 3) | junk.filter(lambda v: v is not None)},  # never the whole context
+        {"max_tokens": st.integers(-2, 3) | junk.filter(lambda v: v is not None),  # never the whole context
+         "max_output_tokens": st.integers(-2, 3) | junk.filter(lambda v: v is not None)},
         optional={"model": st.just(model_id) | junk, "messages": st.lists(message, max_size=3) | junk,
                   "temperature": st.floats(-1, 3) | junk, "top_p": junk, "top_k": junk, "n": st.integers(0, 3) | junk,
                   "stop": st.text(max_size=3) | junk, "seed": junk, "stream": st.booleans() | junk,
                   "stream_options": junk, "tools": junk, "frequency_penalty": junk, "chat_template_kwargs": junk,
-                  "prompt": st.text(max_size=10) | junk, "ignore_eos": junk})
+                  "prompt": st.text(max_size=10) | junk, "ignore_eos": junk,
+                  "input": st.text(max_size=10) | st.lists(message, max_size=2) | junk, "instructions": junk,
+                  "text": junk, "reasoning": junk, "previous_response_id": junk})
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(body=body, endpoint=st.sampled_from(["chat/completions", "completions"]))
+    @given(body=body, endpoint=st.sampled_from(["chat/completions", "completions", "responses"]))
     def check(body, endpoint):
         response = requests.post(f"{server}/v1/{endpoint}", data=json.dumps(body),  # Infinity too
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
