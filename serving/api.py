@@ -509,9 +509,10 @@ class Reply:
 
 # -- OpenAI's Responses API, answered as a chat ---------------------------------------------------------------------
 
+MAX_STORED_RESPONSES = 1024  # responses kept in memory for previous_response_id and GET, the oldest dropped first
 _RESPONSES_REFUSED = {  # parameters that need what this server does not keep or run
-    "previous_response_id": "this server keeps no responses: send the whole conversation as 'input'",
-    "conversation": "this server keeps no conversations: send the whole conversation as 'input'",
+    "conversation": "this server keeps no conversation objects: pass 'previous_response_id', or the whole "
+                    "conversation as 'input'",
     "background": "responses are answered while the request waits",
     "prompt": "this server keeps no stored prompts",
 }
@@ -539,12 +540,9 @@ def _item_text(content: Any, where: str) -> str:
 
 
 def _responses_input(body: dict) -> list[dict]:
-    """`instructions` and `input` (a string, or message, function_call and function_call_output items) as chat
-    messages; reasoning items of earlier turns are left out, as the chat template leaves out earlier reasoning."""
-    messages = []
-    instructions = _get(body, "instructions", str)
-    if instructions:
-        messages.append({"role": "system", "content": instructions})
+    """`input` (a string, or message, function_call and function_call_output items) as chat messages; reasoning
+    items of earlier turns are left out, as the chat template leaves out earlier reasoning."""
+    messages: list[dict] = []
     value = body.get("input")
     if value is None:
         raise APIError(400, "'input' is required", "input", "missing_required_parameter")
@@ -582,12 +580,17 @@ def _responses_input(body: dict) -> list[dict]:
     return messages
 
 
-def _responses_to_chat(body: dict) -> dict:
-    """A Responses API request as the chat completion that answers it."""
+def _responses_to_chat(body: dict, history: list[dict]) -> tuple[dict, list[dict]]:
+    """A Responses API request as the chat completion that answers it, and the conversation so far without the
+    instructions (`history`, the previous response's, then this input), which a response that follows this one
+    goes on from: as OpenAI has it, instructions are not carried over."""
     for name, why in _RESPONSES_REFUSED.items():
         if body.get(name) not in (None, False, ""):
             raise APIError(400, f"'{name}' is not supported: {why}", name, "unsupported_parameter")
-    chat = {"model": body.get("model"), "messages": _responses_input(body)}
+    turn = history + _responses_input(body)
+    instructions = _get(body, "instructions", str)
+    chat = {"model": body.get("model"),
+            "messages": ([{"role": "system", "content": instructions}] if instructions else []) + turn}
     chat.update({key: body[key] for key in ("temperature", "top_p", *_CHAT_EXTRAS) if key in body})
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
@@ -622,7 +625,15 @@ def _responses_to_chat(body: dict) -> dict:
                            "name, schema}", "text.format", "invalid_value")
     if _get(_get(body, "reasoning", dict, {}), "effort", str) == "none":  # no think block: as enable_thinking false
         chat["chat_template_kwargs"] = {**chat.get("chat_template_kwargs", {}), "enable_thinking": False}
-    return chat
+    return chat, turn
+
+
+def _answer_message(reply: "Reply") -> dict:
+    """The answer as the assistant message a later turn's chat holds."""
+    answer = reply.answers[0]
+    if answer.tool_calls:
+        return {"role": "assistant", "content": answer.content or None, "tool_calls": answer.tool_calls}
+    return {"role": "assistant", "content": answer.content}
 
 
 def _hex(reply: "Reply") -> str:
@@ -658,7 +669,8 @@ def _response(reply: "Reply", body: dict, finish: str | None) -> dict:
             "temperature": reply.params.temperature, "top_p": reply.params.top_p,
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "text": body.get("text", {
-                "format": {"type": "text"}}), "metadata": body.get("metadata") or {}, "store": False,
+                "format": {"type": "text"}}), "metadata": body.get("metadata") or {},
+            "store": body.get("store") is not False, "previous_response_id": body.get("previous_response_id"),
             "usage": None if finish is None else {
                 "input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
                 "output_tokens": answer.completion_tokens,
@@ -677,6 +689,7 @@ class _ResponseEvents:
         self.kinds: list[str] = []  # the output items opened so far, in order
         self.open: str | None = None  # the one open now: "reasoning" or "message"
         self.texts = {"reasoning": "", "message": ""}
+        self.final: dict | None = None  # the Response, once the answer is done
 
     def event(self, kind: str, **fields) -> str:
         data = json.dumps({"type": kind, "sequence_number": next(self.numbers), **fields}, ensure_ascii=False)
@@ -750,6 +763,7 @@ class _ResponseEvents:
                         self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
                         self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
                         self.event("response.output_item.done", output_index=index, item=item)]
+        self.final = final
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         return out + [self.event(kind, response=final)]
 
@@ -998,13 +1012,35 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
 
         return reply.streaming(chunks)
 
+    stored: dict[str, tuple[dict, list[dict]]] = {}  # response id -> (the Response, the conversation after it)
+
+    def stored_response(response_id: str, param: str | None = None) -> tuple[dict, list[dict]]:
+        if response_id not in stored:
+            raise APIError(404 if param is None else 400, f"Response with id '{response_id}' not found: this server "
+                           f"keeps the last {MAX_STORED_RESPONSES} in memory, since it started", param,
+                           "previous_response_not_found" if param else "not_found")
+        stored[response_id] = stored.pop(response_id)  # the most recently used last
+        return stored[response_id]
+
+    def store(body: dict, response: dict, reply: Reply, turn: list[dict]) -> None:
+        if body.get("store") is not False:
+            stored[response["id"]] = (response, turn + [_answer_message(reply)])
+            while len(stored) > MAX_STORED_RESPONSES:
+                stored.pop(next(iter(stored)))
+
     @app.post("/v1/responses")
     async def responses(request: Request):
-        """OpenAI's Responses API (client.responses.create), answered as the chat it amounts to."""
+        """OpenAI's Responses API (client.responses.create), answered as the chat it amounts to; a response
+        follows its previous_response_id's conversation, and is kept for the next unless store is false."""
         body = await read_body(request)
-        reply = await chat_reply(request, _responses_to_chat(body))
+        previous = _get(body, "previous_response_id", str)
+        history = stored_response(previous, "previous_response_id")[1] if previous else []
+        chat, turn = _responses_to_chat(body, history)
+        reply = await chat_reply(request, chat)
         if not reply.stream:
-            return _response(reply, body, (await reply.finish_reasons())[0])
+            response = _response(reply, body, (await reply.finish_reasons())[0])
+            store(body, response, reply, turn)
+            return response
         stream = _ResponseEvents(reply, body)
 
         async def events() -> AsyncIterator[str]:
@@ -1022,9 +1058,20 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
                 return
             for text in stream.end(finish):
                 yield text
+            store(body, stream.final, reply, turn)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict:
+        return stored_response(response_id)[0]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        stored_response(response_id)
+        del stored[response_id]
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -1381,7 +1381,22 @@ def test_responses_api(client, model_id, serve_model):
     shaped = client.responses.create(model=model_id, input="质量很好", temperature=1.0, max_output_tokens=200,
                                      text={"format": {"type": "json_schema", "name": "verdict", "schema": VERDICT}})
     assert fits_verdict(shaped.output_text)
-    for bad in [{"previous_response_id": "resp_1"}, {"input": [{"role": "user", "content": [
+    # the next turn from the stored conversation: the earlier input and answer, not the earlier instructions
+    follow = client.responses.create(model=model_id, previous_response_id=answer.id, input="再说一遍",
+                                     max_output_tokens=3, temperature=0)
+    turns = [MESSAGES[1], {"role": "assistant", "content": text}, {"role": "user", "content": "再说一遍"}]
+    assert follow.usage.input_tokens == len(tokenizer(render_chat(turns, add_generation_prompt=True),
+                                                      add_special_tokens=False)["input_ids"])
+    assert follow.previous_response_id == answer.id and client.responses.retrieve(answer.id).output_text == text
+    client.responses.delete(answer.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(answer.id)
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        client.responses.create(model=model_id, previous_response_id=answer.id, input="再说一遍")
+    unkept = client.responses.create(model=model_id, input="你好", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+    for bad in [{"conversation": "conv_1"}, {"input": [{"role": "user", "content": [
             {"type": "input_image", "image_url": "http://x/y.png"}]}]}, {"tools": [{"type": "web_search"}]},
             {"input": None}, {"input": [{"type": "function_call_output", "output": "晴"}]},
             {"text": {"format": {"type": "xml"}}}]:
@@ -1411,14 +1426,16 @@ def test_responses_reasoning_and_function_calls(scripted, serve_model):
     assert [item.type for item in events[-1].response.output] == ["reasoning", "function_call"]
     done = [e.item for e in events if e.type == "response.output_item.done"]
     assert [item.type for item in done] == ["reasoning", "function_call"] and done[1].name == "get_weather"
-    # the next turn: the call and its output as input items
-    client.responses.create(model="scripted", tools=tools, input=[
-        {"role": "user", "content": "北京天气如何？"},
-        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
-        {"type": "function_call_output", "call_id": call.call_id, "output": "晴，25度"}])
-    rendered = load_tokenizer(serve_model).decode(ScriptedEngine.last_prompt)
-    assert "晴，25度" in rendered and '"get_weather"' in rendered and rendered.index("get_weather") < rendered.index(
-        "晴，25度")
+    # the next turn: the call's output after the stored conversation, or the whole conversation as input items
+    for follow in [{"previous_response_id": answer.id, "input": [
+                       {"type": "function_call_output", "call_id": call.call_id, "output": "晴，25度"}]},
+                   {"input": [{"role": "user", "content": "北京天气如何？"},
+                              {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                               "arguments": call.arguments},
+                              {"type": "function_call_output", "call_id": call.call_id, "output": "晴，25度"}]}]:
+        client.responses.create(model="scripted", tools=tools, **follow)
+        rendered = load_tokenizer(serve_model).decode(ScriptedEngine.last_prompt)
+        assert rendered.index("北京天气如何") < rendered.rindex('"get_weather"') < rendered.index("晴，25度")
 
 
 def json_junk():
