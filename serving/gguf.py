@@ -105,11 +105,17 @@ def _vocabulary(tokenizer, tokenizer_json: dict, vocab_size: int) -> tuple[list[
     return tokens, types, merges
 
 
+OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
 def export_gguf(model: LM, tokenizer, tokenizer_dir: str | Path, out_path: str | Path, name: str,
                 outtype: str = "f32") -> dict:
-    """Write `model` (LoRA already merged) and its tokenizer as GGUF; a summary of what was written."""
-    if outtype not in ("f32", "f16"):
-        raise ValueError(f"outtype {outtype!r}: choose f32 or f16")
+    """Write `model` (LoRA already merged) and its tokenizer as GGUF; a summary of what was written. `outtype`: the
+    matrices' type, f32, f16 or q8_0 (llama.cpp's 8-bit blocks: 32 weights and one f16 scale; a matrix whose rows
+    are not a whole number of blocks is written f16, as llama.cpp's converter does); norms stay f32."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r}: choose {', '.join(OUTTYPES)}")
     config = model.config
     if getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0):
         raise ValueError("MoE checkpoints are not exported to GGUF here (only dense Llama)")
@@ -146,7 +152,7 @@ def export_gguf(model: LM, tokenizer, tokenizer_dir: str | Path, out_path: str |
     elif rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} has no GGUF export here (default, linear, yarn)")
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(OUTTYPES[outtype])
 
     tokens, types, merges = _vocabulary(tokenizer, tokenizer_json, config.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -173,10 +179,17 @@ def export_gguf(model: LM, tokenizer, tokenizer_dir: str | Path, out_path: str |
             data = permute_qk(data, heads)
         elif key.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute_qk(data, kv_heads)
-        array = data.numpy()
-        if outtype == "f16" and array.ndim == 2:
+        array, kind = np.ascontiguousarray(data.numpy()), None
+        if outtype == "q8_0" and array.ndim == 2:
+            try:
+                kind = gguf.GGMLQuantizationType.Q8_0
+                array = gguf.quants.quantize(array, kind)
+            except gguf.QuantError:  # rows that are not whole blocks of 32
+                kind = None
+                array = array.astype(np.float16)
+        elif outtype == "f16" and array.ndim == 2:
             array = array.astype(np.float16)
-        writer.add_tensor(gguf_name(key), np.ascontiguousarray(array))
+        writer.add_tensor(gguf_name(key), array, raw_dtype=kind)
         written.append(gguf_name(key))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
