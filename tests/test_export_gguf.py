@@ -311,3 +311,33 @@ def test_llama_cpp_tokenizes_as_minimind_does(tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours
         assert llm.detokenize(ours, special=True).decode() == text
     llm.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_samples_what_our_gbnf_takes(chat_checkpoint, tmp_path):
+    """The structured-output grammars of tests/test_structured.py, given to llama.cpp's own GBNF sampler: every
+    answer it writes is one our recognizer (serving/gbnf.py) takes, whole where it stopped by itself, a beginning
+    where the token budget cut it."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="optional: pip install llama-cpp-python")
+    from serving.structured import TokenTrie, cfg_grammar
+    from tests.test_structured import GBNF_PATTERNS
+
+    model_dir = briefly_trained(chat_checkpoint, tmp_path / "trained")
+    export(model_dir, tmp_path / "trained.gguf")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "trained.gguf"), n_ctx=512, verbose=False, n_threads=1)
+    nested = 'root ::= value\nvalue ::= "[" (value ("," value)*)? "]" | int\nint ::= "-"? ("0" | [1-9] [0-9]*)'
+    every_byte = TokenTrie([bytes([b]) for b in range(256)])
+    whole = 0
+    for text in [*GBNF_PATTERNS, nested]:
+        ours = cfg_grammar(text, every_byte)
+        theirs = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+        for seed in range(4):
+            out = llm.create_completion("质量很好", max_tokens=16, temperature=1.0, seed=seed, grammar=theirs)
+            answer, finish = out["choices"][0]["text"], out["choices"][0]["finish_reason"]
+            state = ours.advance(ours.start, answer.encode())
+            assert state is not None, (text, answer)
+            if finish == "stop":
+                assert ours.done(state), (text, answer)
+                whole += 1
+    llm.close()
+    assert whole >= 20  # most answers end by themselves

@@ -332,7 +332,7 @@ GBNF_PATTERNS = {  # a GBNF grammar: the regular expression it writes (its PATTE
     'root ::= x x+\nx ::= "x"': (r"x{2,}", ["xx", "xxxxx"]),
     'root ::= [\\u4e00-\\u9fa5]{1,2}': (r"[\u4e00-\u9fa5]{1,2}", ["中", "正面"]),
     'root ::= "答：" rest\nrest ::= [^\\n] rest |': (r"答：.*", ["答：", "答：12个"]),
-    'root ::= ("a" | "ab") ("c" | "bcd")\n    "d"*': (r"(a|ab)(c|bcd)(d*)", ["abcd", "abcdd", "ac"]),
+    'root ::= (\n  ("a" | "ab")\n  ("c" | "bcd")\n) "d"*': (r"(a|ab)(c|bcd)(d*)", ["abcd", "abcdd", "ac"]),
     'root ::= sign? digits ("." digits)?\nsign ::= [-+]\ndigits ::= [0-9]+': (r"[-+]?[0-9]+(\.[0-9]+)?",
                                                                              ["-1.5", "3", "+20"]),
     'root ::= [\\]\\-]+ | "é\\t"': (r"[\]\-]+|é\t", ["]-]", "é\t"]),
