@@ -6,8 +6,8 @@
     python serve.py --model out/sft --allow_runtime_lora     # POST /v1/load_lora_adapter adds one while serving
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, /v1/responses and /v1/completions (streaming with
-"stream": true), GET /health, and the chat page at http://HOST:PORT/. Requests that arrive while others are
-decoding join the running batch (continuous batching, serving/engine.py).
+"stream": true), GET /health, GET /metrics (Prometheus), and the chat page at http://HOST:PORT/. Requests that
+arrive while others are decoding join the running batch (continuous batching, serving/engine.py).
 """
 
 import argparse

@@ -31,6 +31,8 @@ from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, NoSuchAdapter, SamplingParams, start_together
 from serving.loading import Loaded, LoadError, attach_adapters, is_chat_model, load, read_adapter_for
+from serving.metrics import ModelStats, SequenceClock
+from serving.metrics import render as render_metrics
 from serving.structured import Grammar, SchemaError, TokenTrie, answer_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -268,6 +270,7 @@ class Server:
         self.loaded, self.engine, self.api_key = loaded, engine, api_key
         self.model_id = model_id or loaded.name
         self.adapter, self.parent = adapter, parent  # a LoRA adapter served next to its base: its engine index
+        self.stats = ModelStats()  # what GET /metrics reports for this model
         self.created = int(time.time())
         defaults = loaded.model.generation_config
         self.default_temperature = float(defaults.temperature or 1.0) if defaults.do_sample else 0.0
@@ -381,6 +384,7 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
             loop.call_soon_threadsafe(events.put_nowait, (index, token, reason))
         return on_event
 
+    clocks = []  # each sequence's timing, for GET /metrics
     for i in range(len(prompts) * n):
         seed = None if params.seed is None else (params.seed + i % n) % 2**64  # torch takes seeds below 2**64
         try:
@@ -389,6 +393,7 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
         except NoSuchAdapter as exc:  # unloaded while this request was read
             raise APIError(404, f"The model `{server.model_id}` does not exist any more: it was unloaded", "model",
                            "model_not_found") from exc
+        clocks.append(SequenceClock(server.stats, len(prompts[i // n])))
     open_choices = set(range(len(sequences)))
     checked = time.monotonic()
     try:
@@ -405,12 +410,14 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
                 continue
             answer = answers[index]
             if reason is None:
+                clocks[index].token()
                 record = None if params.logprobs is None else sequences[index].logprobs[answer.completion_tokens]
                 deltas = answer.feed(token, record)
                 if answer.stopped:
                     sequences[index].cancel()
                     more, finish = answer.finish("stop")
                     open_choices.discard(index)
+                    clocks[index].done("stop", answer.completion_tokens)
                     yield index, deltas + more, finish
                 elif deltas:
                     yield index, deltas, None
@@ -420,10 +427,13 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
                                    "server_error")
                 deltas, finish = answer.finish(reason)
                 open_choices.discard(index)
+                clocks[index].done("length" if finish == "length" else "stop", answer.completion_tokens)
                 yield index, deltas, finish
     finally:
         for seq in sequences:
             seq.cancel()
+        for index in open_choices:  # the client went away, or the engine failed
+            clocks[index].done("abort", answers[index].completion_tokens)
 
 
 class Reply:
@@ -850,6 +860,14 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
         return {"status": "ok", "model": server.model_id, "active": engine.active, "decode_steps": engine.steps,
                 "max_batch_seen": engine.max_rows_seen, "tokens_generated": engine.tokens_generated,
                 "finished": dict(engine.finished), "models": list(by_id)}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        """Prometheus' text format, vLLM's metric names (serving/metrics.py), one series per model."""
+        loads = {id(s.engine): s.engine.load() for s in servers}
+        return PlainTextResponse(render_metrics([(s.model_id, s.stats, loads[id(s.engine)][0][s.adapter],
+                                                  loads[id(s.engine)][1][s.adapter]) for s in servers]),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -202,6 +202,12 @@ class Engine:
     def active(self) -> int:
         return len(self._active)
 
+    def load(self) -> tuple[Counter, Counter]:
+        """The sequences decoding and those waiting, counted by adapter id (0: the model alone)."""
+        with self._queue.mutex:
+            waiting = Counter(seq.adapter for seq in self._queue.queue)
+        return Counter(seq.adapter for seq in list(self._active)), waiting
+
     # -- the engine thread ----------------------------------------------------------------------------------------
 
     def _step(self) -> bool:

@@ -769,6 +769,9 @@ def test_client_disconnect_stops_generation(server, client, model_id):
     assert after["active"] == 0
     assert after["finished"].get("cancelled", 0) == before["finished"].get("cancelled", 0) + 1
     assert after["tokens_generated"] - before["tokens_generated"] < budget
+    aborted = f'vllm:request_success_total{{model_name="{model_id}",finished_reason="abort"}} '
+    assert any(line.startswith(aborted) and float(line.split()[-1]) >= 1
+               for line in requests.get(f"{server}/metrics").text.splitlines())  # counted as vLLM counts it
 
 
 @pytest.mark.slow
@@ -793,6 +796,37 @@ def test_concurrent_requests_join_the_running_batch(server, client, model_id):
 
 
 @pytest.mark.slow
+def test_metrics_count_the_requests(server, client, model_id):
+    """GET /metrics: Prometheus' text format under vLLM's names; a request's prompt and generated tokens, its
+    finish reason and its two timings are counted for its model; histogram buckets add up to their count."""
+    def scrape() -> tuple[str, dict[str, float]]:
+        text = requests.get(f"{server}/metrics").text  # outside /v1: no key, as vLLM's
+        return text, {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line and not line.startswith("#")}
+
+    text, before = scrape()
+    model = f'model_name="{model_id}"'
+    answer = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=3, temperature=0, n=2,
+                                            extra_body={"ignore_eos": True})
+    text, after = scrape()
+
+    def grew(name: str) -> float:
+        return after[name] - before[name]
+
+    assert grew(f"vllm:prompt_tokens_total{{{model}}}") == 2 * answer.usage.prompt_tokens  # n=2: two sequences
+    assert grew(f"vllm:generation_tokens_total{{{model}}}") == answer.usage.completion_tokens == 6
+    assert grew(f'vllm:request_success_total{{{model},finished_reason="length"}}') == 2
+    assert grew(f'vllm:request_success_total{{{model},finished_reason="stop"}}') == 0
+    for histogram in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"):
+        assert grew(f"{histogram}_count{{{model}}}") == 2 and grew(f"{histogram}_sum{{{model}}}") > 0
+        buckets = [v for k, v in after.items() if k.startswith(f"{histogram}_bucket{{{model},")]
+        assert buckets == sorted(buckets) and buckets[-1] == after[f"{histogram}_count{{{model}}}"]
+    assert after[f"vllm:num_requests_running{{{model}}}"] == after[f"vllm:num_requests_waiting{{{model}}}"] == 0
+    for family in ("num_requests_running", "prompt_tokens_total", "request_success_total",
+                   "time_to_first_token_seconds"):
+        assert f"# TYPE vllm:{family} " in text and f"# HELP vllm:{family} " in text
+
+
 def test_web_page_is_served(server):
     page = requests.get(f"{server}/")
     assert page.status_code == 200 and "<html" in page.text.lower() and "/v1/chat/completions" in page.text
