@@ -1,6 +1,7 @@
 """What structured output costs the engine: 16 requests at once, 48 sampled tokens each (0.7 / top_p 0.9), plain,
-then held to json_object, to a small schema, and to text whose tool calls fit (tool_choice "auto"), each grammar
-run twice (first with its token masks still to find, then cached). Three rounds, side by side in one process.
+then held to json_object, to a small schema, to text whose tool calls fit (tool_choice "auto") and to a GBNF
+grammar of nested lists, each grammar run twice (first with its token masks still to find, then cached). Three
+rounds, side by side in one process.
 
     python -m docs.structured_bench out/sft
 """
@@ -14,8 +15,9 @@ import torch
 from dataset.chat import load_tokenizer
 from model import LM
 from serving.engine import Engine, SamplingParams, complete
-from serving.structured import TokenTrie, json_grammar, tool_text_grammar
+from serving.structured import TokenTrie, cfg_grammar, json_grammar, tool_text_grammar
 
+NESTED = 'root ::= list\nlist ::= "[" (item ("，" item)*)? "]"\nitem ::= list | [\\u4e00-\\u9fa5]{1,4} | [0-9]+'
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["正面", "负面"]}, "why": {"type": "string"},
                                            "stars": {"type": "integer"}}, "required": ["label", "why", "stars"]}
 
@@ -47,7 +49,8 @@ def main(model_dir: str) -> None:
         for name, make in (("json_object", lambda: json_grammar({"type": "object"}, trie)),
                            ("schema", lambda: json_grammar(SCHEMA, trie)),
                            ("tools, auto", lambda: tool_text_grammar([{"name": "f", "parameters": SCHEMA}], trie,
-                                                                     "<tool_call>", "</tool_call>"))):
+                                                                     "<tool_call>", "</tool_call>")),
+                           ("GBNF, nested", lambda: cfg_grammar(NESTED, trie))):
             grammar = make()
             first, cached = tokens_per_second(engine, grammar), tokens_per_second(engine, grammar)
             line += f" | {name} {first:.0f} first, {cached:.0f} cached ({cached / plain:.2f}x)"
