@@ -80,18 +80,23 @@ def _get(body: dict, name: str, kind: type | tuple, default: Any = None, low: fl
     return value
 
 
-def _content_text(content: Any, where: str) -> str:
-    """A message's content: a string, or OpenAI content parts of type text (joined)."""
+def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """A message's content: a string, or content parts of the given types (a chat's "text"; the Responses API's
+    "input_text" and "output_text"), joined."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
         parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"{where}.content: only text parts are supported", where, "invalid_content")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in kinds or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise APIError(400, f"{where}.content[{j}]: only text parts are supported"
+                               + (f", not {kind}" if isinstance(kind, str) and kind not in kinds else ""),
+                               f"{where}.content", "invalid_content")
             parts.append(part["text"])
         return "".join(parts)
-    raise APIError(400, f"{where}.content must be a string or an array of text parts", where, "invalid_type")
+    raise APIError(400, f"{where}.content must be a string or an array of text parts", f"{where}.content",
+                   "invalid_type")
 
 
 def _messages(body: dict) -> list[dict]:
@@ -531,22 +536,7 @@ _CHAT_EXTRAS = ("seed", "top_k", "repetition_penalty", "frequency_penalty", "pre
                 "chat_template_kwargs", "parallel_tool_calls", "stream")  # vLLM's extras, taken as the chat takes them
 
 
-def _item_text(content: Any, where: str) -> str:
-    """An input message's content: a string, or parts of type input_text / output_text (joined)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise APIError(400, f"{where}.content must be a string or an array of text parts", f"{where}.content",
-                       "invalid_type")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") \
-                or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else None
-            raise APIError(400, f"{where}.content[{j}]: only text parts are supported"
-                           + (f", not {kind}" if isinstance(kind, str) else ""), f"{where}.content", "invalid_content")
-        texts.append(part["text"])
-    return "".join(texts)
+RESPONSE_PARTS = ("input_text", "output_text", "text")  # the text parts of a Responses API message
 
 
 def _responses_input(body: dict) -> list[dict]:
@@ -567,7 +557,9 @@ def _responses_input(body: dict) -> list[dict]:
             if item.get("role") not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{where}.role must be user, system, developer or assistant", f"{where}.role",
                                "invalid_value")
-            messages.append({"role": item["role"], "content": _item_text(item.get("content"), where)})
+            if item.get("content") is None:
+                raise APIError(400, f"{where}.content is required", f"{where}.content", "missing_required_parameter")
+            messages.append({"role": item["role"], "content": _content_text(item["content"], where, RESPONSE_PARTS)})
         elif kind == "function_call":
             if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
                 raise APIError(400, f"{where}: a function_call needs call_id, name and arguments (strings)", where,
@@ -583,7 +575,7 @@ def _responses_input(body: dict) -> list[dict]:
                 raise APIError(400, f"{where}.call_id is required: the id of the call this output answers",
                                f"{where}.call_id", "missing_required_parameter")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
-                             "content": _item_text(item.get("output"), where)})
+                             "content": _content_text(item.get("output"), where, RESPONSE_PARTS)})
         elif kind != "reasoning":
             raise APIError(400, f"{where}: items of type {json.dumps(kind)} are not supported (text messages, "
                            "function_call and function_call_output are)", where, "invalid_value")
