@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dataset.chat import render_chat
+from dataset.chat import IM_END, render_chat
 from dataset.formats import has_lone_surrogate
 from serving.chat_format import EMPTY_THINK, TOOL_CLOSE, TOOL_OPEN, AnswerStream, chat_logprobs, completion_logprobs
 from serving.engine import Engine, NoSuchAdapter, SamplingParams, start_together
@@ -319,7 +319,7 @@ class Server:
         else:  # completions: "logprobs": 0-5 alternatives; with echo, the prompt's tokens' too
             params.logprobs = _get(body, "logprobs", int, None, 0, 5)
             params.prompt_logprobs = params.logprobs if echo else None
-        for name in ("suffix",) + (("echo",) if prompt_param == "messages" else ("top_logprobs",)):
+        for name in ("suffix",) + (() if prompt_param == "messages" else ("top_logprobs",)):
             if body.get(name) not in (None, False, 0, "", {}):
                 raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
         if body.get("best_of") not in (None, 1):
@@ -458,6 +458,7 @@ class Reply:
         self.kind, self.chunk_kind = kind, chunk_kind
         self.id, self.created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
         self.sequences: list = []  # the engine's, one per choice
+        self.echo = ""  # a chat's echo: the last message, the assistant's, which the answer repeats first
         # per choice: the logprobs already streamed, their text's length, and whether the echoed prompt's are out
         self.sent, self.offset, self.echoed = [0] * self.choices, [0] * self.choices, [False] * self.choices
 
@@ -975,7 +976,18 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
         # an answer held to a schema or a tool call starts with it: the prompt closes an empty think block
         asked = _structured(body)
         thinking = template_options.get("enable_thinking", True) is not False and forced is None and asked is None
-        text = render_chat(messages, tools, add_generation_prompt=True) + ("" if thinking else EMPTY_THINK)
+        # vLLM's continue_final_message: the last message, the assistant's, is left open and the answer goes on
+        # from it (a prefill); add_generation_prompt false: no assistant turn opened (a raw continuation)
+        continued = _get(body, "continue_final_message", bool, False)
+        opened = _get(body, "add_generation_prompt", bool, not continued)
+        if continued and (opened or messages[-1]["role"] != "assistant"):
+            raise APIError(400, "'continue_final_message' goes on from a last message of the assistant, with "
+                           "'add_generation_prompt' false", "continue_final_message", "invalid_value")
+        if continued:
+            text = render_chat(messages, tools).removesuffix(IM_END + "\n")
+        else:
+            text = render_chat(messages, tools, add_generation_prompt=opened) + ("" if thinking or not opened
+                                                                                  else EMPTY_THINK)
         prompt = await asyncio.to_thread(served.tokenize, text)  # a long prompt must not stall the loop
         params, n = served.sampling(body, len(prompt))
         if forced is not None:
@@ -987,8 +999,12 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
         elif tools and params.grammar is None:  # the model decides whether to call; a call it opens fits
             kind = "text_or_call" if _get(body, "parallel_tool_calls", bool, True) else "text_or_one_call"
             params.grammar = served.grammar("tools", kind, [tool["function"] for tool in tools])
-        return Reply(served, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
-                     "chatcmpl", tools=bool(tools))
+        reply = Reply(served, request, body, [prompt], params, n, "chat.completion", "chat.completion.chunk",
+                      "chatcmpl", tools=bool(tools))
+        # echo: the answer repeats the last message first, when it is the assistant's (vLLM's chat echo)
+        reply.echo = messages[-1]["content"] if _get(body, "echo", bool, False) and \
+            messages[-1]["role"] == "assistant" else ""
+        return reply
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -998,7 +1014,7 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
             finish = await reply.finish_reasons()
             choices = []
             for i, answer in enumerate(reply.answers):
-                message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+                message: dict[str, Any] = {"role": "assistant", "content": reply.echo + answer.content}
                 if answer.reasoning:
                     message["reasoning_content"] = answer.reasoning
                 if answer.tool_calls:
@@ -1012,6 +1028,9 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
             for i in range(n):
                 yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}])
+                if reply.echo:
+                    yield reply.chunk([{"index": i, "delta": {"content": reply.echo}, "logprobs": None,
+                                        "finish_reason": None}])
             async for index, deltas, reason in reply.events():
                 for delta in deltas:  # a token's logprobs go with the first chunk its text reaches
                     yield reply.chunk([{"index": index, "delta": delta, "logprobs": reply.logprobs(index, True),

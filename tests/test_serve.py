@@ -354,6 +354,25 @@ def test_tokenizer_endpoints(server, serve_model):
 
 
 @pytest.mark.slow
+def test_continue_final_message_and_echo(client, model_id, serve_model):
+    """vLLM's continue_final_message: the answer goes on from the assistant's unfinished last message (a prefill),
+    which echo repeats first, streamed or not; add_generation_prompt false opens no assistant turn."""
+    prefill = "这条评论"
+    messages = MESSAGES + [{"role": "assistant", "content": prefill}]
+    tokens, text = greedy_continuation(serve_model, render_chat(MESSAGES, add_generation_prompt=True) + prefill, 5)
+    for echo in (False, True):
+        answer = client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, temperature=0,
+                                                extra_body={"continue_final_message": True, "echo": echo})
+        assert answer.choices[0].message.content == (prefill if echo else "") + text
+    chunks = client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, temperature=0,
+                                            stream=True, extra_body={"continue_final_message": True, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == prefill + text
+    tokenizer = load_tokenizer(serve_model)
+    bare = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=1,
+                                          extra_body={"add_generation_prompt": False})
+    assert bare.usage.prompt_tokens == len(tokenizer(render_chat(MESSAGES), add_special_tokens=False)["input_ids"])
+
+
 def test_stop_strings_are_cut_out_also_across_tokens(client, model_id):
     sampled = dict(model=model_id, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
     deltas = [c.choices[0].delta.content for c in client.chat.completions.create(**sampled, stream=True)
@@ -596,8 +615,11 @@ BAD = [
      400, "invalid_type"),
     ("tools malformed", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]},
      400, "invalid_type"),
-    ("echo", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
-     "unsupported_parameter"),
+    ("continue_final_message after a user", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+                                             "continue_final_message": True}, 400, "invalid_value"),
+    ("continue_final_message with a generation prompt", {
+        "model": "MODEL", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+        "continue_final_message": True, "add_generation_prompt": True}, 400, "invalid_value"),
     ("response_format of an unknown type", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
                                             "response_format": {"type": "yaml"}}, 400, "invalid_value"),
     ("json_schema without a name", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
