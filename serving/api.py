@@ -862,12 +862,17 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
                                                   loads[id(s.engine)][1][s.adapter]) for s in servers]),
                                  media_type="text/plain; version=0.0.4")
 
+    def model_card(s: Server) -> dict:
+        return {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "danlu",
+                "max_model_len": s.loaded.context_length, "chat": s.loaded.is_chat, "parent": s.parent}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": s.model_id, "object": "model", "created": s.created, "owned_by": "danlu",
-            "max_model_len": s.loaded.context_length, "chat": s.loaded.is_chat, "parent": s.parent}
-            for s in servers]}
+        return {"object": "list", "data": [model_card(s) for s in servers]}
+
+    @app.get("/v1/models/{model:path}")
+    async def one_model(model: str) -> dict:  # client.models.retrieve
+        return model_card(pick({"model": model}))
 
     # vLLM's tokenizer endpoints (outside /v1, as there): lm-evaluation-harness's local-completions finds them and
     # uses the server's tokenizer instead of needing a copy of it

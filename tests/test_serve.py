@@ -140,8 +140,12 @@ MESSAGES = [{"role": "system", "content": "你是一个助手。"},
 
 @pytest.mark.slow
 def test_models_and_health(server, client, serve_model):
+    openai = pytest.importorskip("openai")
     models = client.models.list().data
     assert [m.id for m in models] == [serve_model.name]
+    assert client.models.retrieve(serve_model.name).id == serve_model.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     assert health(server)["status"] == "ok"
 
 
