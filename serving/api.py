@@ -8,6 +8,7 @@ engine's thread; the event loop only waits on an asyncio queue fed from there, s
 """
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -20,6 +21,9 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +41,7 @@ from serving.structured import Grammar, SchemaError, TokenTrie, answer_grammar
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_EMBEDDING_INPUTS = 256  # texts one /v1/embeddings request may hold (OpenAI takes 2,048)
 MAX_GRAMMARS = 16  # compiled response formats and forced tool calls kept for the requests that repeat them
 
 
@@ -242,13 +247,31 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
-def _token_ids(server: "Server", value: Any) -> list[int]:
+def _token_ids(server: "Server", value: Any, param: str = "prompt") -> list[int]:
     """A prompt given as token ids, checked against the tokenizer."""
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                        and 0 <= t < len(server.loaded.tokenizer) for t in value):
         return list(value)
-    raise APIError(400, "'prompt' must be a string, an array of token ids, or an array of either (several prompts)",
-                   "prompt", "invalid_type")
+    raise APIError(400, f"'{param}' must be a string, an array of token ids, or an array of either (several)",
+                   param, "invalid_type")
+
+
+async def _texts(server: "Server", body: dict, param: str, most: int) -> tuple[list, list[list[int]]]:
+    """body[param] as OpenAI reads a completion's prompt or an embedding's input: one text (a string, or token
+    ids) or several (strings, or lists of ids); (the values, their token ids)."""
+    value = body.get(param)
+    if value is None:
+        raise APIError(400, f"'{param}' is required", param, "missing_required_parameter")
+    several = isinstance(value, list) and bool(value) and all(isinstance(v, str) or isinstance(v, list)
+                                                              for v in value)
+    values = value if several else [value]
+    if len(values) > most:
+        raise APIError(400, f"at most {most} {param}s in one request, got {len(values)}", param, "invalid_value")
+    ids = [await asyncio.to_thread(server.tokenize, v) if isinstance(v, str) else _token_ids(server, v, param)
+           for v in values]
+    if not all(ids):
+        raise APIError(400, f"'{param}' is empty", param, "invalid_value")
+    return values, ids
 
 
 MAX_STOPS = 16  # OpenAI takes 4; lm-evaluation-harness passes its tasks' `until` lists on uncut, vLLM takes any
@@ -439,6 +462,20 @@ async def _run(server: Server, request: Request, prompts: list[list[int]], param
             seq.cancel()
         for index in open_choices:  # the client went away, or the engine failed
             clocks[index].done("abort", answers[index].completion_tokens)
+
+
+def _embed(server: Server, inputs: list[list[int]]) -> list[np.ndarray]:
+    """Each input's embedding (run on the engine's thread, between two of its steps): the decoder's final hidden
+    state at the input's last token, L2-normalised, with the server's LoRA adapter where it has one."""
+    engine, out = server.engine, []
+    with torch.no_grad():
+        for ids in inputs:
+            if engine.adapters is not None:
+                engine.adapters.select([server.adapter], engine.device, engine.dtype)
+            x = torch.tensor([ids], device=engine.device)
+            hidden = server.loaded.model.model(x, torch.arange(len(ids), device=engine.device)[None], None, None)
+            out.append(F.normalize(hidden[0, -1].float(), dim=0).cpu().numpy())
+    return out
 
 
 class Reply:
@@ -1107,25 +1144,36 @@ def create_app(servers: Server | list[Server], allow_runtime_lora: bool = False,
         del stored[response_id]
         return {"id": response_id, "object": "response", "deleted": True}
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        """OpenAI's embeddings (client.embeddings.create): each input's last hidden state (after the final norm) at
+        its last token, L2-normalised, as vLLM pools a decoder model; "float" lists or "base64" little-endian
+        float32, which the openai client asks for by default."""
+        body = await read_body(request)
+        served = pick(body)
+        _, inputs = await _texts(served, body, "input", MAX_EMBEDDING_INPUTS)
+        if max(map(len, inputs)) > served.loaded.context_length:
+            raise APIError(400, f"an input is longer than this model's context of {served.loaded.context_length} "
+                           "tokens", "input", "context_length_exceeded")
+        form = _get(body, "encoding_format", str, "float")
+        if form not in ("float", "base64"):
+            raise APIError(400, "'encoding_format' must be float or base64", "encoding_format", "invalid_value")
+        width = served.loaded.model.config.hidden_size
+        if _get(body, "dimensions", int, width) != width:
+            raise APIError(400, f"'dimensions': this model's embeddings have {width}", "dimensions", "invalid_value")
+        _get(body, "user", str)
+        vectors = await asyncio.wrap_future(served.engine.call(lambda: _embed(served, inputs)))
+        return {"object": "list", "model": served.model_id, "data": [
+            {"object": "embedding", "index": i, "embedding": vector.tolist() if form == "float"
+             else base64.b64encode(vector.astype("<f4").tobytes()).decode()} for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": sum(map(len, inputs)), "total_tokens": sum(map(len, inputs))}}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
         served = pick(body)
-        prompt_value = body.get("prompt")
-        if prompt_value is None:
-            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-        # one prompt (a string, or token ids) or several (strings, or lists of ids): n answers to each, choice
-        # i * n + j answering prompt i, as OpenAI numbers them
-        several = isinstance(prompt_value, list) and bool(prompt_value) and all(
-            isinstance(p, str) or isinstance(p, list) for p in prompt_value)
-        values = prompt_value if several else [prompt_value]
-        if len(values) > MAX_PROMPTS:
-            raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request, got {len(values)}", "prompt",
-                           "invalid_value")
-        prompts = [await asyncio.to_thread(served.tokenize, v) if isinstance(v, str) else _token_ids(served, v)
-                   for v in values]
-        if not all(prompts):
-            raise APIError(400, "'prompt' is empty", "prompt", "invalid_value")
+        # n answers to each prompt, choice i * n + j answering prompt i, as OpenAI numbers them
+        values, prompts = await _texts(served, body, "prompt", MAX_PROMPTS)
         params, n = served.sampling(body, max(len(p) for p in prompts), "prompt")
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             params.max_new_tokens = min(params.max_new_tokens, 16)  # OpenAI's default for completions
