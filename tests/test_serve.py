@@ -934,9 +934,10 @@ def test_several_models_served(tmp_path, serve_model):
 
 
 def random_adapter(model_dir: Path, out: Path, seed: int, **lora) -> Path:
-    """A LoRA adapter of `model_dir` with random B (so that it changes the answers), saved in `out`."""
-    model = apply_lora(LM.from_pretrained(model_dir), **lora)
+    """A LoRA adapter of `model_dir` with random B (so that it changes the answers), saved in `out`; the same one
+    for the same seed, whatever ran before (A's initialisation draws from the global generator too)."""
     torch.manual_seed(seed)
+    model = apply_lora(LM.from_pretrained(model_dir), **lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(std=0.1)
