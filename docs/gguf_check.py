@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset.chat import load_tokenizer, render_chat
-from model import LM
+from dataset.chat import render_chat
 from serving.gguf import export_gguf
 from serving.loading import load
 
@@ -24,9 +23,9 @@ QUESTIONS = ["下面这条评论是正面的还是负面的？\n房间很干净�
 def main(model_dir: str) -> None:
     import llama_cpp
 
-    tokenizer, model = load_tokenizer(model_dir), LM.from_pretrained(model_dir).eval()
+    loaded = load(model_dir, device="cpu")  # fp32 on the CPU, in eval mode: the model we compare with
+    tokenizer, model = loaded.tokenizer, loaded.model
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    loaded = load(model_dir, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         for outtype in ("f32", "q8_0"):
             path = Path(tmp) / f"{outtype}.gguf"

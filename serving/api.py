@@ -468,10 +468,10 @@ def _embed(server: Server, inputs: list[list[int]]) -> list[np.ndarray]:
     """Each input's embedding (run on the engine's thread, between two of its steps): the decoder's final hidden
     state at the input's last token, L2-normalised, with the server's LoRA adapter where it has one."""
     engine, out = server.engine, []
+    if engine.adapters is not None:  # every pass below is one row of this server's adapter
+        engine.adapters.select([server.adapter], engine.device, engine.dtype)
     with torch.no_grad():
         for ids in inputs:
-            if engine.adapters is not None:
-                engine.adapters.select([server.adapter], engine.device, engine.dtype)
             x = torch.tensor([ids], device=engine.device)
             hidden = server.loaded.model.model(x, torch.arange(len(ids), device=engine.device)[None], None, None)
             out.append(F.normalize(hidden[0, -1].float(), dim=0).cpu().numpy())
@@ -681,16 +681,31 @@ def _hex(reply: "Reply") -> str:
     return reply.id.rpartition("-")[2]
 
 
+def _item_id(reply: "Reply", kind: str) -> str:
+    return ("rs_" if kind == "reasoning" else "msg_") + _hex(reply)
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _item(reply: "Reply", kind: str, text: str | None, status: str) -> dict:
+    """The answer's reasoning or message output item, as the Response and its stream's events both give it; its
+    content empty while it is in progress (text None)."""
+    if kind == "reasoning":
+        return {"type": "reasoning", "id": _item_id(reply, kind), "summary": [], "status": status,
+                "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+    return {"type": "message", "id": _item_id(reply, kind), "role": "assistant", "status": status,
+            "content": [] if text is None else [_text_part(text)]}
+
+
 def _response_output(reply: "Reply", finish: str | None) -> list[dict]:
     """The answer as Responses output items: its reasoning, its message, its function calls."""
     answer, items = reply.answers[0], []
     if answer.reasoning:
-        items.append({"type": "reasoning", "id": f"rs_{_hex(reply)}", "summary": [], "status": "completed",
-                      "content": [{"type": "reasoning_text", "text": answer.reasoning}]})
+        items.append(_item(reply, "reasoning", answer.reasoning, "completed"))
     if answer.content or not answer.tool_calls:
-        items.append({"type": "message", "id": f"msg_{_hex(reply)}", "role": "assistant",
-                      "status": "incomplete" if finish == "length" else "completed",
-                      "content": [{"type": "output_text", "text": answer.content, "annotations": [], "logprobs": []}]})
+        items.append(_item(reply, "message", answer.content, "incomplete" if finish == "length" else "completed"))
     for call in answer.tool_calls:
         items.append({"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"],
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"],
@@ -741,37 +756,30 @@ class _ResponseEvents:
                 self.event("response.in_progress", response=in_progress)]
 
     def _where(self) -> dict:
-        item_id = ("rs_" if self.open == "reasoning" else "msg_") + _hex(self.reply)
-        return {"item_id": item_id, "output_index": len(self.kinds) - 1, "content_index": 0}
+        return {"item_id": _item_id(self.reply, self.open), "output_index": len(self.kinds) - 1, "content_index": 0}
 
     def _open(self, kind: str) -> list[str]:
         out = self._close()
         self.open = kind
         self.kinds.append(kind)
         where = self._where()
-        if kind == "reasoning":
-            return out + [self.event("response.output_item.added", output_index=where["output_index"], item={
-                "type": "reasoning", "id": where["item_id"], "summary": [], "content": [], "status": "in_progress"})]
-        return out + [self.event("response.output_item.added", output_index=where["output_index"], item={
-                      "type": "message", "id": where["item_id"], "role": "assistant", "content": [],
-                      "status": "in_progress"}),
-                      self.event("response.content_part.added", **where,
-                                 part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+        out.append(self.event("response.output_item.added", output_index=where["output_index"],
+                              item=_item(self.reply, kind, None, "in_progress")))
+        if kind == "message":
+            out.append(self.event("response.content_part.added", **where, part=_text_part("")))
+        return out
 
     def _close(self, finish: str = "stop") -> list[str]:
         if self.open is None:
             return []
         where, text = self._where(), self.texts[self.open]
         if self.open == "reasoning":
-            item = {"type": "reasoning", "id": where["item_id"], "summary": [], "status": "completed",
-                    "content": [{"type": "reasoning_text", "text": text}]}
+            item = _item(self.reply, "reasoning", text, "completed")
             out = [self.event("response.reasoning_text.done", **where, text=text)]
         else:
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            item = {"type": "message", "id": where["item_id"], "role": "assistant", "content": [part],
-                    "status": "incomplete" if finish == "length" else "completed"}
+            item = _item(self.reply, "message", text, "incomplete" if finish == "length" else "completed")
             out = [self.event("response.output_text.done", **where, text=text, logprobs=[]),
-                   self.event("response.content_part.done", **where, part=part)]
+                   self.event("response.content_part.done", **where, part=_text_part(text))]
         self.open = None
         return out + [self.event("response.output_item.done", output_index=where["output_index"], item=item)]
 

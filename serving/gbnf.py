@@ -35,6 +35,11 @@ class GrammarError(ValueError):
     """A grammar this module cannot enforce; the message says what and where."""
 
 
+def _in_name(char: str) -> bool:
+    """A character a rule name may hold: an ASCII letter or digit, `-` or `_`."""
+    return char.isascii() and char.isalnum() or char in "-_"
+
+
 class _Reader(_Parser):
     """GBNF text -> rules. Classes and escapes are read as patterns.py reads them in a regular expression."""
 
@@ -63,8 +68,7 @@ class _Reader(_Parser):
 
     def name(self) -> str:
         start = self.pos
-        while self.pos < len(self.text) and (self.text[self.pos].isascii() and self.text[self.pos].isalnum()
-                                             or self.text[self.pos] in "-_"):
+        while self.pos < len(self.text) and _in_name(self.text[self.pos]):
             self.pos += 1
         if self.pos == start:
             self.fail(f"{self.text[self.pos]!r} where a rule name belongs" if self.pos < len(self.text)
@@ -176,7 +180,7 @@ class _Reader(_Parser):
             return [("rule", self.helper(alternatives))]
         if char == "<":
             self.fail("a token reference '<...>'")
-        if char is not None and (char.isascii() and char.isalnum() or char in "-_"):
+        if char is not None and _in_name(char):
             name = self.name()
             rule = self.rule_id(name)
             self.used.setdefault(rule, start)
